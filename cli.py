@@ -1,0 +1,157 @@
+"""The `rded-fast` command: parse arguments, call the library, print results. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rded_fast.errors import UserError
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distill an ImageFolder into a few images per class (RDED)",
+                       description="Crop, score with an observer, select and stitch: RDED's synthesis. "
+                                   "Defaults are the reference's ImageNet-1K settings.")
+    p.add_argument("--data", required=True, help="ImageFolder root: DIR/<class>/<images>")
+    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3")
+    p.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V1) or a checkpoint path")
+    p.add_argument("--out", required=True, help="output folder (refused when it exists and is not empty)")
+    p.add_argument("--ipc", type=int, default=10, help="images per class to produce (default 10)")
+    p.add_argument("--factor", type=int, default=2, help="cells per side of each image (default 2)")
+    p.add_argument("--mipc", type=int, default=300, help="source images sampled per class (default 300)")
+    p.add_argument("--num-crop", type=int, default=5, help="random crops scored per source image (default 5)")
+    p.add_argument("--input-size", type=int, default=224, help="observer input size (default 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
+    p.add_argument("--workers", type=int, default=4, help="decoding workers (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--loader", default="torch", help="torch (PIL reference loader)")
+    p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
+    p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
+    p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="observer autocast dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--skip-observer-check", action="store_true", help="distill even when the observer looks near chance")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_distill)
+
+
+def run_distill(args) -> int:
+    from rded_fast.distill import DistillConfig, distill
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    result = distill(DistillConfig(**fields, show_progress=not args.quiet))
+    print_distill(result)
+    return 0
+
+
+def print_distill(result) -> None:
+    manifest = json.loads(result.manifest.read_text())
+    if manifest["short_classes"]:
+        print(f"note: {len(manifest['short_classes'])} class(es) have fewer than --mipc images; all were used: "
+              + ", ".join(f"{k} ({v})" for k, v in list(manifest["short_classes"].items())[:5]))
+    if manifest["skipped_files"]:
+        print(f"note: {len(manifest['skipped_files'])} file(s) skipped while indexing (listed in the manifest), e.g. "
+              f"{manifest['skipped_files'][0]['path']}: {manifest['skipped_files'][0]['reason']}")
+    if result.decode_failures:
+        first = manifest["decode_failures"][0]
+        print(f"note: {result.decode_failures} image(s) could not be decoded and were skipped, e.g. {first['path']}: {first['reason']}")
+    if result.observer_accuracy is not None:
+        print(f"observer top-1 on a sample of training images: {result.observer_accuracy:.1%}")
+    print(f"wrote {result.num_images} images to {result.out} in {result.seconds['total']:.1f} s")
+    print(f"manifest: {result.manifest}")
+    print(f"contact sheet: {result.contact_sheet}")
+
+
+def add_train_observer(sub) -> None:
+    p = sub.add_parser("train-observer", help="train an observer on a small ImageFolder",
+                       description="Train a registry model (e.g. conv3) and save {'model': state_dict} for --weights.")
+    p.add_argument("--data", required=True, help="training ImageFolder")
+    p.add_argument("--val", help="validation ImageFolder (same class folders) for the reported accuracy")
+    p.add_argument("--arch", default="conv3")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, help="default 0.05 (sgd) or 1e-3 (adamw)")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd) or 0.01 (adamw)")
+    p.add_argument("--per-class", type=int, help="train on at most this many images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="checkpoint path")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run_train_observer)
+
+
+def run_train_observer(args) -> int:
+    from rded_fast.train.observer import ObserverConfig, train_observer
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    summary = train_observer(ObserverConfig(**fields, show_progress=not args.quiet))
+    val = summary["val_accuracy"]
+    print(f"trained {args.arch} on {summary['train_images']} images in {summary['seconds']:.1f} s: "
+          f"train top-1 {summary['train_accuracy']:.1%}" + (f", val top-1 {val:.1%}" if val is not None else ""))
+    print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST in a few CPU minutes",
+                       description="Fashion-MNIST (Debian's dataset-fashion-mnist) -> Conv3 observer -> distill IPC 10.")
+    p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    p.add_argument("--data-dir", help="where the dataset is cached (default ~/.cache/rded-fast or $RDED_FAST_DATA)")
+    p.add_argument("--epochs", type=int, default=3, help="observer epochs (default 3)")
+    p.add_argument("--per-class", type=int, default=1000, help="observer training images per class")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from rded_fast.demo import run_demo as demo
+
+    result = demo(out=args.out, data_dir=args.data_dir, epochs=args.epochs, per_class=args.per_class,
+                  device=args.device, show_progress=not args.quiet)
+    print(f"data: {result.data_dir} (Fashion-MNIST, 32x32 RGB PNG, train/ and test/)")
+    print(f"observer: {result.observer}, test top-1 {result.observer_test_accuracy:.1%}")
+    print_distill(result.distill)
+    print(f"demo finished in {result.seconds:.1f} s")
+    return 0
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list observer/student model names")
+    p.set_defaults(run=run_models)
+
+
+def run_models(args) -> int:
+    from rded_fast.models import model_names
+
+    print("\n".join(model_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rded-fast", description="Fast, faithful RDED dataset distillation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_demo, add_distill, add_train_observer, add_models):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

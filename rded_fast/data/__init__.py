@@ -1,0 +1,1 @@
+"""Built-in real datasets (Fashion-MNIST) materialised as ImageFolder trees."""

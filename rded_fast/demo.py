@@ -1,0 +1,42 @@
+"""The demo: real data (Fashion-MNIST) through the whole pipeline in a few minutes on a CPU.
+
+Writes Fashion-MNIST once as 32x32 RGB PNG ImageFolders, trains a Conv3 observer for a few epochs on
+a class-balanced subset, checks it on the real test split, then distills IPC 10 at factor 1.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rded_fast.data import fashion_mnist
+from rded_fast.distill import DistillConfig, DistillResult, distill
+from rded_fast.train.observer import ObserverConfig, train_observer
+
+
+@dataclass
+class DemoResult:
+    data_dir: Path
+    observer: Path
+    observer_test_accuracy: float
+    distill: DistillResult
+    seconds: float
+
+
+def run_demo(out: str = "demo-output", data_dir: str | None = None, epochs: int = 3, per_class: int = 1000,
+             ipc: int = 10, device: str = "auto", show_progress: bool = True) -> DemoResult:
+    t0 = time.perf_counter()
+    train_dir, test_dir = fashion_mnist.prepare(Path(data_dir) if data_dir else None, show_progress=show_progress)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    ckpt = out_path / "observer_conv3.pth"
+    summary = train_observer(ObserverConfig(
+        data=str(train_dir), out=str(ckpt), arch="conv3", input_size=32, epochs=epochs, per_class=per_class,
+        val=str(test_dir), device=device, show_progress=show_progress,
+    ))
+    result = distill(DistillConfig(
+        data=str(train_dir), out=str(out_path / "distilled"), observer="conv3", weights=str(ckpt), ipc=ipc,
+        factor=1, mipc=300, num_crop=5, input_size=32, seed=0, batch_size=128, workers=2, device=device,
+        index=str(out_path / "train_index.json"), overwrite=True, show_progress=show_progress,
+    ))
+    return DemoResult(train_dir.parent, ckpt, summary["val_accuracy"], result, time.perf_counter() - t0)

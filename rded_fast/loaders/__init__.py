@@ -1,0 +1,49 @@
+"""Loaders by name: each knows how to index its data source and how to cut a plan's boxes from it.
+
+`open_index(name, data)` gives the DatasetIndex of a source (an ImageFolder for `torch`; other
+loaders read their own formats' sidecars), and `make_loader(name, ...)` the CropLoader that executes a
+CropPlan over it. Nothing outside this package branches on the loader name.
+"""
+from __future__ import annotations
+
+from rded_fast.errors import UserError
+from rded_fast.index import DatasetIndex, load_or_build_index
+from rded_fast.loaders.base import CropBatch, CropLoader
+from rded_fast.plan import CropPlan
+
+LOADER_NAMES = ("torch",)
+
+
+def _check_name(name: str) -> None:
+    if name not in LOADER_NAMES:
+        raise UserError(f"--loader {name}: unknown loader; choose one of {', '.join(LOADER_NAMES)}")
+
+
+def open_index(
+    name: str,
+    data: str,
+    class_map: list[str] | None = None,
+    cache: str | None = None,
+    show_progress: bool = True,
+) -> DatasetIndex:
+    """The index of `data` as loader `name` reads it (class order, relative paths, original sizes)."""
+    _check_name(name)
+    return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
+
+
+def make_loader(
+    name: str,
+    index: DatasetIndex,
+    plan: CropPlan,
+    crop_size: int,
+    batch_size: int = 64,
+    workers: int = 4,
+) -> CropLoader:
+    """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8."""
+    _check_name(name)
+    from rded_fast.loaders.torch_loader import TorchCropLoader
+
+    return TorchCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers)
+
+
+__all__ = ["CropBatch", "CropLoader", "LOADER_NAMES", "make_loader", "open_index"]

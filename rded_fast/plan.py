@@ -1,0 +1,152 @@
+"""Plan: which images each class uses and every crop box, as a pure function of its inputs.
+
+The plan is what makes loaders interchangeable and runs reproducible: torch, FFCV and DALI loaders
+all cut exactly these boxes. Randomness comes from one generator per class, seeded by
+(seed, class index), so a class's plan does not depend on which other classes are planned.
+Boxes follow torchvision's RandomResizedCrop.get_params rule: up to 10 tries of (area scale,
+log-uniform aspect ratio), the first that fits wins, else a centre crop clamped to the ratio range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rded_fast.index import DatasetIndex
+
+MAX_TRIES = 10
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Planned source images (rows) and their crop boxes.
+
+    `image_ids[r]` indexes the DatasetIndex, `labels[r]` is its class, `boxes[r, k]` is crop k as
+    (top, left, height, width) in stored source pixels. Rows are grouped by class, ascending.
+    """
+
+    image_ids: np.ndarray  # [M] int64
+    labels: np.ndarray  # [M] int64
+    boxes: np.ndarray  # [M, K, 4] int64
+    seed: int
+    mipc: int
+    num_crop: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def class_rows(self, label: int) -> np.ndarray:
+        return np.flatnonzero(self.labels == label)
+
+
+def class_generator(seed: int, label: int, purpose: int = 0) -> np.random.Generator:
+    """The generator for one class's randomness; `purpose` separates independent streams."""
+    return np.random.default_rng([int(seed), int(label), int(purpose)])
+
+
+def sample_resized_crop_boxes(
+    sizes: np.ndarray,
+    num_crop: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (1.0, 1.0),
+) -> np.ndarray:
+    """torchvision RandomResizedCrop boxes for images of `sizes` [M, 2] (width, height).
+
+    Returns [M, num_crop, 4] int64 (top, left, height, width), vectorised over images, crops and tries.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    m = len(sizes)
+    width = sizes[:, 0][:, None, None].astype(np.float64)
+    height = sizes[:, 1][:, None, None].astype(np.float64)
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target = area * rng.uniform(scale[0], scale[1], size=(m, num_crop, MAX_TRIES))
+    aspect = np.exp(rng.uniform(log_lo, log_hi, size=(m, num_crop, MAX_TRIES)))
+    w = np.rint(np.sqrt(target * aspect))
+    h = np.rint(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = np.argmax(fits, axis=2)[..., None]
+    found = fits.any(axis=2)
+    w = np.take_along_axis(w, first, axis=2)[..., 0].astype(np.int64)
+    h = np.take_along_axis(h, first, axis=2)[..., 0].astype(np.int64)
+    W = sizes[:, 0][:, None].repeat(num_crop, 1)
+    H = sizes[:, 1][:, None].repeat(num_crop, 1)
+    u_top, u_left = rng.random((m, num_crop)), rng.random((m, num_crop))
+    top = np.floor(u_top * (H - h + 1)).astype(np.int64)
+    left = np.floor(u_left * (W - w + 1)).astype(np.int64)
+
+    # torchvision's fallback: a centre crop, clamped to the ratio range.
+    in_ratio = W / H
+    fw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.rint(H * ratio[1]), W)).astype(np.int64)
+    fh = np.where(in_ratio < ratio[0], np.rint(W / ratio[0]), H).astype(np.int64)
+    w = np.where(found, w, fw)
+    h = np.where(found, h, fh)
+    top = np.where(found, top, (H - h) // 2)
+    left = np.where(found, left, (W - w) // 2)
+    return np.stack([top, left, h, w], axis=-1)
+
+
+def make_plan(
+    index: DatasetIndex,
+    seed: int,
+    mipc: int,
+    num_crop: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (1.0, 1.0),
+    classes: list[int] | None = None,
+) -> CropPlan:
+    """Sample up to `mipc` images per class without replacement and `num_crop` boxes for each.
+
+    A class with fewer than `mipc` images uses all it has (see `short_classes`).
+    """
+    labels_all = index.labels
+    ids, labels, boxes = [], [], []
+    for label in range(index.num_classes) if classes is None else classes:
+        rng = class_generator(seed, label)
+        members = np.flatnonzero(labels_all == label)
+        chosen = np.sort(members[rng.permutation(len(members))[:mipc]])
+        ids.append(chosen)
+        labels.append(np.full(len(chosen), label, dtype=np.int64))
+        boxes.append(sample_resized_crop_boxes(index.sizes[chosen], num_crop, rng, scale, ratio))
+    return CropPlan(
+        image_ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        boxes=np.concatenate(boxes) if boxes else np.zeros((0, num_crop, 4), np.int64),
+        seed=int(seed),
+        mipc=int(mipc),
+        num_crop=int(num_crop),
+        scale=(float(scale[0]), float(scale[1])),
+        ratio=(float(ratio[0]), float(ratio[1])),
+    )
+
+
+def short_classes(index: DatasetIndex, mipc: int) -> dict[str, int]:
+    """Classes with fewer than `mipc` usable images: name -> count."""
+    counts = index.class_counts()
+    return {index.classes[c]: int(n) for c, n in enumerate(counts) if n < mipc}
+
+
+def make_center_plan(index: DatasetIndex, seed: int, per_class: int) -> CropPlan:
+    """One centred square crop (side = shorter side) of up to `per_class` images per class.
+
+    Used to check the observer's accuracy on whole images before distilling; the boxes go through
+    the same loaders as the real plan.
+    """
+    ids, labels = [], []
+    for label in range(index.num_classes):
+        rng = class_generator(seed, label, purpose=1)
+        members = np.flatnonzero(index.labels == label)
+        chosen = np.sort(members[rng.permutation(len(members))[:per_class]])
+        ids.append(chosen)
+        labels.append(np.full(len(chosen), label, dtype=np.int64))
+    image_ids = np.concatenate(ids)
+    sizes = index.sizes[image_ids]
+    side = sizes.min(axis=1)
+    top = (sizes[:, 1] - side) // 2
+    left = (sizes[:, 0] - side) // 2
+    boxes = np.stack([top, left, side, side], axis=-1)[:, None, :]
+    return CropPlan(image_ids, np.concatenate(labels), boxes, int(seed), per_class, 1, (1.0, 1.0), (1.0, 1.0))

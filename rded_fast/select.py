@@ -1,0 +1,80 @@
+"""Select: best crop per source image, then the best n = ipc * factor^2 images per class (RDED.md 1.6).
+
+A source image gives at most one patch. Only when a class has fewer usable images than n are the
+remaining ranks filled with the next-best crops of images already used (the reference would crash);
+`fallback` counts those ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rded_fast.errors import UserError
+
+
+@dataclass(frozen=True)
+class ClassSelection:
+    """The n selected cells of one class in rank order (best first): plan rows, crop indices, scores."""
+
+    label: int
+    rows: np.ndarray  # [n] int64 plan rows
+    crops: np.ndarray  # [n] int64 crop index within the row
+    scores: np.ndarray  # [n] float32 cross-entropy (nan for random selection)
+    fallback: int = 0
+
+
+def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "") -> ClassSelection:
+    """Rank one class's crops. `scores` [m, K] float (inf = image not decodable), `rows` [m] plan rows."""
+    scores = np.asarray(scores, dtype=np.float64)
+    best_crop = np.argmin(scores, axis=1)
+    best = scores[np.arange(len(scores)), best_crop]
+    usable = np.isfinite(best)
+    order = np.argsort(best, kind="stable")[: min(n, int(usable.sum()))]
+    sel_idx, sel_crop = list(order), list(best_crop[order])
+    fallback = 0
+    if len(sel_idx) < n:
+        rest = scores.copy()
+        rest[np.arange(len(scores)), best_crop] = np.inf
+        flat = np.argsort(rest, axis=None, kind="stable")
+        flat = flat[np.isfinite(rest.reshape(-1)[flat])][: n - len(sel_idx)]
+        fallback = len(flat)
+        sel_idx += list(flat // scores.shape[1])
+        sel_crop += list(flat % scores.shape[1])
+    if len(sel_idx) < n:
+        raise UserError(
+            f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
+            "lower --ipc or --factor, or raise --num-crop"
+        )
+    sel_idx = np.asarray(sel_idx, dtype=np.int64)
+    sel_crop = np.asarray(sel_crop, dtype=np.int64)
+    return ClassSelection(label, rows[sel_idx], sel_crop, scores[sel_idx, sel_crop].astype(np.float32), fallback)
+
+
+def select_all(scores: np.ndarray, labels: np.ndarray, n: int, class_names: list[str]) -> list[ClassSelection]:
+    """select_class for every class present in `labels` ([M]), in class order."""
+    out = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        out.append(select_class(scores[rows], rows, int(label), n, class_names[int(label)]))
+    return out
+
+
+def select_random(ok: np.ndarray, labels: np.ndarray, num_crop: int, n: int, seed: int, class_names: list[str]) -> list[ClassSelection]:
+    """The random baseline: per class a seeded random order of decodable images and a random crop of each.
+
+    Same shapes and stitching as RDED's selection, so the only difference is the observer's ranking.
+    """
+    from rded_fast.plan import class_generator
+
+    out = []
+    for label in np.unique(labels):
+        rng = class_generator(seed, int(label), purpose=2)
+        rows = np.flatnonzero(labels == label)
+        rows = rows[ok[rows]]
+        if len(rows) < n:
+            raise UserError(f"class {class_names[int(label)]} has only {len(rows)} usable images but needs {n}")
+        chosen = rows[rng.permutation(len(rows))[:n]]
+        crops = rng.integers(0, num_crop, size=n)
+        out.append(ClassSelection(int(label), chosen, crops, np.full(n, np.nan, np.float32)))
+    return out

@@ -1,0 +1,1 @@
+"""Training: observers (train-observer) and, later, students under RDED's recipe."""

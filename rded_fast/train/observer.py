@@ -1,0 +1,137 @@
+"""Train an observer (or any registry model) on a small ImageFolder, held in memory.
+
+Standard recipe: random crop with padding size/8 and horizontal flip, ImageNet normalisation (the
+same the scorer uses), SGD with Nesterov momentum (or AdamW), cosine schedule to zero, cross-entropy.
+Saves {"model": state_dict, ...} atomically, the format `--weights` reads.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rded_fast.errors import UserError
+from rded_fast.fileio import atomic_write_bytes
+from rded_fast.images import load_tensor_dataset
+from rded_fast.index import build_index
+from rded_fast.models import build
+from rded_fast.progress import progress
+from rded_fast.score import normalize_uint8
+
+
+@dataclass
+class ObserverConfig:
+    data: str
+    out: str
+    arch: str = "conv3"
+    input_size: int = 32
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    val: str | None = None
+    per_class: int | None = None
+    show_progress: bool = True
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
+    """Random crop with zero padding `pad` and horizontal flip, per sample; uint8 [B, 3, S, S] in and out."""
+    b, _, s, _ = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    out = torch.empty_like(images)
+    for i in range(b):
+        crop = padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 of `model` on uint8 images (eval mode, ImageNet normalisation)."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = normalize_uint8(images[i : i + batch_size].to(device))
+            correct += int((model(x).argmax(1).cpu() == labels[i : i + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+def train_observer(cfg: ObserverConfig) -> dict:
+    """Train `cfg.arch` on `cfg.data`; returns a summary (accuracies, seconds, checkpoint path)."""
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    index = build_index(cfg.data, show_progress=cfg.show_progress)
+    if cfg.per_class is not None:
+        from rded_fast.plan import make_plan
+
+        keep = make_plan(index, cfg.seed, cfg.per_class, 1).image_ids
+        index.paths = [index.paths[i] for i in keep]
+        index.labels, index.sizes = index.labels[keep], index.sizes[keep]
+    images, labels = load_tensor_dataset(index, cfg.input_size, show_progress=cfg.show_progress, desc="load train")
+    val = None
+    if cfg.val:
+        vindex = build_index(cfg.val, class_map=index.classes, show_progress=cfg.show_progress)
+        val = load_tensor_dataset(vindex, cfg.input_size, show_progress=cfg.show_progress, desc="load val")
+
+    model = build(cfg.arch, index.num_classes, None, cfg.input_size).model.to(device, memory_format=torch.channels_last)
+    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.01)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    pad = max(1, cfg.input_size // 8)
+    losses = []
+    bar = progress(range(total), total=total, desc=f"train {cfg.arch}", disable=not cfg.show_progress)
+    bar_iter = iter(bar)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = normalize_uint8(augment(images[idx], generator, pad).to(device)).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+            next(bar_iter, None)
+        losses.append(running / steps_per_epoch)
+    train_acc = accuracy(model, images, labels, device)
+    val_acc = accuracy(model, *val, device) if val is not None else None
+    summary = {
+        "config": asdict(cfg),
+        "classes": index.classes,
+        "train_images": len(images),
+        "epoch_loss": losses,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": cfg.out,
+    }
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": cfg.arch,
+                "input_size": cfg.input_size, "classes": index.classes, "val_accuracy": val_acc}, buf)
+    atomic_write_bytes(cfg.out, buf.getvalue())
+    return summary

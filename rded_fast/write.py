@@ -1,0 +1,120 @@
+"""Write: distilled images as an ImageFolder, manifest.json, and a contact sheet, all atomically.
+
+The whole output is built in a staging folder beside `--out` and renamed into place when complete,
+so an interrupted run never leaves a half-written set where a finished one was.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from rded_fast.errors import UserError
+from rded_fast.fileio import atomic_write_bytes, atomic_write_text
+
+CONTACT_SHEET_CLASSES = 20
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: folder exists and is not empty; pass --overwrite or choose another path")
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh folder beside `out` to build the output in."""
+    out = Path(out).resolve()
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def publish(stage: Path, out: str | os.PathLike) -> None:
+    """Move the finished staging folder to `out`, replacing an old output only after the new one is complete."""
+    out = Path(out).resolve()
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def encode_image(image: torch.Tensor, fmt: str, jpeg_quality: int = 90) -> bytes:
+    """[3, H, W] uint8 -> PNG or JPEG bytes (deterministic for the same pixels)."""
+    arr = image.detach().cpu().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    elif fmt == "jpg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=int(jpeg_quality))
+    else:
+        raise UserError(f"--format {fmt}: choose png or jpg")
+    return buf.getvalue()
+
+
+def image_name(label: int, j: int, fmt: str) -> str:
+    return f"class{label:05d}_id{j:05d}.{fmt}"
+
+
+def write_class_images(stage: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
+    """Write [ipc, 3, S, S] uint8 into stage/<class_name>/; returns relative file names."""
+    folder = stage / class_name
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for j, image in enumerate(images):
+        rel = f"{class_name}/{image_name(label, j, fmt)}"
+        atomic_write_bytes(stage / rel, encode_image(image, fmt, jpeg_quality))
+        names.append(rel)
+    return names
+
+
+def contact_sheet(rows: list[tuple[str, torch.Tensor]], thumb: int | None = None) -> Image.Image:
+    """A grid for people: one row per class (name, [ipc, 3, S, S] uint8), first 20 classes."""
+    rows = rows[:CONTACT_SHEET_CLASSES]
+    ipc = max(len(images) for _, images in rows)
+    size = rows[0][1].shape[-1]
+    thumb = thumb or int(min(128, max(64, size)))
+    label_w, pad = 110, 2
+    sheet = Image.new("RGB", (label_w + ipc * (thumb + pad), len(rows) * (thumb + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, images) in enumerate(rows):
+        y = r * (thumb + pad)
+        draw.text((4, y + thumb // 2 - 6), name[:16], fill="black")
+        for j, image in enumerate(images):
+            tile = Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((thumb, thumb), Image.NEAREST)
+            sheet.paste(tile, (label_w + j * (thumb + pad), y))
+    return sheet
+
+
+def write_contact_sheet(path: Path, rows: list[tuple[str, torch.Tensor]]) -> None:
+    buf = io.BytesIO()
+    contact_sheet(rows).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    atomic_write_text(path, json.dumps(manifest, indent=1, default=_json_default, allow_nan=True))
