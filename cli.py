@@ -121,6 +121,36 @@ def run_demo(args) -> int:
     return 0
 
 
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert an ImageFolder to an FFCV .beton or DALI shards",
+                       description="Write an ImageFolder as an FFCV .beton (--format ffcv) or as webdataset tar "
+                                   "shards with DALI index files (--format dali).")
+    p.add_argument("--format", required=True, choices=["ffcv", "dali"])
+    p.add_argument("--data", required=True, help="ImageFolder root")
+    p.add_argument("--out", required=True, help="train.beton (ffcv) or a shard folder (dali)")
+    p.add_argument("--class-map", help="one class folder name per line, in the observer's output order")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--max-resolution", type=int, default=512, help="ffcv: longest stored side (default 512)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="ffcv: JPEG quality of stored images (default 90)")
+    p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"], help="ffcv: image storage mode")
+    p.add_argument("--shard-size", default="1GB", help="dali: target shard size, e.g. 1GB, 256MB (default 1GB)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from converters import convert
+
+    common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet}
+    if args.format == "ffcv":
+        extra = {"max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode}
+    else:
+        extra = {"shard_size": args.shard_size}
+    summary = convert(args.format, args.data, args.out, **common, **extra)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list observer/student model names")
     p.set_defaults(run=run_models)
@@ -136,7 +166,7 @@ def run_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded-fast", description="Fast, faithful RDED dataset distillation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_distill, add_train_observer, add_models):
+    for add in (add_demo, add_distill, add_train_observer, add_convert, add_models):
         add(sub)
     return parser
 

@@ -1,0 +1,22 @@
+"""Format writers: an ImageFolder -> FFCV .beton (`ffcv_writer`) or DALI-readable shards (`dali_shards`).
+
+`convert(fmt, data, out, **options)` is the one entry point; image sanitising lives in `sanitize`.
+"""
+from __future__ import annotations
+
+from rded_fast.errors import UserError
+
+FORMATS = ("ffcv", "dali")
+
+
+def convert(fmt: str, data: str, out: str, **options) -> dict:
+    """Convert the ImageFolder `data` into format `fmt` at `out`; returns a summary (counts, skips, seconds)."""
+    if fmt == "ffcv":
+        from converters.ffcv_writer import convert_ffcv
+
+        return convert_ffcv(data, out, **options)
+    if fmt == "dali":
+        from converters.dali_shards import convert_dali
+
+        return convert_dali(data, out, **options)
+    raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,52 @@
+"""Shared fixtures: small real-looking datasets built once per session in temporary folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_synthetic_jpegs(root: Path, classes: int = 3, per_class: int = 8, seed: int = 0, quality: int = 90) -> Path:
+    """A tree of smooth random-colour JPEGs of varied sizes (40..72 px a side), one colour theme per class."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(40, 73)), int(rng.integers(40, 73))
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.array([(c * 80) % 256, (c * 150 + 60) % 256, (c * 40 + 120) % 256], dtype=np.float64)
+            img = base + 60 * np.sin(xx[..., None] / (3 + i) + yy[..., None] / (4 + c) + rng.random(3) * 6)
+            img += rng.normal(0, 8, img.shape)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.jpg", quality=quality)
+    return root
+
+
+@pytest.fixture(scope="session")
+def jpeg_tree(tmp_path_factory) -> Path:
+    return write_synthetic_jpegs(tmp_path_factory.mktemp("jpeg_tree"))
+
+
+@pytest.fixture(scope="session")
+def fashion_tree(tmp_path_factory) -> Path:
+    """Real data: 10 Fashion-MNIST classes x 60 training images as 32x32 RGB PNGs."""
+    from rded_fast.data import fashion_mnist
+
+    root = tmp_path_factory.mktemp("fashion") / "train"
+    return fashion_mnist.write_image_folder(root, "train", per_class=60, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def fashion_observer(tmp_path_factory) -> Path:
+    """A Conv3 observer trained on 200 Fashion-MNIST images per class for 2 epochs (about 15 s on 2 cores)."""
+    from rded_fast.data import fashion_mnist
+    from rded_fast.train.observer import ObserverConfig, train_observer
+
+    base = tmp_path_factory.mktemp("observer")
+    train = fashion_mnist.write_image_folder(base / "train200", "train", per_class=200, show_progress=False)
+    ckpt = base / "conv3.pth"
+    train_observer(ObserverConfig(data=str(train), out=str(ckpt), arch="conv3", input_size=32, epochs=2,
+                                  device="cpu", show_progress=False))
+    return ckpt
