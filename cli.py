@@ -52,6 +52,9 @@ def print_distill(result) -> None:
     if manifest["short_classes"]:
         print(f"note: {len(manifest['short_classes'])} class(es) have fewer than --mipc images; all were used: "
               + ", ".join(f"{k} ({v})" for k, v in list(manifest["short_classes"].items())[:5]))
+    if manifest["empty_classes"]:
+        print(f"note: {len(manifest['empty_classes'])} class folder(s) have no usable images and get no output: "
+              + ", ".join(manifest["empty_classes"][:5]))
     if manifest["skipped_files"]:
         print(f"note: {len(manifest['skipped_files'])} file(s) skipped while indexing (listed in the manifest), e.g. "
               f"{manifest['skipped_files'][0]['path']}: {manifest['skipped_files'][0]['reason']}")

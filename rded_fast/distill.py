@@ -274,6 +274,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
         "data": {"root": index.root, "images": len(index), "classes": index.classes,
                  "class_counts": index.class_counts().tolist()},
         "short_classes": short,
+        "empty_classes": [name for name, count in short.items() if count == 0],
         "fallback_cells": {index.classes[s.label]: s.fallback for s in selections if s.fallback},
         "skipped_files": index.skipped,
         "decode_failures": [{"path": f["path"], "reason": f["reason"]} for f in failures],
