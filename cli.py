@@ -107,6 +107,7 @@ def add_demo(sub) -> None:
     p.add_argument("--data-dir", help="where the dataset is cached (default ~/.cache/rded-fast or $RDED_FAST_DATA)")
     p.add_argument("--epochs", type=int, default=3, help="observer epochs (default 3)")
     p.add_argument("--per-class", type=int, default=1000, help="observer training images per class")
+    p.add_argument("--student-epochs", type=int, default=30, help="student epochs on the distilled set (default 30)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_demo)
@@ -116,10 +117,13 @@ def run_demo(args) -> int:
     from rded_fast.demo import run_demo as demo
 
     result = demo(out=args.out, data_dir=args.data_dir, epochs=args.epochs, per_class=args.per_class,
-                  device=args.device, show_progress=not args.quiet)
+                  student_epochs=args.student_epochs, device=args.device, show_progress=not args.quiet)
     print(f"data: {result.data_dir} (Fashion-MNIST, 32x32 RGB PNG, train/ and test/)")
     print(f"observer: {result.observer}, test top-1 {result.observer_test_accuracy:.1%}")
     print_distill(result.distill)
+    st = result.student
+    print(f"student conv3 trained {st['parameters']['recipe']['epochs']} epochs on the {st['train_images']} distilled "
+          f"images: test top-1 {st['final_top1']:.1%} (Fashion-MNIST test split, {st['val_images']} images)")
     print(f"demo finished in {result.seconds:.1f} s")
     return 0
 
@@ -154,6 +158,85 @@ def run_convert(args) -> int:
     return 0
 
 
+def _student_args(p, student: bool) -> None:
+    p.add_argument("--distilled", required=True, help="a distilled set made by `rded-fast distill`")
+    p.add_argument("--teacher", required=True, help="teacher model name (the observer)")
+    p.add_argument("--teacher-weights", help="torchvision weights name or checkpoint path")
+    if student:
+        p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
+        p.add_argument("--student", required=True, help="student model name, randomly initialised")
+        p.add_argument("--lr", type=float, help="default: RDED's (1e-3; 2e-3 for CIFAR-100 conv3)")
+        p.add_argument("--soft-labels", help="labels folder from `rded-fast relabel` (replayed instead of a teacher)")
+        p.add_argument("--json", help="write the result JSON here")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", type=int, help="default: RDED's rule from IPC and class count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="train a student on a distilled set and test it on real data",
+                       description="RDED's recipe: ShufflePatches, RandomResizedCrop, flip, CutMix; KL to the "
+                                   "teacher's soft labels at T=20; AdamW with a half-cosine schedule.")
+    _student_args(p, student=True)
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from rded_fast.train.student import StudentConfig, evaluate
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
+    print(f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
+          f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s")
+    print(f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
+          f"  on {r['val_images']} validation images")
+    if args.json:
+        print(f"json: {args.json}")
+    return 0
+
+
+def add_relabel(sub) -> None:
+    p = sub.add_parser("relabel", help="store soft labels so students train without the teacher",
+                       description="For every epoch and sample, store the augmentation parameters and the "
+                                   "teacher's top-k logits (fp16); `evaluate --soft-labels` replays them.")
+    _student_args(p, student=False)
+    p.add_argument("--student", help="student name (only for RDED's batch-size rule)")
+    p.add_argument("--top-k", type=int, help="logits kept per sample (default: all classes)")
+    p.add_argument("--out", required=True, help="labels folder")
+    p.set_defaults(run=run_relabel)
+
+
+def run_relabel(args) -> int:
+    from rded_fast.train.student import StudentConfig, relabel
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
+    print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
+          f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: quality (RDED vs random on Fashion-MNIST)",
+                       description="Run a benchmark and write its JSON under benchmarks/results/.")
+    p.add_argument("--stage", default="quality", choices=["quality"])
+    p.add_argument("--work", default="bench-quality", help="working folder")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="output JSON path")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    from benchmarks import quality
+
+    argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device]
+    return quality.main(argv + (["--json", args.json] if args.json else []))
+
+
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list observer/student model names")
     p.set_defaults(run=run_models)
@@ -169,7 +252,7 @@ def run_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded-fast", description="Fast, faithful RDED dataset distillation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_distill, add_train_observer, add_convert, add_models):
+    for add in (add_demo, add_distill, add_train_observer, add_evaluate, add_relabel, add_convert, add_bench, add_models):
         add(sub)
     return parser
 

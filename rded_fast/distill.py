@@ -116,7 +116,7 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
 
 
 def score_plan(plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, scorer, crop_size: int, desc: str):
-    """Run the loader over `plan` and the scorer over every crop.
+    """Run the loader over `plan` and the scorer over every crop (scorer None: decode only).
 
     Returns (scores [M, K] float32 with inf for undecodable rows, top-1 predictions [M, K], failures).
     """
@@ -129,6 +129,8 @@ def score_plan(plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, scorer, 
 
     for batch in progress(loader, total=len(loader), desc=desc, disable=not cfg.show_progress):
         rows = batch.rows
+        if scorer is None:
+            continue
         flat = batch.crops.reshape(-1, *batch.crops.shape[2:])
         labels = labels_all[rows].repeat_interleave(k)
         s, logits = scorer(flat, labels)
@@ -213,7 +215,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     seconds["index"] = time.perf_counter() - t0
 
     observer: BuiltModel = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
-    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=AMP_DTYPES[cfg.amp])
+    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=AMP_DTYPES[cfg.amp], channels_last=True)
     t = time.perf_counter()
     check = check_observer(index, cfg, scorer) if cfg.select == "rded" else None
     seconds["observer_check"] = time.perf_counter() - t
@@ -223,9 +225,10 @@ def distill(cfg: DistillConfig) -> DistillResult:
     if cfg.select == "rded":
         scores, _, failures = score_plan(plan, index, cfg, scorer, crop_size, desc="score crops")
         selections = select_all(scores, plan.labels, n_cells, index.classes)
-    else:
+    else:  # the random baseline decodes the same plan (to skip undecodable images) but never scores it
+        _, _, failures = score_plan(plan, index, cfg, None, crop_size, desc="decode crops")
         ok = np.ones(len(plan), dtype=bool)
-        failures = []
+        ok[[f["row"] for f in failures]] = False
         selections = select_random(ok, plan.labels, cfg.num_crop, n_cells, cfg.seed, index.classes)
     seconds["load_score_select"] = time.perf_counter() - t
 

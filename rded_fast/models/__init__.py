@@ -161,3 +161,10 @@ def build(name: str, num_classes: int, weights: str | None = None, input_size: i
     model = slice_head(model, num_classes)
     model.eval()
     return BuiltModel(model, name, weights, state_dict_sha256(state) if state is not None else None, head_size)
+
+
+def build_student(name: str, num_classes: int, input_size: int = 224) -> nn.Module:
+    """A randomly initialised student. ResNet-family students get a 1000-way head sliced to
+    `num_classes`, as the reference builds them; ConvNets are built with `num_classes` outputs."""
+    head = num_classes if name in CONVNET_NAMES else max(1000, num_classes)
+    return slice_head(_architecture(name, head, input_size), num_classes, what="student")

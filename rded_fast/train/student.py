@@ -1,0 +1,215 @@
+"""Train a student on a distilled set with RDED's recipe and measure it on real validation data.
+
+Soft labels come either online (the teacher labels exactly each augmented batch, as the reference
+does) or from a labels folder written by `relabel` (same augmentations replayed, no teacher in memory).
+The reference's extra no-grad student forward in train mode (which updates BN statistics twice) is
+left out: it only fed a training-accuracy log.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rded_fast.errors import UserError
+from rded_fast.fileio import atomic_write_text
+from rded_fast.images import load_tensor_dataset
+from rded_fast.index import build_index
+from rded_fast.models import build, build_student
+from rded_fast.progress import progress
+from rded_fast.score import normalize_uint8
+from rded_fast.train import softlabels
+from rded_fast.train.augment import augment_batch, sample_epoch
+from rded_fast.train.distilled_set import DistilledSet, load_distilled
+from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
+
+
+@dataclass
+class StudentConfig:
+    """`evaluate` and `relabel` arguments (relabel ignores val/student/lr; `out` is its labels folder)."""
+
+    distilled: str
+    teacher: str
+    teacher_weights: str | None = None
+    val: str | None = None
+    student: str | None = None
+    epochs: int = 300
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    soft_labels: str | None = None
+    top_k: int | None = None
+    out: str | None = None
+    json: str | None = None
+    show_progress: bool = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def _input_size(data: DistilledSet) -> int:
+    return int(data.images.shape[-1])
+
+
+def _recipe(cfg: StudentConfig, data: DistilledSet, student: str) -> Recipe:
+    if cfg.epochs < 1:
+        raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
+    batch = cfg.batch_size or rded_batch_size(data.ipc, len(data.classes), student)
+    return Recipe(epochs=cfg.epochs, batch_size=min(batch, len(data.labels)), lr=cfg.lr or rded_lr(len(data.classes), student))
+
+
+def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> nn.Module:
+    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data))
+    model = built.model.to(device, memory_format=torch.channels_last).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.no_grad(), _autocast(device):
+        return teacher(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 500) -> tuple[float, float]:
+    """(top-1, top-5) fractions of `model` on uint8 images (top-5 = top-1 when fewer than 5 classes)."""
+    model.eval()
+    c1 = c5 = 0
+    with torch.no_grad(), _autocast(device):
+        for i in range(0, len(images), batch):
+            logits = model(normalize_uint8(images[i : i + batch].to(device)).contiguous(memory_format=torch.channels_last))
+            y = labels[i : i + batch].to(device)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            c1 += int((top[:, 0] == y).sum())
+            c5 += int((top == y[:, None]).any(1).sum())
+    model.train()
+    return c1 / len(images), c5 / len(images)
+
+
+def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> None:
+    if header["files"] != data.files:
+        raise UserError(f"--soft-labels {header['distilled']}: made for another distilled set (file lists differ)")
+    if header["epochs"] < recipe.epochs:
+        raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
+
+
+def evaluate(cfg: StudentConfig) -> dict:
+    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions)."""
+    if not cfg.val or not cfg.student:
+        raise UserError("evaluate needs --val DIR and --student NAME")
+    t0 = time.perf_counter()
+    device = _device(cfg.device)
+    data = load_distilled(cfg.distilled)
+    size = _input_size(data)
+    recipe = _recipe(cfg, data, cfg.student)
+    header = None
+    if cfg.soft_labels:
+        header = softlabels.read_header(Path(cfg.soft_labels))
+        recipe = Recipe(epochs=cfg.epochs, batch_size=header["batch_size"], lr=recipe.lr, temperature=header["temperature"])
+        _check_labels_match(header, data, recipe)
+        teacher = None
+    else:
+        teacher = _teacher(cfg, data, device)
+    vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
+    val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
+
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, len(data.classes), size).to(device, memory_format=torch.channels_last).train()
+    opt, sched = make_optimizer(student, recipe)
+    images = data.images.to(device)
+    epoch_loss, evaluations = [], []
+    bar = progress(range(recipe.epochs), desc=f"train {cfg.student}", disable=not cfg.show_progress)
+    for epoch in bar:
+        if header is not None:
+            aug, encoded = softlabels.read_epoch(Path(cfg.soft_labels), epoch)
+        else:
+            aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
+        total = 0.0
+        for b in range(aug.num_batches):
+            x = augment_batch(images, aug, b, data.factor)
+            if header is None:
+                probs = torch.softmax(teacher_logits(teacher, x, device) / recipe.temperature, dim=1)
+            else:
+                sl = aug.batch_slice(b)
+                probs = softlabels.decode_probs(encoded["values"][sl], encoded["indices"][sl] if "indices" in encoded else None,
+                                                encoded["lse"][sl], len(data.classes), recipe.temperature).to(device)
+            with _autocast(device):
+                logits = student(x.contiguous(memory_format=torch.channels_last))
+            loss = kd_loss(logits, probs, recipe.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        epoch_loss.append(total / aug.num_batches)
+        sched.step()
+        if evaluates_at(epoch, recipe.epochs):
+            top1, top5 = topk_accuracy(student, val_x, val_y, device)
+            evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
+    final = evaluations[-1] if evaluations and evaluations[-1]["epoch"] == recipe.epochs - 1 else None
+    if final is None:
+        top1, top5 = topk_accuracy(student, val_x, val_y, device)
+        final = {"epoch": recipe.epochs - 1, "top1": top1, "top5": top5}
+        evaluations.append(final)
+    result = {
+        "parameters": {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "factor": data.factor, "ipc": data.ipc,
+                       "input_size": size, "num_classes": len(data.classes), "recipe": asdict(recipe),
+                       "resolved_device": str(device), "soft_label_source": "stored" if header else "online"},
+        "final_top1": final["top1"],
+        "final_top5": final["top5"],
+        "best_top1": max(e["top1"] for e in evaluations),
+        "evaluations": evaluations,
+        "epoch_loss": epoch_loss,
+        "train_images": len(images),
+        "val_images": len(val_x),
+        "seconds": time.perf_counter() - t0,
+    }
+    if cfg.json:
+        atomic_write_text(cfg.json, json.dumps(result, indent=1))
+    return result
+
+
+def relabel(cfg: StudentConfig) -> dict:
+    """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`."""
+    if not cfg.out:
+        raise UserError("relabel needs --out DIR")
+    t0 = time.perf_counter()
+    device = _device(cfg.device)
+    data = load_distilled(cfg.distilled)
+    size = _input_size(data)
+    recipe = _recipe(cfg, data, cfg.student or cfg.teacher)
+    k = len(data.classes) if cfg.top_k is None else int(cfg.top_k)
+    if k < 1:
+        raise UserError(f"--top-k {cfg.top_k}: must be >= 1 (or omit it for all classes)")
+    teacher = _teacher(cfg, data, device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    softlabels.write_header(out, {
+        "distilled": str(data.root), "files": data.files, "classes": data.classes, "factor": data.factor,
+        "input_size": size, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
+        "temperature": recipe.temperature, "cutmix_beta": recipe.cutmix_beta, "top_k": min(k, len(data.classes)),
+        "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
+        "recipe": "RDED: ShufflePatches(factor) -> RandomResizedCrop(scale (1/factor, 1), ratio (3/4, 4/3)) -> flip -> normalise -> CutMix Beta(1,1)",
+    })
+    images = data.images.to(device)
+    sizes = []
+    for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
+        aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
+        logits = torch.cat([teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device) for b in range(aug.num_batches)])
+        sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
+    return {"out": str(out), "epochs": recipe.epochs, "top_k": min(k, len(data.classes)), "samples": len(images),
+            "bytes_per_epoch": float(np.mean(sizes)), "total_bytes": int(np.sum(sizes)), "seconds": time.perf_counter() - t0}
