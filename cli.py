@@ -31,7 +31,12 @@ def add_distill(sub) -> None:
     p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
     p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="observer autocast dtype")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="observer autocast dtype; auto = bf16; none = the fp32 reference path")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the scoring step; auto = on for CUDA, off on CPU")
+    p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
+                   help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--skip-observer-check", action="store_true", help="distill even when the observer looks near chance")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -31,6 +31,7 @@ from rded_fast.write import check_out_dir, publish, staging_dir, write_class_ima
 
 CHECK_IMAGES = 300
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", *AMP_DTYPES)
 
 
 @dataclass
@@ -56,7 +57,9 @@ class DistillConfig:
     class_map: str | None = None
     index: str | None = None
     select: str = "rded"
-    amp: str = "none"
+    amp: str = "auto"
+    compile: str = "auto"
+    score_mode: str = "faithful"
     overwrite: bool = False
     skip_observer_check: bool = False
     show_progress: bool = True
@@ -88,7 +91,9 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
         (cfg.select in ("rded", "random"), f"--select {cfg.select}: choose rded or random"),
-        (cfg.amp in AMP_DTYPES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_DTYPES)}"),
+        (cfg.amp in AMP_CHOICES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_CHOICES)}"),
+        (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
+        (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
     ]
     for ok, message in checks:
@@ -115,38 +120,52 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
     return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
-def score_plan(plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, scorer, crop_size: int, desc: str):
+def score_plan(plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, scorer, crop_size: int, desc: str,
+               device: torch.device = torch.device("cpu")):
     """Run the loader over `plan` and the scorer over every crop (scorer None: decode only).
 
+    Scores and predictions accumulate on `device` and come to the host once, at the end.
     Returns (scores [M, K] float32 with inf for undecodable rows, top-1 predictions [M, K], failures).
     """
-    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
-    k = plan.num_crop
-    scores = np.full((len(plan), k), np.inf, dtype=np.float32)
-    preds = np.full((len(plan), k), -1, dtype=np.int64)
-    labels_all = torch.from_numpy(plan.labels)
     from rded_fast.progress import progress
 
+    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
+    k = plan.num_crop
+    scores = torch.full((len(plan), k), float("inf"), dtype=torch.float32, device=device)
+    preds = torch.full((len(plan), k), -1, dtype=torch.int64, device=device)
+    labels_all = torch.from_numpy(plan.labels).to(device)
     for batch in progress(loader, total=len(loader), desc=desc, disable=not cfg.show_progress):
-        rows = batch.rows
         if scorer is None:
             continue
-        flat = batch.crops.reshape(-1, *batch.crops.shape[2:])
-        labels = labels_all[rows].repeat_interleave(k)
-        s, logits = scorer(flat, labels)
-        s = s.reshape(len(rows), k).cpu().numpy()
-        p = logits.argmax(1).reshape(len(rows), k).cpu().numpy()
-        ok = batch.ok.numpy()
-        scores[rows.numpy()[ok]] = s[ok]
-        preds[rows.numpy()[ok]] = p[ok]
-    return scores, preds, loader.failures
+        rows = batch.rows.to(device, non_blocking=True)
+        ok = batch.ok.to(device, non_blocking=True)[:, None]
+        s, p = scorer(batch.crops.reshape(-1, *batch.crops.shape[2:]), labels_all[rows].repeat_interleave(k))
+        scores[rows] = torch.where(ok, s.view(-1, k), float("inf"))
+        preds[rows] = torch.where(ok, p.view(-1, k), -1)
+    return scores.cpu().numpy(), preds.cpu().numpy(), loader.failures
 
 
-def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer) -> dict:
+def resolve_amp(name: str) -> torch.dtype | None:
+    """`auto` is bf16 on CUDA and CPU (measured on Fashion-MNIST/conv3, CPU: 1.8x faster than fp32,
+    99 % (factor 1) and 95.5 % (factor 2) of cells equal to the fp32 selection); `none` is fp32."""
+    return torch.bfloat16 if name == "auto" else AMP_DTYPES[name]
+
+
+def check_native_input(observer: BuiltModel, crop_size: int, device: torch.device) -> None:
+    """--score-mode native feeds p x p crops; observers with a fixed-size head (ConvNets) cannot take them."""
+    try:
+        with torch.inference_mode():
+            observer.model.to(device)(torch.zeros(1, 3, crop_size, crop_size, device=device))
+    except RuntimeError as exc:
+        raise UserError(f"--score-mode native: observer {observer.name} cannot take {crop_size}x{crop_size} inputs "
+                        f"({str(exc).splitlines()[0]}); use --score-mode faithful") from exc
+
+
+def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torch.device) -> dict:
     """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance."""
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
-    _, preds, _ = score_plan(plan, index, cfg, scorer, cfg.input_size, desc="observer check")
+    _, preds, _ = score_plan(plan, index, cfg, scorer, cfg.input_size, desc="observer check", device=device)
     decoded = preds[:, 0] >= 0
     n = int(decoded.sum())
     accuracy = float((preds[decoded, 0] == plan.labels[decoded]).mean()) if n else 0.0
@@ -215,15 +234,19 @@ def distill(cfg: DistillConfig) -> DistillResult:
     seconds["index"] = time.perf_counter() - t0
 
     observer: BuiltModel = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
-    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=AMP_DTYPES[cfg.amp], channels_last=True)
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp),
+                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native")
+    if cfg.score_mode == "native":
+        check_native_input(observer, crop_size, device)
     t = time.perf_counter()
-    check = check_observer(index, cfg, scorer) if cfg.select == "rded" else None
+    check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
     seconds["observer_check"] = time.perf_counter() - t
 
     t = time.perf_counter()
     plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
     if cfg.select == "rded":
-        scores, _, failures = score_plan(plan, index, cfg, scorer, crop_size, desc="score crops")
+        scores, _, failures = score_plan(plan, index, cfg, scorer, crop_size, desc="score crops", device=device)
         selections = select_all(scores, plan.labels, n_cells, index.classes)
     else:  # the random baseline decodes the same plan (to skip undecodable images) but never scores it
         _, _, failures = score_plan(plan, index, cfg, None, crop_size, desc="decode crops")

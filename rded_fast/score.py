@@ -46,33 +46,57 @@ def make_scorer(
     input_size: int,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    max_batch: int = 512,
+    channels_last: bool = True,
+    compile: bool = False,
+    batch_size: int = 512,
+    native: bool = False,
+    fixed_shape: bool | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """A function (crops [N, 3, p, p] uint8, labels [N]) -> (scores [N] float32, logits [N, C] float32).
+    """The scoring engine: (crops [N, 3, p, p] uint8, labels [N]) -> (scores [N] float32, top-1 [N] int64).
 
-    `amp_dtype` (bf16/fp16) runs the observer under autocast; None is the fp32 reference path.
-    Forwards are chunked to `max_batch` crops.
+    Everything between the loader's uint8 batch and the scores is one function: uint8 -> float,
+    normalise, centre-pad to `input_size` (skipped when `native`: the p x p crop is scored as it is,
+    which is not RDED), channels-last, autocast in `amp_dtype` (None = the fp32 reference path), the
+    observer, per-crop cross-entropy. Results stay on `device` (no host sync). With `compile`, the
+    function goes through torch.compile with fixed shapes: every call is padded to `batch_size` crops,
+    so it compiles once (CUDA graphs on CUDA via mode "reduce-overhead"); `fixed_shape` (default:
+    `compile`) controls that padding.
     """
+    fixed_shape = compile if fixed_shape is None else fixed_shape
     device = torch.device(device)
     model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize_uint8(crops)
+        if not native:
+            x = center_pad(x, input_size)
+        x = x.contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        return crop_cross_entropy(logits, labels), logits.argmax(1)
+
+    step = fused
+    if compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        step = torch.compile(fused, dynamic=False, mode=mode)
 
     def score(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, all_logits = [], []
+        n = len(crops)
+        scores = torch.empty(n, dtype=torch.float32, device=device)
+        preds = torch.empty(n, dtype=torch.int64, device=device)
         with torch.inference_mode():
-            for start in range(0, len(crops), max_batch):
-                x = center_pad(normalize_uint8(crops[start : start + max_batch].to(device, non_blocking=True)), input_size)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = labels[start : start + max_batch].to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                scores.append(crop_cross_entropy(logits, y))
-                all_logits.append(logits.float())
-        if not scores:
-            return torch.zeros(0, device=device), torch.zeros(0, 0, device=device)
-        return torch.cat(scores), torch.cat(all_logits)
+            for start in range(0, n, batch_size):
+                chunk = crops[start : start + batch_size].to(device, non_blocking=True)
+                y = labels[start : start + batch_size].to(device, non_blocking=True)
+                m = len(chunk)
+                if fixed_shape and m < batch_size:  # fixed shapes: pad with zero crops, drop their results
+                    chunk = torch.cat([chunk, chunk.new_zeros((batch_size - m, *chunk.shape[1:]))])
+                    y = torch.cat([y, y.new_zeros(batch_size - m)])
+                s, p = step(chunk, y)
+                scores[start : start + m] = s[:m]
+                preds[start : start + m] = p[:m]
+        return scores, preds
 
     return score

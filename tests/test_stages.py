@@ -18,7 +18,7 @@ def test_scores_equal_one_crop_at_a_time(crop, size):
     model = build("conv3", 10, None, size).model.eval()
     crops = torch.randint(0, 256, (37, 3, crop, crop), dtype=torch.uint8)
     labels = torch.randint(0, 10, (37,))
-    scores, _ = make_scorer(model, size, "cpu", max_batch=16)(crops, labels)
+    scores, _ = make_scorer(model, size, "cpu", batch_size=16)(crops, labels)
     norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for i in range(len(crops)):
         x = norm(crops[i].float() / 255)
