@@ -224,22 +224,63 @@ def run_relabel(args) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: quality (RDED vs random on Fashion-MNIST)",
-                       description="Run a benchmark and write its JSON under benchmarks/results/.")
-    p.add_argument("--stage", default="quality", choices=["quality"])
-    p.add_argument("--work", default="bench-quality", help="working folder")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=300)
+    p = sub.add_parser("bench", help="throughput of every stage (or the quality benchmark), as JSON",
+                       description="decode: loader img/s; score: engine crops/s; model: observer-only crops/s (the "
+                                   "ceiling); e2e: a whole distill; --reference: the RDED reference's way, and the "
+                                   "speedup. --stage quality runs RDED vs random on Fashion-MNIST.")
+    p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "quality"])
+    p.add_argument("--data", help="ImageFolder (or the loader's format) to run on")
+    p.add_argument("--loader", default="torch")
+    p.add_argument("--observer", default="resnet18")
+    p.add_argument("--weights")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--mipc", type=int, default=300)
+    p.add_argument("--num-crop", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64, help="source images per batch")
+    p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="output JSON path")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--model-crops", type=int, default=4096, help="crops per timed score/model repetition")
+    p.add_argument("--reference", action="store_true", help="also run the reference's way and report the speedup")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/bench_<device>.json)")
+    p.add_argument("--work", default="bench-quality", help="quality: working folder")
+    p.add_argument("--seeds", type=int, default=5, help="quality: seeds")
+    p.add_argument("--epochs", type=int, default=300, help="quality: student epochs")
     p.set_defaults(run=run_bench)
 
 
 def run_bench(args) -> int:
-    from benchmarks import quality
+    if args.stage == "quality":
+        from benchmarks import quality
 
-    argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device]
-    return quality.main(argv + (["--json", args.json] if args.json else []))
+        argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device]
+        return quality.main(argv + (["--json", args.json] if args.json else []))
+    from pathlib import Path
+
+    from rded_fast.bench import BenchConfig, run_bench as bench
+    from rded_fast.fileio import atomic_write_text
+
+    if not args.data:
+        raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m benchmarks.make_imagenet_like)")
+    fields = {k: getattr(args, k) for k in ("data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc",
+                                            "num_crop", "batch_size", "workers", "device", "amp", "compile", "reference", "stage",
+                                            "model_crops")}
+    result = bench(BenchConfig(**fields))
+    for key, unit in (("decode", "img_per_s"), ("score", "crops_per_s"), ("model", "crops_per_s"), ("e2e", "crops_per_s")):
+        if key in result:
+            print(f"{key:>8}: {result[key][unit]:>10.0f} {unit.replace('_per_s', '/s')}")
+    if "e2e" in result:
+        frac = result["e2e"].get("fraction_of_model_only")
+        print(f"     e2e: {result['e2e']['seconds']:.1f} s" + (f", {frac:.0%} of model-only" if frac else ""))
+    if "speedup" in result:
+        print(f"reference: {result['reference']['seconds']:.1f} s, speedup {result['speedup']:.2f}x")
+    out = Path(args.json) if args.json else Path("benchmarks/results") / f"bench_{result['device'].replace(' ', '_')}.json"
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(f"json: {out}")
+    return 0
 
 
 def add_models(sub) -> None:

@@ -1,0 +1,90 @@
+"""Write an ImageNet-shaped JPEG tree for throughput work: N classes x M images, about 500x375, q90.
+
+Content is natural-image-like (1/f^alpha colour noise, the power spectrum of natural photographs,
+plus a few soft-edged shapes), so JPEG sizes and decode costs are realistic (about 110 KB at q90).
+Synthetic images are for throughput only, never for quality numbers. Parallel over processes.
+
+Run: python -m benchmarks.make_imagenet_like --out /data/imagenet-like --classes 100 --per-class 300
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (480, 360)]
+
+
+def natural_image(rng: np.random.Generator, width: int, height: int, alpha: float = 0.93) -> np.ndarray:
+    """[H, W, 3] uint8 with a 1/f^alpha spectrum per channel (correlated colours) and a few shapes."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    radius = np.sqrt(fx**2 + fy**2)
+    radius[0, 0] = 1.0
+    amplitude = radius**-alpha
+    amplitude[0, 0] = 0.0
+    base = rng.normal(size=(height, fx.shape[1])) + 1j * rng.normal(size=(height, fx.shape[1]))
+    channels = []
+    mix = rng.uniform(0.6, 1.0)
+    for _ in range(3):
+        own = rng.normal(size=base.shape) + 1j * rng.normal(size=base.shape)
+        field = np.fft.irfft2((mix * base + (1 - mix) * own) * amplitude, s=(height, width))
+        channels.append(field / (field.std() + 1e-8))
+    img = np.stack(channels, -1) * rng.uniform(40, 62) + rng.uniform(60, 190, size=3)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(rng.integers(2, 6)):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(20, 120)
+        mask = np.clip((r - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) / 3.0, 0, 1)[..., None]
+        img = img * (1 - mask) + (img * 0.4 + rng.uniform(0, 255, size=3) * 0.6) * mask
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write_class(args: tuple[Path, int, int, int, int]) -> int:
+    out, label, per_class, seed, quality = args
+    folder = out / f"n{label:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, label])
+    total = 0
+    for i in range(per_class):
+        path = folder / f"n{label:08d}_{i:05d}.JPEG"
+        if not path.exists():
+            w, h = SIZES[int(rng.integers(len(SIZES)))]
+            tmp = path.with_suffix(".tmp")
+            Image.fromarray(natural_image(rng, w, h)).save(tmp, format="JPEG", quality=quality)
+            os.replace(tmp, path)
+        total += path.stat().st_size
+    return total
+
+
+def make_tree(out: str | Path, classes: int, per_class: int, seed: int = 0, quality: int = 90, workers: int | None = None) -> dict:
+    """Write the tree (skipping images already there); returns counts, mean JPEG size and seconds."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    jobs = [(out, c, per_class, seed, quality) for c in range(classes)]
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        sizes = list(pool.map(_write_class, jobs))
+    n = classes * per_class
+    return {"out": str(out), "images": n, "mean_kb": sum(sizes) / n / 1024, "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--workers", type=int)
+    args = p.parse_args(argv)
+    r = make_tree(args.out, args.classes, args.per_class, args.seed, args.quality, args.workers)
+    print(f"wrote {r['images']} JPEGs to {r['out']}: mean {r['mean_kb']:.0f} KB, {r['images'] / r['seconds']:.0f} img/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

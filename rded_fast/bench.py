@@ -1,0 +1,169 @@
+"""Throughput of every stage, measured in one run on one device, reported as a JSON-able dict.
+
+Stages: `decode` (loader decode + crop, img/s), `score` (the scoring engine on pre-made uint8 crops,
+crops/s), `model` (the observer alone on pre-made normalised, padded tensors in the same dtype and
+layout: the ceiling), `e2e` (a whole `distill`, seconds, and its crops/s as a fraction of the model-only
+rate), and with `reference` the RDED reference's way of doing the same job and the speedup over it.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rded_fast.distill import DistillConfig, distill, resolve_amp, resolve_device
+from rded_fast.errors import UserError
+from rded_fast.loaders import make_loader, open_index
+from rded_fast.models import build
+from rded_fast.plan import make_plan
+from rded_fast.reference import reference_distill
+from rded_fast.score import center_pad, make_scorer, normalize_uint8
+
+STAGES = ("decode", "score", "model", "e2e")
+
+
+@dataclass
+class BenchConfig:
+    data: str
+    observer: str = "resnet18"
+    weights: str | None = None
+    loader: str = "torch"
+    stage: str = "all"
+    input_size: int = 224
+    factor: int = 2
+    ipc: int = 10
+    mipc: int = 300
+    num_crop: int = 5
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    amp: str = "auto"
+    compile: str = "auto"
+    model_crops: int = 4096
+    reference: bool = False
+    seed: int = 0
+    show_progress: bool = False
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
+    """Best-of-`repeat` seconds of fn() after `warmup` calls (compilation and caches excluded)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_decode(cfg: BenchConfig, index, plan, crop_size: int) -> dict:
+    """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
+    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
+    t = time.perf_counter()
+    images = sum(len(batch.rows) for batch in loader)
+    seconds = time.perf_counter() - t
+    return {"images": images, "seconds": seconds, "img_per_s": images / seconds, "crops_per_s": images * plan.num_crop / seconds}
+
+
+def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int) -> dict:
+    """The engine on uint8 crops, and the bare observer on ready tensors (same dtype, layout, compile)."""
+    n = cfg.batch_size * cfg.num_crop
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.randint(0, 256, (n, 3, crop_size, crop_size), dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
+    amp = resolve_amp(cfg.amp)
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    scorer = make_scorer(model, cfg.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
+    reps = max(1, cfg.model_crops // n)
+    score_s = _timed(lambda: [scorer(crops, labels) for _ in range(reps)], device)
+
+    x = center_pad(normalize_uint8(crops), cfg.input_size).contiguous(memory_format=torch.channels_last)
+    net = model.to(device, memory_format=torch.channels_last).eval()
+    forward = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None) if compile_on else net
+
+    def run_model():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            for _ in range(reps):
+                forward(x)
+
+    model_s = _timed(run_model, device)
+    return {
+        "score": {"crops": n * reps, "seconds": score_s, "crops_per_s": n * reps / score_s},
+        "model": {"crops": n * reps, "seconds": model_s, "crops_per_s": n * reps / model_s},
+        "amp": str(amp), "compile": compile_on, "batch_crops": n,
+    }
+
+
+def _distill_config(cfg: BenchConfig, out: Path) -> DistillConfig:
+    return DistillConfig(
+        data=cfg.data, out=str(out), observer=cfg.observer, weights=cfg.weights, ipc=cfg.ipc, factor=cfg.factor,
+        mipc=cfg.mipc, num_crop=cfg.num_crop, input_size=cfg.input_size, seed=cfg.seed, batch_size=cfg.batch_size,
+        workers=cfg.workers, device=cfg.device, loader=cfg.loader, amp=cfg.amp, compile=cfg.compile,
+        overwrite=True, skip_observer_check=True, show_progress=cfg.show_progress,
+    )
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the chosen stages (all: decode, score, model, e2e) and, with `reference`, the reference run."""
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    if any(s not in STAGES for s in stages):
+        raise UserError(f"--stage {cfg.stage}: choose one of all, {', '.join(STAGES)}, quality")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    crop_size = cfg.input_size // cfg.factor
+    index = open_index(cfg.loader, cfg.data, show_progress=cfg.show_progress)
+    plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    result: dict = {"device": device_name(device), "config": asdict(cfg), "torch": torch.__version__,
+                    "planned_images": len(plan), "planned_crops": len(plan) * cfg.num_crop, "classes": index.num_classes}
+    if "decode" in stages:
+        result["decode"] = bench_decode(cfg, index, plan, crop_size)
+    if "score" in stages or "model" in stages:
+        result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes))
+    work = Path(tempfile.mkdtemp(prefix="rded-bench-"))
+    try:
+        if "e2e" in stages:
+            t = time.perf_counter()
+            run = distill(_distill_config(cfg, work / "ours"))
+            seconds = time.perf_counter() - t
+            crops_per_s = result["planned_crops"] / run.seconds["load_score_select"]
+            result["e2e"] = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s}
+            if "model" in result:
+                result["e2e"]["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
+        if cfg.reference:
+            ref_model = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size).model
+            ref = reference_distill(index, plan, ref_model, cfg.input_size, cfg.factor, cfg.ipc, work / "reference",
+                                    device, workers=4)
+            result["reference"] = ref
+            if "e2e" in result:  # same work on both sides: from an existing index to written images
+                stage = result["e2e"]["stage_seconds"]
+                result["speedup"] = ref["seconds"] / (stage["total"] - stage["index"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["peak_memory"] = {
+        "host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "host_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "device_mib": torch.cuda.max_memory_allocated(device) / 1024**2 if device.type == "cuda" else None,
+    }
+    return result

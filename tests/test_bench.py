@@ -1,0 +1,26 @@
+"""`rded-fast bench` on a tiny tree: every stage runs on CPU and the JSON has every field."""
+import json
+
+import torch
+
+from cli import main
+from rded_fast.models import build
+
+
+def test_bench_all_stages_with_reference_writes_json(jpeg_tree, tmp_path, capsys):
+    ckpt = tmp_path / "conv3.pth"
+    torch.save(build("conv3", 3, None, 32).model.state_dict(), ckpt)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--data", str(jpeg_tree), "--observer", "conv3", "--weights", str(ckpt), "--input-size", "32",
+                 "--factor", "2", "--ipc", "1", "--mipc", "6", "--num-crop", "2", "--batch-size", "4", "--workers", "0",
+                 "--device", "cpu", "--model-crops", "64", "--reference", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["planned_images"] == 18 and result["planned_crops"] == 36
+    assert result["decode"]["images"] == 18 and result["decode"]["img_per_s"] > 0
+    for stage in ("score", "model", "e2e"):
+        assert result[stage]["crops_per_s"] > 0
+    assert 0 < result["e2e"]["fraction_of_model_only"]
+    assert result["reference"]["images"] == 3 and result["speedup"] > 0
+    assert result["peak_memory"]["host_mib"] > 0 and result["device"].startswith("cpu")
+    assert "speedup" in capsys.readouterr().out
