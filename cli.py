@@ -8,6 +8,11 @@ import sys
 from rded_fast.errors import UserError
 
 
+def _fields(args, *drop: str) -> dict:
+    """The parsed arguments that are library parameters (same names as the config fields)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet", "argv", *drop)}
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distill an ImageFolder into a few images per class (RDED)",
                        description="Crop, score with an observer, select and stitch: RDED's synthesis. "
@@ -38,6 +43,8 @@ def add_distill(sub) -> None:
     p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
                    help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (finished classes are kept)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, launched through torchrun")
     p.add_argument("--skip-observer-check", action="store_true", help="distill even when the observer looks near chance")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_distill)
@@ -46,9 +53,16 @@ def add_distill(sub) -> None:
 def run_distill(args) -> int:
     from rded_fast.distill import DistillConfig, distill
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    if args.nproc > 1:
+        from rded_fast.distributed import launch
+
+        argv = list(args.argv)
+        at = argv.index("--nproc")
+        return launch(args.nproc, argv[:at] + argv[at + 2 :])
+    fields = _fields(args, "nproc")
     result = distill(DistillConfig(**fields, show_progress=not args.quiet))
-    print_distill(result)
+    if result.is_main:
+        print_distill(result)
     return 0
 
 
@@ -96,7 +110,7 @@ def add_train_observer(sub) -> None:
 def run_train_observer(args) -> int:
     from rded_fast.train.observer import ObserverConfig, train_observer
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    fields = _fields(args)
     summary = train_observer(ObserverConfig(**fields, show_progress=not args.quiet))
     val = summary["val_accuracy"]
     print(f"trained {args.arch} on {summary['train_images']} images in {summary['seconds']:.1f} s: "
@@ -191,7 +205,7 @@ def add_evaluate(sub) -> None:
 def run_evaluate(args) -> int:
     from rded_fast.train.student import StudentConfig, evaluate
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    fields = _fields(args)
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
     print(f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
           f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s")
@@ -216,7 +230,7 @@ def add_relabel(sub) -> None:
 def run_relabel(args) -> int:
     from rded_fast.train.student import StudentConfig, relabel
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet")}
+    fields = _fields(args)
     r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
     print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
           f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
@@ -304,12 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, vanished files: the message names the file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"rded-fast {args.command}: error: {exc.strerror or exc}{where}; finished work is kept "
+              "(distill: rerun with --resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

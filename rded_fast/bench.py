@@ -147,7 +147,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             t = time.perf_counter()
             run = distill(_distill_config(cfg, work / "ours"))
             seconds = time.perf_counter() - t
-            crops_per_s = result["planned_crops"] / run.seconds["load_score_select"]
+            crops_per_s = result["planned_crops"] / run.seconds["classes"]
             result["e2e"] = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s}
             if "model" in result:
                 result["e2e"]["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
@@ -156,9 +156,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             ref = reference_distill(index, plan, ref_model, cfg.input_size, cfg.factor, cfg.ipc, work / "reference",
                                     device, workers=4)
             result["reference"] = ref
-            if "e2e" in result:  # same work on both sides: from an existing index to written images
-                stage = result["e2e"]["stage_seconds"]
-                result["speedup"] = ref["seconds"] / (stage["total"] - stage["index"])
+            if "e2e" in result:  # same work on both sides: planned images in, written images out
+                result["speedup"] = ref["seconds"] / result["e2e"]["stage_seconds"]["classes"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["peak_memory"] = {

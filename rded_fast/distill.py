@@ -1,17 +1,22 @@
 """The distill pipeline: the one place that knows the order of the stages.
 
-index -> plan -> observer check -> load + score -> select -> re-cut winners -> stitch -> write.
-Winners are re-cut from the plan after selection instead of holding every crop in memory: it costs
-ipc * factor^2 extra decodes per class and guarantees the output equals a re-cut from the manifest.
+index -> plan -> observer check -> (load -> score -> select -> stitch -> write) per class -> manifest.
+
+Classes stream through: the loader runs over the whole plan in batches, crops are buffered per class,
+and when a class is complete it is scored in fixed-size chunks of its own crops, selected, stitched
+from the buffered winners and written, then journaled. Because scoring never mixes classes, any
+split of classes (over torchrun ranks, or before and after a crash) gives the same bytes.
 """
 from __future__ import annotations
 
 import math
 import platform
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import PIL
@@ -19,19 +24,24 @@ import torch
 import torchvision
 
 import rded_fast
+from rded_fast import journal
+from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex, read_class_map, save_index
-from rded_fast.loaders import LOADER_NAMES, make_loader, open_index
+from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
+from rded_fast.loaders import LOADER_NAMES, CropLoader, make_loader, open_index
 from rded_fast.models import BuiltModel, build
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
+from rded_fast.progress import progress
 from rded_fast.score import make_scorer
-from rded_fast.select import ClassSelection, select_all, select_random
+from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, stitch
-from rded_fast.write import check_out_dir, publish, staging_dir, write_class_images, write_contact_sheet, write_manifest
+from rded_fast.write import prepare_out_dir, read_image, write_class_images, write_contact_sheet, write_manifest
 
 CHECK_IMAGES = 300
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
+# Parameters that do not change the output: they may differ between an interrupted run and its resume.
+NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index")
 
 
 @dataclass
@@ -61,6 +71,7 @@ class DistillConfig:
     compile: str = "auto"
     score_mode: str = "faithful"
     overwrite: bool = False
+    resume: bool = False
     skip_observer_check: bool = False
     show_progress: bool = True
 
@@ -74,6 +85,7 @@ class DistillResult:
     observer_accuracy: float | None
     decode_failures: int
     seconds: dict = field(default_factory=dict)
+    is_main: bool = True  # False on torchrun ranks other than 0, which write no manifest
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -95,6 +107,7 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
     ]
     for ok, message in checks:
         if not ok:
@@ -106,12 +119,20 @@ def validate(cfg: DistillConfig) -> None:
         )
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if name == "cuda" and world.size > 1:
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
+
+
+def resolve_amp(name: str) -> torch.dtype | None:
+    """`auto` is bf16 on CUDA and CPU (measured on Fashion-MNIST/conv3, CPU: 1.8x faster than fp32,
+    99 % (factor 1) and 95.5 % (factor 2) of cells equal to the fp32 selection); `none` is fp32."""
+    return torch.bfloat16 if name == "auto" else AMP_DTYPES[name]
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
@@ -120,35 +141,51 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
     return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
-def score_plan(plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, scorer, crop_size: int, desc: str,
-               device: torch.device = torch.device("cpu")):
-    """Run the loader over `plan` and the scorer over every crop (scorer None: decode only).
+def iter_classes(loader: CropLoader, plan: CropPlan) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Regroup the loader's batches by class: yields (label, crops [m, K, 3, p, p], ok [m]) in plan order,
+    each as soon as all of the class's planned rows have arrived."""
+    labels = plan.labels
+    total = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    pending: dict[int, list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    seen: dict[int, int] = defaultdict(int)
+    for batch in loader:
+        rows = batch.rows.cpu().numpy()
+        batch_labels = labels[rows]
+        for label in np.unique(batch_labels):
+            pick = np.flatnonzero(batch_labels == label)
+            index = torch.from_numpy(pick).to(batch.crops.device)
+            pending[int(label)].append((rows[pick], batch.crops[index], batch.ok.cpu()[torch.from_numpy(pick)]))
+            seen[int(label)] += len(pick)
+            if seen[int(label)] == total[label]:
+                parts = sorted(pending.pop(int(label)), key=lambda part: part[0][0])
+                yield int(label), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
-    Scores and predictions accumulate on `device` and come to the host once, at the end.
-    Returns (scores [M, K] float32 with inf for undecodable rows, top-1 predictions [M, K], failures).
-    """
-    from rded_fast.progress import progress
 
-    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
-    k = plan.num_crop
-    scores = torch.full((len(plan), k), float("inf"), dtype=torch.float32, device=device)
-    preds = torch.full((len(plan), k), -1, dtype=torch.int64, device=device)
-    labels_all = torch.from_numpy(plan.labels).to(device)
-    for batch in progress(loader, total=len(loader), desc=desc, disable=not cfg.show_progress):
-        if scorer is None:
+def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torch.device) -> dict:
+    """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance."""
+    per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
+    plan = make_center_plan(index, cfg.seed, per_class)
+    loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers)
+    correct = decoded = 0
+    for label, crops, ok in progress(iter_classes(loader, plan), total=index.num_classes, desc="observer check",
+                                     disable=not cfg.show_progress):
+        if not ok.any():
             continue
-        rows = batch.rows.to(device, non_blocking=True)
-        ok = batch.ok.to(device, non_blocking=True)[:, None]
-        s, p = scorer(batch.crops.reshape(-1, *batch.crops.shape[2:]), labels_all[rows].repeat_interleave(k))
-        scores[rows] = torch.where(ok, s.view(-1, k), float("inf"))
-        preds[rows] = torch.where(ok, p.view(-1, k), -1)
-    return scores.cpu().numpy(), preds.cpu().numpy(), loader.failures
-
-
-def resolve_amp(name: str) -> torch.dtype | None:
-    """`auto` is bf16 on CUDA and CPU (measured on Fashion-MNIST/conv3, CPU: 1.8x faster than fp32,
-    99 % (factor 1) and 95.5 % (factor 2) of cells equal to the fp32 selection); `none` is fp32."""
-    return torch.bfloat16 if name == "auto" else AMP_DTYPES[name]
+        _, preds = scorer(crops[ok.to(crops.device)][:, 0], torch.full((int(ok.sum()),), label))
+        correct += int((preds == label).sum())
+        decoded += int(ok.sum())
+    accuracy = correct / decoded if decoded else 0.0
+    chance = 1.0 / index.num_classes
+    threshold = near_chance_threshold(index.num_classes, decoded)
+    report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": decoded}
+    if not cfg.skip_observer_check and accuracy < threshold:
+        raise UserError(
+            f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {decoded} training images, near chance "
+            f"({chance:.1%}; refusing below {threshold:.1%}). Likely cause: class order. The folders are "
+            "taken in sorted order unless --class-map FILE lists them in the observer's output order; also "
+            "check --weights and --input-size. --skip-observer-check overrides."
+        )
+    return report
 
 
 def check_native_input(observer: BuiltModel, crop_size: int, device: torch.device) -> None:
@@ -161,139 +198,169 @@ def check_native_input(observer: BuiltModel, crop_size: int, device: torch.devic
                         f"({str(exc).splitlines()[0]}); use --score-mode faithful") from exc
 
 
-def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torch.device) -> dict:
-    """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance."""
-    per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
-    plan = make_center_plan(index, cfg.seed, per_class)
-    _, preds, _ = score_plan(plan, index, cfg, scorer, cfg.input_size, desc="observer check", device=device)
-    decoded = preds[:, 0] >= 0
-    n = int(decoded.sum())
-    accuracy = float((preds[decoded, 0] == plan.labels[decoded]).mean()) if n else 0.0
-    chance = 1.0 / index.num_classes
-    threshold = near_chance_threshold(index.num_classes, n)
-    report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": n}
-    if not cfg.skip_observer_check and accuracy < threshold:
-        raise UserError(
-            f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {n} training images, near chance "
-            f"({chance:.1%}; refusing below {threshold:.1%}). Likely cause: class order. The folders are "
-            "taken in sorted order unless --class-map FILE lists them in the observer's output order; also "
-            "check --weights and --input-size. --skip-observer-check overrides."
-        )
-    return report
+def select_cells(cfg: DistillConfig, label: int, crops: torch.Tensor, ok: torch.Tensor, scorer, name: str) -> ClassSelection:
+    """Rank one class's crops (by the observer, or randomly for the baseline); rows are class-local."""
+    m, k = crops.shape[:2]
+    n = cfg.ipc * cfg.factor**2
+    if cfg.select == "random":
+        return select_random(ok.numpy(), label, k, n, cfg.seed, name)
+    scores, _ = scorer(crops.reshape(m * k, *crops.shape[2:]), torch.full((m * k,), label, dtype=torch.int64))
+    scores = torch.where(ok.to(scores.device)[:, None], scores.view(m, k), float("inf"))
+    return select_class(scores.cpu().numpy(), np.arange(m), label, n, name)
 
 
-def recut_winners(selections: list[ClassSelection], plan: CropPlan, index: DatasetIndex, cfg: DistillConfig, crop_size: int) -> torch.Tensor:
-    """Cut the selected cells again from the plan: [sum n, 3, p, p] uint8 in selection order."""
-    rows = np.concatenate([s.rows for s in selections])
-    crops = np.concatenate([s.crops for s in selections])
-    winners = CropPlan(
-        image_ids=plan.image_ids[rows],
-        labels=plan.labels[rows],
-        boxes=plan.boxes[rows, crops][:, None, :],
-        seed=plan.seed,
-        mipc=plan.mipc,
-        num_crop=1,
-        scale=plan.scale,
-        ratio=plan.ratio,
-    )
-    loader = make_loader(cfg.loader, index, winners, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
-    out = torch.empty((len(winners), 3, crop_size, crop_size), dtype=torch.uint8)
-    for batch in loader:
-        out[batch.rows] = batch.crops[:, 0].cpu()
-    if loader.failures:
-        bad = loader.failures[0]
-        raise UserError(f"{bad['path']}: decoded during scoring but not when re-cut ({bad['reason']}); did the data change?")
-    return out
+def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
+                  ok: torch.Tensor, scorer, out: Path, reasons: dict[int, str]) -> dict:
+    """Select, stitch and write one class; returns its journal record. `reasons`: plan row -> decode error."""
+    name = index.classes[label]
+    rows = plan.class_rows(label)
+    failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
+                for r, good in zip(rows, ok.tolist()) if not good]
+    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures}
+    try:
+        sel = select_cells(cfg, label, crops, ok, scorer, name)
+    except UserError as exc:  # too few usable images: this class gets no output, the run goes on
+        return {**record, "images": [], "fallback": 0, "skipped": str(exc)}
+    device_rows = torch.from_numpy(sel.rows).to(crops.device)
+    cells = crops[device_rows, torch.from_numpy(sel.crops).to(crops.device)]
+    images = stitch(cells, cfg.ipc, cfg.factor, cfg.input_size).cpu()
+    files = write_class_images(out, name, label, images, cfg.format, cfg.jpeg_quality)
+    boxes_out = cell_boxes(cfg.input_size, cfg.factor)
+    images_meta = []
+    for j, rel in enumerate(files):
+        cells_meta = []
+        for c, box_out in enumerate(boxes_out):
+            rank = c * cfg.ipc + j
+            row, crop = int(rows[sel.rows[rank]]), int(sel.crops[rank])
+            image_id = int(plan.image_ids[row])
+            cells_meta.append({
+                "cell": c, "cell_box": list(box_out), "rank": rank, "source": index.paths[image_id],
+                "source_size": index.sizes[image_id].tolist(), "box": plan.boxes[row, crop].tolist(), "crop": crop,
+                "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
+            })
+        images_meta.append({"file": rel, "class": name, "label": label, "cells": cells_meta})
+    return {**record, "images": images_meta, "fallback": sel.fallback}
 
 
 def _versions() -> dict:
-    return {
-        "rded_fast": rded_fast.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-    }
+    return {"rded_fast": rded_fast.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def _run_parameters(cfg: DistillConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
+
+
+def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
+    """Rank 0's work before any class: index, observer, its check, then the output folder and journal.
+
+    The folder is created only after the checks pass, so a refused run leaves nothing behind."""
+    prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
+    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
+    index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
+    if len(index) == 0:
+        raise UserError(f"--data {cfg.data}: no readable images found")
+    observer, scorer = _observer(cfg, index, device)
+    check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
+    prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
+        journal.check_run(out, _run_parameters(cfg))
+    else:
+        journal.write_run(out, _run_parameters(cfg))
+    save_index(index, out / "index.json")
+    return index, observer, scorer, check
+
+
+def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device):
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    if cfg.score_mode == "native":
+        check_native_input(observer, cfg.input_size // cfg.factor, device)
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp),
+                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native")
+    return observer, scorer
+
+
+def _collective(world: World, fn, message: str):
+    """Run fn() (None on failure); if any rank failed, every rank stops: the failing one with its error."""
+    error, value = None, None
+    try:
+        value = fn()
+    except BaseException as exc:
+        error = exc
+    if not all_ok(world, error is None):
+        if error is not None:
+            raise error
+        raise UserError(message)
+    return value
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
     """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring."""
     validate(cfg)
-    check_out_dir(cfg.out, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    crop_size = cfg.input_size // cfg.factor
-    n_cells = cfg.ipc * cfg.factor**2
-    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
-    index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
-    if len(index) == 0:
-        raise UserError(f"--data {cfg.data}: no readable images found")
-    seconds["index"] = time.perf_counter() - t0
-
-    observer: BuiltModel = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp),
-                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native")
-    if cfg.score_mode == "native":
-        check_native_input(observer, crop_size, device)
-    t = time.perf_counter()
-    check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
-    seconds["observer_check"] = time.perf_counter() - t
+    world = init_world(resolve_device(cfg.device).type)
+    device = resolve_device(cfg.device, world)
+    out = Path(cfg.out).resolve()
+    seconds: dict[str, float] = {}
+    index = observer = scorer = check = None
+    if world.is_main:
+        index, observer, scorer, check = _collective(world, lambda: _prologue(cfg, out, device), "")
+    else:
+        _collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
+        index = load_index(out / "index.json")
+        observer, scorer = _observer(cfg, index, device)
+    seconds["prologue"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
-    if cfg.select == "rded":
-        scores, _, failures = score_plan(plan, index, cfg, scorer, crop_size, desc="score crops", device=device)
-        selections = select_all(scores, plan.labels, n_cells, index.classes)
-    else:  # the random baseline decodes the same plan (to skip undecodable images) but never scores it
-        _, _, failures = score_plan(plan, index, cfg, None, crop_size, desc="decode crops")
-        ok = np.ones(len(plan), dtype=bool)
-        ok[[f["row"] for f in failures]] = False
-        selections = select_random(ok, plan.labels, cfg.num_crop, n_cells, cfg.seed, index.classes)
-    seconds["load_score_select"] = time.perf_counter() - t
+    done = journal.read_classes(out) if cfg.resume else {}
+    counts = np.minimum(index.class_counts(), cfg.mipc)
+    todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
 
-    t = time.perf_counter()
-    cells = recut_winners(selections, plan, index, cfg, crop_size)
-    stage = staging_dir(cfg.out)
-    boxes_out = cell_boxes(cfg.input_size, cfg.factor)
-    images_meta, sheet_rows, start = [], [], 0
-    for sel in selections:
-        name = index.classes[sel.label]
-        images = stitch(cells[start : start + n_cells], cfg.ipc, cfg.factor, cfg.input_size)
-        start += n_cells
-        files = write_class_images(stage, name, sel.label, images, cfg.format, cfg.jpeg_quality)
-        sheet_rows.append((name, images))
-        for j, rel in enumerate(files):
-            cell_meta = []
-            for k, box_out in enumerate(boxes_out):
-                rank = k * cfg.ipc + j
-                row, crop = int(sel.rows[rank]), int(sel.crops[rank])
-                cell_meta.append({
-                    "cell": k,
-                    "cell_box": list(box_out),
-                    "rank": rank,
-                    "source": index.paths[int(plan.image_ids[row])],
-                    "source_size": index.sizes[int(plan.image_ids[row])].tolist(),
-                    "box": plan.boxes[row, crop].tolist(),
-                    "crop": crop,
-                    "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
-                })
-            images_meta.append({"file": rel, "class": name, "label": sel.label, "cells": cell_meta})
-    save_index(index, stage / "index.json")
-    write_contact_sheet(stage / "contact_sheet.png", sheet_rows)
-    seconds["stitch_write"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
+    def run_classes() -> None:
+        plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
+        loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
+                             workers=cfg.workers)
+        for label, crops, ok in progress(iter_classes(loader, plan), total=len(np.unique(plan.labels)),
+                                         desc="distill classes", disable=not cfg.show_progress):
+            reasons = {f["row"]: f["reason"] for f in loader.failures}
+            journal.write_class(out, label, distill_class(cfg, index, plan, label, crops, ok, scorer, out, reasons))
+        for label in todo:  # classes with no planned image (empty folders) are journaled too
+            if label not in plan.labels:
+                journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
+                                                 "decoded": 0, "failures": [], "images": [], "fallback": 0,
+                                                 "skipped": "no usable images"})
 
+    _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
+    seconds["classes"] = time.perf_counter() - t
+    barrier(world)
+    if not world.is_main:
+        return DistillResult(out, out / "manifest.json", out / "contact_sheet.png", 0, None, 0, seconds, is_main=False)
+    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done))
+
+
+def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check: dict | None, out: Path,
+            seconds: dict, t0: float, world: World, resumed: list[int]) -> DistillResult:
+    """Rank 0: merge the class records into manifest.json and draw the contact sheet."""
+    records = journal.read_classes(out)
+    missing = [index.classes[c] for c in range(index.num_classes) if c not in records]
+    if missing:
+        raise UserError(f"classes {missing[:3]} have no journal record; rerun with --resume")
+    ordered = [records[c] for c in range(index.num_classes)]
+    images_meta = [m for r in ordered for m in r["images"]]
+    sheet_rows = []
+    for r in ordered:
+        if r["images"] and len(sheet_rows) < 20:
+            sheet_rows.append((r["class"], torch.stack([read_image(out / m["file"]) for m in r["images"]])))
+    if sheet_rows:
+        write_contact_sheet(out / "contact_sheet.png", sheet_rows)
+    failures = [f for r in ordered for f in r["failures"]]
     short = short_classes(index, cfg.mipc)
+    seconds["total"] = time.perf_counter() - t0
     manifest = {
         "tool": "rded-fast",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "parameters": {**{k: v for k, v in asdict(cfg).items() if k not in ("show_progress", "overwrite")},
-                       "crop_size": crop_size, "cells_per_class": n_cells, "scale": plan.scale, "ratio": plan.ratio,
-                       "resolved_device": str(device)},
+        "parameters": {**_run_parameters(cfg), "crop_size": cfg.input_size // cfg.factor,
+                       "cells_per_class": cfg.ipc * cfg.factor**2, "scale": [0.08, 1.0], "ratio": [1.0, 1.0]},
         "versions": _versions(),
         "observer": {"name": observer.name, "weights": observer.weights, "weights_sha256": observer.weights_sha256,
                      "head_size": observer.head_size, "check": check},
@@ -301,21 +368,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
                  "class_counts": index.class_counts().tolist()},
         "short_classes": short,
         "empty_classes": [name for name, count in short.items() if count == 0],
-        "fallback_cells": {index.classes[s.label]: s.fallback for s in selections if s.fallback},
+        "skipped_classes": {r["class"]: r["skipped"] for r in ordered if r.get("skipped")},
+        "fallback_cells": {r["class"]: r["fallback"] for r in ordered if r["fallback"]},
         "skipped_files": index.skipped,
-        "decode_failures": [{"path": f["path"], "reason": f["reason"]} for f in failures],
-        "seconds": seconds,
+        "decode_failures": failures,
         "images": images_meta,
+        "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
+                "world_size": world.size, "resumed_classes": len(resumed), "out": str(out)},
     }
-    write_manifest(stage / "manifest.json", manifest)
-    publish(stage, cfg.out)
-    out = Path(cfg.out).resolve()
-    return DistillResult(
-        out=out,
-        manifest=out / "manifest.json",
-        contact_sheet=out / "contact_sheet.png",
-        num_images=len(images_meta),
-        observer_accuracy=None if check is None else check["accuracy"],
-        decode_failures=len(failures),
-        seconds=seconds,
-    )
+    write_manifest(out / "manifest.json", manifest)
+    return DistillResult(out=out, manifest=out / "manifest.json", contact_sheet=out / "contact_sheet.png",
+                         num_images=len(images_meta), observer_accuracy=None if check is None else check["accuracy"],
+                         decode_failures=len(failures), seconds=seconds)

@@ -103,15 +103,34 @@ def _image_size(path: str) -> tuple[int, int] | str:
     return int(w), int(h)
 
 
-def _list_class_folder(folder: Path) -> tuple[list[str], list[str]]:
-    """(image files, other files) below one class folder, sorted, not following symlinked dirs."""
-    images, others = [], []
+def _list_class_folder(folder: Path, root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image files, [(skipped file, reason)]) below one class folder, sorted.
+
+    Symlinks: folders behind links are never followed (no loops, no escapes); a file link is used only
+    when it resolves to a file inside the data root."""
+    images, skipped = [], []
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames.sort()
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                skipped.append((os.path.join(dirpath, name), "symlinked folder not followed"))
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
-            (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(full)
-    return images, others
+            if os.path.islink(full):
+                try:
+                    target = Path(full).resolve(strict=True)
+                except (OSError, RuntimeError):
+                    skipped.append((full, "broken or looping symlink"))
+                    continue
+                if not target.is_relative_to(real_root) or not target.is_file():
+                    skipped.append((full, "symlink to outside the data root not followed"))
+                    continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(full)
+            else:
+                skipped.append((full, "not an image file extension"))
+    return images, skipped
 
 
 def build_index(
@@ -128,9 +147,9 @@ def build_index(
     root_path = Path(root)
     if not root_path.is_dir():
         raise UserError(f"--data {root}: not a directory; give an ImageFolder root (one folder per class)")
-    folders = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
     if class_map is not None:
-        missing = [c for c in class_map if not (root_path / c).is_dir()]
+        missing = [c for c in class_map if not (root_path / c).is_dir() or (root_path / c).is_symlink()]
         if missing:
             raise UserError(
                 f"class map names {len(missing)} folder(s) missing under {root}, e.g. {missing[0]!r}; "
@@ -145,9 +164,11 @@ def build_index(
     files: list[tuple[int, str]] = []
     skipped: list[dict] = []
     for label, name in enumerate(classes):
-        images, others = _list_class_folder(root_path / name)
+        images, others = _list_class_folder(root_path / name, root_path)
         files.extend((label, f) for f in images)
-        skipped.extend({"path": os.path.relpath(f, root_path), "reason": "not an image file extension"} for f in others)
+        skipped.extend({"path": os.path.relpath(f, root_path), "reason": reason} for f, reason in others)
+    skipped.extend({"path": p.name, "reason": "symlinked class folder not followed"}
+                   for p in sorted(root_path.iterdir()) if p.is_symlink() and p.is_dir() and class_map is None)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(

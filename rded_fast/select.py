@@ -51,30 +51,16 @@ def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class
     return ClassSelection(label, rows[sel_idx], sel_crop, scores[sel_idx, sel_crop].astype(np.float32), fallback)
 
 
-def select_all(scores: np.ndarray, labels: np.ndarray, n: int, class_names: list[str]) -> list[ClassSelection]:
-    """select_class for every class present in `labels` ([M]), in class order."""
-    out = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        out.append(select_class(scores[rows], rows, int(label), n, class_names[int(label)]))
-    return out
-
-
-def select_random(ok: np.ndarray, labels: np.ndarray, num_crop: int, n: int, seed: int, class_names: list[str]) -> list[ClassSelection]:
-    """The random baseline: per class a seeded random order of decodable images and a random crop of each.
-
-    Same shapes and stitching as RDED's selection, so the only difference is the observer's ranking.
-    """
+def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, class_name: str = "") -> ClassSelection:
+    """The random baseline for one class: a seeded random order of its decodable images (class-local rows)
+    and a random crop of each. Same shapes and stitching as RDED's selection, so the only difference is
+    the observer's ranking."""
     from rded_fast.plan import class_generator
 
-    out = []
-    for label in np.unique(labels):
-        rng = class_generator(seed, int(label), purpose=2)
-        rows = np.flatnonzero(labels == label)
-        rows = rows[ok[rows]]
-        if len(rows) < n:
-            raise UserError(f"class {class_names[int(label)]} has only {len(rows)} usable images but needs {n}")
-        chosen = rows[rng.permutation(len(rows))[:n]]
-        crops = rng.integers(0, num_crop, size=n)
-        out.append(ClassSelection(int(label), chosen, crops, np.full(n, np.nan, np.float32)))
-    return out
+    rng = class_generator(seed, label, purpose=2)
+    rows = np.flatnonzero(ok)
+    if len(rows) < n:
+        raise UserError(f"class {class_name or label} has only {len(rows)} usable images but needs {n} (ipc * factor^2)")
+    chosen = rows[rng.permutation(len(rows))[:n]]
+    crops = rng.integers(0, num_crop, size=n)
+    return ClassSelection(int(label), chosen, crops, np.full(n, np.nan, np.float32))

@@ -1,7 +1,7 @@
-"""Write: distilled images as an ImageFolder, manifest.json, and a contact sheet, all atomically.
+"""Write: distilled images as an ImageFolder, manifest.json, and a contact sheet.
 
-The whole output is built in a staging folder beside `--out` and renamed into place when complete,
-so an interrupted run never leaves a half-written set where a finished one was.
+Every file is written to a temporary name and renamed, so a file is either complete or absent; the
+journal (rded_fast.journal) records which classes are complete.
 """
 from __future__ import annotations
 
@@ -21,36 +21,25 @@ from rded_fast.fileio import atomic_write_bytes, atomic_write_text
 CONTACT_SHEET_CLASSES = 20
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless `overwrite`."""
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool, resume: bool, create: bool = True) -> None:
+    """Check, then (with `create`) make `out`. An existing non-empty folder is refused unless `overwrite`
+    (its contents are removed) or `resume` (kept: finished classes are skipped)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: folder exists and is not empty; pass --overwrite or choose another path")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"--out {out}: folder exists and is not empty; pass --overwrite, --resume, or another path")
+        if create:
+            shutil.rmtree(out)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
-def staging_dir(out: str | os.PathLike) -> Path:
-    """A fresh folder beside `out` to build the output in."""
-    out = Path(out).resolve()
-    stage = out.parent / f".{out.name}.partial"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    return stage
-
-
-def publish(stage: Path, out: str | os.PathLike) -> None:
-    """Move the finished staging folder to `out`, replacing an old output only after the new one is complete."""
-    out = Path(out).resolve()
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old.exists():
-        shutil.rmtree(old)
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """[3, H, W] uint8 of an image we wrote."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
 
 
 def encode_image(image: torch.Tensor, fmt: str, jpeg_quality: int = 90) -> bytes:
@@ -70,14 +59,14 @@ def image_name(label: int, j: int, fmt: str) -> str:
     return f"class{label:05d}_id{j:05d}.{fmt}"
 
 
-def write_class_images(stage: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
-    """Write [ipc, 3, S, S] uint8 into stage/<class_name>/; returns relative file names."""
-    folder = stage / class_name
+def write_class_images(out: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
+    """Write [ipc, 3, S, S] uint8 into out/<class_name>/; returns relative file names."""
+    folder = out / class_name
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for j, image in enumerate(images):
         rel = f"{class_name}/{image_name(label, j, fmt)}"
-        atomic_write_bytes(stage / rel, encode_image(image, fmt, jpeg_quality))
+        atomic_write_bytes(out / rel, encode_image(image, fmt, jpeg_quality))
         names.append(rel)
     return names
 

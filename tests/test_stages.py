@@ -8,7 +8,7 @@ from torchvision.transforms import Normalize
 from rded_fast.errors import UserError
 from rded_fast.models import build
 from rded_fast.score import center_pad, make_scorer
-from rded_fast.select import select_all, select_class, select_random
+from rded_fast.select import select_class, select_random
 from rded_fast.stitch import cell_boxes, stitch
 
 
@@ -63,15 +63,14 @@ def test_selection_fills_short_classes_with_next_best_crops_and_errors_when_impo
         select_class(scores, np.array([0, 1]), label=0, n=6)
 
 
-def test_select_all_skips_absent_classes_and_random_is_seeded():
-    labels = np.array([0, 0, 0, 2, 2, 2])
-    scores = np.arange(18, dtype=np.float64).reshape(6, 3)[:, ::-1].copy()
-    sels = select_all(scores, labels, 2, ["a", "b", "c"])
-    assert [s.label for s in sels] == [0, 2]
-    ok = np.ones(6, bool)
-    r1 = select_random(ok, labels, 3, 2, seed=5, class_names=["a", "b", "c"])
-    r2 = select_random(ok, labels, 3, 2, seed=5, class_names=["a", "b", "c"])
-    assert all((a.rows == b.rows).all() and (a.crops == b.crops).all() for a, b in zip(r1, r2))
+def test_random_selection_is_seeded_and_skips_undecodable():
+    ok = np.array([True, False, True, True, True])
+    a = select_random(ok, 3, num_crop=4, n=3, seed=5)
+    b = select_random(ok, 3, num_crop=4, n=3, seed=5)
+    assert (a.rows == b.rows).all() and (a.crops == b.crops).all()
+    assert 1 not in a.rows.tolist() and len(set(a.rows.tolist())) == 3 and (a.crops < 4).all()
+    with pytest.raises(UserError, match="only 4 usable images"):
+        select_random(ok, 3, num_crop=4, n=5, seed=5)
 
 
 def test_stitch_cell_order():

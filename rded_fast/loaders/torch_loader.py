@@ -10,22 +10,18 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from rded_fast.decode import decode_rgb_array
 from rded_fast.index import DatasetIndex
 from rded_fast.loaders.base import CropBatch
 from rded_fast.plan import CropPlan
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """Decode any PIL-readable image to [3, H, W] uint8 RGB, pixels as stored (no EXIF rotation)."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
-        arr = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    """Decode any PIL-readable image to [3, H, W] uint8 RGB by the project's one pixel rule (rded_fast.decode)."""
+    return torch.from_numpy(decode_rgb_array(path)).permute(2, 0, 1).contiguous()
 
 
 def cut_crops(image: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
