@@ -8,5 +8,5 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False) -> Iterable[T]:
-    return tqdm(items, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:
+    return tqdm(items, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True, initial=initial)

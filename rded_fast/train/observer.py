@@ -2,7 +2,8 @@
 
 Standard recipe: random crop with padding size/8 and horizontal flip, ImageNet normalisation (the
 same the scorer uses), SGD with Nesterov momentum (or AdamW), cosine schedule to zero, cross-entropy.
-Saves {"model": state_dict, ...} atomically, the format `--weights` reads.
+Saves {"model": state_dict, ...} atomically, the format `--weights` reads; the per-epoch training state
+beside it (`OUT.state`) lets `--resume` continue an interrupted run.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rded_fast.index import build_index
 from rded_fast.models import build
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
+from rded_fast.train import checkpoint
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ObserverConfig:
     device: str = "auto"
     val: str | None = None
     per_class: int | None = None
+    resume: bool = False
     show_progress: bool = True
 
 
@@ -100,10 +103,16 @@ def train_observer(cfg: ObserverConfig) -> dict:
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     pad = max(1, cfg.input_size // 8)
-    losses = []
-    bar = progress(range(total), total=total, desc=f"train {cfg.arch}", disable=not cfg.show_progress)
+    losses: list[float] = []
+    state_path = f"{cfg.out}.state"
+    first = 0
+    if cfg.resume and (state := checkpoint.load_state(state_path)) is not None:
+        first = checkpoint.restore(state, model, opt, sched, generator)
+        losses = state["losses"]
+    bar = progress(range(total), total=total, initial=first * steps_per_epoch, desc=f"train {cfg.arch}",
+                   disable=not cfg.show_progress)
     bar_iter = iter(bar)
-    for epoch in range(cfg.epochs):
+    for epoch in range(first, cfg.epochs):
         model.train()
         order = torch.randperm(len(images), generator=generator)
         running = 0.0
@@ -118,6 +127,7 @@ def train_observer(cfg: ObserverConfig) -> dict:
             running += float(loss.detach())
             next(bar_iter, None)
         losses.append(running / steps_per_epoch)
+        checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
     train_acc = accuracy(model, images, labels, device)
     val_acc = accuracy(model, *val, device) if val is not None else None
     summary = {

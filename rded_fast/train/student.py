@@ -23,7 +23,7 @@ from rded_fast.index import build_index
 from rded_fast.models import build, build_student
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
-from rded_fast.train import softlabels
+from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import augment_batch, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
@@ -47,6 +47,8 @@ class StudentConfig:
     top_k: int | None = None
     out: str | None = None
     json: str | None = None
+    checkpoint: str | None = None
+    resume: bool = False
     show_progress: bool = True
 
 
@@ -133,7 +135,14 @@ def evaluate(cfg: StudentConfig) -> dict:
     opt, sched = make_optimizer(student, recipe)
     images = data.images.to(device)
     epoch_loss, evaluations = [], []
-    bar = progress(range(recipe.epochs), desc=f"train {cfg.student}", disable=not cfg.show_progress)
+    if cfg.resume and not cfg.checkpoint:
+        raise UserError("--resume needs --checkpoint FILE (the per-epoch state of the interrupted run)")
+    first = 0
+    if cfg.resume and (state := checkpoint.load_state(cfg.checkpoint)) is not None:
+        first = checkpoint.restore(state, student, opt, sched, None)
+        epoch_loss, evaluations = state["epoch_loss"], state["evaluations"]
+    bar = progress(range(first, recipe.epochs), total=recipe.epochs, initial=first, desc=f"train {cfg.student}",
+                   disable=not cfg.show_progress)
     for epoch in bar:
         if header is not None:
             aug, encoded = softlabels.read_epoch(Path(cfg.soft_labels), epoch)
@@ -160,6 +169,9 @@ def evaluate(cfg: StudentConfig) -> dict:
         if evaluates_at(epoch, recipe.epochs):
             top1, top5 = topk_accuracy(student, val_x, val_y, device)
             evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
+        if cfg.checkpoint:
+            checkpoint.save_state(cfg.checkpoint, checkpoint.capture(student, opt, sched, None, epoch,
+                                                                     epoch_loss=epoch_loss, evaluations=evaluations))
     final = evaluations[-1] if evaluations and evaluations[-1]["epoch"] == recipe.epochs - 1 else None
     if final is None:
         top1, top5 = topk_accuracy(student, val_x, val_y, device)
