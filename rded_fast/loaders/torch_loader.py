@@ -76,6 +76,7 @@ class TorchCropLoader:
             num_workers=workers,
             collate_fn=_collate,
             prefetch_factor=4 if workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),  # lets the scorer's host-to-device copies run asynchronously
         )
 
     def __len__(self) -> int:
