@@ -30,7 +30,7 @@ def add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
     p.add_argument("--workers", type=int, default=4, help="decoding workers (default 4)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--loader", default="torch", help="torch (PIL reference loader)")
+    p.add_argument("--loader", default="torch", help="torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")

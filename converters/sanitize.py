@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from rded_fast.decode import decode_rgb_array
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -51,9 +53,7 @@ def inspect(path: str | os.PathLike) -> ImageInfo:
 def rgb_array(path: str | os.PathLike) -> np.ndarray:
     """Fully decode `path` to [H, W, 3] uint8 RGB (pixels as stored); raises BadImage if truncated/corrupt."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return decode_rgb_array(path)
     except Exception as exc:
         raise BadImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
 

@@ -76,9 +76,10 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
     return best
 
 
-def bench_decode(cfg: BenchConfig, index, plan, crop_size: int) -> dict:
+def bench_decode(cfg: BenchConfig, index, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
-    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers)
+    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                         device=str(device))
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t
@@ -138,7 +139,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     result: dict = {"device": device_name(device), "config": asdict(cfg), "torch": torch.__version__,
                     "planned_images": len(plan), "planned_crops": len(plan) * cfg.num_crop, "classes": index.num_classes}
     if "decode" in stages:
-        result["decode"] = bench_decode(cfg, index, plan, crop_size)
+        result["decode"] = bench_decode(cfg, index, plan, crop_size, device)
     if "score" in stages or "model" in stages:
         result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes))
     work = Path(tempfile.mkdtemp(prefix="rded-bench-"))

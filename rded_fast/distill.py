@@ -165,7 +165,8 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torc
     """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance."""
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
-    loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers)
+    loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                         device=str(device))
     correct = decoded = 0
     for label, crops, ok in progress(iter_classes(loader, plan), total=index.num_classes, desc="observer check",
                                      disable=not cfg.show_progress):
@@ -320,7 +321,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     def run_classes() -> None:
         plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
-                             workers=cfg.workers)
+                             workers=cfg.workers, device=str(device))
         for label, crops, ok in progress(iter_classes(loader, plan), total=len(np.unique(plan.labels)),
                                          desc="distill classes", disable=not cfg.show_progress):
             reasons = {f["row"]: f["reason"] for f in loader.failures}

@@ -11,7 +11,7 @@ from rded_fast.index import DatasetIndex, load_or_build_index
 from rded_fast.loaders.base import CropBatch, CropLoader
 from rded_fast.plan import CropPlan
 
-LOADER_NAMES = ("torch",)
+LOADER_NAMES = ("torch", "dali")
 
 
 def _check_name(name: str) -> None:
@@ -28,6 +28,11 @@ def open_index(
 ) -> DatasetIndex:
     """The index of `data` as loader `name` reads it (class order, relative paths, original sizes)."""
     _check_name(name)
+    if name == "dali":
+        from rded_fast.loaders.shards import is_shard_dir, open_shard_index
+
+        if is_shard_dir(data):  # converted shards carry the source tree's index (original paths and sizes)
+            return open_shard_index(data, class_map)
     return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
 
 
@@ -38,9 +43,17 @@ def make_loader(
     crop_size: int,
     batch_size: int = 64,
     workers: int = 4,
+    device: str = "cpu",
 ) -> CropLoader:
-    """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8."""
+    """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8.
+
+    `device` is where scoring runs: a loader that can decode there (DALI: "mixed" on CUDA) does so."""
     _check_name(name)
+    if name == "dali":
+        from rded_fast.loaders.dali_loader import DaliCropLoader
+
+        decode = "mixed" if str(device).startswith("cuda") else "cpu"
+        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode)
     from rded_fast.loaders.torch_loader import TorchCropLoader
 
     return TorchCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers)

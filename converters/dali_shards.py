@@ -1,0 +1,272 @@
+"""ImageFolder -> webdataset tar shards with DALI index files (`rded-fast convert --format dali`).
+
+Per indexed image one sample `<key>.jpg` (the original bytes when the file is a plain RGB or gray
+JPEG, baseline or progressive; an RGB re-encoding when it is not, e.g. CMYK, PNG named .JPEG, other
+formats; see `converters/sanitize.py`), `<key>.cls` (the class index as ASCII digits) and `<key>.json`
+(original relative path, size, class). Images that do not decode fully (truncated, corrupt) are left
+out and listed. Each shard gets the index file `fn.readers.webdataset(index_paths=...)` takes, in the
+format DALI's own `wds2idx` tool writes (`v1.2 <samples>`, then per sample `<ext> <data offset> <size>
+<member name>` for each component; DALI rejects v1.2 lines without the member names).
+
+Shards are planned up front from the source file sizes (so a rerun assigns the same images to the same
+shard), each is written under a temporary name and renamed when complete, and a rerun keeps every
+shard whose record still matches the source. Tar headers carry no time, owner or permissions from the
+source, so the same input gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from converters.sanitize import BadImage, jpeg_bytes
+from rded_fast.errors import UserError
+from rded_fast.fileio import atomic_write, atomic_write_text
+from rded_fast.index import DatasetIndex, build_index, read_class_map
+from rded_fast.loaders.shards import (
+    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, META_EXT, sample_key, shard_stem,
+)
+from rded_fast.progress import progress
+
+TAR_BLOCK = 512
+INDEX_VERSION = "v1.2"
+WINDOW = 256  # images sanitised ahead of the tar writer, bounding memory
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in `text`: `1GB` (10^9), `256MB`, `512MiB` (2^20 units), or a plain integer."""
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise UserError(f"--shard-size {text}: not a size; write e.g. 1GB, 256MB or 512MiB")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    size = int(value * _UNITS[unit])
+    if size < 1:
+        raise UserError(f"--shard-size {text}: must be at least 1 byte")
+    return size
+
+
+def _tar_bytes(payload: int) -> int:
+    """Bytes a member of `payload` bytes takes in a tar: one header block plus padded data blocks."""
+    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+
+
+def plan_shards(index: DatasetIndex, limit: int) -> list[list[int]]:
+    """Index ids per shard, in index order, each shard's estimated size at most `limit` bytes (but at
+    least one image). The estimate uses the source file sizes, so it is known before any decoding."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for image_id, rel in enumerate(index.paths):
+        need = _tar_bytes(os.path.getsize(os.path.join(index.root, rel))) + 2 * 2 * TAR_BLOCK  # + .cls, .json
+        if groups[-1] and used + need > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(image_id)
+        used += need
+    return [g for g in groups if g]
+
+
+def _sanitize(path: str) -> tuple[bytes, bool] | str:
+    try:
+        return jpeg_bytes(path)
+    except BadImage as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read ({exc.strerror})"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
+    """Append one regular file with fixed metadata; returns the byte offset of its data in the tar."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(tar.format, tar.encoding, tar.errors)
+    data_offset = tar.offset + len(header)
+    tar.addfile(info, io.BytesIO(payload))
+    return data_offset
+
+
+def _expected_record(number: int, ids: list[int], index: DatasetIndex) -> dict:
+    return {"shard": number, "ids": ids, "paths": [index.paths[i] for i in ids],
+            "labels": [int(index.labels[i]) for i in ids]}
+
+
+def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> dict | None:
+    """The shard's record when its files are complete and it holds exactly `ids` as indexed now."""
+    stem = shard_stem(number)
+    try:
+        meta = json.loads((out / f"{stem}.meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    expected = _expected_record(number, ids, index)
+    if any(meta.get(k) != v for k, v in expected.items()):
+        return None
+    if meta["tar"] is not None:
+        tar, idx = out / meta["tar"], out / meta["idx"]
+        if not (tar.is_file() and idx.is_file() and tar.stat().st_size == meta["tar_bytes"]):
+            return None
+    return meta
+
+
+def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, workers: int = 4, bar=None) -> dict:
+    """Write shard `number` holding index entries `ids`: tar, DALI index, then its record (last, as
+    the mark of completion). Returns the record."""
+    stem = shard_stem(number)
+    samples, skipped, index_lines = [], [], []
+
+    def write_tar(tmp: str) -> None:
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
+                ThreadPoolExecutor(max(1, workers)) as pool:
+            for start in range(0, len(ids), WINDOW):
+                window = ids[start : start + WINDOW]
+                paths = [os.path.join(index.root, index.paths[i]) for i in window]
+                for image_id, result in zip(window, pool.map(_sanitize, paths)):
+                    if bar is not None:
+                        bar.update(1)
+                    rel = index.paths[image_id]
+                    if isinstance(result, str):
+                        skipped.append({"id": image_id, "path": rel, "reason": result})
+                        continue
+                    data, reencoded = result
+                    label = int(index.labels[image_id])
+                    width, height = (int(v) for v in index.sizes[image_id])
+                    info = {"path": rel, "width": width, "height": height, "label": label,
+                            "class": index.classes[label], "reencoded": reencoded}
+                    key = sample_key(image_id)
+                    parts, offsets = [], {}
+                    for ext, payload in ((IMAGE_EXT, data), (LABEL_EXT, str(label).encode()),
+                                         (META_EXT, json.dumps(info, sort_keys=True).encode())):
+                        name = f"{key}.{ext}"
+                        offsets[ext] = _add_member(tar, name, payload)
+                        parts.append(f"{ext} {offsets[ext]} {len(payload)} {name}")
+                    index_lines.append(" ".join(parts))
+                    samples.append({"id": image_id, "offset": offsets[IMAGE_EXT], "nbytes": len(data),
+                                    "reencoded": reencoded})
+
+    tar_name = f"{stem}.tar"
+    atomic_write(out / tar_name, write_tar)
+    record = {**_expected_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx",
+              "tar_bytes": (out / tar_name).stat().st_size, "samples": samples, "skipped": skipped}
+    if samples:
+        atomic_write_text(out / record["idx"], f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(index_lines) + "\n")
+    else:  # DALI cannot read an empty archive: a shard whose every image was left out has no files
+        os.unlink(out / tar_name)
+        record.update(tar=None, idx=None, tar_bytes=0)
+    atomic_write_text(out / f"{stem}.meta.json", json.dumps(record))
+    return record
+
+
+def _remove_stale(out: Path, num_shards: int) -> None:
+    """Delete shards numbered beyond this conversion's (an earlier run with smaller shards) and the
+    temporary files of interrupted writes; only names this converter makes are touched."""
+    for path in out.iterdir():
+        m = re.fullmatch(r"shard-(\d{5})\.(tar|idx|meta\.json)", path.name)
+        if (m and int(m.group(1)) >= num_shards) or re.fullmatch(r"\.shard-\d{5}\.(tar|idx|meta\.json)\..*\.tmp", path.name):
+            path.unlink()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the shards")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / DATASET_FILE).exists() or any(out.glob("shard-*"))
+        if not ours:
+            raise UserError(f"--out {out}: holds files that are not DALI shards; give an empty or new folder")
+
+
+def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict:
+    """The dataset JSON: the source index, per-image shard/offset/length, shards, counts and skips."""
+    n = len(index)
+    shard, offset, nbytes = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    reencoded = np.zeros(n, bool)
+    missing, convert_skipped = {}, []
+    for rec in records:
+        for s in rec["samples"]:
+            shard[s["id"]], offset[s["id"]], nbytes[s["id"]], reencoded[s["id"]] = rec["shard"], s["offset"], s["nbytes"], s["reencoded"]
+        for s in rec["skipped"]:
+            missing[str(s["id"])] = s["reason"]
+            convert_skipped.append({"path": s["path"], "reason": s["reason"]})
+    written = shard >= 0
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source_root": index.root,
+        "classes": index.classes,
+        "class_counts": np.bincount(index.labels[written], minlength=index.num_classes).tolist(),
+        "num_samples": int(written.sum()),
+        "num_reencoded": int(reencoded.sum()),
+        "shard_size": limit,
+        "shards": [{"tar": r["tar"], "idx": r["idx"], "samples": len(r["samples"]), "bytes": r["tar_bytes"]} for r in records],
+        "index": index.to_json(),
+        "samples": {"shard": shard.tolist(), "offset": offset.tolist(), "nbytes": nbytes.tolist(), "reencoded": reencoded.tolist()},
+        "missing": missing,
+        "skipped": index.skipped + convert_skipped,
+    }
+
+
+def convert_dali(
+    data: str,
+    out: str,
+    *,
+    class_map: str | list[str] | None = None,
+    workers: int = 4,
+    show_progress: bool = True,
+    shard_size: str | int = "1GB",
+) -> dict:
+    """Write the ImageFolder `data` as webdataset shards + DALI index files + `dataset.json` in `out`.
+
+    `class_map` is a class-map file (or the list of folder names) giving the class order; complete
+    shards from an earlier run with the same input are kept. Returns a summary for printing.
+    """
+    t0 = time.perf_counter()
+    limit = parse_size(shard_size)
+    out_dir = Path(out)
+    _check_out(out_dir)
+    names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
+    index = build_index(data, class_map=names, workers=workers, show_progress=show_progress)
+    if len(index) == 0:
+        raise UserError(f"--data {data}: no readable images found; expected {data}/<class>/<image files>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    groups = plan_shards(index, limit)
+    records, reused = [], 0
+    bar = progress(None, total=len(index), desc="dali shards", disable=not show_progress)
+    try:
+        for number, ids in enumerate(groups):
+            record = _reusable(out_dir, number, ids, index)
+            if record is None:
+                record = write_shard(out_dir, number, ids, index, workers, bar)
+            else:
+                reused += 1
+                bar.update(len(ids))
+            records.append(record)
+    finally:
+        bar.close()
+    dataset = dataset_record(index, records, limit)
+    atomic_write_text(out_dir / DATASET_FILE, json.dumps(dataset))
+    _remove_stale(out_dir, len(records))
+    skipped = dataset["skipped"]
+    return {
+        "format": "dali",
+        "out": str(out_dir.resolve()),
+        "images": len(index),
+        "written": dataset["num_samples"],
+        "reencoded": dataset["num_reencoded"],
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:5],
+        "shards": len(records),
+        "reused_shards": reused,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,288 @@
+"""The DALI loader: decode each planned image once with DALI and cut its planned boxes.
+
+Sources: a shard folder from `rded-fast convert --format dali` (the planned samples' JPEG bytes are read
+from the tars at the offsets in `dataset.json` and fed in through an external source, since DALI's
+webdataset reader can only stream every sample in stored order, and a plan wants a subset, in plan
+order), or a plain ImageFolder (DALI's file reader over the planned files, in plan order). Either
+way the planned boxes come in through an external source beside the bytes, so DALI cuts exactly the
+plan's boxes: per image one decode (`device="mixed"`: nvJPEG and the hardware JPEG decoder on CUDA,
+`hw_decoder_load` settable; `device="cpu"`: libjpeg-turbo), then per crop an integer slice of the box
+and a bilinear antialiased resize to p x p, which is torchvision's `resized_crop` up to DALI's
+antialias filter (the two differ by a few grey levels on large downscales; tests/test_dali.py
+measures it). Crops reach torch through DALIGenericIterator on the decoding device, uint8.
+
+DALI stops a whole pipeline on one undecodable file; this loader then finds the culprit in the
+failing batch (PIL, then one-image DALI runs), reports it as a failed row, and restarts after it.
+All DALI types stay inside this module.
+"""
+from __future__ import annotations
+
+import io
+import math
+import mmap
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
+
+from rded_fast.index import DatasetIndex
+from rded_fast.loaders.base import CropBatch
+from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
+from rded_fast.plan import CropPlan
+
+DECODE_DEVICES = ("auto", "cpu", "mixed")
+
+
+def shard_rows(num_rows: int, shard_id: int, num_shards: int) -> np.ndarray:
+    """Plan rows of shard `shard_id` of `num_shards`: a contiguous block, DALI readers' split rule."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
+    return np.arange(num_rows * shard_id // num_shards, num_rows * (shard_id + 1) // num_shards, dtype=np.int64)
+
+
+@pipeline_def(seed=0)
+def crop_pipeline(feed: Callable, files: list[str] | None, num_crop: int, crop_size: int, decode_device: str,
+                  hw_decoder_load: float | None):
+    """One decode per image, then `num_crop` slice+resize crops: outputs crops [K, 3, p, p] uint8, the
+    decoded shape [3] (H, W, C), the position in the segment fed by `feed`, and the position the file
+    reader reports (equal to the former; the loader checks that both streams stay in step)."""
+    if files is None:
+        encoded, anchors, extents, position = fn.external_source(source=feed, num_outputs=4, batch=True, batch_info=True)
+        reader_position = position
+    else:
+        encoded, reader_position = fn.readers.file(files=files, random_shuffle=False, pad_last_batch=True, name="files")
+        anchors, extents, position = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
+    options = {}
+    if decode_device == "mixed":
+        options["jpeg_fancy_upsampling"] = True  # the CPU decoders' (and PIL's) chroma upsampling
+        if hw_decoder_load is not None:
+            options["hw_decoder_load"] = hw_decoder_load
+    image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False, **options)
+    crops = []
+    for k in range(num_crop):
+        patch = fn.slice(image, anchors[k], extents[k], axis_names="HW", out_of_bounds_policy="pad")
+        crops.append(fn.resize(patch, size=[crop_size, crop_size], antialias=True, interp_type=types.INTERP_LINEAR))
+    stacked = fn.transpose(fn.stack(*crops), perm=[0, 3, 1, 2])
+    return stacked, image.shape(), position, reader_position
+
+
+class _ShardBytes:
+    """JPEG bytes of index entries, sliced from memory-mapped tars at the offsets of dataset.json."""
+
+    def __init__(self, shards: ShardDataset):
+        self.shards = shards
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def get(self, image_id: int) -> np.ndarray:
+        number = int(self.shards.shard[image_id])
+        if number not in self._maps:
+            with open(self.shards.tars[number], "rb") as f:
+                self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._maps[number], np.uint8, count=int(self.shards.nbytes[image_id]),
+                             offset=int(self.shards.offset[image_id]))
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+
+def _pil_reason(data: bytes | str) -> str | None:
+    """Why PIL cannot fully decode a file or byte string, or None when it can."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.load()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class DaliCropLoader:
+    """Executes `plan` over `index` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
+
+    `index.root` is a shard folder (see rded_fast/loaders/shards.py) or an ImageFolder root. `device`:
+    `mixed` (GPU decode, crops on the current CUDA device), `cpu`, or `auto` (mixed when CUDA is
+    available). `workers` is DALI's CPU thread count. `shard_id`/`num_shards` restrict the loader to
+    one contiguous block of plan rows (for one process per GPU).
+    """
+
+    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
+                 device: str = "auto", hw_decoder_load: float | None = None, shard_id: int = 0, num_shards: int = 1):
+        if device not in DECODE_DEVICES:
+            raise ValueError(f"device {device!r}: choose one of {DECODE_DEVICES}")
+        if device == "auto":
+            device = "mixed" if torch.cuda.is_available() else "cpu"
+        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
+        self.batch_size, self.workers = int(batch_size), max(1, int(workers))
+        self.decode_device, self.hw_decoder_load = device, hw_decoder_load
+        self.rows = shard_rows(len(plan), shard_id, num_shards)
+        self.failures: list[dict] = []
+        self.shards = load_shard_dataset(index.root) if is_shard_dir(index.root) else None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def _missing(self) -> dict[int, str]:
+        """Rows that cannot be read at all (left out at convert time), with the reason."""
+        if self.shards is None:
+            return {}
+        ids = self.plan.image_ids[self.rows]
+        gone = self.rows[self.shards.shard[ids] < 0]
+        return {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
+                for r in gone}
+
+    def _groups(self, remaining: list[int]) -> list[list[int]]:
+        """DALI batches over `remaining` rows. Bytes fed from shards: one batch per plan chunk, so
+        batches line up with the chunks the loader yields (no regrouping copy). The file reader always
+        fills `batch_size`: consecutive blocks."""
+        b = self.batch_size
+        if self.shards is None:
+            return [remaining[i : i + b] for i in range(0, len(remaining), b)]
+        first, groups = int(self.rows[0]), {}
+        for r in remaining:
+            groups.setdefault((r - first) // b, []).append(r)
+        return list(groups.values())
+
+    def _segment(self, groups: list[list[int]], reader: _ShardBytes | None) -> Iterator[tuple]:
+        """Run one DALI pipeline, one batch per group; yields (rows, crops [n, K, 3, p, p], shapes [n, 3])."""
+        plan = self.plan
+        batch_size = max(len(g) for g in groups)
+        boxes = plan.boxes.astype(np.int32)  # [M, K, 4] (top, left, height, width)
+        files = None
+        if reader is None:
+            files = [os.path.join(self.index.root, self.index.paths[int(plan.image_ids[r])]) for g in groups for r in g]
+        starts = np.cumsum([0] + [len(g) for g in groups])
+
+        def feed(info):
+            i = info.iteration
+            if i >= len(groups):
+                raise StopIteration
+            rows = list(groups[i])
+            positions = list(range(int(starts[i]), int(starts[i + 1])))
+            if files is not None:  # the file reader repeats its last file to fill the last batch; so do we
+                rows += [rows[-1]] * (batch_size - len(rows))
+                positions += [positions[-1]] * (batch_size - len(positions))
+            anchors = [np.ascontiguousarray(boxes[r, :, 0:2]) for r in rows]
+            extents = [np.ascontiguousarray(boxes[r, :, 2:4]) for r in rows]
+            pos = [np.array([p], dtype=np.int32) for p in positions]
+            if reader is None:
+                return anchors, extents, pos
+            return [reader.get(int(plan.image_ids[r])) for r in rows], anchors, extents, pos
+
+        pipe = crop_pipeline(feed, files, plan.num_crop, self.crop_size, self.decode_device, self.hw_decoder_load,
+                             batch_size=batch_size, num_threads=self.workers,
+                             device_id=torch.cuda.current_device() if self.decode_device == "mixed" else None)
+        iterator = DALIGenericIterator([pipe], ["crops", "shape", "position", "reader_position"], size=-1)
+        try:
+            for i, out in enumerate(iterator):
+                out = out[0]
+                n = len(groups[i])
+                if not torch.equal(out["position"][:n].view(-1), out["reader_position"][:n].view(-1).to(torch.int32)):
+                    raise _OutOfStep("DALI file reader and box feed out of step")  # never expected; fail loudly
+                yield groups[i], out["crops"][:n], out["shape"][:n].cpu()
+        finally:
+            del iterator, pipe
+
+    def _probe(self, row: int, reader: _ShardBytes | None) -> str | None:
+        """Why one row fails: PIL's reason, else the error of a one-image DALI run, else None."""
+        image_id = int(self.plan.image_ids[row])
+        data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
+        reason = _pil_reason(data)
+        if reason is not None:
+            return reason
+        try:
+            for _ in self._segment([[row]], reader):
+                pass
+        except _OutOfStep:
+            raise
+        except Exception as exc:
+            return "DALI: " + str(exc).strip().splitlines()[0]
+        return None
+
+    def _stream(self, good: list[int]) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+        """DALI results over `good` rows, in pieces (rows, crops or None, {row: failure reason})."""
+        reader = _ShardBytes(self.shards) if self.shards is not None else None
+        sizes = self.index.sizes
+        remaining = good
+        try:
+            while remaining:
+                groups = self._groups(remaining)
+                done = 0
+                try:
+                    for rows, crops, shapes in self._segment(groups, reader):
+                        reasons = {}
+                        for i, row in enumerate(rows):
+                            w, h = (int(v) for v in sizes[int(self.plan.image_ids[row])])
+                            if (int(shapes[i, 0]), int(shapes[i, 1])) != (h, w):
+                                reasons[row] = f"decoded size {int(shapes[i, 1])}x{int(shapes[i, 0])} differs from indexed {w}x{h}"
+                        done += 1
+                        yield rows, crops, reasons
+                    remaining = []
+                except _OutOfStep:
+                    raise
+                except Exception as exc:  # one undecodable image stops a DALI pipeline: find it, go on
+                    failed = groups[done]
+                    bad = {r: reason for r in failed if (reason := self._probe(r, reader))}
+                    if not bad:  # nothing fails alone: give up on this batch rather than loop
+                        bad = {r: "DALI: " + str(exc).strip().splitlines()[0] for r in failed}
+                    yield sorted(bad), None, bad
+                    finished = {r for g in groups[:done] for r in g} | set(bad)
+                    remaining = [r for r in remaining if r not in finished]
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def __iter__(self) -> Iterator[CropBatch]:
+        missing = self._missing()
+        stream = self._stream([int(r) for r in self.rows if int(r) not in missing])
+        pending: dict[int, torch.Tensor | str] = {}  # DALI results not yet handed out
+        try:
+            for start in range(0, len(self.rows), self.batch_size):
+                chunk = self.rows[start : start + self.batch_size].tolist()
+                if not pending and not any(r in missing for r in chunk):
+                    rows, crops, reasons = next(stream)
+                    if rows == chunk and crops is not None and not reasons:  # the usual case: DALI's batch as it is
+                        yield CropBatch(rows=torch.tensor(chunk, dtype=torch.int64), crops=crops,
+                                        ok=torch.ones(len(chunk), dtype=torch.bool))
+                        continue
+                    _buffer(pending, rows, crops, reasons)
+                while any(r not in pending and r not in missing for r in chunk):
+                    _buffer(pending, *next(stream))
+                items = [missing[r] if r in missing else pending.pop(r) for r in chunk]
+                for row, item in zip(chunk, items):
+                    if isinstance(item, str):
+                        self.failures.append({"row": row, "path": self.index.paths[int(self.plan.image_ids[row])], "reason": item})
+                yield CropBatch(rows=torch.tensor(chunk, dtype=torch.int64), crops=self._assemble(items),
+                                ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool))
+        finally:
+            stream.close()
+
+    def _assemble(self, items: list) -> torch.Tensor:
+        """[n, K, 3, p, p] uint8 from per-row crops, zeros for failed rows. On the CPU through numpy:
+        a torch copy here would compete with DALI's threads for the cores (measured 100x slower)."""
+        k, p = self.plan.num_crop, self.crop_size
+        device = next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        if device.type == "cpu":
+            out = np.zeros((len(items), k, 3, p, p), dtype=np.uint8)
+            for i, x in enumerate(items):
+                if isinstance(x, torch.Tensor):
+                    out[i] = x.numpy()
+            return torch.from_numpy(out)
+        crops = torch.zeros((len(items), k, 3, p, p), dtype=torch.uint8, device=device)
+        for i, x in enumerate(items):
+            if isinstance(x, torch.Tensor):
+                crops[i] = x
+        return crops
+
+
+class _OutOfStep(RuntimeError):
+    """The file reader's and the box feed's sample positions differ: a bug, never an image problem."""
+
+
+def _buffer(pending: dict, rows: list[int], crops: torch.Tensor | None, reasons: dict[int, str]) -> None:
+    for i, row in enumerate(rows):
+        pending[row] = reasons[row] if row in reasons else crops[i]

@@ -1,0 +1,102 @@
+"""The layout of a DALI shard folder (written by `converters/dali_shards.py`), read without DALI.
+
+A shard folder holds webdataset tar shards (`shard-00000.tar`, ...), one DALI index file per shard
+(`shard-00000.idx`), a per-shard record of what it holds (`shard-00000.meta.json`) and one
+`dataset.json`. The dataset JSON carries the ImageFolder index of the source tree as it was converted
+(class order, original relative paths and original sizes), so a plan made from it is the plan the torch
+loader makes from the source tree, plus, per indexed image, where its bytes are (shard, data offset,
+length) or, for an image left out at convert time, why. This module is the one place that knows those
+names; the converter writes them and the DALI loader reads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rded_fast.errors import UserError
+from rded_fast.index import DatasetIndex
+
+DATASET_FILE = "dataset.json"
+FORMAT_NAME = "rded-fast/webdataset-shards"
+FORMAT_VERSION = 1
+IMAGE_EXT = "jpg"  # the webdataset component names of one sample
+LABEL_EXT = "cls"
+META_EXT = "json"
+
+
+def shard_stem(number: int) -> str:
+    """`shard-00012` for shard 12; tar, index and meta files add `.tar`, `.idx`, `.meta.json`."""
+    return f"shard-{number:05d}"
+
+
+def sample_key(image_id: int) -> str:
+    """The webdataset key of index entry `image_id`: digits only, so no dot can split it."""
+    return f"{image_id:09d}"
+
+
+def is_shard_dir(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder written by `rded-fast convert --format dali`."""
+    return (Path(path) / DATASET_FILE).is_file()
+
+
+@dataclass
+class ShardDataset:
+    """A converted shard folder: its index and where each indexed image's JPEG bytes are.
+
+    `index.root` is the shard folder; `index.paths` and `index.sizes` are the source tree's. For index
+    entry i: `shard[i]` (-1 when it was left out at convert time, see `missing[i]`), `offset[i]` (byte
+    offset of the JPEG data in that tar) and `nbytes[i]`. `tars` are absolute paths, by shard number.
+    """
+
+    index: DatasetIndex
+    tars: list[str]
+    shard: np.ndarray  # [N] int64
+    offset: np.ndarray  # [N] int64
+    nbytes: np.ndarray  # [N] int64
+    missing: dict[int, str]
+    source_root: str
+
+
+def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
+    """Read `folder/dataset.json`; UserError naming the file and the fix when it is absent or foreign."""
+    folder = Path(folder).resolve()
+    path = folder / DATASET_FILE
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror}); make the folder with "
+                        "`rded-fast convert --format dali --data DIR --out FOLDER`") from exc
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); convert the data again") from exc
+    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected "
+                        f"{FORMAT_NAME!r} version {FORMAT_VERSION}; convert the data again with this rded-fast")
+    index = DatasetIndex.from_json({**data["index"], "root": str(folder)})
+    samples = data["samples"]
+    missing = {int(k): v for k, v in data.get("missing", {}).items()}
+    tars = [str(folder / s["tar"]) if s["tar"] else "" for s in data["shards"]]
+    for number, tar in enumerate(tars):
+        if tar and not os.path.isfile(tar):
+            raise UserError(f"{tar}: listed in {path} but absent; rerun the convert command to rewrite it")
+    return ShardDataset(
+        index=index,
+        tars=tars,
+        shard=np.asarray(samples["shard"], dtype=np.int64),
+        offset=np.asarray(samples["offset"], dtype=np.int64),
+        nbytes=np.asarray(samples["nbytes"], dtype=np.int64),
+        missing=missing,
+        source_root=data["source_root"],
+    )
+
+
+def open_shard_index(folder: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
+    """The index stored in a shard folder; a `class_map` must equal the class order it was converted with."""
+    index = load_shard_dataset(folder).index
+    if class_map is not None and list(class_map) != index.classes:
+        raise UserError(f"--class-map differs from the class order {folder} was converted with; convert the "
+                        "source again with the same --class-map, or leave --class-map out")
+    return index
