@@ -79,9 +79,12 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
     samples = data["samples"]
     missing = {int(k): v for k, v in data.get("missing", {}).items()}
     tars = [str(folder / s["tar"]) if s["tar"] else "" for s in data["shards"]]
-    for number, tar in enumerate(tars):
+    for tar, shard in zip(tars, data["shards"]):
         if tar and not os.path.isfile(tar):
             raise UserError(f"{tar}: listed in {path} but absent; rerun the convert command to rewrite it")
+        if tar and os.path.getsize(tar) != shard["bytes"]:
+            raise UserError(f"{tar}: {os.path.getsize(tar)} bytes but {path} records {shard['bytes']} (truncated or "
+                            "changed); rerun the convert command to rewrite it")
     return ShardDataset(
         index=index,
         tars=tars,
