@@ -50,3 +50,33 @@ def fashion_observer(tmp_path_factory) -> Path:
     train_observer(ObserverConfig(data=str(train), out=str(ckpt), arch="conv3", input_size=32, epochs=2,
                                   device="cpu", show_progress=False))
     return ckpt
+
+
+def kill_when(cmd: list[str], ready, cwd: Path, timeout: float = 240) -> int:
+    """Start `cmd`, SIGKILL it as soon as `ready()` is true, return its exit code (-9 when killed)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    return proc.wait()
+
+
+def crash_after(real, calls: int):
+    """Wrap `real` so that its `calls`-th call completes and then raises KeyboardInterrupt (a simulated kill)."""
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        real(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+
+    return wrapped

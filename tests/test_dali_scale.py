@@ -1,9 +1,6 @@
 """DALI shards and loader under issue 7's rules: truncation, kill -9 during convert, determinism."""
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ from converters import convert
 from rded_fast.errors import UserError
 from rded_fast.loaders import open_index
 from rded_fast.models import build
-from tests.conftest import write_synthetic_jpegs
+from tests.conftest import kill_when, write_synthetic_jpegs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,15 +40,8 @@ def test_kill_9_during_convert_then_rerun_gives_identical_shards(tmp_path):
         out = tmp_path / f"killed{after}"
         cmd = [sys.executable, "-m", "cli", "convert", "--format", "dali", "--data", str(data), "--out", str(out),
                "--shard-size", "30KB", "--quiet", "--workers", "1"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if out.is_dir() and len(list(out.glob("*.meta.json"))) >= after:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, "convert finished before it could be killed"
+        code = kill_when(cmd, lambda: out.is_dir() and len(list(out.glob("*.meta.json"))) >= after, ROOT)
+        assert code == -signal.SIGKILL, "convert finished before it could be killed"
         assert not (out / "dataset.json").exists()
         summary = convert("dali", str(data), str(out), shard_size="30KB", show_progress=False)
         assert summary["reused_shards"] >= after

@@ -13,7 +13,7 @@ from rded_fast.decode import decode_rgb_array
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.index import build_index
 from rded_fast.models import build
-from tests.conftest import write_synthetic_jpegs
+from tests.conftest import crash_after, write_synthetic_jpegs
 
 
 def _bomb_header(path: Path) -> None:
@@ -98,15 +98,7 @@ def test_observer_training_resumes_to_identical_weights(fashion_tree, tmp_path, 
                show_progress=False)
     train_observer(ObserverConfig(out=str(tmp_path / "full.pth"), **cfg))
     real = checkpoint.save_state
-    saved = {"n": 0}
-
-    def crash_after_first(path, state):
-        real(path, state)
-        saved["n"] += 1
-        if saved["n"] == 1:
-            raise KeyboardInterrupt  # killed right after epoch 0 was checkpointed
-
-    monkeypatch.setattr(checkpoint, "save_state", crash_after_first)
+    monkeypatch.setattr(checkpoint, "save_state", crash_after(real, 1))  # killed right after epoch 0's checkpoint
     with pytest.raises(KeyboardInterrupt):
         train_observer(ObserverConfig(out=str(tmp_path / "part.pth"), **cfg))
     assert not (tmp_path / "part.pth").exists()
@@ -127,15 +119,7 @@ def test_student_training_resumes_to_identical_result(fashion_tree, fashion_obse
                 student="conv3", epochs=4, device="cpu", show_progress=False)
     full = evaluate(StudentConfig(**base))
     real = checkpoint.save_state
-    saved = {"n": 0}
-
-    def crash_after_second(path, state):
-        real(path, state)
-        saved["n"] += 1
-        if saved["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_state", crash_after_second)
+    monkeypatch.setattr(checkpoint, "save_state", crash_after(real, 2))
     with pytest.raises(KeyboardInterrupt):
         evaluate(StudentConfig(**base, checkpoint=str(tmp_path / "s.state")))
     monkeypatch.setattr(checkpoint, "save_state", real)

@@ -1,19 +1,16 @@
 """Scale out and survive: torchrun ranks, kill -9 and resume, write errors, determinism."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from rded_fast.distill import DistillConfig, distill
 from rded_fast.distributed import assign_classes
 from rded_fast.models import build
-from tests.conftest import write_synthetic_jpegs
+from tests.conftest import kill_when, write_synthetic_jpegs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,17 +80,10 @@ def test_two_gloo_ranks_equal_one_process(many_classes, reference_run, tmp_path)
 def test_kill_9_then_resume_gives_identical_output(many_classes, reference_run, tmp_path, after_classes):
     data, ckpt = many_classes
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "cli", *distill_args(data, ckpt, out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = out / ".rded-journal"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if journal.is_dir() and len(list(journal.glob("class_*.json"))) >= after_classes:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code = kill_when([sys.executable, "-m", "cli", *distill_args(data, ckpt, out)],
+                     lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= after_classes, ROOT)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.json").exists()
     from cli import main
 
