@@ -1,6 +1,7 @@
-"""Progress bars for long work (tqdm on stderr), silenced in non-interactive use when asked."""
+"""Progress bars for long work (tqdm on stderr), shown only on a terminal so logs stay readable."""
 from __future__ import annotations
 
+import sys
 from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
@@ -9,4 +10,5 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:
-    return tqdm(items, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True, initial=initial)
+    quiet = disable or not sys.stderr.isatty()
+    return tqdm(items, total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True, initial=initial)
