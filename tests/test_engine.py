@@ -76,3 +76,21 @@ def test_native_score_mode(jpeg_tree, tmp_path):
     torch.save(build("conv3", 3, None, 32).model.state_dict(), conv)
     with pytest.raises(UserError, match="cannot take 16x16"):
         distill(DistillConfig(out=str(tmp_path / "c"), observer="conv3", weights=str(conv), **common))
+
+
+def test_no_per_batch_scalar_syncs(jpeg_tree, tmp_path):
+    """Host syncs (tensor -> Python scalar) happen per class, never per loader batch: the profiler's count of
+    aten::_local_scalar_dense is the same with 2 or 12 images per batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ckpt = tmp_path / "c.pth"
+    torch.save(build("conv3", 3, None, 32).model.state_dict(), ckpt)
+    counts = []
+    for batch in (2, 12):
+        cfg = DistillConfig(data=str(jpeg_tree), out=str(tmp_path / f"b{batch}"), observer="conv3", weights=str(ckpt),
+                            ipc=1, factor=2, mipc=8, num_crop=2, input_size=32, batch_size=batch, workers=0,
+                            device="cpu", skip_observer_check=True, show_progress=False)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            distill(cfg)
+        counts.append(sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense"))
+    assert counts[0] == counts[1], counts
