@@ -211,8 +211,9 @@ def select_cells(cfg: DistillConfig, label: int, crops: torch.Tensor, ok: torch.
 
 
 def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
-                  ok: torch.Tensor, scorer, out: Path, reasons: dict[int, str]) -> dict:
-    """Select, stitch and write one class; returns its journal record. `reasons`: plan row -> decode error."""
+                  ok: torch.Tensor, scorer, out: Path, reasons: dict[int, str], source_extra=None) -> dict:
+    """Select, stitch and write one class; returns its journal record. `reasons`: plan row -> decode error;
+    `source_extra(image_id) -> dict`: the loader's extra per-source facts for each cell (e.g. ffcv's stored size)."""
     name = index.classes[label]
     rows = plan.class_rows(label)
     failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
@@ -238,6 +239,7 @@ def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
                 "cell": c, "cell_box": list(box_out), "rank": rank, "source": index.paths[image_id],
                 "source_size": index.sizes[image_id].tolist(), "box": plan.boxes[row, crop].tolist(), "crop": crop,
                 "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
+                **(source_extra(image_id) if source_extra else {}),
             })
         images_meta.append({"file": rel, "class": name, "label": label, "cells": cells_meta})
     return {**record, "images": images_meta, "fallback": sel.fallback}
@@ -325,7 +327,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
         for label, crops, ok in progress(iter_classes(loader, plan), total=len(np.unique(plan.labels)),
                                          desc="distill classes", disable=not cfg.show_progress):
             reasons = {f["row"]: f["reason"] for f in loader.failures}
-            journal.write_class(out, label, distill_class(cfg, index, plan, label, crops, ok, scorer, out, reasons))
+            journal.write_class(out, label, distill_class(cfg, index, plan, label, crops, ok, scorer, out, reasons,
+                                                           getattr(loader, "source_extra", None)))
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,

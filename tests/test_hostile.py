@@ -59,14 +59,17 @@ def test_links_are_not_followed_and_odd_names_work(hostile_tree, tmp_path):
     assert {"class_00/with space.jpg", "class_00/ünïcödé_图.jpg", "class_00/new\nline.jpg",
             "class_00/inside_link.jpg"} <= set(index.paths)
     ckpt = tmp_path / "c.pth"
+    torch.manual_seed(0)
     torch.save(build("conv3", 2, None, 32).model.state_dict(), ckpt)
+    # ipc 9 = every usable image of class_00 (5 + 1 link + 3 odd names), so all of them must be used
     r = distill(DistillConfig(data=str(hostile_tree), out=str(tmp_path / "o"), observer="conv3", weights=str(ckpt),
-                              ipc=8, factor=1, mipc=20, num_crop=1, input_size=32, workers=0, device="cpu",
+                              ipc=9, factor=1, mipc=20, num_crop=1, input_size=32, workers=0, device="cpu",
                               skip_observer_check=True, show_progress=False))
     manifest = json.loads(r.manifest.read_text())
     sources = {c["source"] for m in manifest["images"] for c in m["cells"]}
     assert "class_00/new\nline.jpg" in sources and "class_00/ünïcödé_图.jpg" in sources
-    assert not any("secret" in s for s in sources)
+    assert not any("secret" in s for s in sources) and len(sources) == 9
+    assert "class_01" in manifest["skipped_classes"]  # 5 images cannot fill 9 cells
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):

@@ -11,7 +11,7 @@ from rded_fast.index import DatasetIndex, load_or_build_index
 from rded_fast.loaders.base import CropBatch, CropLoader
 from rded_fast.plan import CropPlan
 
-LOADER_NAMES = ("torch", "dali")
+LOADER_NAMES = ("torch", "dali", "ffcv")
 
 
 def _check_name(name: str) -> None:
@@ -33,6 +33,10 @@ def open_index(
 
         if is_shard_dir(data):  # converted shards carry the source tree's index (original paths and sizes)
             return open_shard_index(data, class_map)
+    if name == "ffcv":  # a .beton's sidecar carries the source tree's index (original paths and sizes)
+        from rded_fast.loaders.beton import open_beton_index
+
+        return open_beton_index(data, class_map)
     return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
 
 
@@ -54,6 +58,10 @@ def make_loader(
 
         decode = "mixed" if str(device).startswith("cuda") else "cpu"
         return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode)
+    if name == "ffcv":
+        from rded_fast.loaders.ffcv_loader import FfcvCropLoader
+
+        return FfcvCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers)
     from rded_fast.loaders.torch_loader import TorchCropLoader
 
     return TorchCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers)

@@ -26,7 +26,10 @@ class CropBatch:
 
 
 class CropLoader(Protocol):
-    """Iterates over a plan's rows in order, in batches. `failures` fills as it goes: {row, path, reason}."""
+    """Iterates over a plan's rows in order, in batches. `failures` fills as it goes: {row, path, reason}.
+
+    Optional: `source_extra(image_id) -> dict`, extra facts about a source image that the manifest records
+    beside each cell (the ffcv loader gives the size its .beton stores the image at)."""
 
     failures: list[dict]
 

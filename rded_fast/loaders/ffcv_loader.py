@@ -1,0 +1,263 @@
+"""The FFCV loader: ffcv's Loader reads the planned samples of a .beton; our Operation cuts the plan's boxes.
+
+`ffcv.loader.Loader(indices=<planned samples in plan order>, order=SEQUENTIAL, os_cache=True)` hands each
+batch of sample numbers to `PlannedCrops`, an ffcv decoder Operation of ours. Per batch its compiled
+code (numba, built by ffcv's `Compiler` like any ffcv decoder) reads each sample's bytes through ffcv's
+memory manager and calls `cut_batch`, which in parallel over images decodes each image once (ffcv's
+turbojpeg `imdecode` for JPEG samples, the bytes as they are for raw ones) and cuts all K planned boxes,
+each resized to p x p by the torchvision-equivalent antialiased bilinear filter of `resample.py`,
+straight into the [K, 3, p, p] uint8 buffer it declared through ffcv's allocation protocol.
+
+The plan's boxes are in original pixels; ffcv may have stored a smaller image (`--max-resolution`), so
+each box is scaled by stored/original size per axis (fractional boxes are resampled exactly, not
+rounded). The box table and the sample->row table are handed to the compiled code by address, because
+numba freezes captured arrays into the machine code (slow to compile, and a new plan would mean a new
+compile of everything); `cut_batch` is compiled once per process, only a small per-loader wrapper per
+Loader. Samples left out at convert time, or that fail to decode, come back as failed rows.
+
+Sequential order is required (rows must come back in plan order); QUASI_RANDOM only pays off for
+random orders without an OS cache, and the process cache would load the whole file for a plan that
+reads a subset. ffcv resets torch's thread count; every ffcv call here restores it.
+"""
+from __future__ import annotations
+
+import math
+import queue
+from dataclasses import replace
+from typing import Iterator
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from rded_fast.errors import UserError
+from rded_fast.index import DatasetIndex
+from rded_fast.loaders.base import CropBatch
+from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
+from rded_fast.loaders.resample import cut_boxes
+from rded_fast.plan import CropPlan
+
+with keep_torch_threads():
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.pipeline_spec import PipelineSpec
+    from ffcv.pipeline.state import State
+
+JPG_MODE = int(IMAGE_MODES["jpg"])
+_imdecode = njit(nogil=True)(imdecode)
+
+
+@intrinsic
+def _pointer(typingctx, address):
+    """An integer address as a void pointer (for numba.carray over memory numba did not allocate)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+@njit(nogil=True, parallel=True)
+def cut_batch(addresses, nbytes, modes, heights, widths, boxes, out, ok) -> None:
+    """Decode image i (bytes at addresses[i], nbytes[i] long; mode JPEG or raw; heights[i] x widths[i])
+    once and cut its boxes[i] [K, 4] (top, left, height, width, stored pixels) into out[i] [K, 3, p, p];
+    ok[i] = 1 on success, 0 (and zero crops) when the bytes do not decode."""
+    for i in prange(len(addresses)):
+        h, w = heights[i], widths[i]
+        data = numba.carray(_pointer(addresses[i]), (nbytes[i],), np.uint8)
+        good = True
+        if modes[i] == JPG_MODE:
+            pixels = np.empty((h, w, 3), np.uint8)
+            good = _imdecode(data, pixels, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+        elif nbytes[i] >= h * w * 3:
+            pixels = data[: h * w * 3].reshape((h, w, 3))
+        else:
+            good = False
+            pixels = np.empty((1, 1, 3), np.uint8)
+        if good:
+            cut_boxes(pixels, boxes[i], out[i])
+            ok[i] = 1
+        else:
+            out[i] = 0
+            ok[i] = 0
+
+
+class PlannedCrops(Operation):
+    """ffcv decoder for an RGBImageField: sample s -> its planned crops [K, 3, p, p] uint8 and an ok flag.
+
+    Parameters
+    ----------
+    boxes : [M, K, 4] float64, (top, left, height, width) in stored pixels, one row per plan row.
+    rows : [num_samples] int64, the row of `boxes` for each .beton sample (-1: not planned).
+    crop_size : p.
+    """
+
+    def __init__(self, boxes: np.ndarray, rows: np.ndarray, crop_size: int):
+        super().__init__()
+        self.boxes = np.ascontiguousarray(boxes, dtype=np.float64)
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self.crop_size = int(crop_size)
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (self.boxes.shape[1], 3, self.crop_size, self.crop_size)
+        u8 = np.dtype("u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((1,), u8)))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        boxes_at, rows_at = self.boxes.ctypes.data, self.rows.ctypes.data  # kept alive by self
+        table_shape, num_samples = self.boxes.shape, len(self.rows)
+
+        def planned_crops(batch_indices, storage, metadata, storage_state):
+            crops, ok = storage
+            n = len(batch_indices)
+            table = numba.carray(_pointer(boxes_at), table_shape, np.float64)
+            row_of = numba.carray(_pointer(rows_at), (num_samples,), np.int64)
+            addresses = np.empty(n, np.int64)
+            nbytes = np.empty(n, np.int64)
+            modes = np.empty(n, np.int64)  # not uint8: ffcv's OS-cache reader marks numba's 1-d uint8 type read-only
+            heights = np.empty(n, np.int64)
+            widths = np.empty(n, np.int64)
+            boxes = np.empty((n, table_shape[1], 4), np.float64)
+            for i in range(n):
+                field = metadata[batch_indices[i]]
+                data = mem_read(field["data_ptr"], storage_state)
+                addresses[i] = data.ctypes.data
+                nbytes[i] = data.size
+                modes[i] = field["mode"]
+                heights[i] = field["height"]
+                widths[i] = field["width"]
+                boxes[i] = table[row_of[batch_indices[i]]]
+            cut_batch(addresses, nbytes, modes, heights, widths, boxes, crops[:n], ok[:n, 0])
+            return crops[:n], ok[:n, 0]
+
+        return planned_crops
+
+
+def stored_boxes(boxes: np.ndarray, original: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Plan boxes [M, K, 4] (top, left, height, width; original pixels) in stored pixels, float64.
+
+    `original`/`stored` are [M, 2] (width, height). Equal sizes give the boxes unchanged."""
+    sy = (stored[:, 1] / original[:, 1])[:, None]
+    sx = (stored[:, 0] / original[:, 0])[:, None]
+    top, left = boxes[..., 0] * sy, boxes[..., 1] * sx
+    bottom, right = (boxes[..., 0] + boxes[..., 2]) * sy, (boxes[..., 1] + boxes[..., 3]) * sx
+    return np.stack([top, left, bottom - top, right - left], axis=-1).astype(np.float64)
+
+
+def _next_result(epoch):
+    """The next result of an ffcv EpochIterator, or None at the end. ffcv's own `next` waits forever when
+    its thread dies (e.g. on an error); this polls its queue and raises instead."""
+    while True:
+        try:
+            item = epoch.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if not epoch.is_alive():
+                raise RuntimeError("ffcv's loader thread stopped without finishing; its error is printed above")
+            continue
+        return None if item is None else item[1]
+
+
+class FfcvCropLoader:
+    """Executes `plan` over the .beton at `index.root` with ffcv; yields CropBatch of `batch_size` plan rows
+    in plan order. `workers` is ffcv's (numba's) thread count, capped at the cores numba may use.
+
+    `boxes` [M, K, 4] float64 are the boxes actually cut, in stored pixels (the plan's boxes when the
+    .beton stores full resolution)."""
+
+    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
+                 batches_ahead: int = 3):
+        self.dataset = load_beton_dataset(index.root)
+        if index.paths != self.dataset.index.paths:
+            raise UserError(f"{index.root}: the index given is not the one stored beside this .beton; "
+                            "open it with open_index('ffcv', ...)")
+        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
+        self.batch_size = int(batch_size)
+        self.failures: list[dict] = []
+        ids = plan.image_ids
+        position = self.dataset.position[ids]
+        self.missing = {int(r): "left out at convert time: " + self.dataset.missing.get(int(ids[r]), "unknown reason")
+                        for r in np.flatnonzero(position < 0)}
+        original, stored = self.dataset.index.sizes[ids], self.dataset.stored_sizes[ids]
+        self.boxes = stored_boxes(plan.boxes, original, np.where(position[:, None] >= 0, stored, original))
+        self._samples = position[position >= 0].astype(np.uint64)
+        rows = np.full(self.dataset.num_samples, -1, np.int64)
+        rows[position[position >= 0]] = np.flatnonzero(position >= 0)
+        self._loader = None
+        if len(self._samples):
+            threads = max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS))
+            decoder = PlannedCrops(self.boxes, rows, self.crop_size)
+            with keep_torch_threads():
+                self._loader = Loader(self.dataset.beton, batch_size=self.batch_size, num_workers=threads,
+                                      os_cache=True, order=OrderOption.SEQUENTIAL, indices=self._samples,
+                                      pipelines={IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder),
+                                                 LABEL_FIELD: None},
+                                      drop_last=False, batches_ahead=batches_ahead)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.plan) / self.batch_size)
+
+    def source_extra(self, image_id: int) -> dict:
+        """Per-source facts for the manifest beside the original size: the size the .beton stores."""
+        return {"stored_size": self.dataset.stored_sizes[image_id].tolist()}
+
+    def _stream(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """ffcv's batches over the planned samples: (crops [n, K, 3, p, p] uint8, ok [n] uint8), views of
+        ffcv's buffers, valid until the next one is asked for."""
+        if self._loader is None:
+            return
+        with keep_torch_threads():
+            epoch = iter(self._loader)
+        threads = torch.get_num_threads()
+        try:
+            while (result := _next_result(epoch)) is not None:
+                if torch.get_num_threads() != threads:  # ffcv's thread resets it when it starts
+                    torch.set_num_threads(threads)
+                crops, ok = result[0]
+                yield crops, ok
+        finally:
+            epoch.close()
+
+    def __iter__(self) -> Iterator[CropBatch]:
+        k, p = self.plan.num_crop, self.crop_size
+        stream = self._stream()
+        crops, ok, used = None, None, 0
+        pin = torch.cuda.is_available()
+        try:
+            for start in range(0, len(self.plan), self.batch_size):
+                chunk = np.arange(start, min(start + self.batch_size, len(self.plan)))
+                out = torch.empty((len(chunk), k, 3, p, p), dtype=torch.uint8, pin_memory=pin)
+                out_np = out.numpy()
+                good = np.zeros(len(chunk), bool)
+                wanted = [i for i, r in enumerate(chunk.tolist()) if r not in self.missing]
+                taken = 0
+                while taken < len(wanted):
+                    if crops is None or used == len(crops):
+                        crops, ok = next(stream)
+                        used = 0
+                    n = min(len(wanted) - taken, len(crops) - used)
+                    dest = wanted[taken : taken + n]
+                    out_np[dest] = crops[used : used + n]
+                    good[dest] = ok[used : used + n] != 0
+                    used += n
+                    taken += n
+                for i, row in enumerate(chunk.tolist()):
+                    if not good[i]:
+                        out_np[i] = 0
+                        reason = self.missing.get(row, "ffcv could not decode its stored bytes (corrupt .beton?); "
+                                                       "convert the data again")
+                        self.failures.append({"row": row, "path": self.index.paths[int(self.plan.image_ids[row])],
+                                              "reason": reason})
+                yield CropBatch(rows=torch.from_numpy(chunk.astype(np.int64)), crops=out,
+                                ok=torch.from_numpy(good))
+        finally:
+            stream.close()
