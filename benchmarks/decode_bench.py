@@ -9,9 +9,9 @@ cache), reported apart as `first_pass_s`. `crop_differences` compares the crops 
 source's. Nothing here knows a loader by name.
 
 `main()` builds an ImageNet-shaped JPEG tree (benchmarks/make_imagenet_like.py: about 500x375, q90),
-converts it to .beton (jpg mode q90, and raw) and times the conversions (indexing included; importing
-ffcv, once per process, timed apart), compares torch and ffcv, prints the ratio and writes
-benchmarks/results/decode_cpu.json.
+converts it to .beton (jpg mode q90, and raw) and to DALI shards and times the conversions (indexing
+included; importing ffcv, once per process, timed apart), compares torch, ffcv and DALI (ImageFolder and
+shards) in one run, prints the ratios and writes benchmarks/results/decode_<device>.json.
 
 Run: python -m benchmarks.decode_bench --device-name cpu-2core
 """
@@ -88,6 +88,7 @@ def crop_differences(sources: list[tuple[str, str]], num_crop: int = 5, crop_siz
 
 
 def main(argv: list[str] | None = None) -> int:
+    from converters.dali_shards import convert_dali
     from converters.ffcv_writer import convert_ffcv
     from rded_fast.loaders.beton import keep_torch_threads
 
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                                show_progress=False)
         converts[mode] = {"img_per_s": summary["images_per_second"], "seconds": summary["seconds"],
                           "bytes": summary["bytes"], "images": summary["written"]}
-    sources = [("torch", str(tree)), ("ffcv", str(work / "jpg.beton")), ("ffcv", str(work / "raw.beton"))]
+    summary = convert_dali(str(tree), str(work / "shards"), workers=args.workers, show_progress=False)
+    converts["dali"] = {"img_per_s": round(summary["written"] / summary["seconds"], 1), "seconds": summary["seconds"],
+                        "images": summary["written"]}
+    sources = [("torch", str(tree)), ("ffcv", str(work / "jpg.beton")), ("ffcv", str(work / "raw.beton")),
+               ("dali", str(tree)), ("dali", str(work / "shards"))]
     runs = decode_rates(sources, args.num_crop, args.crop_size, args.batch_size, args.workers, args.repeat)
     torch_rate = runs[0]["img_per_s"]
     for r in runs:
@@ -135,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "decode_cpu.json"
+    out = RESULTS / f"decode_{args.device_name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     for r in runs:
         print(f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
               f"(decode + {args.num_crop} crops at {args.crop_size} px)")
     for mode, c in converts.items():
-        print(f"convert ffcv {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images, {c['bytes'] / 2**20:.0f} MiB)")
+        print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
     print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))
     print(f"wrote {out}")
     return 0
