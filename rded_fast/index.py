@@ -194,6 +194,14 @@ def build_index(
     )
 
 
+def require_class_order(index: DatasetIndex, class_map: list[str] | None, source: str | os.PathLike) -> DatasetIndex:
+    """A converted source keeps the class order it was converted with; a different --class-map is an error."""
+    if class_map is not None and list(class_map) != index.classes:
+        raise UserError(f"--class-map differs from the class order {source} was converted with; convert the "
+                        "source again with the same --class-map, or leave --class-map out")
+    return index
+
+
 def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     atomic_write_text(path, json.dumps(index.to_json()))
 

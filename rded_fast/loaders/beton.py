@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex
+from rded_fast.index import DatasetIndex, require_class_order
 
 FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
@@ -116,8 +116,4 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
 
 def open_beton_index(beton: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
     """The index stored beside a .beton; a `class_map` must equal the class order it was converted with."""
-    index = load_beton_dataset(beton).index
-    if class_map is not None and list(class_map) != index.classes:
-        raise UserError(f"--class-map differs from the class order {beton} was converted with; convert the "
-                        "source again with the same --class-map, or leave --class-map out")
-    return index
+    return require_class_order(load_beton_dataset(beton).index, class_map, beton)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex
+from rded_fast.index import DatasetIndex, require_class_order
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
@@ -98,8 +98,4 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
 
 def open_shard_index(folder: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
     """The index stored in a shard folder; a `class_map` must equal the class order it was converted with."""
-    index = load_shard_dataset(folder).index
-    if class_map is not None and list(class_map) != index.classes:
-        raise UserError(f"--class-map differs from the class order {folder} was converted with; convert the "
-                        "source again with the same --class-map, or leave --class-map out")
-    return index
+    return require_class_order(load_shard_dataset(folder).index, class_map, folder)
