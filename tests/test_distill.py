@@ -1,7 +1,6 @@
 """distill end to end: real Fashion-MNIST data, reproducibility, the manifest, and bad input."""
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
