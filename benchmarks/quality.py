@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from rded_fast.data import fashion_mnist
+from rded_fast.device import device_name, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.fileio import atomic_write_text
 from rded_fast.train.observer import ObserverConfig, train_observer
@@ -74,7 +73,7 @@ def run_quality(
     observer_acc = observer_summary["val_accuracy"] if observer_summary else None
     return {
         "benchmark": "quality_fashion_mnist",
-        "device": _device_name(device),
+        "device": device_name(resolve_device(device)),
         "settings": {"ipc": ipc, "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
                      "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
                      "train_dir": str(train_dir), "test_dir": str(test_dir)},
@@ -86,12 +85,6 @@ def run_quality(
         "runs": runs,
         "seconds": time.perf_counter() - t0,
     }
-
-
-def _device_name(device: str) -> str:
-    if (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
 def format_table(result: dict) -> str:

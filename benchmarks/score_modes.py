@@ -13,8 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from rded_fast.bench import device_name
-from rded_fast.distill import DistillConfig, distill, resolve_device
+from rded_fast.device import device_name, resolve_device
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.fileio import atomic_write_text
 
 

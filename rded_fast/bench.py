@@ -7,7 +7,6 @@ rate), and with `reference` the RDED reference's way of doing the same job and t
 """
 from __future__ import annotations
 
-import platform
 import resource
 import shutil
 import tempfile
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rded_fast.distill import DistillConfig, distill, resolve_amp, resolve_device
+from rded_fast.device import device_name, resolve_device
+from rded_fast.distill import DistillConfig, distill, resolve_amp
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.models import build
@@ -49,12 +49,6 @@ class BenchConfig:
     reference: bool = False
     seed: int = 0
     show_progress: bool = False
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
 def _sync(device: torch.device) -> None:

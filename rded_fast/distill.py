@@ -25,6 +25,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
+from rded_fast.device import resolve_device
 from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
@@ -117,16 +118,6 @@ def validate(cfg: DistillConfig) -> None:
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor ** 2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
         )
-
-
-def resolve_device(name: str, world: World = World()) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if name == "cuda" and world.size > 1:
-        return torch.device("cuda", world.local_rank)
-    return torch.device(name)
 
 
 def resolve_amp(name: str) -> torch.dtype | None:
@@ -303,7 +294,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     validate(cfg)
     t0 = time.perf_counter()
     world = init_world(resolve_device(cfg.device).type)
-    device = resolve_device(cfg.device, world)
+    device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
     index = observer = scorer = check = None

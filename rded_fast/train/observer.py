@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
 from rded_fast.images import load_tensor_dataset
@@ -75,7 +76,7 @@ def train_observer(cfg: ObserverConfig) -> dict:
         raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.images import load_tensor_dataset
@@ -50,14 +51,6 @@ class StudentConfig:
     checkpoint: str | None = None
     resume: bool = False
     show_progress: bool = True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
 
 
 def _input_size(data: DistilledSet) -> int:
@@ -115,7 +108,7 @@ def evaluate(cfg: StudentConfig) -> dict:
     if not cfg.val or not cfg.student:
         raise UserError("evaluate needs --val DIR and --student NAME")
     t0 = time.perf_counter()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
     recipe = _recipe(cfg, data, cfg.student)
@@ -200,7 +193,7 @@ def relabel(cfg: StudentConfig) -> dict:
     if not cfg.out:
         raise UserError("relabel needs --out DIR")
     t0 = time.perf_counter()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
     recipe = _recipe(cfg, data, cfg.student or cfg.teacher)
