@@ -35,7 +35,7 @@ from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
-from rded_fast.stitch import cell_boxes, stitch
+from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.write import prepare_out_dir, read_image, write_class_images, write_contact_sheet, write_manifest
 
 CHECK_IMAGES = 300
@@ -223,7 +223,7 @@ def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
     for j, rel in enumerate(files):
         cells_meta = []
         for c, box_out in enumerate(boxes_out):
-            rank = c * cfg.ipc + j
+            rank = rank_of_cell(j, c, cfg.ipc)
             row, crop = int(rows[sel.rows[rank]]), int(sel.crops[rank])
             image_id = int(plan.image_ids[row])
             cells_meta.append({

@@ -30,7 +30,7 @@ def stitch(cells: torch.Tensor, ipc: int, factor: int, input_size: int) -> torch
         raise ValueError(f"stitch needs {n} cells, got {cells.shape[0]}")
     out = torch.zeros((ipc, cells.shape[1], input_size, input_size), dtype=cells.dtype, device=cells.device)
     for k, (top, left, h, w) in enumerate(cell_boxes(input_size, factor)):
-        part = cells[k * ipc : (k + 1) * ipc]
+        part = cells[rank_of_cell(0, k, ipc) : rank_of_cell(ipc, k, ipc)]
         if part.shape[-2:] != (h, w):
             part = F.interpolate(part.float(), size=(h, w), mode="nearest").to(cells.dtype)
         out[:, :, top : top + h, left : left + w] = part

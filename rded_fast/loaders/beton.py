@@ -37,11 +37,6 @@ def sidecar_path(beton: str | os.PathLike) -> Path:
     return Path(str(beton) + ".json")
 
 
-def is_beton(path: str | os.PathLike) -> bool:
-    """True when `path` is a file with a sidecar beside it (what `convert --format ffcv` writes)."""
-    return Path(path).is_file() and sidecar_path(path).is_file()
-
-
 @contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """Restore torch's intra-op thread count on exit (ffcv's Compiler resets it on import and on every
