@@ -56,8 +56,13 @@ def make_loader(
     if name == "dali":
         from rded_fast.loaders.dali_loader import DaliCropLoader
 
-        decode = "mixed" if str(device).startswith("cuda") else "cpu"
-        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode)
+        import torch
+
+        target = torch.device(device)
+        decode = "mixed" if target.type == "cuda" else "cpu"
+        device_id = (target.index if target.index is not None else torch.cuda.current_device()) if decode == "mixed" else None
+        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode,
+                              device_id=device_id)
     if name == "ffcv":
         from rded_fast.loaders.ffcv_loader import FfcvCropLoader
 

@@ -1,0 +1,263 @@
+"""The GPU suite: everything only a GPU can show, measured in one process and written as JSON.
+
+Steps (each recorded as soon as it ends, so a run cut short still leaves its numbers):
+  tree     an ImageNet-like JPEG tree (benchmarks/make_imagenet_like.py; 100 classes x 300, about 500x375)
+  convert  the tree as DALI shards and as an FFCV .beton (seconds, bytes)
+  model    ResNet-18 @ 224 alone, bf16, compiled (CUDA graphs) and eager: crops/s and compile seconds
+  decode   DALI mixed decode + 5 crops at 112 px over the whole plan, hw_decoder_load 0 and 1: img/s
+  e2e      a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 224 px, observer check skipped:
+           the observer is a random-init ResNet-18) with each loader; crops/s and its fraction of model-only
+  host     the host critical path per class (`bench --stage host`, where this version has it)
+  tests    `pytest -m gpu tests/test_gpu.py`: passed / failed / skipped
+Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts; use small sizes).
+
+Run: python -m benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work /tmp/gpu-suite]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_facts() -> dict:
+    flags, model = set(), platform.processor()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), model)
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    except OSError:
+        pass
+    return {"model": model, "cores": len(os.sched_getaffinity(0)),
+            "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})}
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name, module in (("dali", "nvidia.dali"), ("ffcv", "ffcv"), ("torchvision", "torchvision")):
+        try:
+            versions[name] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception as exc:  # an optional package that is absent or broken: recorded, not fatal
+            versions[name] = f"unavailable: {type(exc).__name__}: {exc}"
+    return versions
+
+
+class Recorder:
+    """Collects results and rewrites OUT_DIR/gpu_suite.json after every step."""
+
+    def __init__(self, out_dir: Path, header: dict):
+        self.path = out_dir / "gpu_suite.json"
+        self.result = {**header, "steps": {}}
+        self.flush()
+
+    def step(self, name: str, fn, *args, **kwargs):
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        try:
+            value = fn(*args, **kwargs)
+            self.result["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **(value or {})}
+        except Exception as exc:  # one failing step must not lose the others' numbers
+            value = None
+            self.result["steps"][name] = {"seconds": round(time.perf_counter() - t, 2),
+                                          "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        print(json.dumps({name: self.result["steps"][name]}, indent=1)[:3000], flush=True)
+        self.flush()
+        return value
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1))
+        os.replace(tmp, self.path)
+
+
+def make_tree(work: Path, classes: int, per_class: int) -> dict:
+    from benchmarks.make_imagenet_like import make_tree as write
+
+    return write(work / "tree", classes, per_class)
+
+
+def _disk_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def convert_both(work: Path) -> dict:
+    from converters import convert
+
+    result = {}
+    for fmt, out, options in (("dali", work / "shards", {}), ("ffcv", work / "train.beton",
+                                                              {"max_resolution": 512, "write_mode": "jpg"})):
+        t = time.perf_counter()
+        try:
+            summary = convert(fmt, str(work / "tree"), str(out), show_progress=False,
+                              workers=len(os.sched_getaffinity(0)), **options)
+            result[fmt] = {"seconds": time.perf_counter() - t, "bytes": _disk_bytes(out),
+                           "written": summary.get("written"), "skipped": len(summary.get("skipped", {}) or {})}
+        except Exception as exc:
+            result[fmt] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+    return result
+
+
+def _observer(num_classes: int):
+    from rded_fast.models import build
+
+    torch.manual_seed(0)
+    return build("resnet18", num_classes, None, 224).model
+
+
+def model_only(num_classes: int, batch: int = 500) -> dict:
+    """ResNet-18 @ 224 on ready normalised bf16 channels-last tensors: eager and compiled (CUDA graphs)."""
+    device = torch.device("cuda")
+    model = _observer(num_classes).to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    result = {"batch": batch, "dtype": "bf16", "channels_last": True}
+    for name, forward in (("eager", model), ("compiled", torch.compile(model, dynamic=False, mode="reduce-overhead"))):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            forward(x)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t
+            for _ in range(3):
+                forward(x)
+            torch.cuda.synchronize()
+            reps = 20
+            t = time.perf_counter()
+            for _ in range(reps):
+                forward(x)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t
+        result[name] = {"crops_per_s": reps * batch / seconds, "first_call_s": first}
+    result["compile_seconds"] = result["compiled"]["first_call_s"] - result["eager"]["first_call_s"]
+    return result
+
+
+def dali_decode(work: Path, loads: tuple[float | None, ...] = (0.0, 1.0, None)) -> dict:
+    """DALI mixed decode + 5 crops at 112 px of the whole plan (mipc 300) from the shards: img/s per split."""
+    from rded_fast.loaders import open_index
+    from rded_fast.loaders.dali_loader import DaliCropLoader
+    from rded_fast.plan import make_plan
+
+    index = open_index("dali", str(work / "shards"), show_progress=False)
+    plan = make_plan(index, 0, 300, 5)
+    result = {"images": len(plan), "crop": 112, "num_crop": 5}
+    for load in loads:
+        loader = DaliCropLoader(index, plan, 112, batch_size=256, workers=len(os.sched_getaffinity(0)), device="mixed",
+                                hw_decoder_load=load, device_id=0, prefetch=2)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = 0
+        for batch in loader:
+            n += len(batch.rows)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+        result[f"hw_decoder_load_{load}"] = {"img_per_s": n / seconds, "seconds": seconds,
+                                             "failures": len(loader.failures)}
+    return result
+
+
+def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) -> dict:
+    """A whole distill per (loader, data) pair on CUDA; crops/s over the class stage, and vs model-only."""
+    from rded_fast.distill import DistillConfig, distill
+
+    ckpt = work / "resnet18-random.pth"
+    if not ckpt.exists():
+        torch.save({"model": _observer(100).state_dict()}, ckpt)
+    result = {}
+    for name, data in loaders:
+        loader = name.split("-")[0]
+        out = work / f"out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        torch.cuda.reset_peak_memory_stats()
+        cfg = DistillConfig(data=data, out=str(out), observer="resnet18", weights=str(ckpt), ipc=10, factor=2, mipc=300,
+                            num_crop=5, input_size=224, batch_size=100, workers=len(os.sched_getaffinity(0)),
+                            device="cuda", loader=loader, skip_observer_check=True, show_progress=False)
+        try:
+            t = time.perf_counter()
+            run = distill(cfg)
+            wall = time.perf_counter() - t
+            manifest = json.loads(run.manifest.read_text())
+            crops = sum(min(c, 300) for c in manifest["data"]["class_counts"]) * 5
+            rate = crops / run.seconds["classes"]
+            result[name] = {"wall_s": wall, "stage_seconds": run.seconds, "images_written": run.num_images,
+                            "crops": crops, "crops_per_s": rate,
+                            "fraction_of_model_only": rate / model_rate if model_rate else None,
+                            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+        except Exception as exc:
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return result
+
+
+def host_path(work: Path) -> dict:
+    """The host critical path per class, where `rded-fast bench` has a `host` stage."""
+    from rded_fast import bench
+
+    if "host" not in getattr(bench, "STAGES", ()):
+        return {"unavailable": "this version's bench has no host stage"}
+    proc = subprocess.run([sys.executable, "-m", "cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads((work / "host.json").read_text())
+
+
+def gpu_tests(out_dir: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    (out_dir / "gpu_tests.log").write_text(proc.stdout[-200_000:] + "\n" + proc.stderr[-50_000:])
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
+    return {"returncode": proc.returncode, "summary": summary, **counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--work", default="/tmp/rded-gpu-suite")
+    p.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    args = p.parse_args(argv)
+    out_dir, work = Path(args.out_dir), Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    cuda = torch.cuda.is_available()
+    header = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA device", "cpu": _cpu_facts(),
+              "versions": _versions(), "tree": {"classes": args.classes, "per_class": args.per_class},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rec = Recorder(out_dir, header)
+    if "tree" not in skip:
+        rec.step("tree", make_tree, work, args.classes, args.per_class)
+    if "convert" not in skip:
+        rec.step("convert", convert_both, work)
+    if not cuda:
+        print("no CUDA device: the GPU steps are left out")
+        return 0
+    model = rec.step("model", model_only, args.classes) if "model" not in skip else None
+    if "decode" not in skip:
+        rec.step("decode", dali_decode, work)
+    if "e2e" not in skip:
+        rate = model["compiled"]["crops_per_s"] if model else None
+        pairs = [("dali-shards", str(work / "shards")), ("dali-folder", str(work / "tree")),
+                 ("ffcv-beton", str(work / "train.beton")), ("torch-folder", str(work / "tree"))]
+        rec.step("e2e", e2e, work, rate, pairs)
+    if "host" not in skip:
+        rec.step("host", host_path, work)
+    if "tests" not in skip:
+        rec.step("tests", gpu_tests, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
