@@ -11,7 +11,8 @@ Steps (each recorded as soon as it ends, so a run cut short still leaves its num
   tests    `pytest -m gpu tests/test_gpu.py`: passed / failed / skipped
 Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts; use small sizes).
 
-Run: python -m benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work /tmp/gpu-suite]
+Run: python -m benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
+(benchmarks/gpu_suite.sh wraps it, installing the DALI/ffcv payload first; see benchmarks/GPU_SETUP.md)
 """
 from __future__ import annotations
 
@@ -91,12 +92,13 @@ def _disk_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def convert_both(work: Path) -> dict:
+def convert_formats(work: Path, formats: list[str]) -> dict:
     from converters import convert
 
     result = {}
-    for fmt, out, options in (("dali", work / "shards", {}), ("ffcv", work / "train.beton",
-                                                              {"max_resolution": 512, "write_mode": "jpg"})):
+    jobs = {"dali": (work / "shards", {}), "ffcv": (work / "train.beton", {"max_resolution": 512, "write_mode": "jpg"})}
+    for fmt in formats:
+        out, options = jobs[fmt]
         t = time.perf_counter()
         try:
             summary = convert(fmt, str(work / "tree"), str(out), show_progress=False,
@@ -220,41 +222,53 @@ def gpu_tests(out_dir: Path) -> dict:
     return {"returncode": proc.returncode, "summary": summary, **counts}
 
 
+STEPS = ("tree", "convert", "model", "decode", "e2e", "host", "tests")
+E2E_SOURCES = {"dali-shards": "shards", "dali-folder": "tree", "ffcv-beton": "train.beton", "torch-folder": "tree"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--per-class", type=int, default=300)
-    p.add_argument("--work", default="/tmp/rded-gpu-suite")
-    p.add_argument("--skip", default="", help="comma-separated steps to leave out")
+    p.add_argument("--work", default="/tmp/rded-gpu-suite", help="tree, converted data and outputs (kept between runs)")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--e2e", default=",".join(E2E_SOURCES), help=f"e2e runs: subset of {','.join(E2E_SOURCES)}")
+    p.add_argument("--convert", default="dali,ffcv", help="formats to convert to")
     args = p.parse_args(argv)
     out_dir, work = Path(args.out_dir), Path(args.work)
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        p.error(f"--steps: unknown {sorted(unknown)}; choose from {','.join(STEPS)}")
     cuda = torch.cuda.is_available()
     header = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA device", "cpu": _cpu_facts(),
               "versions": _versions(), "tree": {"classes": args.classes, "per_class": args.per_class},
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps_asked": steps}
     rec = Recorder(out_dir, header)
-    if "tree" not in skip:
+    if "tree" in steps:
         rec.step("tree", make_tree, work, args.classes, args.per_class)
-    if "convert" not in skip:
-        rec.step("convert", convert_both, work)
+    if "convert" in steps:
+        rec.step("convert", convert_formats, work, args.convert.split(","))
     if not cuda:
         print("no CUDA device: the GPU steps are left out")
         return 0
-    model = rec.step("model", model_only, args.classes) if "model" not in skip else None
-    if "decode" not in skip:
+    model = rec.step("model", model_only, args.classes) if "model" in steps else None
+    if model is None and (work / "model.json").is_file():
+        model = json.loads((work / "model.json").read_text())  # from an earlier call of the suite
+    elif model is not None:
+        (work / "model.json").write_text(json.dumps(model))
+    if "decode" in steps:
         rec.step("decode", dali_decode, work)
-    if "e2e" not in skip:
+    if "e2e" in steps:
         rate = model["compiled"]["crops_per_s"] if model else None
-        pairs = [("dali-shards", str(work / "shards")), ("dali-folder", str(work / "tree")),
-                 ("ffcv-beton", str(work / "train.beton")), ("torch-folder", str(work / "tree"))]
+        pairs = [(name, str(work / E2E_SOURCES[name])) for name in args.e2e.split(",") if name]
         rec.step("e2e", e2e, work, rate, pairs)
-    if "host" not in skip:
+    if "host" in steps:
         rec.step("host", host_path, work)
-    if "tests" not in skip:
+    if "tests" in steps:
         rec.step("tests", gpu_tests, out_dir)
     return 0
 
