@@ -7,7 +7,7 @@
 # writes the environment to $GPU_SITE.env. Running it again with nothing new changes nothing.
 #
 # Usage, from the repository root:  bash benchmarks/gpu_setup.sh [--check] && source /tmp/site.env
-#   --check: afterwards import DALI and ffcv (those whose wheels are complete) with that environment.
+#   --check: afterwards try DALI and ffcv (those installed) with that environment: see step 6.
 # Environment: GPU_PAYLOAD (default .gpu), GPU_SITE (default /tmp/site), PYTHON (default python3),
 #   GPU_ALL_LIBS=1 (expose every carried library, not only those the system lacks).
 set -euo pipefail
@@ -87,7 +87,7 @@ else
     mkdir -p "$SITE.new/_libs"
     # Expose a carried library only where this system lacks that soname: its own copies win.
     # GPU_ALL_LIBS=1 exposes all of them (to test the carried set on a system that has them).
-    system_libs=$( (/sbin/ldconfig -p 2>/dev/null || true) | awk '{print $1}')
+    system_libs=$( (/sbin/ldconfig -p 2>/dev/null || true) | awk '/x86-64/ {print $1}')
     for soname in "${!lib_of[@]}"; do
         if [[ "${GPU_ALL_LIBS:-0}" == 1 ]] || ! grep -qxF "$soname" <<<"$system_libs"; then
             cp "${lib_of[$soname]}" "$SITE.new/_libs/$soname"
@@ -121,11 +121,65 @@ if [[ -n "$so" ]]; then
     [[ -z "$unresolved" ]] || echo "gpu_setup: ffcv's extension cannot find:" $unresolved >&2
 fi
 
+# 6. --check: use what is installed: ffcv writes and reads a tiny JPEG .beton; DALI decodes a JPEG on
+#    the CPU and, where torch sees a GPU, with device="mixed" (nvJPEG). Fails loudly on any error.
 if ((CHECK)); then
     (
         source "$ENVFILE"
-        [[ -d "$SITE/ffcv" ]] && "$PY" -c 'import importlib.metadata as m, ffcv; from ffcv.loader import Loader; print("gpu_setup: ffcv", m.version("ffcv"), "imports")'
-        [[ -d "$SITE/nvidia/dali" ]] && "$PY" -c 'import nvidia.dali as d, nvidia.dali.fn, nvidia.dali.plugin.pytorch; print("gpu_setup: DALI", d.__version__, "imports")'
-        true
+        "$PY" - "$SITE" <<'PY'
+import os, shutil, sys, tempfile
+import numpy as np
+
+site, tmp = sys.argv[1], tempfile.mkdtemp()
+yy, xx = np.mgrid[0:96, 0:128]
+img = np.stack([xx * 2, yy * 2, xx + yy], -1).astype(np.uint8)  # smooth RGB test image
+if os.path.isdir(os.path.join(site, "ffcv")):
+    import importlib.metadata
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from ffcv.writer import DatasetWriter
+
+    class Tiny:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return img, i
+
+    path = os.path.join(tmp, "tiny.beton")
+    fields = {"image": RGBImageField(write_mode="jpg"), "label": IntField()}
+    DatasetWriter(path, fields, num_workers=1).from_indexed_dataset(Tiny())
+    pipelines = {"image": [RandomResizedCropRGBImageDecoder((32, 32)), ToTensor()],
+                 "label": [IntDecoder(), ToTensor()]}
+    loader = Loader(path, batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines=pipelines)
+    n = sum(x.shape[0] for x, _ in loader)
+    assert n == 8, n
+    print(f"gpu_setup: ffcv {importlib.metadata.version('ffcv')} wrote and read a JPEG .beton ({n} images)")
+if os.path.isdir(os.path.join(site, "nvidia", "dali")):
+    import cv2
+    import torch
+    import nvidia.dali as dali
+    import nvidia.dali.fn as fn
+    import nvidia.dali.plugin.pytorch  # noqa: F401  (the iterator rded-fast uses)
+
+    os.makedirs(os.path.join(tmp, "jpg", "a"))
+    cv2.imwrite(os.path.join(tmp, "jpg", "a", "x.jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    for device in ["cpu"] + (["mixed"] if torch.cuda.is_available() else []):
+        @dali.pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "mixed" else None)
+        def decode():
+            jpegs, _ = fn.readers.file(file_root=os.path.join(tmp, "jpg"))
+            return fn.decoders.image(jpegs, device=device)
+
+        pipe = decode()
+        pipe.build()
+        (out,) = pipe.run()
+        got = np.array((out.as_cpu() if device == "mixed" else out).at(0))
+        err = float(np.abs(got.astype(int) - img.astype(int)).mean())
+        assert got.shape == img.shape and err < 3, (got.shape, err)
+        print(f"gpu_setup: DALI {dali.__version__} decoded a JPEG with device={device} (mean abs error {err:.2f})")
+shutil.rmtree(tmp)
+PY
     )
 fi
