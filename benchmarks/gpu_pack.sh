@@ -62,7 +62,7 @@ echo "gpu_pack: building ffcv wheels with $("$PY312" --version)"
 echo "gpu_pack: collecting the shared libraries ffcv's extension links"
 unzip -q -o "$WORK/whl"/ffcv-*.whl 'ffcv/_libffcv*.so' -d "$WORK/ffcv"
 so=$(ls "$WORK"/ffcv/ffcv/_libffcv*.so)
-if ldd "$so" | grep -q 'not found'; then
+if ldd "$so" | grep 'not found' >&2; then
     echo "gpu_pack: $so has unresolved libraries here; install libopencv-dev libturbojpeg0-dev first" >&2
     exit 2
 fi

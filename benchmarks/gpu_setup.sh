@@ -70,9 +70,9 @@ for l in "$PAYLOAD"/c*/lib/*; do
     lib_of[$(basename "$l")]=$l
 done
 expected=("$PAYLOAD"/c*/EXPECTED)
-wanted=$( ((${#expected[@]})) && sort -u "${expected[@]}")
+wanted=$( ((${#expected[@]})) && sort -u "${expected[@]}" || true)
 missing=$(comm -23 <(echo "$wanted") <(printf '%s\n' "${!wheel_of[@]}" | sort) | grep . || true)
-signature=$(printf '%s\n' "${!wheel_of[@]}" "${!lib_of[@]}" | sort)
+signature=$(printf '%s\n' "${!wheel_of[@]}" "${!lib_of[@]}" "GPU_ALL_LIBS=${GPU_ALL_LIBS:-0}" | sort)
 
 # 3. Install everything afresh when the set changed: pip --target cannot add to a shared
 #    namespace folder (nvidia/) piecemeal, so a new set replaces the old folder whole.
