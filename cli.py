@@ -28,18 +28,21 @@ def add_distill(sub) -> None:
     p.add_argument("--input-size", type=int, default=224, help="observer input size (default 224)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="decoding workers (default 4)")
+    p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
+    p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--loader", default="torch", help="torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
+    p.add_argument("--loader", default="auto", help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
+                   "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
     p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="observer autocast dtype; auto = bf16; none = the fp32 reference path")
+                   help="observer autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
+                        "none = the fp32 reference path")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the scoring step; auto = on for CUDA, off on CPU")
+                   help="torch.compile the scoring step; auto = on for CUDA, on a CPU for runs large enough to repay it")
     p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
                    help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -103,23 +103,23 @@ def test_write_error_fails_cleanly_and_resumes(many_classes, reference_run, tmp_
 
     data, ckpt = many_classes
     out = tmp_path / "full"
-    real = write.atomic_write_bytes
+    real = write.atomic_write_many
     calls = {"n": 0}
 
-    def failing(path, payload):
-        calls["n"] += 1
+    def failing(items):
+        calls["n"] += len(items)
         if calls["n"] > 9:  # the disk "fills up" in the middle of the fifth class
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, payload)
+            raise OSError(errno.ENOSPC, "No space left on device", str(items[-1][0]))
+        real(items)
 
-    monkeypatch.setattr(write, "atomic_write_bytes", failing)
+    monkeypatch.setattr(write, "atomic_write_many", failing)
     assert main(distill_args(data, ckpt, out)) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "--resume" in err and "Traceback" not in err
     done = list((out / ".rded-journal").glob("class_*.json"))
     assert len(done) == 4
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(write, "atomic_write_bytes", real)
+    monkeypatch.setattr(write, "atomic_write_many", real)
     assert main(distill_args(data, ckpt, out, "--resume")) == 0
     got = output_files(out)
     assert all(got[k] == reference_run[k] for k in reference_run) and set(got) == set(reference_run)
