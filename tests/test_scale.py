@@ -1,5 +1,6 @@
 """Scale out and survive: torchrun ranks, kill -9 and resume, write errors, determinism."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def test_two_gloo_ranks_equal_one_process(many_classes, reference_run, tmp_path)
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cli",
            *distill_args(data, ckpt, out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # fp32 CPU scores depend (in their last bits) on the thread count: give the ranks this process's count,
+    # not torchrun's default of 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = output_files(out)
     assert json.loads((out / "manifest.json").read_text())["run"]["world_size"] == 2
