@@ -38,7 +38,7 @@ from rded_fast.progress import progress
 from rded_fast.score import Scorer, make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
-from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, read_image, write_class_files,
+from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, read_image, write_classes_files,
                              write_contact_sheet, write_manifest)
 
 CHECK_IMAGES = 300
@@ -340,11 +340,11 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
     return PreparedClass(label, name, {**record, "images": images_meta, "fallback": sel.fallback}, payloads)
 
 
-def commit_class(cfg: DistillConfig, out: Path, prepared: PreparedClass) -> None:
-    """Write a prepared class's files durably, then journal it (the order the resume guarantee rests on)."""
-    if prepared.payloads:
-        write_class_files(out, prepared.name, prepared.label, prepared.payloads, cfg.format)
-    journal.write_class(out, prepared.label, prepared.record)
+def commit_classes(cfg: DistillConfig, out: Path, prepared: list[PreparedClass]) -> None:
+    """Write prepared classes' files durably, then journal them (the order the resume guarantee rests on);
+    one durability pass for the files of all of them, one for their records."""
+    write_classes_files(out, [(p.name, p.label, p.payloads) for p in prepared if p.payloads], cfg.format)
+    journal.write_classes(out, [p.record for p in prepared])
 
 
 def _versions() -> dict:
@@ -437,14 +437,13 @@ def distill(cfg: DistillConfig) -> DistillResult:
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
         source_extra = getattr(loader, "source_extra", None)
-        with HostStage(default_host_workers(device)) as host:
+        with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
             for label, crops, ok in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
                                              desc="distill classes", disable=not cfg.show_progress):
                 scores = to_host(score_class(cfg, label, crops, scorer))
                 reasons = {f["row"]: f["reason"] for f in loader.failures}
                 host.submit(functools.partial(prepare_class, cfg, index, plan, label, crops, ok, scores, reasons,
-                                              source_extra),
-                            functools.partial(commit_class, cfg, out))
+                                              source_extra))
             host_wait["seconds"] = host.waited
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:

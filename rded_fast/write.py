@@ -72,6 +72,12 @@ def write_class_files(out: Path, class_name: str, label: int, payloads: list[byt
     return names
 
 
+def write_classes_files(out: Path, classes: list[tuple[str, int, list[bytes]]], fmt: str) -> None:
+    """Write several classes' encoded images ((class_name, label, payloads) each) with one durability pass."""
+    atomic_write_many([(out / class_name / image_name(label, j, fmt), data)
+                       for class_name, label, payloads in classes for j, data in enumerate(payloads)])
+
+
 def write_class_images(out: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
     """Encode and write [ipc, 3, S, S] uint8 into out/<class_name>/; returns relative file names."""
     return write_class_files(out, class_name, label, encode_class_images(images, fmt, jpeg_quality), fmt)

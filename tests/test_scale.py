@@ -121,7 +121,9 @@ def test_write_error_fails_cleanly_and_resumes(many_classes, reference_run, tmp_
     err = capsys.readouterr().err
     assert "No space left on device" in err and "--resume" in err and "Traceback" not in err
     done = list((out / ".rded-journal").glob("class_*.json"))
-    assert len(done) == 4
+    assert 1 <= len(done) <= 4  # classes committed together with the failing one are not journaled either
+    for record in done:  # every journaled class is complete on disk
+        assert all((out / m["file"]).is_file() for m in json.loads(record.read_text())["images"])
     assert not list(out.rglob("*.tmp"))
     monkeypatch.setattr(write, "atomic_write_many", real)
     assert main(distill_args(data, ckpt, out, "--resume")) == 0
