@@ -132,7 +132,7 @@ class Scorer:
         skips = cudagraph_skips()
         crops = torch.zeros((self.batch_size, 3, crop_size, crop_size), dtype=torch.uint8, device=self.device)
         labels = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
             for _ in range(3 if self.device.type == "cuda" else 1):  # cudagraph trees record on the 2nd/3rd call
                 self._step(crops, labels)
         if self.device.type == "cuda":
@@ -151,7 +151,7 @@ class Scorer:
         n, bs = len(crops), self.batch_size
         scores = torch.empty(n, dtype=torch.float32, device=self.device)
         preds = torch.empty(n, dtype=torch.int64, device=self.device)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
             for start in range(0, n, bs):
                 chunk = crops[start : start + bs].to(self.device, non_blocking=True)
                 y = labels[start : start + bs].to(self.device, non_blocking=True)
