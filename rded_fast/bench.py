@@ -143,6 +143,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     if stages == ("host",):  # synthetic ImageNet-shaped classes: needs no data
         return {"device": device_name(device), "cpu": cpu_description(), "torch": torch.__version__,
                 "host": [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]}
+    cfg = replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device),
+                  workers=available_cores() if cfg.workers is None else cfg.workers)
+    crop_size = cfg.input_size // cfg.factor
     index = open_index(cfg.loader, cfg.data, show_progress=cfg.show_progress)
     plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
     observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
