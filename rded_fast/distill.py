@@ -46,9 +46,11 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
 NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index", "prefetch")
-# --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 EPYC
-# (conv3 at 32 px, fp32): compiling took ~COMPILE_SECONDS_CPU s and saved ~(1/eager - 1/compiled) s per crop.
-COMPILE_MIN_CROPS_CPU = 20_000
+# --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
+# EPYC (conv3 at 32 px, fp32, `bench --compile on/off`): a cold compile took 22 s (2 s with inductor's disk
+# cache warm) and saved 1/186 - 1/279 s per crop, so it pays off from ~12k crops (benchmarks/results/
+# bench_cpu-epyc-avx2-2core_fashion-mnist_conv3-32_compile-*.json).
+COMPILE_MIN_CROPS_CPU = 12_000
 
 
 @dataclass
