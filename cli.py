@@ -28,18 +28,21 @@ def add_distill(sub) -> None:
     p.add_argument("--input-size", type=int, default=224, help="observer input size (default 224)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="decoding workers (default 4)")
+    p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
+    p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--loader", default="torch", help="torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
+    p.add_argument("--loader", default="auto", help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
+                   "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
     p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="observer autocast dtype; auto = bf16; none = the fp32 reference path")
+                   help="observer autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
+                        "none = the fp32 reference path")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the scoring step; auto = on for CUDA, off on CPU")
+                   help="torch.compile the scoring step; auto = on for CUDA, on a CPU for runs large enough to repay it")
     p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
                    help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -245,9 +248,9 @@ def add_bench(sub) -> None:
                        description="decode: loader img/s; score: engine crops/s; model: observer-only crops/s (the "
                                    "ceiling); e2e: a whole distill; --reference: the RDED reference's way, and the "
                                    "speedup. --stage quality runs RDED vs random on Fashion-MNIST.")
-    p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "quality"])
+    p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "host", "quality"])
     p.add_argument("--data", help="ImageFolder (or the loader's format) to run on")
-    p.add_argument("--loader", default="torch")
+    p.add_argument("--loader", default="auto")
     p.add_argument("--observer", default="resnet18")
     p.add_argument("--weights")
     p.add_argument("--input-size", type=int, default=224)
@@ -256,10 +259,12 @@ def add_bench(sub) -> None:
     p.add_argument("--mipc", type=int, default=300)
     p.add_argument("--num-crop", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64, help="source images per batch")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
+    p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--host-classes", type=int, default=24, help="host: synthetic 224 px classes per format")
     p.add_argument("--model-crops", type=int, default=4096, help="crops per timed score/model repetition")
     p.add_argument("--reference", action="store_true", help="also run the reference's way and report the speedup")
     p.add_argument("--json", help="output JSON (default benchmarks/results/bench_<device>.json)")
@@ -280,12 +285,16 @@ def run_bench(args) -> int:
     from rded_fast.bench import BenchConfig, run_bench as bench
     from rded_fast.fileio import atomic_write_text
 
-    if not args.data:
+    if not args.data and args.stage != "host":
         raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m benchmarks.make_imagenet_like)")
     fields = {k: getattr(args, k) for k in ("data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc",
                                             "num_crop", "batch_size", "workers", "device", "amp", "compile", "reference", "stage",
-                                            "model_crops")}
+                                            "model_crops", "prefetch", "host_classes")}
     result = bench(BenchConfig(**fields))
+    for row in result.get("host", []):
+        print(f"    host: {row['format']}: {row['critical_path_ms']:.2f} ms/class critical path ({row['serial_ms']:.1f} ms "
+              f"serial, {row['host_workers']} thread(s), {'keeps up with' if row['keeps_up'] else 'falls behind'} "
+              f"{row['score_ms']:.0f} ms/class scoring)")
     for key, unit in (("decode", "img_per_s"), ("score", "crops_per_s"), ("model", "crops_per_s"), ("e2e", "crops_per_s")):
         if key in result:
             print(f"{key:>8}: {result[key][unit]:>10.0f} {unit.replace('_per_s', '/s')}")

@@ -3,7 +3,9 @@
 Stages: `decode` (loader decode + crop, img/s), `score` (the scoring engine on pre-made uint8 crops,
 crops/s), `model` (the observer alone on pre-made normalised, padded tensors in the same dtype and
 layout: the ceiling), `e2e` (a whole `distill`, seconds, and its crops/s as a fraction of the model-only
-rate), and with `reference` the RDED reference's way of doing the same job and the speedup over it.
+rate), `host` (the host critical path per class at ImageNet output shape, rded_fast.bench_host), and with
+`reference` the RDED reference's way of doing the same job and the speedup over it. Compile seconds are
+reported apart from every rate.
 """
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from rded_fast.device import device_name, resolve_device
-from rded_fast.distill import DistillConfig, distill, resolve_amp
+from rded_fast.bench_host import bench_host
+from rded_fast.device import cpu_description, device_name, resolve_device
+from rded_fast.distill import DistillConfig, available_cores, distill, resolve_amp, resolve_compile
+from rded_fast.loaders import resolve_loader
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.models import build
@@ -25,7 +29,7 @@ from rded_fast.plan import make_plan
 from rded_fast.reference import reference_distill
 from rded_fast.score import center_pad, make_scorer, normalize_uint8
 
-STAGES = ("decode", "score", "model", "e2e")
+STAGES = ("decode", "score", "model", "e2e", "host")
 
 
 @dataclass
@@ -33,7 +37,7 @@ class BenchConfig:
     data: str
     observer: str = "resnet18"
     weights: str | None = None
-    loader: str = "torch"
+    loader: str = "auto"
     stage: str = "all"
     input_size: int = 224
     factor: int = 2
@@ -41,11 +45,13 @@ class BenchConfig:
     mipc: int = 300
     num_crop: int = 5
     batch_size: int = 64
-    workers: int = 4
+    workers: int | None = None
+    prefetch: int | None = None
     device: str = "auto"
     amp: str = "auto"
     compile: str = "auto"
     model_crops: int = 4096
+    host_classes: int = 24
     reference: bool = False
     seed: int = 0
     show_progress: bool = False
@@ -73,23 +79,25 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
 def bench_decode(cfg: BenchConfig, index, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
     loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device))
+                         device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t
     return {"images": images, "seconds": seconds, "img_per_s": images / seconds, "crops_per_s": images * plan.num_crop / seconds}
 
 
-def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int) -> dict:
+def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int,
+                          planned_crops: int) -> dict:
     """The engine on uint8 crops, and the bare observer on ready tensors (same dtype, layout, compile)."""
     n = cfg.batch_size * cfg.num_crop
     generator = torch.Generator().manual_seed(0)
     crops = torch.randint(0, 256, (n, 3, crop_size, crop_size), dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
-    amp = resolve_amp(cfg.amp)
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    amp = resolve_amp(cfg.amp, device)
+    compile_on = resolve_compile(cfg.compile, device, planned_crops)
     scorer = make_scorer(model, cfg.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
     reps = max(1, cfg.model_crops // n)
+    score_compile_s = scorer.warm(crop_size)
     score_s = _timed(lambda: [scorer(crops, labels) for _ in range(reps)], device)
 
     x = center_pad(normalize_uint8(crops), cfg.input_size).contiguous(memory_format=torch.channels_last)
@@ -101,10 +109,16 @@ def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: i
             for _ in range(reps):
                 forward(x)
 
+    t = time.perf_counter()
+    if compile_on:
+        run_model()
+    model_compile_s = time.perf_counter() - t
     model_s = _timed(run_model, device)
     return {
-        "score": {"crops": n * reps, "seconds": score_s, "crops_per_s": n * reps / score_s},
-        "model": {"crops": n * reps, "seconds": model_s, "crops_per_s": n * reps / model_s},
+        "score": {"crops": n * reps, "seconds": score_s, "crops_per_s": n * reps / score_s,
+                  "compile_seconds": score_compile_s, "cudagraph_skips": scorer.cudagraph_skips},
+        "model": {"crops": n * reps, "seconds": model_s, "crops_per_s": n * reps / model_s,
+                  "compile_seconds": model_compile_s},
         "amp": str(amp), "compile": compile_on, "batch_crops": n,
     }
 
@@ -113,7 +127,7 @@ def _distill_config(cfg: BenchConfig, out: Path) -> DistillConfig:
     return DistillConfig(
         data=cfg.data, out=str(out), observer=cfg.observer, weights=cfg.weights, ipc=cfg.ipc, factor=cfg.factor,
         mipc=cfg.mipc, num_crop=cfg.num_crop, input_size=cfg.input_size, seed=cfg.seed, batch_size=cfg.batch_size,
-        workers=cfg.workers, device=cfg.device, loader=cfg.loader, amp=cfg.amp, compile=cfg.compile,
+        workers=cfg.workers, device=cfg.device, loader=cfg.loader, amp=cfg.amp, compile=cfg.compile, prefetch=cfg.prefetch,
         overwrite=True, skip_observer_check=True, show_progress=cfg.show_progress,
     )
 
@@ -126,16 +140,24 @@ def run_bench(cfg: BenchConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if stages == ("host",):  # synthetic ImageNet-shaped classes: needs no data
+        return {"device": device_name(device), "cpu": cpu_description(), "torch": torch.__version__,
+                "host": [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]}
+    cfg = replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device),
+                  workers=available_cores() if cfg.workers is None else cfg.workers)
     crop_size = cfg.input_size // cfg.factor
     index = open_index(cfg.loader, cfg.data, show_progress=cfg.show_progress)
     plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
     observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
-    result: dict = {"device": device_name(device), "config": asdict(cfg), "torch": torch.__version__,
+    result: dict = {"device": device_name(device), "cpu": cpu_description(), "config": asdict(cfg), "torch": torch.__version__,
                     "planned_images": len(plan), "planned_crops": len(plan) * cfg.num_crop, "classes": index.num_classes}
     if "decode" in stages:
         result["decode"] = bench_decode(cfg, index, plan, crop_size, device)
     if "score" in stages or "model" in stages:
-        result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes))
+        result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes,
+                                            result["planned_crops"]))
+    if "host" in stages:
+        result["host"] = [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]
     work = Path(tempfile.mkdtemp(prefix="rded-bench-"))
     try:
         if "e2e" in stages:
@@ -143,7 +165,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             run = distill(_distill_config(cfg, work / "ours"))
             seconds = time.perf_counter() - t
             crops_per_s = result["planned_crops"] / run.seconds["classes"]
-            result["e2e"] = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s}
+            result["e2e"] = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s,
+                             "compile_seconds": run.seconds.get("compile", 0.0)}
             if "model" in result:
                 result["e2e"]["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
         if cfg.reference:

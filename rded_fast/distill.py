@@ -9,14 +9,15 @@ split of classes (over torchrun ranks, or before and after a crash) gives the sa
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 import platform
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import PIL
@@ -25,24 +26,31 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import resolve_device
+from rded_fast.device import cpu_has_native_bf16, resolve_device
 from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
-from rded_fast.loaders import LOADER_NAMES, CropLoader, make_loader, open_index
+from rded_fast.host import HostStage, default_host_workers
+from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.models import BuiltModel, build
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
-from rded_fast.score import make_scorer
+from rded_fast.score import Scorer, make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
-from rded_fast.write import prepare_out_dir, read_image, write_class_images, write_contact_sheet, write_manifest
+from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, read_image, write_classes_files,
+                             write_contact_sheet, write_manifest)
 
 CHECK_IMAGES = 300
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
-NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index")
+NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index", "prefetch")
+# --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
+# EPYC (conv3 at 32 px, fp32, `bench --compile on/off`): a cold compile took 22 s (2 s with inductor's disk
+# cache warm) and saved 1/186 - 1/279 s per crop, so it pays off from ~12k crops (benchmarks/results/
+# bench_cpu-epyc-avx2-2core_fashion-mnist_conv3-32_compile-*.json).
+COMPILE_MIN_CROPS_CPU = 12_000
 
 
 @dataclass
@@ -60,9 +68,10 @@ class DistillConfig:
     input_size: int = 224
     seed: int = 0
     batch_size: int = 64
-    workers: int = 4
+    workers: int | None = None  # None: the cores available to this process
     device: str = "auto"
-    loader: str = "torch"
+    loader: str = "auto"
+    prefetch: int | None = None  # loader batches in flight; None: the loader's default for the device
     format: str = "png"
     jpeg_quality: int = 90
     class_map: str | None = None
@@ -99,8 +108,9 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.input_size >= 1, f"--input-size {cfg.input_size}: must be >= 1"),
         (cfg.input_size // max(cfg.factor, 1) >= 1, f"--factor {cfg.factor}: larger than --input-size {cfg.input_size}"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
-        (cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
-        (cfg.loader in LOADER_NAMES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_NAMES)}"),
+        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
+        (cfg.prefetch is None or cfg.prefetch >= 1, f"--prefetch {cfg.prefetch}: must be >= 1"),
+        (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
         (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
         (cfg.select in ("rded", "random"), f"--select {cfg.select}: choose rded or random"),
@@ -120,10 +130,34 @@ def validate(cfg: DistillConfig) -> None:
         )
 
 
-def resolve_amp(name: str) -> torch.dtype | None:
-    """`auto` is bf16 on CUDA and CPU (measured on Fashion-MNIST/conv3, CPU: 1.8x faster than fp32,
-    99 % (factor 1) and 95.5 % (factor 2) of cells equal to the fp32 selection); `none` is fp32."""
-    return torch.bfloat16 if name == "auto" else AMP_DTYPES[name]
+def resolve_amp(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """`auto` is bf16 on CUDA, and on a CPU only when it has native bf16 (AVX512-BF16 or AMX): there it was
+    1.8x faster than fp32; on an AVX2-only CPU bf16 is emulated and 4-8x slower, so `auto` is fp32 there.
+    `none` is fp32 (the reference path)."""
+    if name != "auto":
+        return AMP_DTYPES[name]
+    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def resolve_compile(name: str, device: torch.device | str, crops: int) -> bool:
+    """`auto`: always on CUDA; on a CPU when the run scores at least COMPILE_MIN_CROPS_CPU crops (below that the
+    compile costs more than it saves)."""
+    if name != "auto":
+        return name == "on"
+    return torch.device(device).type == "cuda" or crops >= COMPILE_MIN_CROPS_CPU
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0))
+
+
+def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
+    """The config with `auto`/None knobs that change what runs made concrete: the loader, the worker count."""
+    workers = available_cores() if cfg.workers is None else cfg.workers
+    return replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device), workers=workers)
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
@@ -132,40 +166,70 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
     return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
-def iter_classes(loader: CropLoader, plan: CropPlan) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Regroup the loader's batches by class: yields (label, crops [m, K, 3, p, p], ok [m]) in plan order,
-    each as soon as all of the class's planned rows have arrived."""
+    each as soon as all of the class's planned rows have arrived.
+
+    A class's rows are contiguous in plan order and batches arrive in plan order, so each batch is cut into
+    slices by position alone (no per-label index, no host sync). Each slice is copied into its class's
+    buffer at once, so the loader may reuse its batch buffers; the buffer is on `device` when that is
+    CUDA (the copy from a pinned batch is asynchronous), else where the loader's crops are. `ok` is on the CPU."""
     labels = plan.labels
-    total = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
-    pending: dict[int, list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    seen: dict[int, int] = defaultdict(int)
+    if len(labels) == 0:
+        return
+    change = np.flatnonzero(np.diff(labels)) + 1
+    starts = np.concatenate([[0], change]).tolist()
+    ends = np.concatenate([change, [len(labels)]]).tolist()
+    seg, pos = 0, 0
+    crops_out = ok_out = None
     for batch in loader:
-        rows = batch.rows.cpu().numpy()
-        batch_labels = labels[rows]
-        for label in np.unique(batch_labels):
-            pick = np.flatnonzero(batch_labels == label)
-            index = torch.from_numpy(pick).to(batch.crops.device)
-            pending[int(label)].append((rows[pick], batch.crops[index], batch.ok.cpu()[torch.from_numpy(pick)]))
-            seen[int(label)] += len(pick)
-            if seen[int(label)] == total[label]:
-                parts = sorted(pending.pop(int(label)), key=lambda part: part[0][0])
-                yield int(label), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        n = len(batch.rows)
+        off = 0
+        while off < n:
+            start, end = starts[seg], ends[seg]
+            if crops_out is None:
+                where = device if device is not None and device.type == "cuda" else batch.crops.device
+                crops_out = torch.empty((end - start, *batch.crops.shape[1:]), dtype=batch.crops.dtype, device=where)
+                ok_out = torch.zeros(end - start, dtype=torch.bool)
+            take = min(end - pos - off, n - off)
+            at = pos + off - start
+            crops_out[at : at + take].copy_(batch.crops[off : off + take], non_blocking=True)
+            ok_out[at : at + take] = batch.ok[off : off + take]
+            off += take
+            if pos + off == end:
+                yield int(labels[start]), crops_out, ok_out
+                crops_out = ok_out = None
+                seg += 1
+        pos += n
 
 
-def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torch.device) -> dict:
-    """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance."""
+def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, device: torch.device) -> dict:
+    """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance.
+
+    One batched pass: every decodable check image with its own label, in full scoring chunks (no per-class
+    padding), counted on the device with one host sync at the end."""
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
     loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device))
-    correct = decoded = 0
-    for label, crops, ok in progress(iter_classes(loader, plan), total=index.num_classes, desc="observer check",
-                                     disable=not cfg.show_progress):
-        if not ok.any():
-            continue
-        _, preds = scorer(crops[ok.to(crops.device)][:, 0], torch.full((int(ok.sum()),), label))
-        correct += int((preds == label).sum())
-        decoded += int(ok.sum())
+                         device=str(device), prefetch=cfg.prefetch)
+    crops, ok, pos = None, np.zeros(len(plan), bool), 0
+    for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
+        n = len(batch.rows)
+        if crops is None:
+            where = device if device.type == "cuda" else batch.crops.device
+            crops = torch.empty((len(plan), *batch.crops.shape[2:]), dtype=batch.crops.dtype, device=where)
+        crops[pos : pos + n].copy_(batch.crops[:, 0], non_blocking=True)
+        ok[pos : pos + n] = batch.ok.numpy()
+        pos += n
+    keep = np.flatnonzero(ok)
+    decoded = len(keep)
+    correct = 0
+    if decoded:
+        labels = torch.from_numpy(plan.labels[keep])
+        rows = torch.from_numpy(keep)
+        _, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device))
+        correct = int((preds == labels.to(preds.device)).sum())
     accuracy = correct / decoded if decoded else 0.0
     chance = 1.0 / index.num_classes
     threshold = near_chance_threshold(index.num_classes, decoded)
@@ -190,37 +254,78 @@ def check_native_input(observer: BuiltModel, crop_size: int, device: torch.devic
                         f"({str(exc).splitlines()[0]}); use --score-mode faithful") from exc
 
 
-def select_cells(cfg: DistillConfig, label: int, crops: torch.Tensor, ok: torch.Tensor, scorer, name: str) -> ClassSelection:
-    """Rank one class's crops (by the observer, or randomly for the baseline); rows are class-local."""
-    m, k = crops.shape[:2]
-    n = cfg.ipc * cfg.factor**2
+def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> torch.Tensor | None:
+    """Score one class's crops [m, K, 3, p, p] on the scorer's device -> [m, K] float32 (None for --select random).
+    Queues device work only: no host sync."""
     if cfg.select == "random":
-        return select_random(ok.numpy(), label, k, n, cfg.seed, name)
-    scores, _ = scorer(crops.reshape(m * k, *crops.shape[2:]), torch.full((m * k,), label, dtype=torch.int64))
-    scores = torch.where(ok.to(scores.device)[:, None], scores.view(m, k), float("inf"))
-    return select_class(scores.cpu().numpy(), np.arange(m), label, n, name)
+        return None
+    m, k = crops.shape[:2]
+    labels = torch.full((m * k,), label, dtype=torch.int64, device=scorer.device)
+    scores, _ = scorer(crops.reshape(m * k, *crops.shape[2:]), labels)
+    return scores.view(m, k)
 
 
-def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
-                  ok: torch.Tensor, scorer, out: Path, reasons: dict[int, str], source_extra=None) -> dict:
-    """Select, stitch and write one class; returns its journal record. `reasons`: plan row -> decode error;
-    `source_extra(image_id) -> dict`: the loader's extra per-source facts for each cell (e.g. ffcv's stored size)."""
+def to_host(scores: torch.Tensor | None) -> Callable[[], np.ndarray | None]:
+    """Start copying `scores` to the host (asynchronously from a CUDA device); returns a function that waits
+    for that copy alone and gives the numpy array. Called on the scoring thread, waited for on the host stage."""
+    if scores is None:
+        return lambda: None
+    if scores.device.type != "cuda":
+        return scores.numpy
+    host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+    host.copy_(scores, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> np.ndarray:
+        done.synchronize()
+        return host.numpy()
+
+    return wait
+
+
+def select_cells(cfg: DistillConfig, label: int, scores: np.ndarray | None, ok: torch.Tensor, num_crop: int,
+                 name: str) -> ClassSelection:
+    """Rank one class's crops (by the observer's scores [m, K], or randomly for the baseline); rows are class-local."""
+    n = cfg.ipc * cfg.factor**2
+    if scores is None:
+        return select_random(ok.numpy(), label, num_crop, n, cfg.seed, name)
+    scores = np.where(ok.numpy()[:, None], scores, np.inf)
+    return select_class(scores, np.arange(len(scores)), label, n, name)
+
+
+@dataclass
+class PreparedClass:
+    """One class ready to be committed: its journal record and its encoded images (none when skipped)."""
+
+    label: int
+    name: str
+    record: dict
+    payloads: list[bytes]
+
+
+def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
+                  ok: torch.Tensor, scores: Callable[[], np.ndarray | None], reasons: dict[int, str],
+                  source_extra=None) -> PreparedClass:
+    """Select, stitch and encode one class (host stage). `scores()` waits for the class's scores; `reasons`:
+    plan row -> decode error; `source_extra(image_id) -> dict`: the loader's extra per-source facts for each
+    cell (e.g. ffcv's stored size)."""
     name = index.classes[label]
     rows = plan.class_rows(label)
     failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
                 for r, good in zip(rows, ok.tolist()) if not good]
     record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures}
     try:
-        sel = select_cells(cfg, label, crops, ok, scorer, name)
+        sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
     except UserError as exc:  # too few usable images: this class gets no output, the run goes on
-        return {**record, "images": [], "fallback": 0, "skipped": str(exc)}
+        return PreparedClass(label, name, {**record, "images": [], "fallback": 0, "skipped": str(exc)}, [])
     device_rows = torch.from_numpy(sel.rows).to(crops.device)
     cells = crops[device_rows, torch.from_numpy(sel.crops).to(crops.device)]
     images = stitch(cells, cfg.ipc, cfg.factor, cfg.input_size).cpu()
-    files = write_class_images(out, name, label, images, cfg.format, cfg.jpeg_quality)
+    payloads = encode_class_images(images, cfg.format, cfg.jpeg_quality)
     boxes_out = cell_boxes(cfg.input_size, cfg.factor)
     images_meta = []
-    for j, rel in enumerate(files):
+    for j in range(len(payloads)):
         cells_meta = []
         for c, box_out in enumerate(boxes_out):
             rank = rank_of_cell(j, c, cfg.ipc)
@@ -232,8 +337,16 @@ def distill_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
                 "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
                 **(source_extra(image_id) if source_extra else {}),
             })
-        images_meta.append({"file": rel, "class": name, "label": label, "cells": cells_meta})
-    return {**record, "images": images_meta, "fallback": sel.fallback}
+        images_meta.append({"file": f"{name}/{image_name(label, j, cfg.format)}", "class": name, "label": label,
+                            "cells": cells_meta})
+    return PreparedClass(label, name, {**record, "images": images_meta, "fallback": sel.fallback}, payloads)
+
+
+def commit_classes(cfg: DistillConfig, out: Path, prepared: list[PreparedClass]) -> None:
+    """Write prepared classes' files durably, then journal them (the order the resume guarantee rests on);
+    one durability pass for the files of all of them, one for their records."""
+    write_classes_files(out, [(p.name, p.label, p.payloads) for p in prepared if p.payloads], cfg.format)
+    journal.write_classes(out, [p.record for p in prepared])
 
 
 def _versions() -> dict:
@@ -254,7 +367,7 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
-    observer, scorer = _observer(cfg, index, device)
+    observer, scorer = _observer(cfg, index, device, check=True)
     check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
@@ -265,13 +378,20 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
     return index, observer, scorer, check
 
 
-def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device):
+def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, check: bool = False
+              ) -> tuple[BuiltModel, Scorer]:
+    """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
+    classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
     observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp),
-                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native")
+    crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
+    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp, device),
+                         compile=resolve_compile(cfg.compile, device, crops), batch_size=cfg.batch_size * cfg.num_crop,
+                         native=cfg.score_mode == "native")
+    if cfg.select == "rded":
+        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
+            scorer.warm(size)
     return observer, scorer
 
 
@@ -295,6 +415,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     t0 = time.perf_counter()
     world = init_world(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
+    cfg = resolve_auto(cfg, device)
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
     index = observer = scorer = check = None
@@ -304,22 +425,28 @@ def distill(cfg: DistillConfig) -> DistillResult:
         _collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
         index = load_index(out / "index.json")
         observer, scorer = _observer(cfg, index, device)
-    seconds["prologue"] = time.perf_counter() - t0
+    seconds["compile"] = scorer.compile_seconds
+    seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
 
     t = time.perf_counter()
     done = journal.read_classes(out) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
+    host_wait = {"seconds": 0.0}
 
     def run_classes() -> None:
         plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
-                             workers=cfg.workers, device=str(device))
-        for label, crops, ok in progress(iter_classes(loader, plan), total=len(np.unique(plan.labels)),
-                                         desc="distill classes", disable=not cfg.show_progress):
-            reasons = {f["row"]: f["reason"] for f in loader.failures}
-            journal.write_class(out, label, distill_class(cfg, index, plan, label, crops, ok, scorer, out, reasons,
-                                                           getattr(loader, "source_extra", None)))
+                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
+        source_extra = getattr(loader, "source_extra", None)
+        with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
+            for label, crops, ok in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
+                                             desc="distill classes", disable=not cfg.show_progress):
+                scores = to_host(score_class(cfg, label, crops, scorer))
+                reasons = {f["row"]: f["reason"] for f in loader.failures}
+                host.submit(functools.partial(prepare_class, cfg, index, plan, label, crops, ok, scores, reasons,
+                                              source_extra))
+            host_wait["seconds"] = host.waited
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
@@ -328,6 +455,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
+    seconds["host_wait"] = host_wait["seconds"]
     barrier(world)
     if not world.is_main:
         return DistillResult(out, out / "manifest.json", out / "contact_sheet.png", 0, None, 0, seconds, is_main=False)

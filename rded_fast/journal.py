@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from rded_fast.errors import UserError
-from rded_fast.fileio import atomic_write_text
+from rded_fast.fileio import atomic_write_many, atomic_write_text
 
 JOURNAL_DIR = ".rded-journal"
 
@@ -39,6 +39,12 @@ def check_run(out: str | Path, run: dict) -> None:
 
 def write_class(out: str | Path, label: int, record: dict) -> None:
     atomic_write_text(journal_dir(out) / f"class_{label:06d}.json", json.dumps(record, indent=1))
+
+
+def write_classes(out: str | Path, records: list[dict]) -> None:
+    """Several classes' records with one durability pass (each record's "label" names its file)."""
+    atomic_write_many([(journal_dir(out) / f"class_{int(r['label']):06d}.json", json.dumps(r, indent=1).encode("utf-8"))
+                       for r in records])
 
 
 def read_classes(out: str | Path) -> dict[int, dict]:

@@ -6,7 +6,9 @@ zero-pad centrally to the observer's input size (zero = the mean colour) -> obse
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import time
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,18 +16,32 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Dynamo keeps one cache entry per (scorer, crop shape) on the shared code of the fused step; each compiled
+# scorer raises the recompile limit by this many entries so a long-lived process never falls back to eager.
+SHAPES_PER_SCORER = 4
+
+log = logging.getLogger(__name__)
+_compiled_scorers = 0
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] float in [0, 1] -> ImageNet-normalised, same dtype."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN,
+              std: torch.Tensor | Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, H, W] float in [0, 1] -> normalised, same dtype. `mean`/`std`: per-channel values, or [1, 3, 1, 1]
+    tensors already on the images' device (what the scorer passes, so no constant is built per call)."""
+    mean = mean if isinstance(mean, torch.Tensor) else _stats(mean, images)
+    std = std if isinstance(std, torch.Tensor) else _stats(std, images)
     return (images - mean) / std
 
 
-def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[N, 3, H, W] uint8 -> ImageNet-normalised float."""
-    return normalize(images.to(dtype) / 255.0)
+def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN,
+                    std: torch.Tensor | Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, H, W] uint8 -> normalised float (ImageNet statistics unless given)."""
+    return normalize(images.to(dtype) / 255.0, mean, std)
 
 
 def center_pad(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -41,17 +57,25 @@ def crop_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def make_scorer(
-    model: nn.Module,
-    input_size: int,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = True,
-    compile: bool = False,
-    batch_size: int = 512,
-    native: bool = False,
-    fixed_shape: bool | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _raise_recompile_limit() -> None:
+    """Give every compiled scorer its own room in dynamo's cache (see SHAPES_PER_SCORER)."""
+    global _compiled_scorers
+    import torch._dynamo.config as dynamo_config
+
+    _compiled_scorers += 1
+    need = 8 + SHAPES_PER_SCORER * _compiled_scorers
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, need)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * need)
+
+
+def cudagraph_skips() -> int:
+    """How many times inductor has declined CUDA graphs in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+class Scorer:
     """The scoring engine: (crops [N, 3, p, p] uint8, labels [N]) -> (scores [N] float32, top-1 [N] int64).
 
     Everything between the loader's uint8 batch and the scores is one function: uint8 -> float,
@@ -59,44 +83,92 @@ def make_scorer(
     which is not RDED), channels-last, autocast in `amp_dtype` (None = the fp32 reference path), the
     observer, per-crop cross-entropy. Results stay on `device` (no host sync). With `compile`, the
     function goes through torch.compile with fixed shapes: every call is padded to `batch_size` crops,
-    so it compiles once (CUDA graphs on CUDA via mode "reduce-overhead"); `fixed_shape` (default:
-    `compile`) controls that padding.
+    so it compiles once per crop size (CUDA graphs on CUDA via mode "reduce-overhead"); `warm(p)` does that
+    compile ahead of time and adds its seconds to `compile_seconds`. `fixed_shape` (default: `compile`)
+    controls the padding. `mean`/`std` are the observer's normalisation (ImageNet's by default), built
+    once on the device.
     """
-    fixed_shape = compile if fixed_shape is None else fixed_shape
-    device = torch.device(device)
-    model = model.to(device).eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
 
-    def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_uint8(crops)
-        if not native:
-            x = center_pad(x, input_size)
-        x = x.contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        return crop_cross_entropy(logits, labels), logits.argmax(1)
+    def __init__(self, model: nn.Module, input_size: int, device: torch.device | str = "cpu",
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
+                 batch_size: int = 512, native: bool = False, fixed_shape: bool | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.device = torch.device(device)
+        self.batch_size, self.input_size, self.native = int(batch_size), int(input_size), native
+        self.fixed_shape = compile if fixed_shape is None else fixed_shape
+        self.compiled = compile
+        self.compile_seconds = 0.0
+        self.cudagraph_skips = 0
+        self._warmed: set[int] = set()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(self.device).eval().to(memory_format=memory_format)
+        device_type = self.device.type
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
-    step = fused
-    if compile:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        step = torch.compile(fused, dynamic=False, mode=mode)
+        def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = normalize_uint8(crops, torch.float32, mean_t, std_t)
+            if not native:
+                x = center_pad(x, input_size)
+            x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            return crop_cross_entropy(logits, labels), logits.argmax(1)
 
-    def score(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(crops)
-        scores = torch.empty(n, dtype=torch.float32, device=device)
-        preds = torch.empty(n, dtype=torch.int64, device=device)
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                chunk = crops[start : start + batch_size].to(device, non_blocking=True)
-                y = labels[start : start + batch_size].to(device, non_blocking=True)
+        self._step = fused
+        if self.device.type == "cuda" and self.fixed_shape:
+            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels once
+        if compile:
+            _raise_recompile_limit()
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(fused, dynamic=False, mode=mode)
+
+    def warm(self, crop_size: int) -> float:
+        """Compile (and on CUDA record the graphs for) the step at `crop_size` now, not inside a timed class.
+        Returns the seconds it took (0 when eager or already warm)."""
+        if not self.compiled or crop_size in self._warmed:
+            return 0.0
+        t = time.perf_counter()
+        skips = cudagraph_skips()
+        crops = torch.zeros((self.batch_size, 3, crop_size, crop_size), dtype=torch.uint8, device=self.device)
+        labels = torch.zeros(self.batch_size, dtype=torch.int64, device=self.device)
+        with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
+            for _ in range(3 if self.device.type == "cuda" else 1):  # cudagraph trees record on the 2nd/3rd call
+                self._step(crops, labels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        new_skips = cudagraph_skips() - skips
+        if new_skips:
+            log.warning("scorer at %d px: inductor skipped CUDA graphs %d time(s); scoring runs without them "
+                        "(see TORCH_LOGS=perf_hints)", crop_size, new_skips)
+        self.cudagraph_skips += new_skips
+        self._warmed.add(crop_size)
+        seconds = time.perf_counter() - t
+        self.compile_seconds += seconds
+        return seconds
+
+    def __call__(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, bs = len(crops), self.batch_size
+        scores = torch.empty(n, dtype=torch.float32, device=self.device)
+        preds = torch.empty(n, dtype=torch.int64, device=self.device)
+        with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
+            for start in range(0, n, bs):
+                chunk = crops[start : start + bs].to(self.device, non_blocking=True)
+                y = labels[start : start + bs].to(self.device, non_blocking=True)
                 m = len(chunk)
-                if fixed_shape and m < batch_size:  # fixed shapes: pad with zero crops, drop their results
-                    chunk = torch.cat([chunk, chunk.new_zeros((batch_size - m, *chunk.shape[1:]))])
-                    y = torch.cat([y, y.new_zeros(batch_size - m)])
-                s, p = step(chunk, y)
+                if self.fixed_shape and m < bs:  # fixed shapes: pad with zero crops, drop their results
+                    chunk = torch.cat([chunk, chunk.new_zeros((bs - m, *chunk.shape[1:]))])
+                    y = torch.cat([y, y.new_zeros(bs - m)])
+                s, p = self._step(chunk, y)
                 scores[start : start + m] = s[:m]
                 preds[start : start + m] = p[:m]
         return scores, preds
 
-    return score
+
+def make_scorer(model: nn.Module, input_size: int, device: torch.device | str = "cpu",
+                amp_dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
+                batch_size: int = 512, native: bool = False, fixed_shape: bool | None = None,
+                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Scorer:
+    """The scoring engine for `model` (see Scorer): call it as scorer(crops, labels) -> (scores, top-1)."""
+    return Scorer(model, input_size, device, amp_dtype, channels_last, compile, batch_size, native, fixed_shape,
+                  mean, std)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rded_fast.errors import UserError
-from rded_fast.fileio import atomic_write_bytes, atomic_write_text
+from rded_fast.fileio import atomic_write_bytes, atomic_write_many, atomic_write_text
 
 CONTACT_SHEET_CLASSES = 20
 
@@ -59,16 +59,28 @@ def image_name(label: int, j: int, fmt: str) -> str:
     return f"class{label:05d}_id{j:05d}.{fmt}"
 
 
-def write_class_images(out: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
-    """Write [ipc, 3, S, S] uint8 into out/<class_name>/; returns relative file names."""
-    folder = out / class_name
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for j, image in enumerate(images):
-        rel = f"{class_name}/{image_name(label, j, fmt)}"
-        atomic_write_bytes(out / rel, encode_image(image, fmt, jpeg_quality))
-        names.append(rel)
+def encode_class_images(images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[bytes]:
+    """[ipc, 3, S, S] uint8 -> one encoded file per image (PIL's encoders release the GIL)."""
+    return [encode_image(image, fmt, jpeg_quality) for image in images]
+
+
+def write_class_files(out: Path, class_name: str, label: int, payloads: list[bytes], fmt: str) -> list[str]:
+    """Write one class's encoded images into out/<class_name>/ with one durability pass; returns relative
+    file names. When this returns, every file is complete and durable (the journal may record the class)."""
+    names = [f"{class_name}/{image_name(label, j, fmt)}" for j in range(len(payloads))]
+    atomic_write_many([(out / rel, data) for rel, data in zip(names, payloads)])
     return names
+
+
+def write_classes_files(out: Path, classes: list[tuple[str, int, list[bytes]]], fmt: str) -> None:
+    """Write several classes' encoded images ((class_name, label, payloads) each) with one durability pass."""
+    atomic_write_many([(out / class_name / image_name(label, j, fmt), data)
+                       for class_name, label, payloads in classes for j, data in enumerate(payloads)])
+
+
+def write_class_images(out: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
+    """Encode and write [ipc, 3, S, S] uint8 into out/<class_name>/; returns relative file names."""
+    return write_class_files(out, class_name, label, encode_class_images(images, fmt, jpeg_quality), fmt)
 
 
 def contact_sheet(rows: list[tuple[str, torch.Tensor]], thumb: int | None = None) -> Image.Image:

@@ -13,7 +13,7 @@ def test_bench_all_stages_with_reference_writes_json(jpeg_tree, tmp_path, capsys
     out = tmp_path / "bench.json"
     code = main(["bench", "--data", str(jpeg_tree), "--observer", "conv3", "--weights", str(ckpt), "--input-size", "32",
                  "--factor", "2", "--ipc", "1", "--mipc", "6", "--num-crop", "2", "--batch-size", "4", "--workers", "0",
-                 "--device", "cpu", "--model-crops", "64", "--reference", "--json", str(out)])
+                 "--device", "cpu", "--model-crops", "64", "--reference", "--host-classes", "3", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["planned_images"] == 18 and result["planned_crops"] == 36
@@ -23,4 +23,9 @@ def test_bench_all_stages_with_reference_writes_json(jpeg_tree, tmp_path, capsys
     assert 0 < result["e2e"]["fraction_of_model_only"]
     assert result["reference"]["images"] == 3 and result["speedup"] > 0
     assert result["peak_memory"]["host_mib"] > 0 and result["device"].startswith("cpu")
+    assert result["cpu"]["cores"] >= 1 and "avx512_bf16" in result["cpu"]["flags"]
+    assert "compile" in result["e2e"]["stage_seconds"] and result["score"]["compile_seconds"] >= 0
+    host = {row["format"]: row for row in result["host"]}
+    assert set(host) == {"png", "jpg"} and host["png"]["input_size"] == 224 and host["png"]["ipc"] == 10
+    assert 0 <= host["jpg"]["critical_path_ms"] < host["jpg"]["serial_ms"]
     assert "speedup" in capsys.readouterr().out

@@ -36,3 +36,32 @@ class CropLoader(Protocol):
     def __iter__(self) -> Iterator[CropBatch]: ...
 
     def __len__(self) -> int: ...
+
+
+class BufferRing:
+    """`slots` output buffers, made once (pinned when `pin`) and handed out in turn; FFCV's epoch iterator
+    is the model. A buffer is handed out again `slots` batches later; on CUDA it first waits for the device
+    work that was queued before the next batch was taken (the consumer's asynchronous copies from it)."""
+
+    def __init__(self, slots: int, pin: bool):
+        self.slots, self.pin = max(2, int(slots)), pin
+        self._buffers: list[torch.Tensor | None] = [None] * self.slots
+        self._events: list = [None] * self.slots
+        self._turn = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """The next buffer, viewed as `shape` (its first dimension may be smaller than the first request's)."""
+        i = self._turn % self.slots
+        if self.pin and self._turn > 0:  # the consumer has queued its copies from the previous buffer by now
+            event = torch.cuda.Event()
+            event.record()
+            self._events[(i - 1) % self.slots] = event
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+            self._events[i] = None
+        buf = self._buffers[i]
+        if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+            self._buffers[i] = buf
+        self._turn += 1
+        return buf[: shape[0]]

@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import CropBatch
+from rded_fast.loaders.base import BufferRing, CropBatch
 from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.resample import cut_boxes
 from rded_fast.plan import CropPlan
@@ -169,19 +169,23 @@ def _next_result(epoch):
 
 class FfcvCropLoader:
     """Executes `plan` over the .beton at `index.root` with ffcv; yields CropBatch of `batch_size` plan rows
-    in plan order. `workers` is ffcv's (numba's) thread count, capped at the cores numba may use.
+    in plan order. `workers` is ffcv's (numba's) thread count, capped at the cores numba may use;
+    `batches_ahead` ffcv's prefetch depth. With `reuse_buffers` the batches handed out live in
+    `batches_ahead + 2` buffers made once and rotated (pinned when CUDA is present), as ffcv's own iterator
+    does; otherwise each batch is a new tensor the consumer may keep.
 
     `boxes` [M, K, 4] float64 are the boxes actually cut, in stored pixels (the plan's boxes when the
     .beton stores full resolution)."""
 
     def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
-                 batches_ahead: int = 3):
+                 batches_ahead: int = 3, reuse_buffers: bool = False):
         self.dataset = load_beton_dataset(index.root)
         if index.paths != self.dataset.index.paths:
             raise UserError(f"{index.root}: the index given is not the one stored beside this .beton; "
                             "open it with open_index('ffcv', ...)")
         self.index, self.plan, self.crop_size = index, plan, int(crop_size)
         self.batch_size = int(batch_size)
+        self.batches_ahead, self.reuse_buffers = int(batches_ahead), reuse_buffers
         self.failures: list[dict] = []
         ids = plan.image_ids
         position = self.dataset.position[ids]
@@ -232,10 +236,12 @@ class FfcvCropLoader:
         stream = self._stream()
         crops, ok, used = None, None, 0
         pin = torch.cuda.is_available()
+        ring = BufferRing(self.batches_ahead + 2, pin) if self.reuse_buffers else None
         try:
             for start in range(0, len(self.plan), self.batch_size):
                 chunk = np.arange(start, min(start + self.batch_size, len(self.plan)))
-                out = torch.empty((len(chunk), k, 3, p, p), dtype=torch.uint8, pin_memory=pin)
+                shape = (len(chunk), k, 3, p, p)
+                out = ring.take(shape) if ring else torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
                 out_np = out.numpy()
                 good = np.zeros(len(chunk), bool)
                 wanted = [i for i, r in enumerate(chunk.tolist()) if r not in self.missing]

@@ -5,6 +5,7 @@ from the uint8 image, so they come out as uint8 [K, 3, p, p] per image.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator
 
@@ -15,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.decode import decode_rgb_array
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import CropBatch
+from rded_fast.loaders.base import BufferRing, CropBatch
 from rded_fast.plan import CropPlan
 
 
@@ -64,19 +65,27 @@ def _collate(items):
 
 
 class TorchCropLoader:
-    """Decode with PIL in `workers` processes; yields CropBatch of `batch_size` planned images, in plan order."""
+    """Decode with PIL in `workers` processes; yields CropBatch of `batch_size` planned images, in plan order.
 
-    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4):
+    `prefetch`: batches in flight over all workers. With `reuse_buffers` and CUDA present, each batch is
+    copied into one of `prefetch + 2` pinned buffers made once (instead of the DataLoader pinning a fresh
+    buffer per batch), so the scorer's host-to-device copies run asynchronously without a pinned allocation
+    per batch. Without CUDA the workers' batches are handed out as they come (nothing to pin)."""
+
+    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
+                 prefetch: int = 2, reuse_buffers: bool = False):
         self.index, self.plan = index, plan
         self.failures: list[dict] = []
+        pin = torch.cuda.is_available()
+        self._ring = BufferRing(prefetch + 2, pin=True) if reuse_buffers and pin else None
         self._loader = DataLoader(
             _PlanDataset(index, plan, crop_size),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
             collate_fn=_collate,
-            prefetch_factor=4 if workers > 0 else None,
-            pin_memory=torch.cuda.is_available(),  # lets the scorer's host-to-device copies run asynchronously
+            prefetch_factor=max(1, math.ceil(prefetch / workers)) if workers > 0 else None,
+            pin_memory=pin and self._ring is None,  # lets the scorer's host-to-device copies run asynchronously
         )
 
     def __len__(self) -> int:
@@ -88,4 +97,6 @@ class TorchCropLoader:
                 if not good:
                     path = self.index.paths[int(self.plan.image_ids[row])]
                     self.failures.append({"row": row, "path": path, "reason": err})
+            if self._ring is not None:
+                crops = self._ring.take(tuple(crops.shape)).copy_(crops)
             yield CropBatch(rows=rows, crops=crops, ok=ok)
