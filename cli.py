@@ -13,6 +13,19 @@ def _fields(args, *drop: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet", "argv", *drop)}
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distill an ImageFolder into a few images per class (RDED)",
                        description="Crop, score with an observer, select and stitch: RDED's synthesis. "
@@ -30,6 +43,9 @@ def add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
     p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
     p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
+    p.add_argument("--hw-decoder-load", type=float, default=1.0,
+                   help="DALI on CUDA: share of JPEGs for the hardware decoder (default 1; 0 or 1 keep output "
+                        "bytes independent of batch size)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--loader", default="auto", help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
                    "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
@@ -59,9 +75,7 @@ def run_distill(args) -> int:
     if args.nproc > 1:
         from rded_fast.distributed import launch
 
-        argv = list(args.argv)
-        at = argv.index("--nproc")
-        return launch(args.nproc, argv[:at] + argv[at + 2 :])
+        return launch(args.nproc, without_option(list(args.argv), "--nproc"))
     fields = _fields(args, "nproc")
     result = distill(DistillConfig(**fields, show_progress=not args.quiet))
     if result.is_main:

@@ -42,6 +42,7 @@ from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, r
                              write_contact_sheet, write_manifest)
 
 CHECK_IMAGES = 300
+SCORE_CHUNK_MAX = 512
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
@@ -72,6 +73,9 @@ class DistillConfig:
     device: str = "auto"
     loader: str = "auto"
     prefetch: int | None = None  # loader batches in flight; None: the loader's default for the device
+    # DALI on CUDA: share of each batch for the hardware JPEG decoder. Pinned to 0 or 1 every image gets the
+    # same decoder wherever it sits in a batch, so output bytes do not depend on batch size or resume.
+    hw_decoder_load: float = 1.0
     format: str = "png"
     jpeg_quality: int = 90
     class_map: str | None = None
@@ -110,6 +114,7 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
         (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
         (cfg.prefetch is None or cfg.prefetch >= 1, f"--prefetch {cfg.prefetch}: must be >= 1"),
+        (0.0 <= cfg.hw_decoder_load <= 1.0, f"--hw-decoder-load {cfg.hw_decoder_load}: must be in 0..1"),
         (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
         (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
@@ -158,6 +163,14 @@ def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
     """The config with `auto`/None knobs that change what runs made concrete: the loader, the worker count."""
     workers = available_cores() if cfg.workers is None else cfg.workers
     return replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device), workers=workers)
+
+
+def score_chunk(mipc: int, num_crop: int) -> int:
+    """Crops per observer call: a full class (mipc x num_crop crops) split into equal chunks of at most
+    SCORE_CHUNK_MAX. It depends on output-relevant parameters only, never on --batch-size: on a GPU the
+    kernels, and so the last bits of each score, depend on the batch shape, and the selection must not."""
+    crops = mipc * num_crop
+    return -(-crops // -(-crops // SCORE_CHUNK_MAX))
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
@@ -212,7 +225,7 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
     loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device), prefetch=cfg.prefetch)
+                         device=str(device), prefetch=cfg.prefetch, hw_decoder_load=cfg.hw_decoder_load)
     crops, ok, pos = None, np.zeros(len(plan), bool), 0
     for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
         n = len(batch.rows)
@@ -387,7 +400,7 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp, device),
-                         compile=resolve_compile(cfg.compile, device, crops), batch_size=cfg.batch_size * cfg.num_crop,
+                         compile=resolve_compile(cfg.compile, device, crops), batch_size=score_chunk(cfg.mipc, cfg.num_crop),
                          native=cfg.score_mode == "native")
     if cfg.select == "rded":
         for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
@@ -437,7 +450,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     def run_classes() -> None:
         plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
-                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
+                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
+                             hw_decoder_load=cfg.hw_decoder_load)
         source_extra = getattr(loader, "source_extra", None)
         with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
             for label, crops, ok in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),

@@ -40,3 +40,10 @@ def test_all_ok_on_a_two_backend_group(votes):
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(2, _free_port(), votes, results), nprocs=2, join=True)
     assert dict(results) == {r: (True, all(votes)) for r in range(2)}
+
+
+def test_nproc_is_dropped_in_both_spellings_before_torchrun():
+    from cli import without_option
+
+    for argv in (["distill", "--nproc=8", "--data", "d"], ["distill", "--nproc", "8", "--data", "d"]):
+        assert without_option(argv, "--nproc") == ["distill", "--data", "d"]
