@@ -31,11 +31,12 @@ import numpy as np
 
 from converters.sanitize import BadImage, rgb_array
 from rded_fast.errors import UserError
-from rded_fast.fileio import atomic_write_text
+from rded_fast.fileio import atomic_write_text, file_mode
 from rded_fast.index import DatasetIndex, build_index, read_class_map
 from rded_fast.loaders.beton import (
     FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path,
 )
+from rded_fast.outputs import claim_output, is_beton
 from rded_fast.progress import progress
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -199,6 +200,8 @@ def convert_ffcv(
     max_resolution: int = 512,
     jpeg_quality: int = 90,
     write_mode: str = "jpg",
+    overwrite: bool = False,
+    overwrite_any: bool = False,
 ) -> dict:
     """Write the ImageFolder `data` as the FFCV file `out` (e.g. train.beton) plus `out`.json.
 
@@ -233,7 +236,7 @@ def convert_ffcv(
         if len(labels) != len(ids) or not np.array_equal(labels, index.labels[ids]):
             raise UserError(f"--data {data}: images changed while converting (labels read back differ); convert again")
         record = sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), options)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset file is meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ split of classes (over torchrun ranks, or before and after a crash) gives the sa
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from collections import defaultdict
@@ -31,6 +32,7 @@ from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_NAMES, CropLoader, make_loader, open_index
 from rded_fast.models import BuiltModel, build
+from rded_fast.outputs import claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import make_scorer
@@ -42,7 +44,7 @@ CHECK_IMAGES = 300
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
-NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index")
+NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class DistillConfig:
     compile: str = "auto"
     score_mode: str = "faithful"
     overwrite: bool = False
+    overwrite_any: bool = False  # replace an --out that rded-fast did not write (moved aside until success)
     resume: bool = False
     skip_observer_check: bool = False
     show_progress: bool = True
@@ -108,7 +111,8 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        (not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)), "--resume and --overwrite exclude each other"),
+        (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -290,8 +294,21 @@ def _collective(world: World, fn, message: str):
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring."""
+    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring.
+
+    Rank 0 first claims `--out` (rded_fast.outputs: no overlap with the inputs, replace only our own
+    output, moved aside until this run succeeds, one process at a time)."""
     validate(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _distill(cfg)
+    inputs = {"--data": cfg.data, "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
+              "--class-map": cfg.class_map}
+    with claim_output(cfg.out, "--out", inputs, overwrite=cfg.overwrite, overwrite_any=cfg.overwrite_any,
+                      resume=cfg.resume, replace_hint="pass --overwrite to replace it or --resume to continue it"):
+        return _distill(cfg)
+
+
+def _distill(cfg: DistillConfig) -> DistillResult:
     t0 = time.perf_counter()
     world = init_world(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
