@@ -207,11 +207,24 @@ def convert_ffcv(
 
     `class_map` is a class-map file (or the list of folder names) giving the class order; `write_mode`
     is ffcv's (`jpg`: re-encoded at `jpeg_quality`; `raw`: pixels as decoded; `proportion`: half of the
-    images each way, chosen per image reproducibly). Returns a summary for printing.
+    images each way, chosen per image reproducibly). An existing `out` is replaced only when it is a
+    .beton of ours and `overwrite` is given (any file with `overwrite_any`; kept aside until success).
+    Returns a summary for printing.
     """
-    t0 = time.perf_counter()
     out_path = Path(out)
     _check_args(out_path, write_mode, max_resolution, jpeg_quality)
+    replaced = []
+    with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
+                      kind="file", owned=is_beton, overwrite=overwrite, overwrite_any=overwrite_any,
+                      replace_hint="pass --overwrite to replace it", on_replace=replaced.append):
+        summary = _convert_ffcv(data, out_path, class_map=class_map, workers=workers, show_progress=show_progress,
+                                max_resolution=max_resolution, jpeg_quality=jpeg_quality, write_mode=write_mode)
+    return {**summary, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _convert_ffcv(data: str, out_path: Path, *, class_map, workers: int, show_progress: bool, max_resolution: int,
+                  jpeg_quality: int, write_mode: str) -> dict:
+    t0 = time.perf_counter()
     names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     index = build_index(data, class_map=names, workers=max(1, workers), show_progress=show_progress)
     if len(index) == 0:

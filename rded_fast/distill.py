@@ -133,7 +133,9 @@ def resolve_amp(name: str) -> torch.dtype | None:
 def near_chance_threshold(num_classes: int, n: int) -> float:
     """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std."""
     chance = 1.0 / num_classes
-    return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
+    # margin over chance: chance itself (2x chance) for many classes, at most a quarter of the way to 100 %
+    # for few (with 1 or 2 classes "2x chance" is 100 % or more: no observer could pass)
+    return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
 def iter_classes(loader: CropLoader, plan: CropPlan) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -174,6 +176,9 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer, device: torc
     chance = 1.0 / index.num_classes
     threshold = near_chance_threshold(index.num_classes, decoded)
     report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": decoded}
+    if not cfg.skip_observer_check and accuracy < threshold and cfg.weights is None:
+        raise UserError(f"observer {cfg.observer} gets {accuracy:.1%} top-1, near chance ({chance:.1%}): it has no "
+                        "--weights, so it is randomly initialised; pass --weights (a weights name or a checkpoint)")
     if not cfg.skip_observer_check and accuracy < threshold:
         raise UserError(
             f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {decoded} training images, near chance "

@@ -7,6 +7,7 @@ the same bytes. Ranks of a torchrun job each write their classes' records; rank 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rded_fast.errors import UserError
@@ -30,11 +31,23 @@ def check_run(out: str | Path, run: dict) -> None:
         raise UserError(f"--resume: {out} holds no interrupted rded-fast run ({path} is missing); "
                         "use an empty --out or --overwrite")
     before = json.loads(path.read_text())
-    changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
+    changed = sorted(k for k in set(before) | set(run) if _same_value(k, before.get(k), run.get(k)) is False)
     if changed:
         k = changed[0]
         raise UserError(f"--resume: {k} was {before.get(k)!r} in the interrupted run, now {run.get(k)!r}; "
                         "resume with the same arguments or start a new --out")
+
+
+PATH_KEYS = ("data", "weights", "class_map")
+
+
+def _same_value(key: str, a, b) -> bool:
+    """Equal run parameters; paths are compared resolved (`data` and `/abs/path/data` are the same data)."""
+    if a == b:
+        return True
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.exists(a) == os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
 
 
 def write_class(out: str | Path, label: int, record: dict) -> None:

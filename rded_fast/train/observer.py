@@ -90,7 +90,8 @@ def train_observer(cfg: ObserverConfig) -> dict:
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
 
-def _train_observer(cfg: ObserverConfig) -> dict:    device = resolve_device(cfg.device)
+def _train_observer(cfg: ObserverConfig) -> dict:
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
