@@ -83,6 +83,17 @@ def print_distill(result) -> None:
     if unlisted:
         print(f"note: {len(unlisted)} class folder(s) are not in --class-map and were NOT distilled: "
               + ", ".join(unlisted[:5]))
+    skipped_classes = {k: v for k, v in manifest["skipped_classes"].items() if k not in manifest["empty_classes"]}
+    if skipped_classes:
+        name, why = next(iter(skipped_classes.items()))
+        print(f"note: {len(skipped_classes)} class(es) got NO output (too few usable images), e.g. {name}: {why}")
+    if manifest["fallback_cells"]:
+        print(f"note: {len(manifest['fallback_cells'])} class(es) have cells filled with further crops of an already "
+              "used picture (fewer usable images than cells): " + ", ".join(
+                  f"{k} ({v} cells)" for k, v in list(manifest["fallback_cells"].items())[:5]))
+    if manifest.get("redone_classes"):
+        print(f"note: {len(manifest['redone_classes'])} finished class(es) were redone because their source images "
+              "changed since the interrupted run: " + ", ".join(manifest["redone_classes"][:5]))
     if manifest["skipped_files"]:
         print(f"note: {len(manifest['skipped_files'])} file(s) skipped while indexing (listed in the manifest), e.g. "
               f"{manifest['skipped_files'][0]['path']}: {manifest['skipped_files'][0]['reason']}")
@@ -403,12 +414,33 @@ def os_error_message(args, exc: OSError) -> str:
     return f"{head}{exc.strerror or exc}{where}; {OS_ERROR_FIX.get(args.command, 'fix it and rerun')}"
 
 
+def usable_inductor_cache() -> None:
+    """An unusable TORCHINDUCTOR_CACHE_DIR makes `import torchvision` fail (torch creates it at import),
+    even for runs that never compile: point it at a fresh temporary folder for this run, and say so."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK | os.X_OK):
+            return
+        why = "not writable"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rded-fast-inductor-")
+    print(f"note: TORCHINDUCTOR_CACHE_DIR {path} is unusable ({why}); using {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
+          "for this run", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         check_numbers(args)
+        usable_inductor_cache()
         return args.run(args)
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)

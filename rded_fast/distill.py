@@ -329,7 +329,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds["prologue"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    done = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
 
@@ -341,12 +341,12 @@ def _distill(cfg: DistillConfig) -> DistillResult:
                                          desc="distill classes", disable=not cfg.show_progress):
             reasons = {f["row"]: f["reason"] for f in loader.failures}
             journal.write_class(out, label, distill_class(cfg, index, plan, label, crops, ok, scorer, out, reasons,
-                                                           getattr(loader, "source_extra", None)))
+                                                           getattr(loader, "source_extra", None)), index=index)
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
                                                  "decoded": 0, "failures": [], "images": [], "fallback": 0,
-                                                 "skipped": "no usable images"})
+                                                 "skipped": "no usable images"}, index=index)
 
     _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
@@ -389,6 +389,7 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "fallback_cells": {r["class"]: r["fallback"] for r in ordered if r["fallback"]},
         "skipped_files": index.skipped,
         "decode_failures": failures,
+        "redone_classes": journal.read_redone(out) if cfg.resume else [],
         "images": images_meta,
         "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
                 "world_size": world.size, "resumed_classes": len(resumed), "out": str(out)},

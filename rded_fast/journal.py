@@ -6,9 +6,12 @@ the same bytes. Ranks of a torchrun job each write their classes' records; rank 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
@@ -50,8 +53,45 @@ def _same_value(key: str, a, b) -> bool:
     return False
 
 
-def write_class(out: str | Path, label: int, record: dict) -> None:
+def sources_fingerprint(index, label: int) -> str:
+    """A hash of class `label`'s source images as they are now: relative path, indexed size, and (when the
+    file is on disk) byte size and modification time. A resume redoes a finished class whose sources changed."""
+    h = hashlib.sha256()
+    for i in np.flatnonzero(index.labels == label):
+        path = index.paths[i]
+        try:
+            st = os.stat(os.path.join(index.root, path))
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:  # converted sources (.beton, shards): the index is all there is
+            stamp = None
+        h.update(json.dumps([path, index.sizes[i].tolist(), stamp]).encode())
+    return h.hexdigest()
+
+
+def write_class(out: str | Path, label: int, record: dict, index=None) -> None:
+    """Record class `label` as finished; with `index`, also the fingerprint of its sources (for --resume)."""
+    if index is not None:
+        record = {**record, "sources": sources_fingerprint(index, label)}
     atomic_write_text(journal_dir(out) / f"class_{label:06d}.json", json.dumps(record, indent=1))
+
+
+def still_current(out: str | Path, records: dict[int, dict], index) -> dict[int, dict]:
+    """The finished classes whose sources are unchanged; the others are to be redone, and are listed in
+    the journal's redone.json (for the manifest and the console)."""
+    keep, redone = {}, []
+    for label, record in records.items():
+        if "sources" in record and label < index.num_classes and record["sources"] != sources_fingerprint(index, label):
+            redone.append(record["class"])
+        else:
+            keep[label] = record
+    atomic_write_text(journal_dir(out) / "redone.json", json.dumps(redone))
+    return keep
+
+
+def read_redone(out: str | Path) -> list[str]:
+    """Classes the last --resume redid because their source images had changed."""
+    path = journal_dir(out) / "redone.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def read_classes(out: str | Path) -> dict[int, dict]:

@@ -371,3 +371,20 @@ def test_resume_accepts_the_same_data_given_as_an_absolute_path(small, tmp_path,
     distill(DistillConfig(data="data", out="o", **base))
     r = distill(DistillConfig(data=str(data.resolve()), out=str(tmp_path / "o"), resume=True, **base))
     assert r.num_images == 2
+
+
+def test_resume_redoes_a_finished_class_whose_sources_changed(small, tmp_path, capsys):
+    from rded_fast import journal
+
+    data, weights = small
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    for path in (out / ".rded-journal").glob("class_000001.json"):
+        path.unlink()  # as if the run had stopped before class_01
+    first = (out / "class_00").rglob("*.png").__next__().read_bytes()
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(data / "class_00" / "img_000.jpg")  # changed meanwhile
+    assert main(_distill_argv(data, weights, out, "--resume")) == 0
+    assert "redone because their source images changed" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["redone_classes"] == ["class_00"] and journal.read_redone(out) == ["class_00"]
+    assert (out / "class_00").rglob("*.png").__next__().read_bytes() != first
