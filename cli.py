@@ -201,10 +201,11 @@ def run_convert(args) -> int:
         extra = {"shard_size": args.shard_size}
     summary = convert(args.format, args.data, args.out, **common, **extra)
     print(json.dumps(summary, indent=1))
-    if summary.get("replaced"):
-        print(f"note: replaced the earlier output {summary['replaced']}")
+    if summary.get("replaced"):  # on stderr: stdout stays one JSON document
+        print(f"note: replaced the earlier output {summary['replaced']}", file=sys.stderr)
     elif summary.get("reused_shards"):
-        print(f"note: kept {summary['reused_shards']} complete shard(s) of an earlier conversion in {args.out}")
+        print(f"note: kept {summary['reused_shards']} complete shard(s) of an earlier conversion in {args.out}",
+              file=sys.stderr)
     return 0
 
 

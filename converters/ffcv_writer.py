@@ -213,6 +213,10 @@ def convert_ffcv(
     """
     out_path = Path(out)
     _check_args(out_path, write_mode, max_resolution, jpeg_quality)
+    sidecar = sidecar_path(out_path)
+    if sidecar.exists() and not is_beton(out_path) and not overwrite_any:
+        raise UserError(f"--out {out}: its sidecar {sidecar} exists and rded-fast did not write it; give a new path, "
+                        "or --overwrite-any to replace both")
     replaced = []
     with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
                       kind="file", owned=is_beton, overwrite=overwrite, overwrite_any=overwrite_any,
