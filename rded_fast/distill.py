@@ -32,7 +32,7 @@ from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_NAMES, CropLoader, make_loader, open_index
 from rded_fast.models import BuiltModel, build
-from rded_fast.outputs import claim_output
+from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import make_scorer
@@ -131,10 +131,9 @@ def resolve_amp(name: str) -> torch.dtype | None:
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
-    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std."""
+    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std, the margin
+    over chance capped at a quarter of the way to 100 % (so one- and two-class data can pass)."""
     chance = 1.0 / num_classes
-    # margin over chance: chance itself (2x chance) for many classes, at most a quarter of the way to 100 %
-    # for few (with 1 or 2 classes "2x chance" is 100 % or more: no observer could pass)
     return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
@@ -308,6 +307,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
         return _distill(cfg)
     inputs = {"--data": cfg.data, "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
               "--class-map": cfg.class_map}
+    if cfg.index:  # the index cache is written too: never into the data
+        check_separate(cfg.index, "--index", {"--data": cfg.data})
     with claim_output(cfg.out, "--out", inputs, overwrite=cfg.overwrite, overwrite_any=cfg.overwrite_any,
                       resume=cfg.resume, replace_hint="pass --overwrite to replace it or --resume to continue it"):
         return _distill(cfg)

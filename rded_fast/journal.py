@@ -84,7 +84,11 @@ def still_current(out: str | Path, records: dict[int, dict], index) -> dict[int,
             redone.append(record["class"])
         else:
             keep[label] = record
-    atomic_write_text(journal_dir(out) / "redone.json", json.dumps(redone))
+    path = journal_dir(out) / "redone.json"
+    if redone:
+        atomic_write_text(path, json.dumps(redone))
+    else:
+        path.unlink(missing_ok=True)
     return keep
 
 
