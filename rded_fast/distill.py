@@ -33,6 +33,7 @@ from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.models import BuiltModel, build
+from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import Scorer, make_scorer
@@ -46,7 +47,7 @@ SCORE_CHUNK_MAX = 512
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
-NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index", "prefetch")
+NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index", "prefetch")
 # --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
 # EPYC (conv3 at 32 px, fp32, `bench --compile on/off`): a cold compile took 22 s (2 s with inductor's disk
 # cache warm) and saved 1/186 - 1/279 s per crop, so it pays off from ~12k crops (benchmarks/results/
@@ -85,6 +86,7 @@ class DistillConfig:
     compile: str = "auto"
     score_mode: str = "faithful"
     overwrite: bool = False
+    overwrite_any: bool = False  # replace an --out that rded-fast did not write (moved aside until success)
     resume: bool = False
     skip_observer_check: bool = False
     show_progress: bool = True
@@ -123,7 +125,8 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        (not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)), "--resume and --overwrite exclude each other"),
+        (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -174,9 +177,10 @@ def score_chunk(mipc: int, num_crop: int) -> int:
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
-    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std."""
+    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std, the margin
+    over chance capped at a quarter of the way to 100 % (so one- and two-class data can pass)."""
     chance = 1.0 / num_classes
-    return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
+    return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
 def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None = None
@@ -247,6 +251,9 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     chance = 1.0 / index.num_classes
     threshold = near_chance_threshold(index.num_classes, decoded)
     report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": decoded}
+    if not cfg.skip_observer_check and accuracy < threshold and cfg.weights is None:
+        raise UserError(f"observer {cfg.observer} gets {accuracy:.1%} top-1, near chance ({chance:.1%}): it has no "
+                        "--weights, so it is randomly initialised; pass --weights (a weights name or a checkpoint)")
     if not cfg.skip_observer_check and accuracy < threshold:
         raise UserError(
             f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {decoded} training images, near chance "
@@ -327,7 +334,8 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
     rows = plan.class_rows(label)
     failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
                 for r, good in zip(rows, ok.tolist()) if not good]
-    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures}
+    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures,
+              "sources": journal.sources_fingerprint(index, label)}
     try:
         sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
     except UserError as exc:  # too few usable images: this class gets no output, the run goes on
@@ -423,8 +431,23 @@ def _collective(world: World, fn, message: str):
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring."""
+    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring.
+
+    Rank 0 first claims `--out` (rded_fast.outputs: no overlap with the inputs, replace only our own
+    output, moved aside until this run succeeds, one process at a time)."""
     validate(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _distill(cfg)
+    inputs = {"--data": cfg.data, "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
+              "--class-map": cfg.class_map}
+    if cfg.index:  # the index cache is written too: never into the data
+        check_separate(cfg.index, "--index", {"--data": cfg.data})
+    with claim_output(cfg.out, "--out", inputs, overwrite=cfg.overwrite, overwrite_any=cfg.overwrite_any,
+                      resume=cfg.resume, replace_hint="pass --overwrite to replace it or --resume to continue it"):
+        return _distill(cfg)
+
+
+def _distill(cfg: DistillConfig) -> DistillResult:
     t0 = time.perf_counter()
     world = init_world(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
@@ -442,7 +465,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
 
     t = time.perf_counter()
-    done = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     host_wait = {"seconds": 0.0}
@@ -465,7 +488,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
                                                  "decoded": 0, "failures": [], "images": [], "fallback": 0,
-                                                 "skipped": "no usable images"})
+                                                 "skipped": "no usable images"}, index=index)
 
     _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
@@ -509,6 +532,7 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "fallback_cells": {r["class"]: r["fallback"] for r in ordered if r["fallback"]},
         "skipped_files": index.skipped,
         "decode_failures": failures,
+        "redone_classes": journal.read_redone(out) if cfg.resume else [],
         "images": images_meta,
         "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
                 "world_size": world.size, "resumed_classes": len(resumed), "out": str(out)},

@@ -32,6 +32,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
 from rded_fast.index import DatasetIndex
+from rded_fast.jpeg_check import is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
 from rded_fast.plan import CropPlan
@@ -149,13 +150,23 @@ class DaliCropLoader:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def _missing(self) -> dict[int, str]:
-        """Rows that cannot be read at all (left out at convert time), with the reason."""
+        """Rows that cannot be read at all (left out at convert time), or whose JPEG structure is broken
+        (rded_fast.jpeg_check; DALI's parser fails, or crashes, on those), with the reason."""
         if self.shards is None:
-            return {}
+            return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)))
         ids = self.plan.image_ids[self.rows]
         gone = self.rows[self.shards.shard[ids] < 0]
-        return {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
-                for r in gone}
+        missing = {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
+                   for r in gone}
+        reader = _ShardBytes(self.shards)
+        try:
+            rows = [r for r in self.rows if int(r) not in missing]
+            return {**missing, **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True)}
+        finally:
+            reader.close()
+
+    def _path(self, row: int) -> str:
+        return os.path.join(self.index.root, self.index.paths[int(self.plan.image_ids[row])])
 
     def _groups(self, remaining: list[int]) -> list[list[int]]:
         """DALI batches over `remaining` rows. Bytes fed from shards: one batch per plan chunk, so
@@ -317,6 +328,29 @@ def _decode_error_line(message: str) -> str:
     """The line of a DALI pipeline error that says what failed (not its traceback of our code)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return next((line for line in lines if _SAMPLE_IN_ERROR.search(line)), lines[0] if lines else "decode failed")
+
+
+def _file_bytes(path: str) -> bytes | str:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror})"
+
+
+def broken_jpeg_rows(rows, read: Callable, require: bool = False) -> dict[int, str]:
+    """{row: reason} for rows whose bytes (`read(row)`: bytes, or a reason string) are a broken JPEG;
+    other formats pass unless `require` (shards hold only JPEG)."""
+    bad = {}
+    for row in rows:
+        data = read(int(row))
+        if isinstance(data, str):
+            bad[int(row)] = data
+        elif require or is_jpeg(data):
+            problem = jpeg_problem(data)
+            if problem is not None:
+                bad[int(row)] = f"corrupt JPEG structure: {problem}"
+    return bad
 
 
 class _OutOfStep(RuntimeError):

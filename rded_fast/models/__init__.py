@@ -98,12 +98,17 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+def load_checkpoint(path: str, expect_arch: str | None = None) -> dict[str, torch.Tensor]:
     """A state dict from `{"model": sd}`, `{"state_dict": sd}`, a bare sd, with or without `module.` prefixes."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"--weights {path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # torch's own text (e.g. its weights_only advice) is not for this user
+        why = ("it holds Python objects besides tensors; save {'model': model.state_dict()} instead"
+               if "weights_only" in str(exc) or "Weights only" in str(exc) else f"{type(exc).__name__}")
+        raise UserError(f"--weights {path}: cannot load checkpoint ({why})") from exc
+    if isinstance(obj, dict) and expect_arch and isinstance(obj.get("arch"), str) and obj["arch"] != expect_arch:
+        raise UserError(f"--weights {path}: a checkpoint of {obj['arch']}, not of {expect_arch}; pass "
+                        f"--observer/--teacher {obj['arch']} or a {expect_arch} checkpoint")
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -139,7 +144,7 @@ def build(name: str, num_classes: int, weights: str | None = None, input_size: i
     state = None
     if weights is not None:
         if os.path.isfile(weights):
-            state = load_checkpoint(weights)
+            state = load_checkpoint(weights, expect_arch=name)
         elif name in torchvision_names():
             state = _torchvision_weights(name, weights)
         else:

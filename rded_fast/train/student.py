@@ -7,8 +7,11 @@ left out: it only fed a training-accuracy log.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +23,9 @@ from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.images import load_tensor_dataset
-from rded_fast.index import build_index
+from rded_fast.index import UNLISTED_CLASS, build_index
 from rded_fast.models import build, build_student
+from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint, softlabels
@@ -96,17 +100,53 @@ def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return c1 / len(images), c5 / len(images)
 
 
+def content_sha256(data: DistilledSet) -> str:
+    """A hash of the distilled set's content: every image's pixels, label and file name, in training order.
+    Stored soft labels are bound to it, so labels of another set with the same file names are refused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.files, data.labels.tolist(), data.classes, data.factor]).encode())
+    h.update(data.images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> None:
     if header["files"] != data.files:
         raise UserError(f"--soft-labels {header['distilled']}: made for another distilled set (file lists differ)")
+    if header.get("content_sha256") != content_sha256(data):
+        raise UserError(f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
+                        "different images or labels); run `rded-fast relabel` on this --distilled set")
     if header["epochs"] < recipe.epochs:
         raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
 
 
+def _inputs(cfg: StudentConfig) -> dict:
+    weights = cfg.teacher_weights if cfg.teacher_weights and os.path.exists(cfg.teacher_weights) else None
+    return {"--distilled": cfg.distilled, "--val": cfg.val, "--soft-labels": cfg.soft_labels, "--teacher-weights": weights}
+
+
 def evaluate(cfg: StudentConfig) -> dict:
-    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions)."""
+    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions).
+
+    Output paths (`--json`, `--checkpoint`) are checked before any training: outside the inputs,
+    writable, and replacing only an earlier result of ours; `--json` is locked for the run."""
     if not cfg.val or not cfg.student:
         raise UserError("evaluate needs --val DIR and --student NAME")
+    inputs = _inputs(cfg)
+    if cfg.checkpoint:
+        check_separate(cfg.checkpoint, "--checkpoint", inputs)
+        check_writable_file(cfg.checkpoint, "--checkpoint")
+        if os.path.isfile(cfg.checkpoint) and not zipfile.is_zipfile(cfg.checkpoint):
+            raise UserError(f"--checkpoint {cfg.checkpoint}: an existing file that is not a training state of "
+                            "rded-fast; give a new path")
+    if not cfg.json:
+        return _evaluate(cfg)
+    check_writable_file(cfg.json, "--json")
+    out_inputs = {**inputs, "--checkpoint": cfg.checkpoint}
+    with claim_output(cfg.json, "--json", out_inputs, kind="file", owned=is_result_json, overwrite=True, any_flag=None):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
@@ -181,6 +221,7 @@ def evaluate(cfg: StudentConfig) -> dict:
         "epoch_loss": epoch_loss,
         "train_images": len(images),
         "val_images": len(val_x),
+        "val_unused_classes": [s["path"] for s in vindex.skipped if s["reason"] == UNLISTED_CLASS],
         "seconds": time.perf_counter() - t0,
     }
     if cfg.json:
@@ -189,9 +230,20 @@ def evaluate(cfg: StudentConfig) -> dict:
 
 
 def relabel(cfg: StudentConfig) -> dict:
-    """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`."""
+    """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`.
+
+    An earlier labels folder of ours at `cfg.out` is replaced (kept aside until this run succeeds;
+    `replaced` in the result says so); any other non-empty folder is refused."""
     if not cfg.out:
         raise UserError("relabel needs --out DIR")
+    replaced = []
+    with claim_output(cfg.out, "--out", _inputs(cfg), owned=is_label_folder, overwrite=True, any_flag=None,
+                      on_replace=replaced.append):
+        result = _relabel(cfg)
+    return {**result, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _relabel(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
@@ -204,7 +256,7 @@ def relabel(cfg: StudentConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     softlabels.write_header(out, {
-        "distilled": str(data.root), "files": data.files, "classes": data.classes, "factor": data.factor,
+        "distilled": str(data.root), "content_sha256": content_sha256(data), "files": data.files, "classes": data.classes, "factor": data.factor,
         "input_size": size, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
         "temperature": recipe.temperature, "cutmix_beta": recipe.cutmix_beta, "top_k": min(k, len(data.classes)),
         "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
