@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -153,7 +154,7 @@ class DaliCropLoader:
         """Rows that cannot be read at all (left out at convert time), or whose JPEG structure is broken
         (rded_fast.jpeg_check; DALI's parser fails, or crashes, on those), with the reason."""
         if self.shards is None:
-            return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)))
+            return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)), workers=self.workers)
         ids = self.plan.image_ids[self.rows]
         gone = self.rows[self.shards.shard[ids] < 0]
         missing = {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
@@ -161,7 +162,8 @@ class DaliCropLoader:
         reader = _ShardBytes(self.shards)
         try:
             rows = [r for r in self.rows if int(r) not in missing]
-            return {**missing, **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True)}
+            return {**missing, **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True,
+                                                 workers=self.workers)}
         finally:
             reader.close()
 
@@ -338,19 +340,23 @@ def _file_bytes(path: str) -> bytes | str:
         return f"cannot read ({exc.strerror})"
 
 
-def broken_jpeg_rows(rows, read: Callable, require: bool = False) -> dict[int, str]:
+def broken_jpeg_rows(rows, read: Callable, require: bool = False, workers: int = 1) -> dict[int, str]:
     """{row: reason} for rows whose bytes (`read(row)`: bytes, or a reason string) are a broken JPEG;
-    other formats pass unless `require` (shards hold only JPEG)."""
-    bad = {}
-    for row in rows:
+    other formats pass unless `require` (shards hold only JPEG). Checked in `workers` threads (file reads
+    and numpy release the GIL), since every planned file is checked before DALI starts."""
+
+    def problem(row: int) -> str | None:
         data = read(int(row))
         if isinstance(data, str):
-            bad[int(row)] = data
-        elif require or is_jpeg(data):
-            problem = jpeg_problem(data)
-            if problem is not None:
-                bad[int(row)] = f"corrupt JPEG structure: {problem}"
-    return bad
+            return data
+        if require or is_jpeg(data):
+            found = jpeg_problem(data)
+            return None if found is None else f"corrupt JPEG structure: {found}"
+        return None
+
+    rows = [int(r) for r in rows]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return {row: reason for row, reason in zip(rows, pool.map(problem, rows, chunksize=64)) if reason is not None}
 
 
 class _OutOfStep(RuntimeError):
