@@ -31,6 +31,7 @@ from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_NAMES, CropLoader, make_loader, open_index
 from rded_fast.models import BuiltModel, build
+from rded_fast.models.classes import restrict_class_map
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import make_scorer
@@ -250,7 +251,7 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
 
     The folder is created only after the checks pass, so a refused run leaves nothing behind."""
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
-    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
+    class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
@@ -266,12 +267,15 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
 
 
 def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device):
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes,
+                     class_map=class_map)
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp),
-                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native")
+                         compile=compile_on, batch_size=cfg.batch_size * cfg.num_crop, native=cfg.score_mode == "native",
+                         mean=observer.mean, std=observer.std)
     return observer, scorer
 
 
@@ -357,8 +361,8 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "parameters": {**_run_parameters(cfg), "crop_size": cfg.input_size // cfg.factor,
                        "cells_per_class": cfg.ipc * cfg.factor**2, "scale": [0.08, 1.0], "ratio": [1.0, 1.0]},
         "versions": _versions(),
-        "observer": {"name": observer.name, "weights": observer.weights, "weights_sha256": observer.weights_sha256,
-                     "head_size": observer.head_size, "check": check},
+        "observer": {**observer.manifest(), "check": check,
+                     "head_rows": dict(zip(index.classes, observer.head_rows))},
         "data": {"root": index.root, "images": len(index), "classes": index.classes,
                  "class_counts": index.class_counts().tolist()},
         "short_classes": short,

@@ -6,7 +6,7 @@ zero-pad centrally to the observer's input size (zero = the mean colour) -> obse
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +16,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] float in [0, 1] -> ImageNet-normalised, same dtype."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, H, W] float in [0, 1] -> normalised by `mean`/`std` (ImageNet's by default), same dtype."""
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
-def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[N, 3, H, W] uint8 -> ImageNet-normalised float."""
-    return normalize(images.to(dtype) / 255.0)
+def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """[N, 3, H, W] uint8 -> normalised float (ImageNet's mean/std by default)."""
+    return normalize(images.to(dtype) / 255.0, mean, std)
 
 
 def center_pad(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,6 +53,8 @@ def make_scorer(
     batch_size: int = 512,
     native: bool = False,
     fixed_shape: bool | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The scoring engine: (crops [N, 3, p, p] uint8, labels [N]) -> (scores [N] float32, top-1 [N] int64).
 
@@ -60,7 +64,8 @@ def make_scorer(
     observer, per-crop cross-entropy. Results stay on `device` (no host sync). With `compile`, the
     function goes through torch.compile with fixed shapes: every call is padded to `batch_size` crops,
     so it compiles once (CUDA graphs on CUDA via mode "reduce-overhead"); `fixed_shape` (default:
-    `compile`) controls that padding.
+    `compile`) controls that padding. `mean`/`std`: the observer's input normalisation (RDED's
+    ImageNet values by default; timm models may carry others).
     """
     fixed_shape = compile if fixed_shape is None else fixed_shape
     device = torch.device(device)
@@ -69,7 +74,7 @@ def make_scorer(
     model = model.to(memory_format=memory_format)
 
     def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_uint8(crops)
+        x = normalize_uint8(crops, mean=mean, std=std)
         if not native:
             x = center_pad(x, input_size)
         x = x.contiguous(memory_format=memory_format)
