@@ -14,6 +14,7 @@ import torch
 from rded_fast.errors import UserError
 from rded_fast.models import build, choose_head_rows, imagenet_wnids, list_models, model_families
 from rded_fast.score import make_scorer, normalize_uint8
+from rded_fast.train.student import StudentConfig
 
 timm = pytest.importorskip("timm")
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,18 @@ def test_timm_other_family_own_normalisation_and_fixed_input_size(tmp_path):
         own = torch.nn.functional.cross_entropy(built.model((crops.float() / 255 - 0.5) / 0.5), labels, reduction="none")
         imagenet = torch.nn.functional.cross_entropy(built.model(normalize_uint8(crops)), labels, reduction="none")
     assert torch.allclose(scores, own, atol=1e-5) and not torch.allclose(scores, imagenet, atol=1e-3)
+
+
+def test_timm_pretrained_tag_offline_is_one_line(jpeg_tree, tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")}
+    r = subprocess.run([sys.executable, "-m", "cli", "distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"),
+                        "--observer", "timm:resnet18", "--weights", "a1_in1k", "--input-size", "32", "--workers", "0",
+                        "--device", "cpu", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--weights a1_in1k: timm could not load the pretrained weights of resnet18.a1_in1k" in r.stderr
+    assert "--weights FILE" in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_timm_errors(tmp_path):
@@ -175,6 +188,36 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
     assert observer["head_rows"] == {"n01440764": 0, "n02102040": 217, "n03000684": 491}
     assert observer["head_rule"] == "imagenet-wnid" and observer["normalization"]["mean"] == [0.485, 0.456, 0.406]
     assert len(observer["weights_sha256"]) == 64
+    # relabel and evaluate with the same observer as teacher (its recorded head rows) and a timm student
+    common = ["--distilled", str(out), "--teacher", "timm:resnet18", "--teacher-weights", str(weights), "--epochs", "1",
+              "--device", "cpu", "--quiet"]
+    r = _cli("relabel", *common, "--out", str(tmp_path / "labels"))
+    assert r.returncode == 0, r.stderr
+    r = _cli("evaluate", *common, "--val", str(data), "--student", "timm:test_resnet", "--soft-labels",
+             str(tmp_path / "labels"), "--json", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["parameters"]["student"] == "timm:test_resnet" and 0.0 <= result["final_top1"] <= 1.0
+
+
+def test_teacher_rows_and_normalisation(tmp_path):
+    """A teacher with its own normalisation sees the recipe's ImageNet-normalised batches converted to it,
+    and a teacher that is the distilled set's observer uses the rows the manifest recorded."""
+    from rded_fast.train.distilled_set import DistilledSet
+    from rded_fast.train.student import _teacher
+
+    path = _save_timm(tmp_path, "test_vit", "bare", size=32, classes=6)
+    manifest = {"observer": {"name": "timm:test_vit", "head_rows": {"a": 4, "b": 1}}}
+    data = DistilledSet(tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"],
+                        ["a", "b"], 1, 1, manifest)
+    teacher = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
+                       torch.device("cpu"))
+    full = timm.create_model("test_vit", num_classes=6, img_size=32)
+    full.load_state_dict(torch.load(path, weights_only=True))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = full.eval()((images.float() / 255 - 0.5) / 0.5)[:, [4, 1]]
+        assert torch.allclose(teacher(normalize_uint8(images)), expected, atol=1e-4)
 
 
 def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_observer, tmp_path):
@@ -230,3 +273,26 @@ def test_public_api_names():
     assert evaluate.__doc__ and relabel.__doc__
     with pytest.raises(AttributeError):
         rded_fast.no_such_name
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    """The README's Python API blocks, run as written but smaller (fewer images and student epochs, for time)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2 and "distill(DistillConfig(" in blocks[0] and "@register(" in blocks[1]
+    smaller = {"epochs=30": "epochs=1", "per_class=200": "per_class=60", "per_class=50": "per_class=10",
+               "mipc=100": "mipc=20"}
+    for old, new in smaller.items():
+        assert old in blocks[0]
+        blocks[0] = blocks[0].replace(old, new)
+    script = blocks[0] + blocks[1] + (
+        "\nfrom rded_fast import build, list_models\n"
+        "assert 'tiny_cnn' in list_models('user') and build('tiny_cnn', 3, None, 32).model[-1].out_features == 3\n"
+        "print('README OK')\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "README OK" in r.stdout and "student top-1" in r.stdout
+    assert len(list((tmp_path / "distilled").glob("*/*.png"))) == 100

@@ -45,14 +45,15 @@ _MODELS: dict[str, ModelEntry] = {}
 _SOURCES: dict[str, tuple[Callable[[str], ModelEntry], Callable[[], list[ModelEntry] | None], str]] = {}
 
 
-def register(name: str, source: str, family: str, student_head_1000: bool = True,
+def register(name: str, source: str = "user", family: str | None = None, student_head_1000: bool = True,
              fetch_weights: Callable[[str], tuple[dict, ModelEntry]] | None = None) -> Callable[[Builder], Builder]:
-    """Decorator: add the builder `fn(num_classes, input_size) -> nn.Module` to the table under `name`."""
+    """Decorator: add the builder `fn(num_classes, input_size) -> nn.Module` to the table under `name`
+    (`family` defaults to `name`); it is then usable as --observer/--student/--teacher NAME."""
 
     def add(fn: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, source, family, fn, fetch_weights, student_head_1000)
+        _MODELS[name] = ModelEntry(name, source, family or name, fn, fetch_weights, student_head_1000)
         return fn
 
     return add
