@@ -105,6 +105,12 @@ def test_factory_observers(tmp_path):
                  class_map=["z", "c", "b", "a", "y"])
     assert conv.head_size == 5 and conv.head_rows == [3, 2, 1] and conv.head_rule == "class-map"
     assert torch.equal(conv.model(x), conv.model.model(x)[:, [3, 2, 1]])
+    # a factory in a file, named by its path
+    path = Path(__file__).with_name("observer_factories.py")
+    by_file = build(f"{path}:tiny_observer", 4, None, 32)
+    assert by_file.origin["file_sha256"] == built.origin["file_sha256"] and by_file.family == "observer_factories"
+    with pytest.raises(UserError, match="no such file"):
+        build(f"{tmp_path}/missing.py:tiny_observer", 4, None, 32)
     # a Linear that is not the output: the forward pass decides the size
     assert build("tests.observer_factories:linear_not_head", 3, None, 16).head_size == 4
 

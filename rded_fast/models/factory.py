@@ -1,4 +1,5 @@
-"""`MODULE:FACTORY` models: any importable callable that returns an nn.Module (e.g. `mypkg.models:build_observer`).
+"""`MODULE:FACTORY` models: any importable callable that returns an nn.Module (e.g. `mypkg.models:build_observer`,
+or a file: `models/mine.py:build_observer`).
 
 The callable gets `num_classes=` when its signature accepts it (by name or `**kwargs`); otherwise it is
 called with no arguments and its output size is what it is. The current directory is importable, as
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -19,7 +21,26 @@ from rded_fast.models.checkpoint import file_sha256
 from rded_fast.models.registry import ModelEntry, register_source
 
 
+def _import_file(path: str, spec: str):
+    """Import a .py file as a module named after its path (so two files with one name do not clash)."""
+    if not os.path.isfile(path):
+        raise UserError(f"model {spec}: no such file {path!r}; give MODULE:FACTORY or PATH.py:FACTORY")
+    name = "rded_fast_factory_" + file_sha256(path)[:16]
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(f"model {spec}: importing {path!r} failed ({type(exc).__name__}: {exc})") from exc
+    sys.modules[name] = module
+    return module
+
+
 def _import(module: str, spec: str):
+    if module.endswith(".py"):
+        return _import_file(module, spec)
     added = os.getcwd() not in sys.path
     if added:
         sys.path.append(os.getcwd())
@@ -71,7 +92,8 @@ def resolve(spec: str) -> ModelEntry:
         raise UserError(f"model {spec}: {attr!r} is a {type(fn).__name__}, not a callable that returns a model")
     path = getattr(module, "__file__", None)
     origin = {"factory": spec, "file": path, "file_sha256": file_sha256(path) if path and os.path.isfile(path) else None}
-    return ModelEntry(spec, "factory", module_name, functools.partial(_build, spec, fn), origin=origin,
+    family = os.path.basename(module_name)[:-3] if module_name.endswith(".py") else module_name
+    return ModelEntry(spec, "factory", family, functools.partial(_build, spec, fn), origin=origin,
                       student_head_1000=False)
 
 
