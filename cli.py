@@ -32,8 +32,10 @@ def add_distill(sub) -> None:
                        description="Crop, score with an observer, select and stitch: RDED's synthesis. "
                                    "Defaults are the reference's ImageNet-1K settings.")
     p.add_argument("--data", required=True, help="ImageFolder root: DIR/<class>/<images>")
-    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3")
-    p.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V1) or a checkpoint path")
+    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3, "
+                                                     "timm:convnext_atto, mypkg.models:build_observer")
+    p.add_argument("--weights", help="checkpoint path, torchvision weights name (e.g. IMAGENET1K_V1, read from the "
+                                     "torch hub cache) or timm pretrained tag")
     p.add_argument("--out", required=True, help="output folder (refused when it exists and is not empty)")
     p.add_argument("--ipc", type=int, default=10, help="images per class to produce (default 10)")
     p.add_argument("--factor", type=int, default=2, help="cells per side of each image (default 2)")
@@ -52,7 +54,8 @@ def add_distill(sub) -> None:
                    "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
+    p.add_argument("--class-map", help="file with the observer's classes in output order, one per line; must name every "
+                                       "class folder and may name classes the data lacks (WNID folders need none)")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
     p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
@@ -73,7 +76,7 @@ def add_distill(sub) -> None:
 
 
 def run_distill(args) -> int:
-    from rded_fast.distill import DistillConfig, distill
+    from rded_fast import DistillConfig, distill
 
     if args.nproc > 1:
         from rded_fast.distributed import launch
@@ -146,7 +149,7 @@ def add_train_observer(sub) -> None:
 
 
 def run_train_observer(args) -> int:
-    from rded_fast.train.observer import ObserverConfig, train_observer
+    from rded_fast import ObserverConfig, train_observer
 
     fields = _fields(args)
     summary = train_observer(ObserverConfig(**fields, show_progress=not args.quiet))
@@ -228,11 +231,12 @@ def run_convert(args) -> int:
 
 def _student_args(p, student: bool) -> None:
     p.add_argument("--distilled", required=True, help="a distilled set made by `rded-fast distill`")
-    p.add_argument("--teacher", required=True, help="teacher model name (the observer)")
-    p.add_argument("--teacher-weights", help="torchvision weights name or checkpoint path")
+    p.add_argument("--teacher", required=True, help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY")
+    p.add_argument("--teacher-weights", help="checkpoint path, torchvision weights name or timm pretrained tag")
     if student:
         p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
-        p.add_argument("--student", required=True, help="student model name, randomly initialised")
+        p.add_argument("--student", required=True, help="student model name, randomly initialised (e.g. resnet18, "
+                                                        "timm:NAME, MODULE:FACTORY)")
         p.add_argument("--lr", type=float, help="default: RDED's (1e-3; 2e-3 for CIFAR-100 conv3)")
         p.add_argument("--soft-labels", help="labels folder from `rded-fast relabel` (replayed instead of a teacher)")
         p.add_argument("--json", help="write the result JSON here")
@@ -254,7 +258,7 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from rded_fast.train.student import StudentConfig, evaluate
+    from rded_fast import StudentConfig, evaluate
 
     fields = _fields(args)
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
@@ -282,7 +286,7 @@ def add_relabel(sub) -> None:
 
 
 def run_relabel(args) -> int:
-    from rded_fast.train.student import StudentConfig, relabel
+    from rded_fast import StudentConfig, relabel
 
     fields = _fields(args)
     r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
@@ -360,14 +364,28 @@ def run_bench(args) -> int:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list observer/student model names")
+    p = sub.add_parser("models", help="list observer/student models by source and family",
+                       description="Without options: one line per family. With --source or --family: every name.")
+    p.add_argument("--source", help="conv, modified, torchvision or timm")
+    p.add_argument("--family", help="e.g. resnet, convnext, mobilenetv2")
     p.set_defaults(run=run_models)
 
 
 def run_models(args) -> int:
-    from rded_fast.models import model_names
+    from rded_fast.models import model_families, source_usages
 
-    print("\n".join(model_names()))
+    rows = model_families(args.source, args.family)
+    if args.source or args.family:
+        if not rows:
+            raise UserError(f"no models with --source {args.source} --family {args.family}; run `rded-fast models`")
+        print("\n".join(name for _, _, names in rows for name in names))
+        return 0
+    print(f"{'source':<12} {'family':<26} {'models':>6}  examples")
+    for source, family, names in rows:
+        print(f"{source:<12} {family:<26} {len(names):>6}  {' '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if not any(source == "timm" for source, _, _ in rows):
+        print("timm         (not installed: pip install 'rded-fast[timm]')")
+    print("\nalso: " + "\n      ".join(source_usages().values()))
     return 0
 
 

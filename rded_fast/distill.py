@@ -33,6 +33,7 @@ from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.models import BuiltModel, build
+from rded_fast.models.classes import restrict_class_map
 from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
@@ -384,7 +385,7 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
 
     The folder is created only after the checks pass, so a refused run leaves nothing behind."""
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
-    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
+    class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
@@ -403,13 +404,15 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
               ) -> tuple[BuiltModel, Scorer]:
     """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
     classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes,
+                     class_map=class_map)
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp, device),
                          compile=resolve_compile(cfg.compile, device, crops), batch_size=score_chunk(cfg.mipc, cfg.num_crop),
-                         native=cfg.score_mode == "native")
+                         native=cfg.score_mode == "native", mean=observer.mean, std=observer.std)
     if cfg.select == "rded":
         for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
             scorer.warm(size)
@@ -522,8 +525,8 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "parameters": {**_run_parameters(cfg), "crop_size": cfg.input_size // cfg.factor,
                        "cells_per_class": cfg.ipc * cfg.factor**2, "scale": [0.08, 1.0], "ratio": [1.0, 1.0]},
         "versions": _versions(),
-        "observer": {"name": observer.name, "weights": observer.weights, "weights_sha256": observer.weights_sha256,
-                     "head_size": observer.head_size, "check": check},
+        "observer": {**observer.manifest(), "check": check,
+                     "head_rows": dict(zip(index.classes, observer.head_rows))},
         "data": {"root": index.root, "images": len(index), "classes": index.classes,
                  "class_counts": index.class_counts().tolist()},
         "short_classes": short,

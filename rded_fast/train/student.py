@@ -24,10 +24,10 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.images import load_tensor_dataset
 from rded_fast.index import UNLISTED_CLASS, build_index
-from rded_fast.models import build, build_student
+from rded_fast.models import build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
-from rded_fast.score import normalize_uint8
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import augment_batch, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
@@ -68,9 +68,36 @@ def _recipe(cfg: StudentConfig, data: DistilledSet, student: str) -> Recipe:
     return Recipe(epochs=cfg.epochs, batch_size=min(batch, len(data.labels)), lr=cfg.lr or rded_lr(len(data.classes), student))
 
 
+class Renormalize(nn.Module):
+    """Turn ImageNet-normalised batches (what the recipe makes) into a teacher's own normalisation."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _recorded_rows(data: DistilledSet, teacher: str) -> list[int] | None:
+    """The head rows the distilled set's observer used, when the teacher is that observer."""
+    observer = (data.manifest or {}).get("observer", {})
+    rows = observer.get("head_rows")
+    if observer.get("name") != teacher or not rows or not all(c in rows for c in data.classes):
+        return None
+    return [int(rows[c]) for c in data.classes]
+
+
 def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> nn.Module:
-    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data))
-    model = built.model.to(device, memory_format=torch.channels_last).eval()
+    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data), classes=data.classes,
+                  head_rows=_recorded_rows(data, cfg.teacher))
+    model = built.model
+    if (built.mean, built.std) != (IMAGENET_MEAN, IMAGENET_STD):
+        model = nn.Sequential(Renormalize(built.mean, built.std), model)
+    model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -164,7 +191,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
     val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
 
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, len(data.classes), size).to(device, memory_format=torch.channels_last).train()
+    student = build(cfg.student, len(data.classes), None, size, what="student").model.to(device, memory_format=torch.channels_last).train()
     opt, sched = make_optimizer(student, recipe)
     images = data.images.to(device)
     epoch_loss, evaluations = [], []
