@@ -406,3 +406,30 @@ def test_random_init_observer_is_named_as_such(small, tmp_path, capsys):
     err = _one_line_error(capsys)
     assert "randomly initialised" in err and "class order" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_real_second_run_on_the_same_out_is_refused_while_the_first_runs(small, tmp_path, capsys):
+    import signal
+    import time
+
+    data, weights = small
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "cli"] + _distill_argv(data, weights, out),
+                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not lock_path(out).exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGSTOP)  # hold it mid-run, lock taken
+        assert first.poll() is None and lock_path(out).exists()
+        assert main(_distill_argv(data, weights, out, "--overwrite", "--select", "random")) == 2
+        assert "in use by another rded-fast process" in _one_line_error(capsys)
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=240) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["select"] == "rded" and not lock_path(out).exists()
