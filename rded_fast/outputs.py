@@ -10,7 +10,7 @@ output with `claim_output` before it writes anything:
    anything else needs `--overwrite-any`.
 3. Replacing moves the old target aside (a hidden sibling) and deletes it only after the new run
    succeeded; a failed run puts it back. A killed run leaves it as `.NAME.rded-old-PID`, never deleted.
-4. Lock: `.NAME.rded-lock` beside the target, created with O_CREAT|O_EXCL and holding pid and host, is
+4. Lock: `.NAME.rded-lock` beside the target, created atomically (a hard link) holding pid and host, is
    held for the whole run; a second process is refused in one line. A lock whose pid is dead on this
    host is stale and taken over.
 """
@@ -146,10 +146,20 @@ def acquire_lock(target: Path, flag: str) -> Path:
     """Create the lock of `target` exclusively; refuse when a live process holds it. Returns the lock path."""
     path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{os.getpid()} {socket.gethostname()}\n"
+    # written in full under a private name, then hard-linked into place: link() fails when the lock exists,
+    # and a lock is never seen without its holder (an O_EXCL file would be empty for a moment)
+    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        return _link_lock(mine, path, target, flag)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _link_lock(mine: Path, path: Path, target: Path, flag: str) -> Path:
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(mine, path)
         except FileExistsError:
             holder = _holder(path)
             if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
@@ -157,8 +167,6 @@ def acquire_lock(target: Path, flag: str) -> Path:
                                 f"lock {path}); wait for it to finish, or delete the lock if no such process runs")
             _break_stale(path, holder)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
         return path
     raise UserError(f"{flag} {target}: could not take the lock {path}; delete it if no rded-fast process runs")
 

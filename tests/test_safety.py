@@ -388,3 +388,48 @@ def test_resume_redoes_a_finished_class_whose_sources_changed(small, tmp_path, c
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["redone_classes"] == ["class_00"] and journal.read_redone(out) == ["class_00"]
     assert (out / "class_00").rglob("*.png").__next__().read_bytes() != first
+
+
+def test_unusable_inductor_cache_does_not_stop_a_run(tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": "/proc/no-such-dir/cache"}
+    run = subprocess.run([sys.executable, "-m", "cli", "models"], cwd=Path(__file__).parent.parent, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "conv3" in run.stdout, run.stderr
+    assert "TORCHINDUCTOR_CACHE_DIR /proc/no-such-dir/cache is unusable" in run.stderr
+
+
+def test_random_init_observer_is_named_as_such(small, tmp_path, capsys):
+    data, _ = small
+    argv = ["distill", "--data", str(data), "--observer", "conv3", "--out", str(tmp_path / "o"), "--input-size", "32",
+            "--factor", "1", "--ipc", "1", "--mipc", "4", "--num-crop", "1", "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "randomly initialised" in err and "class order" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_real_second_run_on_the_same_out_is_refused_while_the_first_runs(small, tmp_path, capsys):
+    import signal
+    import time
+
+    data, weights = small
+    out = tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-m", "cli"] + _distill_argv(data, weights, out),
+                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not lock_path(out).exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGSTOP)  # hold it mid-run, lock taken
+        assert first.poll() is None and lock_path(out).exists()
+        assert main(_distill_argv(data, weights, out, "--overwrite", "--select", "random")) == 2
+        assert "in use by another rded-fast process" in _one_line_error(capsys)
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=240) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["select"] == "rded" and not lock_path(out).exists()
