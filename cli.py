@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rded_fast.errors import UserError
@@ -13,13 +14,28 @@ def _fields(args, *drop: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet", "argv", *drop)}
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser("distill", help="distill an ImageFolder into a few images per class (RDED)",
                        description="Crop, score with an observer, select and stitch: RDED's synthesis. "
                                    "Defaults are the reference's ImageNet-1K settings.")
     p.add_argument("--data", required=True, help="ImageFolder root: DIR/<class>/<images>")
-    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3")
-    p.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V1) or a checkpoint path")
+    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3, "
+                                                     "timm:convnext_atto, mypkg.models:build_observer")
+    p.add_argument("--weights", help="checkpoint path, torchvision weights name (e.g. IMAGENET1K_V1, read from the "
+                                     "torch hub cache) or timm pretrained tag")
     p.add_argument("--out", required=True, help="output folder (refused when it exists and is not empty)")
     p.add_argument("--ipc", type=int, default=10, help="images per class to produce (default 10)")
     p.add_argument("--factor", type=int, default=2, help="cells per side of each image (default 2)")
@@ -30,12 +46,16 @@ def add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
     p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
     p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
+    p.add_argument("--hw-decoder-load", type=float, default=1.0,
+                   help="DALI on CUDA: share of JPEGs for the hardware decoder (default 1; 0 or 1 keep output "
+                        "bytes independent of batch size)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--loader", default="auto", help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
                    "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--class-map", help="file with one class folder name per line, in the observer's output order")
+    p.add_argument("--class-map", help="file with the observer's classes in output order, one per line; must name every "
+                                       "class folder and may name classes the data lacks (WNID folders need none)")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
     p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
@@ -45,7 +65,9 @@ def add_distill(sub) -> None:
                    help="torch.compile the scoring step; auto = on for CUDA, on a CPU for runs large enough to repay it")
     p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
                    help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier distill output in --out")
+    p.add_argument("--overwrite-any", action="store_true",
+                   help="replace a non-empty --out that rded-fast did not write (moved aside, deleted only on success)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (finished classes are kept)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, launched through torchrun")
     p.add_argument("--skip-observer-check", action="store_true", help="distill even when the observer looks near chance")
@@ -54,14 +76,12 @@ def add_distill(sub) -> None:
 
 
 def run_distill(args) -> int:
-    from rded_fast.distill import DistillConfig, distill
+    from rded_fast import DistillConfig, distill
 
     if args.nproc > 1:
         from rded_fast.distributed import launch
 
-        argv = list(args.argv)
-        at = argv.index("--nproc")
-        return launch(args.nproc, argv[:at] + argv[at + 2 :])
+        return launch(args.nproc, without_option(list(args.argv), "--nproc"))
     fields = _fields(args, "nproc")
     result = distill(DistillConfig(**fields, show_progress=not args.quiet))
     if result.is_main:
@@ -70,6 +90,8 @@ def run_distill(args) -> int:
 
 
 def print_distill(result) -> None:
+    from rded_fast.index import UNLISTED_CLASS
+
     manifest = json.loads(result.manifest.read_text())
     if manifest["short_classes"]:
         print(f"note: {len(manifest['short_classes'])} class(es) have fewer than --mipc images; all were used: "
@@ -77,6 +99,21 @@ def print_distill(result) -> None:
     if manifest["empty_classes"]:
         print(f"note: {len(manifest['empty_classes'])} class folder(s) have no usable images and get no output: "
               + ", ".join(manifest["empty_classes"][:5]))
+    unlisted = [s["path"] for s in manifest["skipped_files"] if s["reason"] == UNLISTED_CLASS]
+    if unlisted:
+        print(f"note: {len(unlisted)} class folder(s) are not in --class-map and were NOT distilled: "
+              + ", ".join(unlisted[:5]))
+    skipped_classes = {k: v for k, v in manifest["skipped_classes"].items() if k not in manifest["empty_classes"]}
+    if skipped_classes:
+        name, why = next(iter(skipped_classes.items()))
+        print(f"note: {len(skipped_classes)} class(es) got NO output (too few usable images), e.g. {name}: {why}")
+    if manifest["fallback_cells"]:
+        print(f"note: {len(manifest['fallback_cells'])} class(es) have cells filled with further crops of an already "
+              "used picture (fewer usable images than cells): " + ", ".join(
+                  f"{k} ({v} cells)" for k, v in list(manifest["fallback_cells"].items())[:5]))
+    if manifest.get("redone_classes"):
+        print(f"note: {len(manifest['redone_classes'])} finished class(es) were redone because their source images "
+              "changed since the interrupted run: " + ", ".join(manifest["redone_classes"][:5]))
     if manifest["skipped_files"]:
         print(f"note: {len(manifest['skipped_files'])} file(s) skipped while indexing (listed in the manifest), e.g. "
               f"{manifest['skipped_files'][0]['path']}: {manifest['skipped_files'][0]['reason']}")
@@ -112,10 +149,12 @@ def add_train_observer(sub) -> None:
 
 
 def run_train_observer(args) -> int:
-    from rded_fast.train.observer import ObserverConfig, train_observer
+    from rded_fast import ObserverConfig, train_observer
 
     fields = _fields(args)
     summary = train_observer(ObserverConfig(**fields, show_progress=not args.quiet))
+    if summary["replaced"]:
+        print(f"note: replaced the earlier checkpoint {summary['replaced']}")
     val = summary["val_accuracy"]
     print(f"trained {args.arch} on {summary['train_images']} images in {summary['seconds']:.1f} s: "
           f"train top-1 {summary['train_accuracy']:.1%}" + (f", val top-1 {val:.1%}" if val is not None else ""))
@@ -164,6 +203,9 @@ def add_convert(sub) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90, help="ffcv: JPEG quality of stored images (default 90)")
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"], help="ffcv: image storage mode")
     p.add_argument("--shard-size", default="1GB", help="dali: target shard size, e.g. 1GB, 256MB (default 1GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
+    p.add_argument("--overwrite-any", action="store_true",
+                   help="replace a file or folder at --out that rded-fast did not write (kept aside until success)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_convert)
 
@@ -171,23 +213,30 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from converters import convert
 
-    common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet}
+    common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet,
+              "overwrite": args.overwrite, "overwrite_any": args.overwrite_any}
     if args.format == "ffcv":
         extra = {"max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode}
     else:
         extra = {"shard_size": args.shard_size}
     summary = convert(args.format, args.data, args.out, **common, **extra)
     print(json.dumps(summary, indent=1))
+    if summary.get("replaced"):  # on stderr: stdout stays one JSON document
+        print(f"note: replaced the earlier output {summary['replaced']}", file=sys.stderr)
+    elif summary.get("reused_shards"):
+        print(f"note: kept {summary['reused_shards']} complete shard(s) of an earlier conversion in {args.out}",
+              file=sys.stderr)
     return 0
 
 
 def _student_args(p, student: bool) -> None:
     p.add_argument("--distilled", required=True, help="a distilled set made by `rded-fast distill`")
-    p.add_argument("--teacher", required=True, help="teacher model name (the observer)")
-    p.add_argument("--teacher-weights", help="torchvision weights name or checkpoint path")
+    p.add_argument("--teacher", required=True, help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY")
+    p.add_argument("--teacher-weights", help="checkpoint path, torchvision weights name or timm pretrained tag")
     if student:
         p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
-        p.add_argument("--student", required=True, help="student model name, randomly initialised")
+        p.add_argument("--student", required=True, help="student model name, randomly initialised (e.g. resnet18, "
+                                                        "timm:NAME, MODULE:FACTORY)")
         p.add_argument("--lr", type=float, help="default: RDED's (1e-3; 2e-3 for CIFAR-100 conv3)")
         p.add_argument("--soft-labels", help="labels folder from `rded-fast relabel` (replayed instead of a teacher)")
         p.add_argument("--json", help="write the result JSON here")
@@ -209,10 +258,13 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from rded_fast.train.student import StudentConfig, evaluate
+    from rded_fast import StudentConfig, evaluate
 
     fields = _fields(args)
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
+    if r["val_unused_classes"]:
+        print(f"note: --val has {len(r['val_unused_classes'])} class folder(s) the distilled set does not have; "
+              f"they were not tested: {', '.join(r['val_unused_classes'][:5])}")
     print(f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
           f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s")
     print(f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
@@ -234,10 +286,12 @@ def add_relabel(sub) -> None:
 
 
 def run_relabel(args) -> int:
-    from rded_fast.train.student import StudentConfig, relabel
+    from rded_fast import StudentConfig, relabel
 
     fields = _fields(args)
     r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
+    if r["replaced"]:
+        print(f"note: replaced the earlier soft labels in {r['replaced']}")
     print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
           f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
     return 0
@@ -310,14 +364,28 @@ def run_bench(args) -> int:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list observer/student model names")
+    p = sub.add_parser("models", help="list observer/student models by source and family",
+                       description="Without options: one line per family. With --source or --family: every name.")
+    p.add_argument("--source", help="conv, modified, torchvision or timm")
+    p.add_argument("--family", help="e.g. resnet, convnext, mobilenetv2")
     p.set_defaults(run=run_models)
 
 
 def run_models(args) -> int:
-    from rded_fast.models import model_names
+    from rded_fast.models import model_families, source_usages
 
-    print("\n".join(model_names()))
+    rows = model_families(args.source, args.family)
+    if args.source or args.family:
+        if not rows:
+            raise UserError(f"no models with --source {args.source} --family {args.family}; run `rded-fast models`")
+        print("\n".join(name for _, _, names in rows for name in names))
+        return 0
+    print(f"{'source':<12} {'family':<26} {'models':>6}  examples")
+    for source, family, names in rows:
+        print(f"{source:<12} {family:<26} {len(names):>6}  {' '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if not any(source == "timm" for source, _, _ in rows):
+        print("timm         (not installed: pip install 'rded-fast[timm]')")
+    print("\nalso: " + "\n      ".join(source_usages().values()))
     return 0
 
 
@@ -329,19 +397,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Allowed range of every numeric argument, by destination name, for every command (lo, hi or None).
+# tests/test_safety.py checks that every int/float argument of the parser has an entry here.
+NUMBER_RANGES = {
+    "ipc": (1, None), "factor": (1, None), "mipc": (1, None), "num_crop": (1, None), "input_size": (1, None),
+    "seed": (0, 2**63 - 1), "batch_size": (1, None), "workers": (0, None), "jpeg_quality": (1, 100),
+    "nproc": (1, None), "epochs": (1, None), "per_class": (1, None), "student_epochs": (1, None),
+    "max_resolution": (1, 65500), "top_k": (1, None), "model_crops": (1, None), "seeds": (1, None),
+    "lr": (0.0, None), "weight_decay": (0.0, None),
+}
+POSITIVE = ("lr",)  # > 0, not >= 0
+
+
+def check_numbers(args) -> None:
+    """One-line errors for numeric arguments out of range (argparse only checks that they parse)."""
+    import math
+
+    for dest, (lo, hi) in NUMBER_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} {value}: must be a finite number")
+        if value < lo or (dest in POSITIVE and value <= lo):
+            raise UserError(f"{flag} {value}: must be {'>' if dest in POSITIVE else '>='} {lo}")
+        if hi is not None and value > hi:
+            raise UserError(f"{flag} {value}: must be <= {hi}")
+
+
+# What to do after an OS error (disk full, permission), per command: finished work and how to continue.
+OS_ERROR_FIX = {
+    "distill": "finished classes are kept; fix it and rerun with --resume",
+    "train-observer": "the per-epoch state OUT.state is kept; fix it and rerun with --resume",
+    "evaluate": "fix it and rerun (with --checkpoint FILE, --resume continues from the last epoch)",
+    "relabel": "fix it and rerun relabel",
+    "convert": "fix it and rerun convert (dali: complete shards are kept)",
+    "demo": "fix it and rerun the demo",
+    "bench": "fix it and rerun",
+}
+
+
+def os_error_message(args, exc: OSError) -> str:
+    """`--out DIR: No space left on device (...)`: the argument whose path holds the failing file, the fix."""
+    from pathlib import Path
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    flag = None
+    if exc.filename:
+        failing = Path(os.path.abspath(str(exc.filename)))
+        for dest, value in vars(args).items():
+            if isinstance(value, str) and value and dest not in ("command", "device", "loader", "observer", "arch"):
+                mine = Path(os.path.abspath(value))
+                if failing == mine or failing.is_relative_to(mine) or (failing.parent == mine.parent and mine.name in failing.name):
+                    flag = f"--{dest.replace('_', '-')} {value}"
+                    break
+    head = f"{flag}: " if flag else ""
+    return f"{head}{exc.strerror or exc}{where}; {OS_ERROR_FIX.get(args.command, 'fix it and rerun')}"
+
+
+def usable_inductor_cache() -> None:
+    """An unusable TORCHINDUCTOR_CACHE_DIR makes `import torchvision` fail (torch creates it at import),
+    even for runs that never compile: point it at a fresh temporary folder for this run, and say so."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK | os.X_OK):
+            return
+        why = "not writable"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rded-fast-inductor-")
+    print(f"note: TORCHINDUCTOR_CACHE_DIR {path} is unusable ({why}); using {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
+          "for this run", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        check_numbers(args)
+        usable_inductor_cache()
         return args.run(args)
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # disk full, permissions, vanished files: the message names the file
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"rded-fast {args.command}: error: {exc.strerror or exc}{where}; finished work is kept "
-              "(distill: rerun with --resume)", file=sys.stderr)
+    except OSError as exc:  # disk full, permissions, vanished files: name the argument and the fix
+        print(f"rded-fast {args.command}: error: {os_error_message(args, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rded_fast", "rded_fast.*", "converters", "converters.*", "benchmarks"]),
     py_modules=["cli"],
+    package_data={"rded_fast.models": ["imagenet_wnids.txt"]},
     install_requires=[
         # The registry's standard builds: the local CPU-only torch wheel breaks torchvision.
         "torch>=2.9",
@@ -19,6 +20,7 @@ setup(
     extras_require={
         "ffcv": ["ffcv>=1.0.2", "numba>=0.58"],
         "dali": ["nvidia-dali-cuda120>=1.30"],
+        "timm": ["timm>=1.0", "safetensors>=0.4"],
         "dev": ["pytest>=7", "pytest-timeout>=2"],
     },
     entry_points={"console_scripts": ["rded-fast=cli:main"]},

@@ -12,6 +12,7 @@ import argparse
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +21,43 @@ from PIL import Image
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (480, 360)]
 
 
-def natural_image(rng: np.random.Generator, width: int, height: int, alpha: float = 0.93) -> np.ndarray:
-    """[H, W, 3] uint8 with a 1/f^alpha spectrum per channel (correlated colours) and a few shapes."""
+@lru_cache(maxsize=16)
+def _amplitude(width: int, height: int, alpha: float) -> np.ndarray:
+    """1/f^alpha amplitude over the rfft2 frequency grid of a height x width image (DC removed)."""
     fy = np.fft.fftfreq(height)[:, None]
     fx = np.fft.rfftfreq(width)[None, :]
     radius = np.sqrt(fx**2 + fy**2)
     radius[0, 0] = 1.0
-    amplitude = radius**-alpha
+    amplitude = (radius**-alpha).astype(np.float32)
     amplitude[0, 0] = 0.0
-    base = rng.normal(size=(height, fx.shape[1])) + 1j * rng.normal(size=(height, fx.shape[1]))
-    channels = []
+    return amplitude
+
+
+def _complex_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32) + 1j * rng.standard_normal(shape, dtype=np.float32)
+
+
+def natural_image(rng: np.random.Generator, width: int, height: int, alpha: float = 0.93) -> np.ndarray:
+    """[H, W, 3] uint8 with a 1/f^alpha spectrum per channel (correlated colours) and a few shapes."""
+    amplitude = _amplitude(width, height, alpha)
+    base = _complex_noise(rng, amplitude.shape)
     mix = rng.uniform(0.6, 1.0)
+    channels = []
     for _ in range(3):
-        own = rng.normal(size=base.shape) + 1j * rng.normal(size=base.shape)
-        field = np.fft.irfft2((mix * base + (1 - mix) * own) * amplitude, s=(height, width))
-        channels.append(field / (field.std() + 1e-8))
-    img = np.stack(channels, -1) * rng.uniform(40, 62) + rng.uniform(60, 190, size=3)
-    yy, xx = np.mgrid[0:height, 0:width]
-    for _ in range(rng.integers(2, 6)):
+        field = np.fft.irfft2((mix * base + (1 - mix) * _complex_noise(rng, amplitude.shape)) * amplitude, s=(height, width))
+        channels.append((field / (field.std() + 1e-8)).astype(np.float32))
+    img = np.stack(channels, -1) * np.float32(rng.uniform(40, 62)) + rng.uniform(60, 190, size=3).astype(np.float32)
+    for _ in range(rng.integers(2, 6)):  # soft-edged discs, computed on their bounding boxes only
         cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(20, 120)
-        mask = np.clip((r - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) / 3.0, 0, 1)[..., None]
-        img = img * (1 - mask) + (img * 0.4 + rng.uniform(0, 255, size=3) * 0.6) * mask
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        y0, y1 = max(0, int(cy - r - 1)), min(height, int(cy + r + 2))
+        x0, x1 = max(0, int(cx - r - 1)), min(width, int(cx + r + 2))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        mask = np.clip((r - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)) / 3.0, 0, 1).astype(np.float32)[..., None]
+        box = img[y0:y1, x0:x1]
+        img[y0:y1, x0:x1] = box * (1 - mask) + (box * 0.4 + colour * 0.6) * mask
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

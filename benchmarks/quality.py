@@ -65,7 +65,8 @@ def run_quality(
                 select=select, index=str(work / "train_index.json"), overwrite=True, show_progress=show_progress))
             result = evaluate(StudentConfig(
                 distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer), student="conv3",
-                epochs=epochs, seed=seed, device=device, json=str(out / "evaluate.json"), show_progress=show_progress))
+                epochs=epochs, seed=seed, device=device, json=str(work / f"{select}_seed{seed}.evaluate.json"),
+                show_progress=show_progress))
             runs[select].append({"seed": seed, "final_top1": result["final_top1"], "final_top5": result["final_top5"],
                                  "best_top1": result["best_top1"], "seconds": result["seconds"]})
     rded = _stats([r["final_top1"] for r in runs["rded"]])

@@ -30,6 +30,8 @@ from converters.sanitize import BadImage, jpeg_bytes
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex, build_index, read_class_map
+from rded_fast.jpeg_check import jpeg_problem
+from rded_fast.outputs import claim_output, is_shard_folder, resolve
 from rded_fast.loaders.shards import (
     DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, META_EXT, sample_key, shard_stem,
 )
@@ -78,12 +80,16 @@ def plan_shards(index: DatasetIndex, limit: int) -> list[list[int]]:
 
 
 def _sanitize(path: str) -> tuple[bytes, bool] | str:
+    """(JPEG bytes, re-encoded?) or why the file is left out; bytes whose JPEG structure is broken are
+    left out too (rded_fast.jpeg_check), since DALI's parser fails on them at distill time."""
     try:
-        return jpeg_bytes(path)
+        data, reencoded = jpeg_bytes(path)
     except BadImage as exc:
         return str(exc)
     except OSError as exc:
         return f"cannot read ({exc.strerror})"
+    problem = jpeg_problem(data)
+    return (data, reencoded) if problem is None else f"corrupt JPEG structure: {problem}"
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
@@ -224,15 +230,29 @@ def convert_dali(
     workers: int = 4,
     show_progress: bool = True,
     shard_size: str | int = "1GB",
+    overwrite: bool = False,
+    overwrite_any: bool = False,
 ) -> dict:
     """Write the ImageFolder `data` as webdataset shards + DALI index files + `dataset.json` in `out`.
 
     `class_map` is a class-map file (or the list of folder names) giving the class order; complete
-    shards from an earlier run with the same input are kept. Returns a summary for printing.
+    shards from an earlier run with the same input are kept (`overwrite`: replaced; `overwrite_any`: a
+    folder rded-fast did not write is replaced, kept aside until success). Returns a summary for printing.
     """
-    t0 = time.perf_counter()
     limit = parse_size(shard_size)
     out_dir = Path(out)
+    target = resolve(out)
+    reuse = not (overwrite or overwrite_any) and target.is_dir() and is_shard_folder(target)
+    replaced = []
+    with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
+                      owned=is_shard_folder, overwrite=overwrite, overwrite_any=overwrite_any, resume=reuse,
+                      replace_hint="pass --overwrite to replace it", on_replace=replaced.append):
+        summary = _convert_dali(data, out_dir, class_map=class_map, workers=workers, show_progress=show_progress, limit=limit)
+    return {**summary, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _convert_dali(data: str, out_dir: Path, *, class_map, workers: int, show_progress: bool, limit: int) -> dict:
+    t0 = time.perf_counter()
     _check_out(out_dir)
     names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     index = build_index(data, class_map=names, workers=workers, show_progress=show_progress)

@@ -31,11 +31,12 @@ import numpy as np
 
 from converters.sanitize import BadImage, rgb_array
 from rded_fast.errors import UserError
-from rded_fast.fileio import atomic_write_text
+from rded_fast.fileio import atomic_write_text, file_mode
 from rded_fast.index import DatasetIndex, build_index, read_class_map
 from rded_fast.loaders.beton import (
     FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path,
 )
+from rded_fast.outputs import claim_output, is_beton
 from rded_fast.progress import progress
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -199,16 +200,35 @@ def convert_ffcv(
     max_resolution: int = 512,
     jpeg_quality: int = 90,
     write_mode: str = "jpg",
+    overwrite: bool = False,
+    overwrite_any: bool = False,
 ) -> dict:
     """Write the ImageFolder `data` as the FFCV file `out` (e.g. train.beton) plus `out`.json.
 
     `class_map` is a class-map file (or the list of folder names) giving the class order; `write_mode`
     is ffcv's (`jpg`: re-encoded at `jpeg_quality`; `raw`: pixels as decoded; `proportion`: half of the
-    images each way, chosen per image reproducibly). Returns a summary for printing.
+    images each way, chosen per image reproducibly). An existing `out` is replaced only when it is a
+    .beton of ours and `overwrite` is given (any file with `overwrite_any`; kept aside until success).
+    Returns a summary for printing.
     """
-    t0 = time.perf_counter()
     out_path = Path(out)
     _check_args(out_path, write_mode, max_resolution, jpeg_quality)
+    sidecar = sidecar_path(out_path)
+    if sidecar.exists() and not is_beton(out_path) and not overwrite_any:
+        raise UserError(f"--out {out}: its sidecar {sidecar} exists and rded-fast did not write it; give a new path, "
+                        "or --overwrite-any to replace both")
+    replaced = []
+    with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
+                      kind="file", owned=is_beton, overwrite=overwrite, overwrite_any=overwrite_any,
+                      replace_hint="pass --overwrite to replace it", on_replace=replaced.append):
+        summary = _convert_ffcv(data, out_path, class_map=class_map, workers=workers, show_progress=show_progress,
+                                max_resolution=max_resolution, jpeg_quality=jpeg_quality, write_mode=write_mode)
+    return {**summary, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _convert_ffcv(data: str, out_path: Path, *, class_map, workers: int, show_progress: bool, max_resolution: int,
+                  jpeg_quality: int, write_mode: str) -> dict:
+    t0 = time.perf_counter()
     names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
     index = build_index(data, class_map=names, workers=max(1, workers), show_progress=show_progress)
     if len(index) == 0:
@@ -233,7 +253,7 @@ def convert_ffcv(
         if len(labels) != len(ids) or not np.array_equal(labels, index.labels[ids]):
             raise UserError(f"--data {data}: images changed while converting (labels read back differ); convert again")
         record = sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), options)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset file is meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rded_fast.data import fashion_mnist
 from rded_fast.distill import DistillConfig, DistillResult, distill
+from rded_fast.outputs import claim_output, is_demo_folder
 from rded_fast.train.observer import ObserverConfig, train_observer
 from rded_fast.train.student import StudentConfig, evaluate
 
@@ -28,6 +29,15 @@ class DemoResult:
 
 def run_demo(out: str = "demo-output", data_dir: str | None = None, epochs: int = 3, per_class: int = 1000,
              ipc: int = 10, student_epochs: int = 30, device: str = "auto", show_progress: bool = True) -> DemoResult:
+    """Run the demo into `out`, which is checked first (before any data preparation): a new or empty
+    folder, or an earlier demo output (replaced), never inside or around `data_dir`."""
+    with claim_output(out, "--out", {"--data-dir": data_dir or fashion_mnist.default_data_dir()}, owned=is_demo_folder,
+                      overwrite=True, any_flag=None):
+        return _run_demo(out, data_dir, epochs, per_class, ipc, student_epochs, device, show_progress)
+
+
+def _run_demo(out: str, data_dir: str | None, epochs: int, per_class: int, ipc: int, student_epochs: int, device: str,
+              show_progress: bool) -> DemoResult:
     t0 = time.perf_counter()
     train_dir, test_dir = fashion_mnist.prepare(Path(data_dir) if data_dir else None, show_progress=show_progress)
     out_path = Path(out)

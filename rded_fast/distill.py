@@ -33,6 +33,8 @@ from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.models import BuiltModel, build
+from rded_fast.models.classes import restrict_class_map
+from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.score import Scorer, make_scorer
@@ -42,10 +44,11 @@ from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, r
                              write_contact_sheet, write_manifest)
 
 CHECK_IMAGES = 300
+SCORE_CHUNK_MAX = 512
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
-NOT_OUTPUT_RELEVANT = ("out", "overwrite", "resume", "show_progress", "workers", "index", "prefetch")
+NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index", "prefetch")
 # --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
 # EPYC (conv3 at 32 px, fp32, `bench --compile on/off`): a cold compile took 22 s (2 s with inductor's disk
 # cache warm) and saved 1/186 - 1/279 s per crop, so it pays off from ~12k crops (benchmarks/results/
@@ -72,6 +75,9 @@ class DistillConfig:
     device: str = "auto"
     loader: str = "auto"
     prefetch: int | None = None  # loader batches in flight; None: the loader's default for the device
+    # DALI on CUDA: share of each batch for the hardware JPEG decoder. Pinned to 0 or 1 every image gets the
+    # same decoder wherever it sits in a batch, so output bytes do not depend on batch size or resume.
+    hw_decoder_load: float = 1.0
     format: str = "png"
     jpeg_quality: int = 90
     class_map: str | None = None
@@ -81,6 +87,7 @@ class DistillConfig:
     compile: str = "auto"
     score_mode: str = "faithful"
     overwrite: bool = False
+    overwrite_any: bool = False  # replace an --out that rded-fast did not write (moved aside until success)
     resume: bool = False
     skip_observer_check: bool = False
     show_progress: bool = True
@@ -110,6 +117,7 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
         (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
         (cfg.prefetch is None or cfg.prefetch >= 1, f"--prefetch {cfg.prefetch}: must be >= 1"),
+        (0.0 <= cfg.hw_decoder_load <= 1.0, f"--hw-decoder-load {cfg.hw_decoder_load}: must be in 0..1"),
         (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
         (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
@@ -118,7 +126,8 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        (not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)), "--resume and --overwrite exclude each other"),
+        (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -160,10 +169,19 @@ def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
     return replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device), workers=workers)
 
 
+def score_chunk(mipc: int, num_crop: int) -> int:
+    """Crops per observer call: a full class (mipc x num_crop crops) split into equal chunks of at most
+    SCORE_CHUNK_MAX. It depends on output-relevant parameters only, never on --batch-size: on a GPU the
+    kernels, and so the last bits of each score, depend on the batch shape, and the selection must not."""
+    crops = mipc * num_crop
+    return -(-crops // -(-crops // SCORE_CHUNK_MAX))
+
+
 def near_chance_threshold(num_classes: int, n: int) -> float:
-    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std."""
+    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std, the margin
+    over chance capped at a quarter of the way to 100 % (so one- and two-class data can pass)."""
     chance = 1.0 / num_classes
-    return 2 * chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
+    return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
 def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None = None
@@ -212,7 +230,7 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
     loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device), prefetch=cfg.prefetch)
+                         device=str(device), prefetch=cfg.prefetch, hw_decoder_load=cfg.hw_decoder_load)
     crops, ok, pos = None, np.zeros(len(plan), bool), 0
     for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
         n = len(batch.rows)
@@ -234,6 +252,9 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     chance = 1.0 / index.num_classes
     threshold = near_chance_threshold(index.num_classes, decoded)
     report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": decoded}
+    if not cfg.skip_observer_check and accuracy < threshold and cfg.weights is None:
+        raise UserError(f"observer {cfg.observer} gets {accuracy:.1%} top-1, near chance ({chance:.1%}): it has no "
+                        "--weights, so it is randomly initialised; pass --weights (a weights name or a checkpoint)")
     if not cfg.skip_observer_check and accuracy < threshold:
         raise UserError(
             f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {decoded} training images, near chance "
@@ -314,7 +335,8 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
     rows = plan.class_rows(label)
     failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
                 for r, good in zip(rows, ok.tolist()) if not good]
-    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures}
+    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures,
+              "sources": journal.sources_fingerprint(index, label)}
     try:
         sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
     except UserError as exc:  # too few usable images: this class gets no output, the run goes on
@@ -363,7 +385,7 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
 
     The folder is created only after the checks pass, so a refused run leaves nothing behind."""
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
-    class_map = read_class_map(cfg.class_map) if cfg.class_map else None
+    class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
@@ -382,13 +404,15 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
               ) -> tuple[BuiltModel, Scorer]:
     """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
     classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes,
+                     class_map=class_map)
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp, device),
-                         compile=resolve_compile(cfg.compile, device, crops), batch_size=cfg.batch_size * cfg.num_crop,
-                         native=cfg.score_mode == "native")
+                         compile=resolve_compile(cfg.compile, device, crops), batch_size=score_chunk(cfg.mipc, cfg.num_crop),
+                         native=cfg.score_mode == "native", mean=observer.mean, std=observer.std)
     if cfg.select == "rded":
         for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
             scorer.warm(size)
@@ -410,8 +434,23 @@ def _collective(world: World, fn, message: str):
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
-    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring."""
+    """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring.
+
+    Rank 0 first claims `--out` (rded_fast.outputs: no overlap with the inputs, replace only our own
+    output, moved aside until this run succeeds, one process at a time)."""
     validate(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _distill(cfg)
+    inputs = {"--data": cfg.data, "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
+              "--class-map": cfg.class_map}
+    if cfg.index:  # the index cache is written too: never into the data
+        check_separate(cfg.index, "--index", {"--data": cfg.data})
+    with claim_output(cfg.out, "--out", inputs, overwrite=cfg.overwrite, overwrite_any=cfg.overwrite_any,
+                      resume=cfg.resume, replace_hint="pass --overwrite to replace it or --resume to continue it"):
+        return _distill(cfg)
+
+
+def _distill(cfg: DistillConfig) -> DistillResult:
     t0 = time.perf_counter()
     world = init_world(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
@@ -429,7 +468,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
 
     t = time.perf_counter()
-    done = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     host_wait = {"seconds": 0.0}
@@ -437,7 +476,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     def run_classes() -> None:
         plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
-                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
+                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
+                             hw_decoder_load=cfg.hw_decoder_load)
         source_extra = getattr(loader, "source_extra", None)
         with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
             for label, crops, ok in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
@@ -451,7 +491,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
                                                  "decoded": 0, "failures": [], "images": [], "fallback": 0,
-                                                 "skipped": "no usable images"})
+                                                 "skipped": "no usable images"}, index=index)
 
     _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
@@ -485,8 +525,8 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "parameters": {**_run_parameters(cfg), "crop_size": cfg.input_size // cfg.factor,
                        "cells_per_class": cfg.ipc * cfg.factor**2, "scale": [0.08, 1.0], "ratio": [1.0, 1.0]},
         "versions": _versions(),
-        "observer": {"name": observer.name, "weights": observer.weights, "weights_sha256": observer.weights_sha256,
-                     "head_size": observer.head_size, "check": check},
+        "observer": {**observer.manifest(), "check": check,
+                     "head_rows": dict(zip(index.classes, observer.head_rows))},
         "data": {"root": index.root, "images": len(index), "classes": index.classes,
                  "class_counts": index.class_counts().tolist()},
         "short_classes": short,
@@ -495,6 +535,7 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         "fallback_cells": {r["class"]: r["fallback"] for r in ordered if r["fallback"]},
         "skipped_files": index.skipped,
         "decode_failures": failures,
+        "redone_classes": journal.read_redone(out) if cfg.resume else [],
         "images": images_meta,
         "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
                 "world_size": world.size, "resumed_classes": len(resumed), "out": str(out)},

@@ -5,6 +5,7 @@ class and scoring is chunked per class, so any split gives the same bytes as one
 """
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -26,25 +27,41 @@ class World:
         return self.rank == 0
 
 
+# Rank 0 indexes, builds and checks the observer before the first collective; on ImageNet-1K that can
+# take minutes, longer than torch's default collective timeout (10 minutes for NCCL).
+DEFAULT_TIMEOUT_S = 3 * 3600
+
+
+def backend_for(device_type: str, gpu_backend: str = "nccl") -> str:
+    """The process-group backend string: on CUDA a group with both a CPU and a GPU backend, so that the
+    small CPU flags of `all_ok` go through gloo while any GPU tensors go through `gpu_backend`."""
+    return f"cpu:gloo,cuda:{gpu_backend}" if device_type == "cuda" else "gloo"
+
+
 def init_world(device_type: str) -> World:
-    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...); a single process otherwise."""
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...); a single process otherwise.
+
+    The collective timeout is RDED_FAST_DIST_TIMEOUT seconds (default 3 hours)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":  # each rank decodes and scores on its own GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=float(os.environ.get("RDED_FAST_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        dist.init_process_group(backend=backend_for(device_type), timeout=timeout)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
 
 
 def barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
+    """Wait for every rank (through the CPU backend, like `all_ok`)."""
+    all_ok(world, True)
 
 
 def all_ok(world: World, ok: bool) -> bool:
-    """True only if every rank says ok (so one rank's failure stops all of them cleanly)."""
+    """True only if every rank says ok (so one rank's failure stops all of them cleanly). The flag is a CPU
+    tensor: on CUDA the group's gloo backend carries it (see `backend_for`)."""
     if world.size <= 1:
         return ok
     flag = torch.tensor([0 if ok else 1])

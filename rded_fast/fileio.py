@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
-A reader never sees a half-written file, and a crash leaves the previous version intact.
+A reader never sees a half-written file, and a crash leaves the previous version intact. The file gets
+the permissions a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's private 0600.
 """
 from __future__ import annotations
 
@@ -26,6 +27,25 @@ def _fsync_all(fds: list[int]) -> None:
     list(_fsync_pool.map(os.fsync, fds))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc; elsewhere a brief set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permissions of a new regular file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename `tmp_path` over `path`; the temp file is removed on error."""
     path = Path(path)
@@ -36,6 +56,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

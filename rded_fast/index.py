@@ -21,6 +21,7 @@ from rded_fast.progress import progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 INDEX_VERSION = 1
+UNLISTED_CLASS = "class folder not in the class map: not used"
 
 
 @dataclass
@@ -75,7 +76,7 @@ class DatasetIndex:
 def read_class_map(path: str | os.PathLike) -> list[str]:
     """Folder names, one per line, in the observer's output order (blank lines and # comments ignored)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: a BOM is not part of a name
     except OSError as exc:
         raise UserError(f"cannot read class map {path}: {exc.strerror}") from exc
     names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
@@ -142,7 +143,8 @@ def build_index(
     """Scan `root/<class>/**/<image>` and read every image's header.
 
     Classes are the sorted sub-folder names unless `class_map` gives them (in observer output order);
-    a class-map name with no folder is an error. Files that are not images are skipped and listed.
+    a class-map name with no folder is an error, and a folder the class map leaves out is not used and
+    is listed in `skipped` (reason UNLISTED_CLASS). Files that are not images are skipped and listed.
     """
     root_path = Path(root)
     if not root_path.is_dir():
@@ -156,13 +158,15 @@ def build_index(
                 "fix the class map or the data root"
             )
         classes = list(class_map)
+        listed = set(classes)
+        unlisted = [{"path": name, "reason": UNLISTED_CLASS} for name in folders if name not in listed]
     else:
         classes = folders
     if not classes:
         raise UserError(f"--data {root}: no class folders found; expected {root}/<class>/<image files>")
 
     files: list[tuple[int, str]] = []
-    skipped: list[dict] = []
+    skipped: list[dict] = list(unlisted) if class_map is not None else []
     for label, name in enumerate(classes):
         images, others = _list_class_folder(root_path / name, root_path)
         files.extend((label, f) for f in images)

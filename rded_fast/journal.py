@@ -6,8 +6,12 @@ the same bytes. Ranks of a torchrun job each write their classes' records; rank 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_many, atomic_write_text
@@ -30,14 +34,44 @@ def check_run(out: str | Path, run: dict) -> None:
         raise UserError(f"--resume: {out} holds no interrupted rded-fast run ({path} is missing); "
                         "use an empty --out or --overwrite")
     before = json.loads(path.read_text())
-    changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
+    changed = sorted(k for k in set(before) | set(run) if _same_value(k, before.get(k), run.get(k)) is False)
     if changed:
         k = changed[0]
         raise UserError(f"--resume: {k} was {before.get(k)!r} in the interrupted run, now {run.get(k)!r}; "
                         "resume with the same arguments or start a new --out")
 
 
-def write_class(out: str | Path, label: int, record: dict) -> None:
+PATH_KEYS = ("data", "weights", "class_map")
+
+
+def _same_value(key: str, a, b) -> bool:
+    """Equal run parameters; paths are compared resolved (`data` and `/abs/path/data` are the same data)."""
+    if a == b:
+        return True
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.exists(a) == os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def sources_fingerprint(index, label: int) -> str:
+    """A hash of class `label`'s source images as they are now: relative path, indexed size, and (when the
+    file is on disk) byte size and modification time. A resume redoes a finished class whose sources changed."""
+    h = hashlib.sha256()
+    for i in np.flatnonzero(index.labels == label):
+        path = index.paths[i]
+        try:
+            st = os.stat(os.path.join(index.root, path))
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:  # converted sources (.beton, shards): the index is all there is
+            stamp = None
+        h.update(json.dumps([path, index.sizes[i].tolist(), stamp]).encode())
+    return h.hexdigest()
+
+
+def write_class(out: str | Path, label: int, record: dict, index=None) -> None:
+    """Record class `label` as finished; with `index`, also the fingerprint of its sources (for --resume)."""
+    if index is not None:
+        record = {**record, "sources": sources_fingerprint(index, label)}
     atomic_write_text(journal_dir(out) / f"class_{label:06d}.json", json.dumps(record, indent=1))
 
 
@@ -45,6 +79,29 @@ def write_classes(out: str | Path, records: list[dict]) -> None:
     """Several classes' records with one durability pass (each record's "label" names its file)."""
     atomic_write_many([(journal_dir(out) / f"class_{int(r['label']):06d}.json", json.dumps(r, indent=1).encode("utf-8"))
                        for r in records])
+
+
+def still_current(out: str | Path, records: dict[int, dict], index) -> dict[int, dict]:
+    """The finished classes whose sources are unchanged; the others are to be redone, and are listed in
+    the journal's redone.json (for the manifest and the console)."""
+    keep, redone = {}, []
+    for label, record in records.items():
+        if "sources" in record and label < index.num_classes and record["sources"] != sources_fingerprint(index, label):
+            redone.append(record["class"])
+        else:
+            keep[label] = record
+    path = journal_dir(out) / "redone.json"
+    if redone:
+        atomic_write_text(path, json.dumps(redone))
+    else:
+        path.unlink(missing_ok=True)
+    return keep
+
+
+def read_redone(out: str | Path) -> list[str]:
+    """Classes the last --resume redid because their source images had changed."""
+    path = journal_dir(out) / "redone.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def read_classes(out: str | Path) -> dict[int, dict]:

@@ -116,8 +116,9 @@ class Scorer:
             return crop_cross_entropy(logits, labels), logits.argmax(1)
 
         self._step = fused
-        if self.device.type == "cuda" and self.fixed_shape:
-            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN pick its fastest kernels once
+        # cudnn.benchmark stays off: it picks kernels by timing them, so two runs may round differently and
+        # select different crops; cuDNN's heuristics pick the same kernels for the same shapes every time.
+        # (benchmarks/gpu_suite.py measures what autotuning would gain.)
         if compile:
             _raise_recompile_limit()
             mode = "reduce-overhead" if self.device.type == "cuda" else None

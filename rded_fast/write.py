@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,15 @@ CONTACT_SHEET_CLASSES = 20
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool, resume: bool, create: bool = True) -> None:
-    """Check, then (with `create`) make `out`. An existing non-empty folder is refused unless `overwrite`
-    (its contents are removed) or `resume` (kept: finished classes are skipped)."""
+    """Check, then (with `create`) make `out`. Nothing is ever deleted here: replacing an earlier output
+    (`overwrite`) is done by rded_fast.outputs.claim_output, which moves it aside before the run; a
+    non-empty folder is accepted only with `resume` (finished classes are skipped)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"--out {out}: folder exists and is not empty; pass --overwrite, --resume, or another path")
-        if create:
-            shutil.rmtree(out)
+        hint = "" if overwrite else "pass --overwrite, --resume, or another path"
+        raise UserError(f"--out {out}: folder exists and is not empty; {hint or 'it changed while this run started; run again'}")
     if create:
         out.mkdir(parents=True, exist_ok=True)
 

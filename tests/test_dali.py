@@ -171,7 +171,7 @@ def test_convert_user_errors(jpeg_tree, tmp_path):
         convert_dali(str(jpeg_tree), str(tmp_path / "file"), show_progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not DALI shards"):
+    with pytest.raises(UserError, match="rded-fast did not write exists there"):
         convert_dali(str(jpeg_tree), str(tmp_path / "busy"), show_progress=False)
     with pytest.raises(UserError, match="dataset.json.*rded-fast convert --format dali"):
         load_shard_dataset(tmp_path / "busy")

@@ -107,7 +107,7 @@ def test_jpg_format_and_overwrite_rules(jpeg_tree, tmp_path):
     result = distill(cfg)
     files = list(result.out.rglob("class*.jpg"))
     assert len(files) == 3 and all(Image.open(f).format == "JPEG" for f in files)
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="holds an earlier rded-fast output"):
         distill(cfg)
     cfg.overwrite = True
     distill(cfg)

@@ -226,7 +226,7 @@ def test_beton_appears_only_complete(jpeg_tree, tmp_path, monkeypatch):
     before = out.read_bytes(), sidecar_path(out).read_bytes()
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", crash_after(ffcv.writer.DatasetWriter.finalize, 1))
     with pytest.raises(KeyboardInterrupt):
-        convert_ffcv(str(jpeg_tree), str(out), workers=1, show_progress=False, write_mode="raw")
+        convert_ffcv(str(jpeg_tree), str(out), workers=1, show_progress=False, write_mode="raw", overwrite=True)
     assert (out.read_bytes(), sidecar_path(out).read_bytes()) == before  # the old pair, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.beton", "train.beton.json"]  # no temp left
     new = tmp_path / "new.beton"

@@ -68,7 +68,7 @@ def test_distill_refuses_non_empty_out_and_missing_data(jpeg_tree, tmp_path, cap
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
     assert main(["distill", "--data", str(jpeg_tree), "--observer", "conv3", "--out", str(tmp_path / "o")]) == 2
-    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert "rded-fast did not write exists there and is not empty" in capsys.readouterr().err
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
     assert main(["distill", "--data", str(tmp_path / "nope"), "--observer", "conv3", "--out", str(tmp_path / "p")]) == 2
     assert "not a directory" in capsys.readouterr().err

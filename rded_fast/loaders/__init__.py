@@ -76,6 +76,7 @@ def make_loader(
     device: str = "cpu",
     prefetch: int | None = None,
     reuse_buffers: bool = False,
+    hw_decoder_load: float | None = None,
 ) -> CropLoader:
     """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8.
 
@@ -83,14 +84,20 @@ def make_loader(
     `prefetch`: batches kept in flight (None: `default_prefetch(device)`). With `reuse_buffers` the torch
     and ffcv loaders hand out batches in output buffers made once and rotated (pinned when CUDA is
     present): a batch stays valid until `prefetch + 1` more batches have been taken, so a consumer copies
-    what it keeps (device copies queued before taking the next batch are safe)."""
+    what it keeps (device copies queued before taking the next batch are safe). `hw_decoder_load`: DALI's
+    share of each GPU batch for the hardware JPEG decoder (0 or 1 pin every image to one decoder)."""
     _check_name(name)
     prefetch = default_prefetch(device) if prefetch is None else int(prefetch)
     if name == "dali":
         from rded_fast.loaders.dali_loader import DaliCropLoader
 
-        decode = "mixed" if str(device).startswith("cuda") else "cpu"
-        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode)
+        import torch
+
+        target = torch.device(device)
+        decode = "mixed" if target.type == "cuda" else "cpu"
+        device_id = (target.index if target.index is not None else torch.cuda.current_device()) if decode == "mixed" else None
+        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode,
+                              device_id=device_id, prefetch=prefetch, hw_decoder_load=hw_decoder_load)
     if name == "ffcv":
         from rded_fast.loaders.ffcv_loader import FfcvCropLoader
 

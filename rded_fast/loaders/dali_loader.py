@@ -17,24 +17,37 @@ All DALI types stay inside this module.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import mmap
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
 from rded_fast.index import DatasetIndex
+from rded_fast.jpeg_check import is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
 from rded_fast.plan import CropPlan
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
+# `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
+HAS_DYNAMIC_EXECUTOR = "exec_dynamic" in inspect.signature(Pipeline.__init__).parameters
+_SAMPLE_IN_ERROR = re.compile(r"sample #(\d+)")
+
+
+def failing_sample(message: str) -> int | None:
+    """The batch position DALI names in a decode error ("Failed to decode sample #3"), or None."""
+    found = _SAMPLE_IN_ERROR.search(message)
+    return int(found.group(1)) if found else None
 
 
 def shard_rows(num_rows: int, shard_id: int, num_shards: int) -> np.ndarray:
@@ -105,20 +118,31 @@ class DaliCropLoader:
     """Executes `plan` over `index` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
 
     `index.root` is a shard folder (see rded_fast/loaders/shards.py) or an ImageFolder root. `device`:
-    `mixed` (GPU decode, crops on the current CUDA device), `cpu`, or `auto` (mixed when CUDA is
-    available). `workers` is DALI's CPU thread count. `shard_id`/`num_shards` restrict the loader to
-    one contiguous block of plan rows (for one process per GPU).
+    `mixed` (GPU decode on CUDA device `device_id`, default the current one, so that decoding happens on
+    the GPU that scores), `cpu`, or `auto` (mixed when CUDA is available). `workers` is DALI's CPU
+    thread count, `prefetch` its queue depth. `hw_decoder_load` is the fraction of each batch nvJPEG
+    sends to the hardware JPEG decoder (the rest goes to its CUDA decoder); the two decoders' pixels
+    can differ, and which one an image gets depends on its position in the batch unless the split is
+    pinned to 0 or 1, so only a pinned split gives the same bytes across batch sizes and resumes.
+    `shard_id`/`num_shards` restrict the loader to one contiguous block of plan rows (for one process
+    per GPU).
     """
 
     def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
-                 device: str = "auto", hw_decoder_load: float | None = None, shard_id: int = 0, num_shards: int = 1):
+                 device: str = "auto", hw_decoder_load: float | None = None, shard_id: int = 0, num_shards: int = 1,
+                 device_id: int | None = None, prefetch: int = 2):
         if device not in DECODE_DEVICES:
             raise ValueError(f"device {device!r}: choose one of {DECODE_DEVICES}")
         if device == "auto":
             device = "mixed" if torch.cuda.is_available() else "cpu"
+        if device == "mixed" and not HAS_DYNAMIC_EXECUTOR:
+            raise RuntimeError("GPU decoding needs a DALI with the dynamic executor (exec_dynamic); upgrade DALI")
+        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load {hw_decoder_load}: must be in 0..1")
         self.index, self.plan, self.crop_size = index, plan, int(crop_size)
-        self.batch_size, self.workers = int(batch_size), max(1, int(workers))
+        self.batch_size, self.workers, self.prefetch = int(batch_size), max(1, int(workers)), max(1, int(prefetch))
         self.decode_device, self.hw_decoder_load = device, hw_decoder_load
+        self.device_id = None if device != "mixed" else (torch.cuda.current_device() if device_id is None else int(device_id))
         self.rows = shard_rows(len(plan), shard_id, num_shards)
         self.failures: list[dict] = []
         self.shards = load_shard_dataset(index.root) if is_shard_dir(index.root) else None
@@ -127,13 +151,24 @@ class DaliCropLoader:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def _missing(self) -> dict[int, str]:
-        """Rows that cannot be read at all (left out at convert time), with the reason."""
+        """Rows that cannot be read at all (left out at convert time), or whose JPEG structure is broken
+        (rded_fast.jpeg_check; DALI's parser fails, or crashes, on those), with the reason."""
         if self.shards is None:
-            return {}
+            return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)), workers=self.workers)
         ids = self.plan.image_ids[self.rows]
         gone = self.rows[self.shards.shard[ids] < 0]
-        return {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
-                for r in gone}
+        missing = {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
+                   for r in gone}
+        reader = _ShardBytes(self.shards)
+        try:
+            rows = [r for r in self.rows if int(r) not in missing]
+            return {**missing, **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True,
+                                                 workers=self.workers)}
+        finally:
+            reader.close()
+
+    def _path(self, row: int) -> str:
+        return os.path.join(self.index.root, self.index.paths[int(self.plan.image_ids[row])])
 
     def _groups(self, remaining: list[int]) -> list[list[int]]:
         """DALI batches over `remaining` rows. Bytes fed from shards: one batch per plan chunk, so
@@ -173,9 +208,10 @@ class DaliCropLoader:
                 return anchors, extents, pos
             return [reader.get(int(plan.image_ids[r])) for r in rows], anchors, extents, pos
 
+        executor = {"exec_dynamic": True} if HAS_DYNAMIC_EXECUTOR else {}
         pipe = crop_pipeline(feed, files, plan.num_crop, self.crop_size, self.decode_device, self.hw_decoder_load,
-                             batch_size=batch_size, num_threads=self.workers,
-                             device_id=torch.cuda.current_device() if self.decode_device == "mixed" else None)
+                             batch_size=batch_size, num_threads=self.workers, device_id=self.device_id,
+                             prefetch_queue_depth=self.prefetch, **executor)
         iterator = DALIGenericIterator([pipe], ["crops", "shape", "position", "reader_position"], size=-1)
         try:
             for i, out in enumerate(iterator):
@@ -203,6 +239,16 @@ class DaliCropLoader:
             return "DALI: " + str(exc).strip().splitlines()[0]
         return None
 
+    def _named_failure(self, rows: list[int], message: str, reader: _ShardBytes | None) -> dict[int, str]:
+        """{row: reason} for the sample DALI's error names, when it names one of `rows`: no probing needed."""
+        position = failing_sample(message)
+        if position is None or position >= len(rows):
+            return {}
+        row = rows[position]
+        image_id = int(self.plan.image_ids[row])
+        data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
+        return {row: _pil_reason(data) or "DALI: " + _decode_error_line(message)}
+
     def _stream(self, good: list[int]) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
         """DALI results over `good` rows, in pieces (rows, crops or None, {row: failure reason})."""
         reader = _ShardBytes(self.shards) if self.shards is not None else None
@@ -226,7 +272,8 @@ class DaliCropLoader:
                     raise
                 except Exception as exc:  # one undecodable image stops a DALI pipeline: find it, go on
                     failed = groups[done]
-                    bad = {r: reason for r in failed if (reason := self._probe(r, reader))}
+                    bad = self._named_failure(failed, str(exc), reader)
+                    bad = bad or {r: reason for r in failed if (reason := self._probe(r, reader))}
                     if not bad:  # nothing fails alone: give up on this batch rather than loop
                         bad = {r: "DALI: " + str(exc).strip().splitlines()[0] for r in failed}
                     yield sorted(bad), None, bad
@@ -277,6 +324,39 @@ class DaliCropLoader:
             if isinstance(x, torch.Tensor):
                 crops[i] = x
         return crops
+
+
+def _decode_error_line(message: str) -> str:
+    """The line of a DALI pipeline error that says what failed (not its traceback of our code)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return next((line for line in lines if _SAMPLE_IN_ERROR.search(line)), lines[0] if lines else "decode failed")
+
+
+def _file_bytes(path: str) -> bytes | str:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror})"
+
+
+def broken_jpeg_rows(rows, read: Callable, require: bool = False, workers: int = 1) -> dict[int, str]:
+    """{row: reason} for rows whose bytes (`read(row)`: bytes, or a reason string) are a broken JPEG;
+    other formats pass unless `require` (shards hold only JPEG). Checked in `workers` threads (file reads
+    and numpy release the GIL), since every planned file is checked before DALI starts."""
+
+    def problem(row: int) -> str | None:
+        data = read(int(row))
+        if isinstance(data, str):
+            return data
+        if require or is_jpeg(data):
+            found = jpeg_problem(data)
+            return None if found is None else f"corrupt JPEG structure: {found}"
+        return None
+
+    rows = [int(r) for r in rows]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return {row: reason for row, reason in zip(rows, pool.map(problem, rows, chunksize=64)) if reason is not None}
 
 
 class _OutOfStep(RuntimeError):

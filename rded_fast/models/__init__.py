@@ -1,170 +1,156 @@
-"""The observer/student registry: build(name, num_classes, weights, input_size) is the one way to get a model.
+"""Observers and students: `build(name, num_classes, weights, input_size)` is the one way to get a model.
 
-Names: every torchvision classification model (weights = a torchvision weights name such as
-IMAGENET1K_V1, or a checkpoint path), `resnet18_modified`/`resnet101_modified` (3x3 stride-1 stem, no
-max-pool), and `conv3`..`conv6`. A head with more outputs than the dataset has classes is sliced to its
-first `num_classes` rows (RDED's subset rule); a smaller head is an error.
+Names come from one table (`rded_fast.models.registry`): every torchvision classifier (weights = a
+torchvision weights name such as IMAGENET1K_V1, read from the local torch hub cache, or a checkpoint
+path), `resnet18_modified`/`resnet101_modified` (3x3 stride-1 stem, no max-pool), `conv3`..`conv6`,
+`timm:NAME` (with the `[timm]` extra) and `MODULE:FACTORY` (your own callable). A head with more
+outputs than the dataset has classes keeps the rows of the dataset's classes (`models.classes`: the
+first rows, RDED's rule, unless WNIDs or a class map say otherwise); a smaller head is an error.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from rded_fast.errors import UserError
-from rded_fast.models.convnet import ConvNet
+from rded_fast.models import builtin, factory, timm_source  # noqa: F401  (fill the registry)
+from rded_fast.models.builtin import CONVNET_NAMES, MODIFIED_RESNETS
+from rded_fast.models.checkpoint import clean_state_dict, load_checkpoint, state_dict_sha256
+from rded_fast.models.classes import choose_head_rows, imagenet_wnids
+from rded_fast.models.heads import check_head_size, find_head, head_name, select_rows, slice_head
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
+from rded_fast.models.registry import (ModelEntry, get_entry, list_entries, list_models, model_families, model_names,
+                                      register, source_usages,
+                                      register_source)
 
-CONVNET_NAMES = ("conv3", "conv4", "conv5", "conv6")
-MODIFIED_RESNETS = ("resnet18_modified", "resnet101_modified")
+__all__ = ["BuiltModel", "build", "register", "register_source", "get_entry", "list_entries", "list_models", "model_names",
+           "head_name", "slice_head", "select_rows", "load_checkpoint", "clean_state_dict", "state_dict_sha256",
+           "choose_head_rows", "imagenet_wnids", "CONVNET_NAMES", "MODIFIED_RESNETS", "ModelEntry"]
 
-
-def torchvision_names() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def model_names() -> list[str]:
-    return list(CONVNET_NAMES) + list(MODIFIED_RESNETS) + torchvision_names()
 
 
 @dataclass
 class BuiltModel:
-    """A model in eval mode plus its identity for the manifest."""
+    """A model in eval mode plus its identity for the manifest.
+
+    `head_rows[i]`: the output row of the full head that scores class i; `head_rule`: how they were
+    chosen; `mean`/`std`: the input normalisation the model expects (RGB in [0, 1]); `convention`: what
+    the source said about its inputs (timm's pretrained_cfg, torchvision's weights preset), `origin`:
+    the factory and its file hash for `MODULE:FACTORY` models."""
 
     model: nn.Module
     name: str
     weights: str | None
     weights_sha256: str | None
     head_size: int  # outputs of the head before slicing
+    head_rows: list[int] = field(default_factory=list)
+    head_rule: str = "first-rows"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    source: str = ""
+    family: str = ""
+    convention: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)
+
+    def manifest(self) -> dict:
+        """What the manifest records about this model."""
+        return {"name": self.name, "source": self.source, "family": self.family, "weights": self.weights,
+                "weights_sha256": self.weights_sha256, "head_size": self.head_size, "head_rule": self.head_rule,
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "convention": self.convention,
+                **({"factory": self.origin} if self.origin else {})}
 
 
-def _architecture(name: str, num_classes: int, input_size: int) -> nn.Module:
-    if name in CONVNET_NAMES:
-        return ConvNet(depth=int(name[-1]), num_classes=num_classes, input_size=input_size)
-    if name in MODIFIED_RESNETS:
-        model = getattr(torchvision.models, name.split("_")[0])(num_classes=num_classes)
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-        return model
-    if name in torchvision_names():
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise UserError(f"--observer/--arch {name}: unknown model; run `rded-fast models` for the list")
+def _load_weights(entry: ModelEntry, weights: str) -> tuple[dict, ModelEntry]:
+    if os.path.isfile(weights):
+        return load_checkpoint(weights, expect_arch=entry.name), entry
+    if entry.fetch_weights is not None:
+        return entry.fetch_weights(weights)
+    raise UserError(f"--weights {weights}: no such file (for {entry.name}, weights must be a checkpoint path)")
 
 
-def head_name(model: nn.Module) -> str:
-    """Dotted name of the classifier head: the last nn.Linear in the module tree."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise UserError(f"{type(model).__name__} has no Linear classifier head; it cannot be used as an observer")
-    return names[-1]
+def _head_size(entry: ModelEntry, state: dict, weights: str, num_classes: int, input_size: int) -> tuple[int, str | None]:
+    """Outputs of the head the weights were saved with, and the head's name (None: not a Linear)."""
+    probe = entry.builder(num_classes, input_size)
+    name = find_head(probe)
+    if name is None:
+        return num_classes, None
+    key = name + ".weight"
+    if key not in state:
+        raise UserError(f"--weights {weights}: has no {key!r}; is it a checkpoint of {entry.name}?")
+    return int(state[key].shape[0]), name
 
 
-def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent = model.get_submodule(dotted.rsplit(".", 1)[0]) if "." in dotted else model
-    setattr(parent, dotted.rsplit(".", 1)[-1], new)
-
-
-def slice_head(model: nn.Module, num_classes: int, what: str = "observer") -> nn.Module:
-    """Keep the head's first `num_classes` outputs (RDED's rule for class subsets)."""
-    name = head_name(model)
-    head: nn.Linear = model.get_submodule(name)
-    if head.out_features < num_classes:
-        raise UserError(
-            f"{what} head has {head.out_features} outputs but the dataset has {num_classes} classes; "
-            "use an observer trained on (a superset of) these classes"
-        )
-    if head.out_features == num_classes:
-        return model
-    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(head.weight[:num_classes])
-        if head.bias is not None:
-            new.bias.copy_(head.bias[:num_classes])
-    _set_module(model, name, new)
-    return model
-
-
-def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    """A hash of a state dict's names and values, independent of how it was stored."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        value = state[key]
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from `{"model": sd}`, `{"state_dict": sd}`, a bare sd, with or without `module.` prefixes."""
+def _count_outputs(model: nn.Module, input_size: int, name: str) -> int:
+    """Outputs of `model` on one zero image (for factory models, whose last Linear may not be the head)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.inference_mode():
+            out = model.eval()(torch.zeros(1, 3, input_size, input_size))
     except Exception as exc:
-        raise UserError(f"--weights {path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(
-            f"--weights {path}: not a state dict; expected {{'model': state_dict}}, a bare state dict, "
-            "or one with 'module.'-prefixed keys"
-        )
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+        raise UserError(f"model {name}: a 1x3x{input_size}x{input_size} input fails ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); check --input-size") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UserError(f"model {name}: must return logits [batch, classes], returned "
+                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return int(out.shape[1])
 
 
-def _torchvision_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
-    try:
-        enum = torchvision.models.get_model_weights(name)
-        w = enum[weights] if weights in enum.__members__ else enum.verify(weights)
-    except Exception as exc:
-        raise UserError(f"--weights {weights}: not a weights name of {name} (e.g. IMAGENET1K_V1) nor a file") from exc
-    try:
-        return w.get_state_dict(progress=False)
-    except Exception as exc:
-        raise UserError(
-            f"--weights {weights}: could not fetch {w.url} ({type(exc).__name__}); download it elsewhere "
-            "and pass the file path as --weights"
-        ) from exc
+def build(name: str, num_classes: int, weights: str | None = None, input_size: int = 224,
+          classes: Sequence[str] | None = None, class_map: Sequence[str] | None = None,
+          what: str = "observer", head_rows: Sequence[int] | None = None) -> BuiltModel:
+    """Build `name` with `weights` (None = random init) for `num_classes` classes, in eval mode.
 
-
-def build(name: str, num_classes: int, weights: str | None = None, input_size: int = 224) -> BuiltModel:
-    """Build `name` with `weights` (None = random init), head sliced to `num_classes`, in eval mode."""
+    The head keeps the rows of the dataset's classes: given the class names `classes` (and the observer's
+    output order `class_map`, which may list more classes), rows are picked by class
+    (`models.classes.choose_head_rows`); without them, the first `num_classes` rows. `what="student"`:
+    a random student; ImageNet families get a 1000-way head sliced to `num_classes`, as the reference
+    builds them (ConvNets and factories get `num_classes`). `head_rows`: explicit rows (e.g. the ones a
+    distilled set's manifest recorded), overriding both rules. The model is returned in eval mode."""
+    entry = get_entry(name)
     state = None
     if weights is not None:
-        if os.path.isfile(weights):
-            state = load_checkpoint(weights)
-        elif name in torchvision_names():
-            state = _torchvision_weights(name, weights)
-        else:
-            raise UserError(f"--weights {weights}: no such file (for {name}, weights must be a checkpoint path)")
-    head_size = num_classes
+        state, entry = _load_weights(entry, weights)
+    head_size, head = num_classes, None
     if state is not None:
-        probe = _architecture(name, num_classes, input_size)
-        key = head_name(probe) + ".weight"
-        if key not in state:
-            raise UserError(f"--weights {weights}: has no {key!r}; is it a checkpoint of {name}?")
-        head_size = int(state[key].shape[0])
-    model = _architecture(name, head_size, input_size)
+        head_size, head = _head_size(entry, state, weights, num_classes, input_size)
+    if state is None and what == "student" and entry.student_head_1000:
+        head_size = max(1000, num_classes)  # as the reference builds ResNet students: a 1000-way head, sliced
+    if class_map is not None and state is None:  # a class map may name more classes than the data has
+        head_size = max(head_size, len(class_map))
+    model = entry.builder(head_size, input_size)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0:3]
-            raise UserError(f"--weights {weights}: does not fit {name} at input size {input_size}: {' '.join(first)}") from exc
-    model = slice_head(model, num_classes)
+            raise UserError(f"--weights {weights}: does not fit {entry.name} at input size {input_size}: {' '.join(first)}") from exc
+    head = head if head is not None else find_head(model)
+    outputs = None
+    if entry.source == "factory" or head is None:
+        outputs = _count_outputs(model, input_size, entry.name)
+        if head is not None and model.get_submodule(head).out_features != outputs:
+            head = None  # the last Linear is not what the model outputs: select output columns instead
+    full = outputs if head is None else model.get_submodule(head).out_features
+    check_head_size(full, num_classes, what)
+    convention = dict(entry.convention)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not convention and isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+        convention = {"mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    if head_rows is not None:
+        rows, rule = [int(r) for r in head_rows], "given"
+    elif classes is not None:
+        if len(classes) != num_classes:
+            raise ValueError(f"classes has {len(classes)} names but num_classes is {num_classes}")
+        rows, rule = choose_head_rows(classes, full, class_map, convention.get("label_offset", 0))
+    else:
+        rows, rule = list(range(num_classes)), "first-rows"
+    model = select_rows(model, rows, what, head=head, outputs=full)
     model.eval()
-    return BuiltModel(model, name, weights, state_dict_sha256(state) if state is not None else None, head_size)
+    mean = tuple(float(v) for v in convention.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in convention.get("std", IMAGENET_STD))
+    return BuiltModel(model, entry.name, weights, state_dict_sha256(state) if state is not None else None, full,
+                      rows, rule, mean, std, entry.source, entry.family, convention, entry.origin)
 
-
-def build_student(name: str, num_classes: int, input_size: int = 224) -> nn.Module:
-    """A randomly initialised student. ResNet-family students get a 1000-way head sliced to
-    `num_classes`, as the reference builds them; ConvNets are built with `num_classes` outputs."""
-    head = num_classes if name in CONVNET_NAMES else max(1000, num_classes)
-    return slice_head(_architecture(name, head, input_size), num_classes, what="student")

@@ -3,7 +3,8 @@
 Standard recipe: random crop with padding size/8 and horizontal flip, ImageNet normalisation (the
 same the scorer uses), SGD with Nesterov momentum (or AdamW), cosine schedule to zero, cross-entropy.
 Saves {"model": state_dict, ...} atomically, the format `--weights` reads; the per-epoch training state
-beside it (`OUT.state`) lets `--resume` continue an interrupted run.
+beside it (`OUT.state`) lets `--resume` continue an interrupted run; it is removed when training completes.
+`OUT` replaces only an earlier checkpoint of ours (rded_fast.outputs), never another file.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from rded_fast.fileio import atomic_write_bytes
 from rded_fast.images import load_tensor_dataset
 from rded_fast.index import build_index
 from rded_fast.models import build
+from rded_fast.outputs import check_separate, claim_output, is_checkpoint
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint
@@ -71,11 +74,23 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_observer(cfg: ObserverConfig) -> dict:
-    """Train `cfg.arch` on `cfg.data`; returns a summary (accuracies, seconds, checkpoint path)."""
+    """Train `cfg.arch` on `cfg.data`; returns a summary (accuracies, seconds, checkpoint path, what it replaced)."""
     if cfg.epochs < 1:
         raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
+    if cfg.batch_size < 1 or (cfg.per_class is not None and cfg.per_class < 1) or not 0 <= cfg.seed < 2**63:
+        raise UserError("--batch-size and --per-class must be >= 1, --seed in 0..2^63-1")
+    inputs = {"--data": cfg.data, "--val": cfg.val}
+    check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs)
+    replaced = []
+    with claim_output(cfg.out, "--out", inputs, kind="file", owned=is_checkpoint, overwrite=True, any_flag=None,
+                      on_replace=replaced.append):
+        summary = _train_observer(cfg)
+    return {**summary, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _train_observer(cfg: ObserverConfig) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -145,4 +160,5 @@ def train_observer(cfg: ObserverConfig) -> dict:
     torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": cfg.arch,
                 "input_size": cfg.input_size, "classes": index.classes, "val_accuracy": val_acc}, buf)
     atomic_write_bytes(cfg.out, buf.getvalue())
+    Path(state_path).unlink(missing_ok=True)  # training is complete: nothing left to resume
     return summary

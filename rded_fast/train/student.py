@@ -7,8 +7,11 @@ left out: it only fed a training-accuracy log.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,10 +23,11 @@ from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.images import load_tensor_dataset
-from rded_fast.index import build_index
-from rded_fast.models import build, build_student
+from rded_fast.index import UNLISTED_CLASS, build_index
+from rded_fast.models import build
+from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
-from rded_fast.score import normalize_uint8
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import augment_batch, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
@@ -64,9 +68,36 @@ def _recipe(cfg: StudentConfig, data: DistilledSet, student: str) -> Recipe:
     return Recipe(epochs=cfg.epochs, batch_size=min(batch, len(data.labels)), lr=cfg.lr or rded_lr(len(data.classes), student))
 
 
+class Renormalize(nn.Module):
+    """Turn ImageNet-normalised batches (what the recipe makes) into a teacher's own normalisation."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _recorded_rows(data: DistilledSet, teacher: str) -> list[int] | None:
+    """The head rows the distilled set's observer used, when the teacher is that observer."""
+    observer = (data.manifest or {}).get("observer", {})
+    rows = observer.get("head_rows")
+    if observer.get("name") != teacher or not rows or not all(c in rows for c in data.classes):
+        return None
+    return [int(rows[c]) for c in data.classes]
+
+
 def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> nn.Module:
-    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data))
-    model = built.model.to(device, memory_format=torch.channels_last).eval()
+    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data), classes=data.classes,
+                  head_rows=_recorded_rows(data, cfg.teacher))
+    model = built.model
+    if (built.mean, built.std) != (IMAGENET_MEAN, IMAGENET_STD):
+        model = nn.Sequential(Renormalize(built.mean, built.std), model)
+    model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -96,17 +127,53 @@ def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return c1 / len(images), c5 / len(images)
 
 
+def content_sha256(data: DistilledSet) -> str:
+    """A hash of the distilled set's content: every image's pixels, label and file name, in training order.
+    Stored soft labels are bound to it, so labels of another set with the same file names are refused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([data.files, data.labels.tolist(), data.classes, data.factor]).encode())
+    h.update(data.images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> None:
     if header["files"] != data.files:
         raise UserError(f"--soft-labels {header['distilled']}: made for another distilled set (file lists differ)")
+    if header.get("content_sha256") != content_sha256(data):
+        raise UserError(f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
+                        "different images or labels); run `rded-fast relabel` on this --distilled set")
     if header["epochs"] < recipe.epochs:
         raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
 
 
+def _inputs(cfg: StudentConfig) -> dict:
+    weights = cfg.teacher_weights if cfg.teacher_weights and os.path.exists(cfg.teacher_weights) else None
+    return {"--distilled": cfg.distilled, "--val": cfg.val, "--soft-labels": cfg.soft_labels, "--teacher-weights": weights}
+
+
 def evaluate(cfg: StudentConfig) -> dict:
-    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions)."""
+    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions).
+
+    Output paths (`--json`, `--checkpoint`) are checked before any training: outside the inputs,
+    writable, and replacing only an earlier result of ours; `--json` is locked for the run."""
     if not cfg.val or not cfg.student:
         raise UserError("evaluate needs --val DIR and --student NAME")
+    inputs = _inputs(cfg)
+    if cfg.checkpoint:
+        check_separate(cfg.checkpoint, "--checkpoint", inputs)
+        check_writable_file(cfg.checkpoint, "--checkpoint")
+        if os.path.isfile(cfg.checkpoint) and not zipfile.is_zipfile(cfg.checkpoint):
+            raise UserError(f"--checkpoint {cfg.checkpoint}: an existing file that is not a training state of "
+                            "rded-fast; give a new path")
+    if not cfg.json:
+        return _evaluate(cfg)
+    check_writable_file(cfg.json, "--json")
+    out_inputs = {**inputs, "--checkpoint": cfg.checkpoint}
+    with claim_output(cfg.json, "--json", out_inputs, kind="file", owned=is_result_json, overwrite=True, any_flag=None):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
@@ -124,7 +191,7 @@ def evaluate(cfg: StudentConfig) -> dict:
     val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
 
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student, len(data.classes), size).to(device, memory_format=torch.channels_last).train()
+    student = build(cfg.student, len(data.classes), None, size, what="student").model.to(device, memory_format=torch.channels_last).train()
     opt, sched = make_optimizer(student, recipe)
     images = data.images.to(device)
     epoch_loss, evaluations = [], []
@@ -181,6 +248,7 @@ def evaluate(cfg: StudentConfig) -> dict:
         "epoch_loss": epoch_loss,
         "train_images": len(images),
         "val_images": len(val_x),
+        "val_unused_classes": [s["path"] for s in vindex.skipped if s["reason"] == UNLISTED_CLASS],
         "seconds": time.perf_counter() - t0,
     }
     if cfg.json:
@@ -189,9 +257,20 @@ def evaluate(cfg: StudentConfig) -> dict:
 
 
 def relabel(cfg: StudentConfig) -> dict:
-    """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`."""
+    """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`.
+
+    An earlier labels folder of ours at `cfg.out` is replaced (kept aside until this run succeeds;
+    `replaced` in the result says so); any other non-empty folder is refused."""
     if not cfg.out:
         raise UserError("relabel needs --out DIR")
+    replaced = []
+    with claim_output(cfg.out, "--out", _inputs(cfg), owned=is_label_folder, overwrite=True, any_flag=None,
+                      on_replace=replaced.append):
+        result = _relabel(cfg)
+    return {**result, "replaced": str(replaced[0]) if replaced else None}
+
+
+def _relabel(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
@@ -204,7 +283,7 @@ def relabel(cfg: StudentConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     softlabels.write_header(out, {
-        "distilled": str(data.root), "files": data.files, "classes": data.classes, "factor": data.factor,
+        "distilled": str(data.root), "content_sha256": content_sha256(data), "files": data.files, "classes": data.classes, "factor": data.factor,
         "input_size": size, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
         "temperature": recipe.temperature, "cutmix_beta": recipe.cutmix_beta, "top_k": min(k, len(data.classes)),
         "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,

@@ -1,0 +1,30 @@
+"""A bad JPEG in a DALI batch is found from DALI's own error (it names the sample), not by probing every row."""
+from __future__ import annotations
+
+
+from rded_fast.index import build_index
+from rded_fast.loaders.dali_loader import DaliCropLoader, failing_sample
+from rded_fast.plan import make_plan
+from tests.conftest import write_synthetic_jpegs
+
+
+def test_failing_sample_reads_dalis_message():
+    message = "Critical error in pipeline:\nError in CPU operator `decoders.image`\nFailed to decode sample #3 : \n"
+    assert failing_sample(message) == 3
+    assert failing_sample("something else went wrong") is None
+
+
+def test_bad_jpeg_is_named_without_probing_the_batch(tmp_path, monkeypatch):
+    root = write_synthetic_jpegs(tmp_path / "tree", classes=2, per_class=6)
+    good = (root / "class_00" / "img_000.jpg").read_bytes()
+    (root / "class_00" / "img_002.jpg").write_bytes(good[: len(good) // 3])  # truncated, mid-batch
+    index = build_index(root, show_progress=False)
+    plan = make_plan(index, 0, 6, 2)
+    probed = []
+    monkeypatch.setattr(DaliCropLoader, "_probe", lambda self, row, reader: probed.append(row) or "probed")
+    loader = DaliCropLoader(index, plan, 16, batch_size=12, workers=2, device="cpu")
+    ok = [bool(v) for b in loader for v in b.ok]
+    assert len(ok) == len(plan) and ok.count(False) == 1
+    assert [f["path"] for f in loader.failures] == ["class_00/img_002.jpg"]
+    assert probed == [], "the failing row should come from DALI's message"
+    assert "truncated" in loader.failures[0]["reason"].lower() or "DALI" in loader.failures[0]["reason"]

@@ -1,0 +1,49 @@
+"""Collectives as a CUDA job builds them: a group with a CPU and a GPU backend (gloo stands in for NCCL here)."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rded_fast.distributed import World, all_ok, backend_for, barrier
+
+
+def _rank(rank: int, size: int, port: int, votes: list[bool], results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend=backend_for("cuda", gpu_backend="gloo"), rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        world = World(rank=rank, size=size)
+        results[rank] = (all_ok(world, True), all_ok(world, votes[rank]))
+        barrier(world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_backend_strings():
+    assert backend_for("cuda") == "cpu:gloo,cuda:nccl"
+    assert backend_for("cpu") == "gloo"
+
+
+@pytest.mark.parametrize("votes", [[True, True], [True, False]])
+def test_all_ok_on_a_two_backend_group(votes):
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(2, _free_port(), votes, results), nprocs=2, join=True)
+    assert dict(results) == {r: (True, all(votes)) for r in range(2)}
+
+
+def test_nproc_is_dropped_in_both_spellings_before_torchrun():
+    from cli import without_option
+
+    for argv in (["distill", "--nproc=8", "--data", "d"], ["distill", "--nproc", "8", "--data", "d"]):
+        assert without_option(argv, "--nproc") == ["distill", "--data", "d"]
