@@ -175,8 +175,11 @@ def test_many_compiled_scorers_in_one_process_never_hit_the_recompile_limit(monk
 
 
 def test_auto_defaults(monkeypatch, tmp_path):
-    import rded_fast.distill as distill_mod
+    import importlib
+
     from rded_fast.loaders import resolve_loader
+
+    distill_mod = importlib.import_module("rded_fast.distill")  # the package re-exports a function of this name
 
     monkeypatch.setattr(distill_mod, "cpu_has_native_bf16", lambda: False)
     assert distill_mod.resolve_amp("auto", "cpu") is None  # emulated bf16 is slower than fp32
