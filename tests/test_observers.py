@@ -208,6 +208,8 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
               "--device", "cpu", "--quiet"]
     r = _cli("relabel", *common, "--out", str(tmp_path / "labels"))
     assert r.returncode == 0, r.stderr
+    header = json.loads((tmp_path / "labels" / "header.json").read_text())
+    assert header["teacher_head_rows"] == observer["head_rows"]
     r = _cli("evaluate", *common, "--val", str(data), "--student", "timm:test_resnet", "--soft-labels",
              str(tmp_path / "labels"), "--json", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr
@@ -226,7 +228,7 @@ def test_teacher_rows_and_normalisation(tmp_path):
     manifest = {"observer": {"name": "timm:test_vit", "head_rows": {"a": 4, "b": 1}}}
     data = DistilledSet(tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"],
                         ["a", "b"], 1, 1, manifest)
-    teacher = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
+    teacher, built = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
                        torch.device("cpu"))
     full = timm.create_model("test_vit", num_classes=6, img_size=32)
     full.load_state_dict(torch.load(path, weights_only=True))
@@ -234,6 +236,7 @@ def test_teacher_rows_and_normalisation(tmp_path):
     with torch.no_grad():
         expected = full.eval()((images.float() / 255 - 0.5) / 0.5)[:, [4, 1]]
         assert torch.allclose(teacher(normalize_uint8(images)), expected, atol=1e-4)
+    assert built.head_rows == [4, 1] and built.head_rule == "given" and built.mean == (0.5, 0.5, 0.5)
 
 
 def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_observer, tmp_path):
