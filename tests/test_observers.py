@@ -16,7 +16,11 @@ from rded_fast.models import build, choose_head_rows, imagenet_wnids, list_model
 from rded_fast.score import make_scorer, normalize_uint8
 from rded_fast.train.student import StudentConfig
 
-timm = pytest.importorskip("timm")
+try:
+    import timm
+except ImportError:  # the [timm] extra is optional: only the timm tests are skipped
+    timm = None
+needs_timm = pytest.mark.skipif(timm is None, reason="timm not installed (pip install 'rded-fast[timm]')")
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n02102040", "n03000684"]  # tench, English springer, chain saw: rows 0, 217, 491
 
@@ -37,6 +41,7 @@ def _save_timm(tmp_path: Path, name: str, layout: str, size: int | None = None, 
     return path
 
 
+@needs_timm
 @pytest.mark.parametrize("layout", ["timm", "compiled", "bare"])
 def test_timm_resnet18_local_weights_sliced_head(tmp_path, layout):
     path = _save_timm(tmp_path, "resnet18", layout)
@@ -49,6 +54,7 @@ def test_timm_resnet18_local_weights_sliced_head(tmp_path, layout):
     assert len(built.weights_sha256) == 64 and built.head_rows == [0, 1, 2]
 
 
+@needs_timm
 def test_timm_other_family_own_normalisation_and_fixed_input_size(tmp_path):
     """test_vit: a ViT (fixed input size, built at the run's 32 px) trained with mean = std = 0.5."""
     path = _save_timm(tmp_path, "test_vit", "timm", size=32, classes=5)
@@ -64,6 +70,7 @@ def test_timm_other_family_own_normalisation_and_fixed_input_size(tmp_path):
     assert torch.allclose(scores, own, atol=1e-5) and not torch.allclose(scores, imagenet, atol=1e-3)
 
 
+@needs_timm
 def test_timm_pretrained_tag_offline_is_one_line(jpeg_tree, tmp_path):
     import os
 
@@ -76,6 +83,7 @@ def test_timm_pretrained_tag_offline_is_one_line(jpeg_tree, tmp_path):
     assert "--weights FILE" in r.stderr and not (tmp_path / "o").exists()
 
 
+@needs_timm
 def test_timm_errors(tmp_path):
     with pytest.raises(UserError, match="timm .* has no model 'resnet19'"):
         build("timm:resnet19", 3)
@@ -180,6 +188,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@needs_timm
 def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
     """A timm ResNet-18 with a 1000-way head on three WNID folders: rows by WNID, recorded in the manifest."""
     data = _wnid_tree(tmp_path / "data", WNIDS)
@@ -199,6 +208,8 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
               "--device", "cpu", "--quiet"]
     r = _cli("relabel", *common, "--out", str(tmp_path / "labels"))
     assert r.returncode == 0, r.stderr
+    header = json.loads((tmp_path / "labels" / "header.json").read_text())
+    assert header["teacher_head_rows"] == observer["head_rows"]
     r = _cli("evaluate", *common, "--val", str(data), "--student", "timm:test_resnet", "--soft-labels",
              str(tmp_path / "labels"), "--json", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr
@@ -206,6 +217,7 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
     assert result["parameters"]["student"] == "timm:test_resnet" and 0.0 <= result["final_top1"] <= 1.0
 
 
+@needs_timm
 def test_teacher_rows_and_normalisation(tmp_path):
     """A teacher with its own normalisation sees the recipe's ImageNet-normalised batches converted to it,
     and a teacher that is the distilled set's observer uses the rows the manifest recorded."""
@@ -216,7 +228,7 @@ def test_teacher_rows_and_normalisation(tmp_path):
     manifest = {"observer": {"name": "timm:test_vit", "head_rows": {"a": 4, "b": 1}}}
     data = DistilledSet(tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"],
                         ["a", "b"], 1, 1, manifest)
-    teacher = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
+    teacher, built = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
                        torch.device("cpu"))
     full = timm.create_model("test_vit", num_classes=6, img_size=32)
     full.load_state_dict(torch.load(path, weights_only=True))
@@ -224,6 +236,7 @@ def test_teacher_rows_and_normalisation(tmp_path):
     with torch.no_grad():
         expected = full.eval()((images.float() / 255 - 0.5) / 0.5)[:, [4, 1]]
         assert torch.allclose(teacher(normalize_uint8(images)), expected, atol=1e-4)
+    assert built.head_rows == [4, 1] and built.head_rule == "given" and built.mean == (0.5, 0.5, 0.5)
 
 
 def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_observer, tmp_path):
@@ -255,18 +268,24 @@ def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_obse
         distill(DistillConfig(out=str(tmp_path / "m"), class_map=str(missing), **base))
 
 
-def test_registry_lists_sources_and_families(jpeg_tree, tmp_path):
+@needs_timm
+def test_registry_lists_sources_and_families(jpeg_tree, tmp_path, capsys):
+    import cli
+
     families = {(s, f) for s, f, _ in model_families()}
     assert {("conv", "convnet"), ("modified", "resnet"), ("torchvision", "mobilenetv2"), ("timm", "convnext"),
             ("timm", "efficientnet")} <= families
     assert "timm:resnet18" in list_models("timm") and "resnet18" in list_models("torchvision")
-    r = _cli("models")
-    assert r.returncode == 0 and "torchvision  shufflenetv2" in r.stdout and "MODULE:FACTORY" in r.stdout
-    assert "timm:resnet18" in _cli("models", "--source", "timm", "--family", "resnet").stdout.split()
-    r = _cli("distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"), "--observer",
-             "tests.observer_factories:missing", "--input-size", "32", "--workers", "0", "--device", "cpu", "--quiet")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "has no attribute 'missing'" in r.stderr
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision  shufflenetv2" in out and "timm         convnext" in out and "MODULE:FACTORY" in out
+    assert cli.main(["models", "--source", "timm", "--family", "resnet"]) == 0
+    assert "timm:resnet18" in capsys.readouterr().out.split()
+    assert cli.main(["distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"), "--observer",
+                     "tests.observer_factories:missing", "--input-size", "32", "--workers", "0", "--device", "cpu",
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "has no attribute 'missing'" in err and not (tmp_path / "o").exists()
 
 
 def test_public_api_names():
@@ -302,3 +321,10 @@ def test_readme_python_api_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "README OK" in r.stdout and "student top-1" in r.stdout
     assert len(list((tmp_path / "distilled").glob("*/*.png"))) == 100
+
+
+def test_without_timm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(UserError, match=r"timm:NAME models need timm: pip install 'rded-fast\[timm\]'"):
+        build("timm:resnet18", 3)
+    assert not list_models("timm") and "resnet18" in list_models()

@@ -22,14 +22,14 @@ from rded_fast.models.builtin import CONVNET_NAMES, MODIFIED_RESNETS
 from rded_fast.models.checkpoint import clean_state_dict, load_checkpoint, state_dict_sha256
 from rded_fast.models.classes import choose_head_rows, imagenet_wnids
 from rded_fast.models.heads import check_head_size, find_head, head_name, select_rows, slice_head
-from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 from rded_fast.models.registry import (ModelEntry, get_entry, list_entries, list_models, model_families, model_names,
-                                      register, source_usages,
-                                      register_source)
+                                      register, register_source, source_usages)
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["BuiltModel", "build", "register", "register_source", "get_entry", "list_entries", "list_models", "model_names",
-           "head_name", "slice_head", "select_rows", "load_checkpoint", "clean_state_dict", "state_dict_sha256",
-           "choose_head_rows", "imagenet_wnids", "CONVNET_NAMES", "MODIFIED_RESNETS", "ModelEntry"]
+__all__ = ["BuiltModel", "build", "register", "register_source", "get_entry", "list_entries", "list_models",
+           "model_families", "source_usages", "model_names", "head_name", "slice_head", "select_rows",
+           "load_checkpoint", "clean_state_dict", "state_dict_sha256", "choose_head_rows", "imagenet_wnids",
+           "CONVNET_NAMES", "MODIFIED_RESNETS", "ModelEntry"]
 
 
 

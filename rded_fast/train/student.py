@@ -24,7 +24,7 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.images import load_tensor_dataset
 from rded_fast.index import UNLISTED_CLASS, build_index
-from rded_fast.models import build
+from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
@@ -91,7 +91,9 @@ def _recorded_rows(data: DistilledSet, teacher: str) -> list[int] | None:
     return [int(rows[c]) for c in data.classes]
 
 
-def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> nn.Module:
+def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> tuple[nn.Module, BuiltModel]:
+    """(the teacher in eval mode, frozen, taking the recipe's ImageNet-normalised batches; its BuiltModel:
+    head rows and normalisation, for the records)."""
     built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data), classes=data.classes,
                   head_rows=_recorded_rows(data, cfg.teacher))
     model = built.model
@@ -100,7 +102,7 @@ def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> nn
     model = model.to(device, memory_format=torch.channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, built
 
 
 def _autocast(device: torch.device):
@@ -186,7 +188,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
         _check_labels_match(header, data, recipe)
         teacher = None
     else:
-        teacher = _teacher(cfg, data, device)
+        teacher, _ = _teacher(cfg, data, device)
     vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
     val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
 
@@ -279,7 +281,7 @@ def _relabel(cfg: StudentConfig) -> dict:
     k = len(data.classes) if cfg.top_k is None else int(cfg.top_k)
     if k < 1:
         raise UserError(f"--top-k {cfg.top_k}: must be >= 1 (or omit it for all classes)")
-    teacher = _teacher(cfg, data, device)
+    teacher, built = _teacher(cfg, data, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     softlabels.write_header(out, {
@@ -287,6 +289,8 @@ def _relabel(cfg: StudentConfig) -> dict:
         "input_size": size, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
         "temperature": recipe.temperature, "cutmix_beta": recipe.cutmix_beta, "top_k": min(k, len(data.classes)),
         "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
+        "teacher_head_rows": dict(zip(data.classes, built.head_rows)),
+        "teacher_normalization": {"mean": list(built.mean), "std": list(built.std)},
         "recipe": "RDED: ShufflePatches(factor) -> RandomResizedCrop(scale (1/factor, 1), ratio (3/4, 4/3)) -> flip -> normalise -> CutMix Beta(1,1)",
     })
     images = data.images.to(device)
