@@ -8,7 +8,8 @@
 #
 # Usage, from the repository root:  bash benchmarks/gpu_setup.sh [--check] && source /tmp/site.env
 #   --check: afterwards try DALI and ffcv (those installed) with that environment: see step 6.
-# Environment: GPU_PAYLOAD (default .gpu), GPU_SITE (default /tmp/site), PYTHON (default python3),
+# Environment: GPU_PAYLOAD (default .gpu, kept in GPU_KEEP, default /tmp/rded-gpu-payload), GPU_SITE
+#   (default /tmp/site), PYTHON (default python3),
 #   GPU_ALL_LIBS=1 (expose every carried library, not only those the system lacks).
 set -euo pipefail
 
@@ -19,6 +20,15 @@ case "${1:-}" in
     *) echo "gpu_setup: unknown argument '$1'; the only option is --check" >&2; exit 2 ;;
 esac
 PAYLOAD=${GPU_PAYLOAD:-.gpu}
+# The device machine re-copies the repository at every call, and a carried folder is gone from it at the
+# next call that does not carry it (seen on the H100, 2026-11-24). So every chunk that arrives is copied
+# to a folder outside the repository first, and the payload is read from there.
+KEEP=${GPU_KEEP:-/tmp/rded-gpu-payload}
+if [[ "$PAYLOAD" == ".gpu" ]] && compgen -G ".gpu/c*/" >/dev/null; then
+    mkdir -p "$KEEP"
+    cp -r .gpu/c*/ "$KEEP"/
+fi
+[[ "$PAYLOAD" == ".gpu" ]] && [[ -d "$KEEP" ]] && PAYLOAD=$KEEP
 SITE=${GPU_SITE:-/tmp/site}
 PY=${PYTHON:-python3}
 JOINED=$SITE.joined          # joined big wheels live outside the repository
