@@ -404,7 +404,8 @@ NUMBER_RANGES = {
     "seed": (0, 2**63 - 1), "batch_size": (1, None), "workers": (0, None), "jpeg_quality": (1, 100),
     "nproc": (1, None), "epochs": (1, None), "per_class": (1, None), "student_epochs": (1, None),
     "max_resolution": (1, 65500), "top_k": (1, None), "model_crops": (1, None), "seeds": (1, None),
-    "lr": (0.0, None), "weight_decay": (0.0, None),
+    "lr": (0.0, None), "weight_decay": (0.0, None), "prefetch": (1, None), "host_classes": (1, None),
+    "hw_decoder_load": (0.0, 1.0),
 }
 POSITIVE = ("lr",)  # > 0, not >= 0
 

@@ -226,9 +226,9 @@ def test_dali_converter_leaves_out_broken_jpegs(tmp_path):
     assert isinstance(result, str) and "corrupt JPEG structure" in result, result
 
 
-# ---- case 6: a class map that leaves out folders says so ------------------------------------------------
+# ---- case 6: a class map that leaves out folders is refused ------------------------------------------------
 
-def test_class_map_leaving_out_a_folder_is_listed_and_bom_is_ignored(small, tmp_path, capsys):
+def test_class_map_leaving_out_a_folder_is_refused_and_bom_is_ignored(small, tmp_path, capsys):
     data, weights = small
     cmap = tmp_path / "map.txt"
     cmap.write_bytes("\ufeffclass_01\n".encode("utf-8"))
@@ -239,8 +239,11 @@ def test_class_map_leaving_out_a_folder_is_listed_and_bom_is_ignored(small, tmp_
     from rded_fast.models import build
 
     torch.save({"model": build("conv3", 1, None, 32).model.state_dict()}, tmp_path / "w1.pth")
-    assert main(_distill_argv(data, tmp_path / "w1.pth", tmp_path / "o", "--class-map", str(cmap))) == 0
-    assert "not in --class-map and were NOT distilled: class_00" in capsys.readouterr().out
+    # distill refuses a map that leaves out a class folder (issue 13: every data folder must be named)
+    assert main(_distill_argv(data, tmp_path / "w1.pth", tmp_path / "o", "--class-map", str(cmap))) == 2
+    err = capsys.readouterr().err
+    assert "does not name the class folder 'class_00'" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 # ---- case 7: stored soft labels are bound to the set's content ------------------------------------------

@@ -55,7 +55,8 @@ def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> 
         why = ("it holds Python objects besides tensors; save {'model': model.state_dict()} instead"
                if "weights_only" in text or "Weights only" in text else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
         raise UserError(f"--weights {path}: cannot load checkpoint ({why})") from exc
-    if isinstance(obj, dict) and expect_arch and isinstance(obj.get("arch"), str) and obj["arch"] != expect_arch:
+    if (isinstance(obj, dict) and expect_arch and isinstance(obj.get("arch"), str)
+            and obj["arch"] not in (expect_arch, expect_arch.split(":")[-1])):  # timm's train.py saves "resnet18"
         raise UserError(f"--weights {path}: a checkpoint of {obj['arch']}, not of {expect_arch}; pass "
                         f"--observer/--teacher {obj['arch']} or a {expect_arch} checkpoint")
     if isinstance(obj, dict):
