@@ -29,19 +29,9 @@ from pathlib import Path
 
 import torch
 
+from rded_fast.device import available_cores, cpu_description
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_facts() -> dict:
-    flags, model = set(), platform.processor()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), model)
-        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    except OSError:
-        pass
-    return {"model": model, "cores": len(os.sched_getaffinity(0)),
-            "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})}
 
 
 def _versions() -> dict:
@@ -102,7 +92,7 @@ def convert_formats(work: Path, formats: list[str]) -> dict:
         t = time.perf_counter()
         try:
             summary = convert(fmt, str(work / "tree"), str(out), show_progress=False,
-                              workers=len(os.sched_getaffinity(0)), **options)
+                              workers=available_cores(), **options)
             result[fmt] = {"seconds": time.perf_counter() - t, "bytes": _disk_bytes(out),
                            "written": summary.get("written"), "skipped": len(summary.get("skipped", {}) or {})}
         except Exception as exc:
@@ -169,7 +159,7 @@ def dali_decode(work: Path, loads: tuple[float | None, ...] = (0.0, 1.0, None)) 
     plan = make_plan(index, 0, 300, 5)
     result = {"images": len(plan), "crop": 112, "num_crop": 5}
     for load in loads:
-        loader = DaliCropLoader(index, plan, 112, batch_size=256, workers=len(os.sched_getaffinity(0)), device="mixed",
+        loader = DaliCropLoader(index, plan, 112, batch_size=256, workers=available_cores(), device="mixed",
                                 hw_decoder_load=load, device_id=0, prefetch=2)
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -197,7 +187,7 @@ def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) ->
         shutil.rmtree(out, ignore_errors=True)
         torch.cuda.reset_peak_memory_stats()
         cfg = DistillConfig(data=data, out=str(out), observer="resnet18", weights=str(ckpt), ipc=10, factor=2, mipc=300,
-                            num_crop=5, input_size=224, batch_size=100, workers=len(os.sched_getaffinity(0)),
+                            num_crop=5, input_size=224, batch_size=100, workers=available_cores(),
                             device="cuda", loader=loader, skip_observer_check=True, show_progress=False)
         try:
             t = time.perf_counter()
@@ -259,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--steps: unknown {sorted(unknown)}; choose from {','.join(STEPS)}")
     cuda = torch.cuda.is_available()
-    header = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA device", "cpu": _cpu_facts(),
+    header = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA device", "cpu": cpu_description(),
               "versions": _versions(), "tree": {"classes": args.classes, "per_class": args.per_class},
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps_asked": steps}
     rec = Recorder(out_dir, header)

@@ -46,6 +46,11 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0))
+
+
 def cpu_description() -> dict:
     """The CPU a measurement ran on: model name, usable cores, and the flags that decide its fast paths."""
     model = platform.processor() or platform.machine()
@@ -56,4 +61,4 @@ def cpu_description() -> dict:
         pass
     flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model, "cores": len(os.sched_getaffinity(0)), "flags": {k: k in flags for k in wanted}}
+    return {"model": model, "cores": available_cores(), "flags": {k: k in flags for k in wanted}}

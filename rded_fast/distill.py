@@ -26,7 +26,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import cpu_has_native_bf16, resolve_device
+from rded_fast.device import available_cores, cpu_has_native_bf16, resolve_device
 from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
@@ -156,11 +156,6 @@ def resolve_compile(name: str, device: torch.device | str, crops: int) -> bool:
     if name != "auto":
         return name == "on"
     return torch.device(device).type == "cuda" or crops >= COMPILE_MIN_CROPS_CPU
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0))
 
 
 def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:

@@ -11,12 +11,13 @@ scoring thread at its next `submit` or at `close`.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
+
+from rded_fast.device import available_cores
 
 import torch
 
@@ -26,7 +27,7 @@ def default_host_workers(device: torch.device) -> int:
     encoding of a 224 px class of 10 images is ~110 ms of CPU, a GPU scores a class in ~25 ms)."""
     if device.type != "cuda":
         return 1
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+    return max(1, min(8, available_cores() // 2))
 
 
 class HostStage:

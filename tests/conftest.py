@@ -80,3 +80,12 @@ def crash_after(real, calls: int):
             raise KeyboardInterrupt
 
     return wrapped
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

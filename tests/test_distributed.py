@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rded_fast.distributed import World, all_ok, backend_for, barrier
+from tests.conftest import free_port
 
 
 def _rank(rank: int, size: int, port: int, votes: list[bool], results) -> None:
@@ -24,12 +24,6 @@ def _rank(rank: int, size: int, port: int, votes: list[bool], results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_backend_strings():
     assert backend_for("cuda") == "cpu:gloo,cuda:nccl"
     assert backend_for("cpu") == "gloo"
@@ -38,7 +32,7 @@ def test_backend_strings():
 @pytest.mark.parametrize("votes", [[True, True], [True, False]])
 def test_all_ok_on_a_two_backend_group(votes):
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, _free_port(), votes, results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), votes, results), nprocs=2, join=True)
     assert dict(results) == {r: (True, all(votes)) for r in range(2)}
 
 

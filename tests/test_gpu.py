@@ -9,7 +9,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import kill_when, write_synthetic_jpegs
+from tests.conftest import free_port, kill_when, write_synthetic_jpegs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +127,7 @@ def test_nccl_group_and_all_ok_on_one_rank():
 
     from rded_fast.distributed import backend_for
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group(backend=backend_for("cuda"), rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         flag = torch.tensor([1])  # what all_ok reduces: a CPU tensor, carried by the group's gloo backend
