@@ -53,7 +53,7 @@ def bench_host(fmt: str, device: torch.device, classes: int = 24, input_size: in
     ok = torch.ones(mipc, dtype=torch.bool)
     g = torch.Generator().manual_seed(1)
     all_scores = [torch.rand(mipc, num_crop, generator=g).to(device) for _ in range(classes)]
-    workers = workers or default_host_workers(device)
+    workers = workers or default_host_workers(torch.device("cuda"))  # scoring is simulated as on a GPU
     work = Path(tempfile.mkdtemp(prefix="rded-bench-host-"))
     try:
         cfg = DistillConfig(data="/synthetic", out=str(work), observer="none", ipc=ipc, factor=factor, mipc=mipc,

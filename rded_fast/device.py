@@ -42,8 +42,17 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); elsewhere torch emulates it, slowly."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16) and torch may use it; elsewhere
+    torch emulates bf16, 3-5x slower than fp32. An instruction-set cap (ONEDNN_MAX_CPU_ISA below the bf16
+    sets, ATEN_CPU_CAPABILITY avx2/default) makes the CPU behave as one without it, so it counts too."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not _bf16_capped_by_env()
+
+
+def _bf16_capped_by_env() -> bool:
+    onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    onednn_ok = onednn == "ALL" or any(part in onednn for part in ("BF16", "AMX", "AVX10"))
+    return not onednn_ok or aten in ("default", "avx2")
 
 
 def available_cores() -> int:
@@ -61,4 +70,6 @@ def cpu_description() -> dict:
         pass
     flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model, "cores": available_cores(), "flags": {k: k in flags for k in wanted}}
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    return {"model": model, "cores": available_cores(), "flags": {k: k in flags for k in wanted},
+            "native_bf16": cpu_has_native_bf16(), **({"isa_caps": caps} if caps else {})}

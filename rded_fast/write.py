@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes, atomic_write_many, atomic_write_text
+from rded_fast.png import encode_png
 
 CONTACT_SHEET_CLASSES = 20
 
@@ -41,15 +42,14 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def encode_image(image: torch.Tensor, fmt: str, jpeg_quality: int = 90) -> bytes:
-    """[3, H, W] uint8 -> PNG or JPEG bytes (deterministic for the same pixels)."""
+    """[3, H, W] uint8 -> PNG (rded_fast.png: lossless, fast) or JPEG bytes (deterministic for the same pixels)."""
     arr = image.detach().cpu().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
     if fmt == "png":
-        Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    elif fmt == "jpg":
-        Image.fromarray(arr).save(buf, format="JPEG", quality=int(jpeg_quality))
-    else:
+        return encode_png(arr)
+    if fmt != "jpg":
         raise UserError(f"--format {fmt}: choose png or jpg")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=int(jpeg_quality))
     return buf.getvalue()
 
 

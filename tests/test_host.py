@@ -201,3 +201,22 @@ def test_auto_defaults(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "nvidia.dali" else real(name, *a))
     assert resolve_loader("auto", str(tmp_path), "cuda") == "dali"
     assert distill_mod.available_cores() >= 1
+
+
+def test_instruction_set_cap_turns_off_native_bf16(monkeypatch):
+    from rded_fast import device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert device.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert device.cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN then emulates bf16, 3-5x slower than fp32
+    assert not device.cpu_has_native_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert not device.cpu_has_native_bf16()
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert not device.cpu_has_native_bf16()
