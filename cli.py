@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from rded_fast import recipe
 from rded_fast.errors import UserError
 
 
@@ -37,11 +38,12 @@ def add_distill(sub) -> None:
     p.add_argument("--weights", help="checkpoint path, torchvision weights name (e.g. IMAGENET1K_V1, read from the "
                                      "torch hub cache) or timm pretrained tag")
     p.add_argument("--out", required=True, help="output folder (refused when it exists and is not empty)")
-    p.add_argument("--ipc", type=int, default=10, help="images per class to produce (default 10)")
-    p.add_argument("--factor", type=int, default=2, help="cells per side of each image (default 2)")
-    p.add_argument("--mipc", type=int, default=300, help="source images sampled per class (default 300)")
-    p.add_argument("--num-crop", type=int, default=5, help="random crops scored per source image (default 5)")
-    p.add_argument("--input-size", type=int, default=224, help="observer input size (default 224)")
+    p.add_argument("--ipc", type=int, default=recipe.IPC, help=f"images per class to produce (default {recipe.IPC})")
+    p.add_argument("--factor", type=int, default=recipe.FACTOR, help=f"cells per side of each image (default {recipe.FACTOR})")
+    p.add_argument("--mipc", type=int, default=recipe.MIPC, help=f"source images sampled per class (default {recipe.MIPC})")
+    p.add_argument("--num-crop", type=int, default=recipe.NUM_CROP,
+                   help=f"random crops scored per source image (default {recipe.NUM_CROP})")
+    p.add_argument("--input-size", type=int, default=recipe.INPUT_SIZE, help=f"observer input size (default {recipe.INPUT_SIZE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
     p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
@@ -90,36 +92,10 @@ def run_distill(args) -> int:
 
 
 def print_distill(result) -> None:
-    from rded_fast.index import UNLISTED_CLASS
+    from rded_fast.manifest import read_manifest, summary_lines
 
-    manifest = json.loads(result.manifest.read_text())
-    if manifest["short_classes"]:
-        print(f"note: {len(manifest['short_classes'])} class(es) have fewer than --mipc images; all were used: "
-              + ", ".join(f"{k} ({v})" for k, v in list(manifest["short_classes"].items())[:5]))
-    if manifest["empty_classes"]:
-        print(f"note: {len(manifest['empty_classes'])} class folder(s) have no usable images and get no output: "
-              + ", ".join(manifest["empty_classes"][:5]))
-    unlisted = [s["path"] for s in manifest["skipped_files"] if s["reason"] == UNLISTED_CLASS]
-    if unlisted:
-        print(f"note: {len(unlisted)} class folder(s) are not in --class-map and were NOT distilled: "
-              + ", ".join(unlisted[:5]))
-    skipped_classes = {k: v for k, v in manifest["skipped_classes"].items() if k not in manifest["empty_classes"]}
-    if skipped_classes:
-        name, why = next(iter(skipped_classes.items()))
-        print(f"note: {len(skipped_classes)} class(es) got NO output (too few usable images), e.g. {name}: {why}")
-    if manifest["fallback_cells"]:
-        print(f"note: {len(manifest['fallback_cells'])} class(es) have cells filled with further crops of an already "
-              "used picture (fewer usable images than cells): " + ", ".join(
-                  f"{k} ({v} cells)" for k, v in list(manifest["fallback_cells"].items())[:5]))
-    if manifest.get("redone_classes"):
-        print(f"note: {len(manifest['redone_classes'])} finished class(es) were redone because their source images "
-              "changed since the interrupted run: " + ", ".join(manifest["redone_classes"][:5]))
-    if manifest["skipped_files"]:
-        print(f"note: {len(manifest['skipped_files'])} file(s) skipped while indexing (listed in the manifest), e.g. "
-              f"{manifest['skipped_files'][0]['path']}: {manifest['skipped_files'][0]['reason']}")
-    if result.decode_failures:
-        first = manifest["decode_failures"][0]
-        print(f"note: {result.decode_failures} image(s) could not be decoded and were skipped, e.g. {first['path']}: {first['reason']}")
+    for line in summary_lines(read_manifest(result.manifest)):
+        print(f"note: {line}")
     if result.observer_accuracy is not None:
         print(f"observer top-1 on a sample of training images: {result.observer_accuracy:.1%}")
     print(f"wrote {result.num_images} images to {result.out} in {result.seconds['total']:.1f} s")
@@ -307,11 +283,11 @@ def add_bench(sub) -> None:
     p.add_argument("--loader", default="auto")
     p.add_argument("--observer", default="resnet18")
     p.add_argument("--weights")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--factor", type=int, default=2)
-    p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--mipc", type=int, default=300)
-    p.add_argument("--num-crop", type=int, default=5)
+    p.add_argument("--input-size", type=int, default=recipe.INPUT_SIZE)
+    p.add_argument("--factor", type=int, default=recipe.FACTOR)
+    p.add_argument("--ipc", type=int, default=recipe.IPC)
+    p.add_argument("--mipc", type=int, default=recipe.MIPC)
+    p.add_argument("--num-crop", type=int, default=recipe.NUM_CROP)
     p.add_argument("--batch-size", type=int, default=64, help="source images per batch")
     p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
     p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")

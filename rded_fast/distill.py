@@ -15,7 +15,6 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,12 +30,14 @@ from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_w
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.host import HostStage, default_host_workers
+from rded_fast.manifest import build_manifest
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.models import BuiltModel, build
 from rded_fast.models.classes import restrict_class_map
 from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
+from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.score import Scorer, make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
@@ -64,11 +65,11 @@ class DistillConfig:
     out: str
     observer: str
     weights: str | None = None
-    ipc: int = 10
-    factor: int = 2
-    mipc: int = 300
-    num_crop: int = 5
-    input_size: int = 224
+    ipc: int = IPC
+    factor: int = FACTOR
+    mipc: int = MIPC
+    num_crop: int = NUM_CROP
+    input_size: int = INPUT_SIZE
     seed: int = 0
     batch_size: int = 64
     workers: int | None = None  # None: the cores available to this process
@@ -505,37 +506,16 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
     if missing:
         raise UserError(f"classes {missing[:3]} have no journal record; rerun with --resume")
     ordered = [records[c] for c in range(index.num_classes)]
-    images_meta = [m for r in ordered for m in r["images"]]
-    sheet_rows = []
-    for r in ordered:
-        if r["images"] and len(sheet_rows) < 20:
-            sheet_rows.append((r["class"], torch.stack([read_image(out / m["file"]) for m in r["images"]])))
+    shown = [r for r in ordered if r["images"]][:CONTACT_SHEET_CLASSES]
+    sheet_rows = [(r["class"], torch.stack([read_image(out / m["file"]) for m in r["images"]])) for r in shown]
     if sheet_rows:
         write_contact_sheet(out / "contact_sheet.png", sheet_rows)
-    failures = [f for r in ordered for f in r["failures"]]
-    short = short_classes(index, cfg.mipc)
     seconds["total"] = time.perf_counter() - t0
-    manifest = {
-        "tool": "rded-fast",
-        "parameters": {**_run_parameters(cfg), "crop_size": cfg.input_size // cfg.factor,
-                       "cells_per_class": cfg.ipc * cfg.factor**2, "scale": [0.08, 1.0], "ratio": [1.0, 1.0]},
-        "versions": _versions(),
-        "observer": {**observer.manifest(), "check": check,
-                     "head_rows": dict(zip(index.classes, observer.head_rows))},
-        "data": {"root": index.root, "images": len(index), "classes": index.classes,
-                 "class_counts": index.class_counts().tolist()},
-        "short_classes": short,
-        "empty_classes": [name for name, count in short.items() if count == 0],
-        "skipped_classes": {r["class"]: r["skipped"] for r in ordered if r.get("skipped")},
-        "fallback_cells": {r["class"]: r["fallback"] for r in ordered if r["fallback"]},
-        "skipped_files": index.skipped,
-        "decode_failures": failures,
-        "redone_classes": journal.read_redone(out) if cfg.resume else [],
-        "images": images_meta,
-        "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
-                "world_size": world.size, "resumed_classes": len(resumed), "out": str(out)},
-    }
+    observer_facts = {**observer.manifest(), "check": check, "head_rows": dict(zip(index.classes, observer.head_rows))}
+    manifest = build_manifest(_run_parameters(cfg), _versions(), observer_facts, index, ordered,
+                              short_classes(index, cfg.mipc), journal.read_redone(out) if cfg.resume else [],
+                              seconds, world.size, len(resumed), out)
     write_manifest(out / "manifest.json", manifest)
     return DistillResult(out=out, manifest=out / "manifest.json", contact_sheet=out / "contact_sheet.png",
-                         num_images=len(images_meta), observer_accuracy=None if check is None else check["accuracy"],
-                         decode_failures=len(failures), seconds=seconds)
+                         num_images=len(manifest["images"]), observer_accuracy=None if check is None else check["accuracy"],
+                         decode_failures=len(manifest["decode_failures"]), seconds=seconds)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rded_fast.index import DatasetIndex
+from rded_fast.recipe import CROP_RATIO, CROP_SCALE
 
 MAX_TRIES = 10
 
@@ -51,8 +52,8 @@ def sample_resized_crop_boxes(
     sizes: np.ndarray,
     num_crop: int,
     rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (1.0, 1.0),
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
 ) -> np.ndarray:
     """torchvision RandomResizedCrop boxes for images of `sizes` [M, 2] (width, height).
 
@@ -95,8 +96,8 @@ def make_plan(
     seed: int,
     mipc: int,
     num_crop: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (1.0, 1.0),
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
     classes: list[int] | None = None,
 ) -> CropPlan:
     """Sample up to `mipc` images per class without replacement and `num_crop` boxes for each.

@@ -20,6 +20,7 @@ from torchvision import transforms
 
 from rded_fast.index import DatasetIndex
 from rded_fast.plan import CropPlan
+from rded_fast.recipe import CROP_RATIO, CROP_SCALE
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, center_pad, crop_cross_entropy
 from rded_fast.stitch import stitch
 
@@ -27,7 +28,7 @@ from rded_fast.stitch import stitch
 class _ReferenceImages(Dataset):
     def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int):
         self.index, self.plan = index, plan
-        cropper = transforms.RandomResizedCrop(crop_size, ratio=(1, 1), antialias=True)
+        cropper = transforms.RandomResizedCrop(crop_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True)
         self.to_tensor, self.cropper = transforms.ToTensor(), cropper
         self.normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 

@@ -17,9 +17,7 @@ from PIL import Image, ImageDraw
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes, atomic_write_many, atomic_write_text
 from rded_fast.png import encode_png
-
-CONTACT_SHEET_CLASSES = 20
-
+from rded_fast.recipe import CONTACT_SHEET_CLASSES
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool, resume: bool, create: bool = True) -> None:
     """Check, then (with `create`) make `out`. Nothing is ever deleted here: replacing an earlier output
