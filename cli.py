@@ -312,15 +312,17 @@ def run_bench(args) -> int:
         return quality.main(argv + (["--json", args.json] if args.json else []))
     from pathlib import Path
 
-    from rded_fast.bench import BenchConfig, run_bench as bench
+    from benchmarks.stages import BenchConfig, run_bench as bench
+    from rded_fast.distill import DistillConfig
     from rded_fast.fileio import atomic_write_text
 
     if not args.data and args.stage != "host":
         raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m benchmarks.make_imagenet_like)")
-    fields = {k: getattr(args, k) for k in ("data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc",
-                                            "num_crop", "batch_size", "workers", "device", "amp", "compile", "reference", "stage",
-                                            "model_crops", "prefetch", "host_classes")}
-    result = bench(BenchConfig(**fields))
+    job = DistillConfig(out="", show_progress=False, **{k: getattr(args, k) for k in (
+        "data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc", "num_crop", "batch_size", "workers",
+        "device", "amp", "compile", "prefetch")})
+    result = bench(BenchConfig(job, stage=args.stage, model_crops=args.model_crops, host_classes=args.host_classes,
+                               reference=args.reference))
     for row in result.get("host", []):
         print(f"    host: {row['format']}: {row['critical_path_ms']:.2f} ms/class critical path ({row['serial_ms']:.1f} ms "
               f"serial, {row['host_workers']} thread(s), {'keeps up with' if row['keeps_up'] else 'falls behind'} "

@@ -207,7 +207,7 @@ def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) ->
 
 def host_path(work: Path) -> dict:
     """The host critical path per class, where `rded-fast bench` has a `host` stage."""
-    from rded_fast import bench
+    from benchmarks import stages as bench
 
     if "host" not in getattr(bench, "STAGES", ()):
         return {"unavailable": "this version's bench has no host stage"}

@@ -1,4 +1,4 @@
-"""The RDED reference's way of distilling (rded_fast/reference.py) as a whole process, for whole-process
+"""The RDED reference's way of distilling (benchmarks/reference.py) as a whole process, for whole-process
 comparisons with `rded-fast distill` on the same tree, checkpoint and plan (e.g. under /usr/bin/time).
 
     python -m benchmarks.reference_run --data TREE --observer conv3 --weights W --input-size 32 --factor 1 \
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from rded_fast.index import build_index
     from rded_fast.models import build
     from rded_fast.plan import make_plan
-    from rded_fast.reference import reference_distill
+    from benchmarks.reference import reference_distill
 
     index = build_index(args.data, show_progress=False)
     plan = make_plan(index, args.seed, args.mipc, args.num_crop)

@@ -1,9 +1,9 @@
-"""Throughput of every stage, measured in one run on one device, reported as a JSON-able dict.
+"""`rded-fast bench`: throughput of every stage, measured in one run on one device, reported as a JSON-able dict.
 
 Stages: `decode` (loader decode + crop, img/s), `score` (the scoring engine on pre-made uint8 crops,
 crops/s), `model` (the observer alone on pre-made normalised, padded tensors in the same dtype and
 layout: the ceiling), `e2e` (a whole `distill`, seconds, and its crops/s as a fraction of the model-only
-rate), `host` (the host critical path per class at ImageNet output shape, rded_fast.bench_host), and with
+rate), `host` (the host critical path per class at ImageNet output shape, benchmarks/host_stage.py), and with
 `reference` the RDED reference's way of doing the same job and the speedup over it. Compile seconds are
 reported apart from every rate.
 """
@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
-from rded_fast.bench_host import bench_host
+from benchmarks.host_stage import bench_host
+from benchmarks.reference import reference_distill
 from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distill import DistillConfig, available_cores, distill, resolve_amp, resolve_compile
-from rded_fast.loaders import resolve_loader
 from rded_fast.errors import UserError
-from rded_fast.loaders import make_loader, open_index
+from rded_fast.loaders import make_loader, open_index, resolve_loader
 from rded_fast.models import build
 from rded_fast.plan import make_plan
-from rded_fast.reference import reference_distill
 from rded_fast.score import center_pad, make_scorer, normalize_uint8
 
 STAGES = ("decode", "score", "model", "e2e", "host")
@@ -34,27 +33,13 @@ STAGES = ("decode", "score", "model", "e2e", "host")
 
 @dataclass
 class BenchConfig:
-    data: str
-    observer: str = "resnet18"
-    weights: str | None = None
-    loader: str = "auto"
+    """What to measure (`stage`, repetitions, the reference run) around the distill job it measures."""
+
+    job: DistillConfig  # data, observer, recipe, loader, device, amp, compile: as `distill` would run them
     stage: str = "all"
-    input_size: int = 224
-    factor: int = 2
-    ipc: int = 10
-    mipc: int = 300
-    num_crop: int = 5
-    batch_size: int = 64
-    workers: int | None = None
-    prefetch: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    compile: str = "auto"
     model_crops: int = 4096
     host_classes: int = 24
     reference: bool = False
-    seed: int = 0
-    show_progress: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -76,10 +61,10 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
     return best
 
 
-def bench_decode(cfg: BenchConfig, index, plan, crop_size: int, device: torch.device) -> dict:
+def bench_decode(job: DistillConfig, index, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
-    loader = make_loader(cfg.loader, index, plan, crop_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device), prefetch=cfg.prefetch, reuse_buffers=True)
+    loader = make_loader(job.loader, index, plan, crop_size, batch_size=job.batch_size, workers=job.workers,
+                         device=str(device), prefetch=job.prefetch, reuse_buffers=True)
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t
@@ -89,18 +74,19 @@ def bench_decode(cfg: BenchConfig, index, plan, crop_size: int, device: torch.de
 def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int,
                           planned_crops: int) -> dict:
     """The engine on uint8 crops, and the bare observer on ready tensors (same dtype, layout, compile)."""
-    n = cfg.batch_size * cfg.num_crop
+    job = cfg.job
+    n = job.batch_size * job.num_crop
     generator = torch.Generator().manual_seed(0)
     crops = torch.randint(0, 256, (n, 3, crop_size, crop_size), dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
-    amp = resolve_amp(cfg.amp, device)
-    compile_on = resolve_compile(cfg.compile, device, planned_crops)
-    scorer = make_scorer(model, cfg.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
+    amp = resolve_amp(job.amp, device)
+    compile_on = resolve_compile(job.compile, device, planned_crops)
+    scorer = make_scorer(model, job.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
     reps = max(1, cfg.model_crops // n)
     score_compile_s = scorer.warm(crop_size)
     score_s = _timed(lambda: [scorer(crops, labels) for _ in range(reps)], device)
 
-    x = center_pad(normalize_uint8(crops), cfg.input_size).contiguous(memory_format=torch.channels_last)
+    x = center_pad(normalize_uint8(crops), job.input_size).contiguous(memory_format=torch.channels_last)
     net = model.to(device, memory_format=torch.channels_last).eval()
     forward = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None) if compile_on else net
 
@@ -123,36 +109,41 @@ def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: i
     }
 
 
-def _distill_config(cfg: BenchConfig, out: Path) -> DistillConfig:
-    return DistillConfig(
-        data=cfg.data, out=str(out), observer=cfg.observer, weights=cfg.weights, ipc=cfg.ipc, factor=cfg.factor,
-        mipc=cfg.mipc, num_crop=cfg.num_crop, input_size=cfg.input_size, seed=cfg.seed, batch_size=cfg.batch_size,
-        workers=cfg.workers, device=cfg.device, loader=cfg.loader, amp=cfg.amp, compile=cfg.compile, prefetch=cfg.prefetch,
-        overwrite=True, skip_observer_check=True, show_progress=cfg.show_progress,
-    )
+def bench_e2e(job: DistillConfig, out: Path, result: dict) -> dict:
+    """A whole `distill` of the job into `out` (observer check skipped): seconds by stage, crops/s of the class
+    stage, and that rate as a fraction of the model-only rate when `result` has one."""
+    t = time.perf_counter()
+    run = distill(replace(job, out=str(out), overwrite=True, skip_observer_check=True))
+    seconds = time.perf_counter() - t
+    crops_per_s = result["planned_crops"] / run.seconds["classes"]
+    e2e = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s,
+           "compile_seconds": run.seconds.get("compile", 0.0)}
+    if "model" in result:
+        e2e["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
+    return e2e
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    """Run the chosen stages (all: decode, score, model, e2e) and, with `reference`, the reference run."""
+    """Run the chosen stages (all: decode, score, model, e2e, host) and, with `reference`, the reference run."""
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     if any(s not in STAGES for s in stages):
         raise UserError(f"--stage {cfg.stage}: choose one of all, {', '.join(STAGES)}, quality")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.job.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if stages == ("host",):  # synthetic ImageNet-shaped classes: needs no data
         return {"device": device_name(device), "cpu": cpu_description(), "torch": torch.__version__,
                 "host": [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]}
-    cfg = replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device),
-                  workers=available_cores() if cfg.workers is None else cfg.workers)
-    crop_size = cfg.input_size // cfg.factor
-    index = open_index(cfg.loader, cfg.data, show_progress=cfg.show_progress)
-    plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop)
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size)
+    job = cfg.job = replace(cfg.job, loader=resolve_loader(cfg.job.loader, cfg.job.data, device),
+                            workers=available_cores() if cfg.job.workers is None else cfg.job.workers)
+    crop_size = job.input_size // job.factor
+    index = open_index(job.loader, job.data, show_progress=job.show_progress)
+    plan = make_plan(index, job.seed, job.mipc, job.num_crop)
+    observer = build(job.observer, index.num_classes, job.weights, job.input_size)
     result: dict = {"device": device_name(device), "cpu": cpu_description(), "config": asdict(cfg), "torch": torch.__version__,
-                    "planned_images": len(plan), "planned_crops": len(plan) * cfg.num_crop, "classes": index.num_classes}
+                    "planned_images": len(plan), "planned_crops": len(plan) * job.num_crop, "classes": index.num_classes}
     if "decode" in stages:
-        result["decode"] = bench_decode(cfg, index, plan, crop_size, device)
+        result["decode"] = bench_decode(job, index, plan, crop_size, device)
     if "score" in stages or "model" in stages:
         result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes,
                                             result["planned_crops"]))
@@ -161,17 +152,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     work = Path(tempfile.mkdtemp(prefix="rded-bench-"))
     try:
         if "e2e" in stages:
-            t = time.perf_counter()
-            run = distill(_distill_config(cfg, work / "ours"))
-            seconds = time.perf_counter() - t
-            crops_per_s = result["planned_crops"] / run.seconds["classes"]
-            result["e2e"] = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s,
-                             "compile_seconds": run.seconds.get("compile", 0.0)}
-            if "model" in result:
-                result["e2e"]["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
+            result["e2e"] = bench_e2e(job, work / "ours", result)
         if cfg.reference:
-            ref_model = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size).model
-            ref = reference_distill(index, plan, ref_model, cfg.input_size, cfg.factor, cfg.ipc, work / "reference",
+            ref_model = build(job.observer, index.num_classes, job.weights, job.input_size).model
+            ref = reference_distill(index, plan, ref_model, job.input_size, job.factor, job.ipc, work / "reference",
                                     device, workers=4)
             result["reference"] = ref
             if "e2e" in result:  # same work on both sides: planned images in, written images out

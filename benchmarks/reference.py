@@ -4,7 +4,7 @@ Per class, one DataLoader batch of mipc images decoded by PIL in 4 workers; each
 to float (ToTensor) before cropping; num_crop RandomResizedCrops cut in a Python loop; normalised;
 centre-padded; scored by the fp32 eager observer in batches of mipc; best crop per image; the best
 ipc*factor^2 images; stitched on the CPU with nearest resize; de-normalised and written as JPEG (q75).
-It runs the same images as our plan so that only the execution differs. Not used by `distill`.
+It runs the same images as our plan so that only the execution differs.
 """
 from __future__ import annotations
 
