@@ -181,9 +181,10 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
 
 
 def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None = None
-                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Regroup the loader's batches by class: yields (label, crops [m, K, 3, p, p], ok [m]) in plan order,
-    each as soon as all of the class's planned rows have arrived.
+                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[int, str]]]:
+    """Regroup the loader's batches by class: yields (label, crops [m, K, 3, p, p], ok [m], reasons) in plan
+    order, each as soon as all of the class's planned rows have arrived; `reasons` maps the class's failed
+    plan rows to why they failed.
 
     A class's rows are contiguous in plan order and batches arrive in plan order, so each batch is cut into
     slices by position alone (no per-label index, no host sync). Each slice is copied into its class's
@@ -197,7 +198,9 @@ def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None
     ends = np.concatenate([change, [len(labels)]]).tolist()
     seg, pos = 0, 0
     crops_out = ok_out = None
+    reasons: dict[int, str] = {}  # failed plan rows seen and not yet handed out with their class
     for batch in loader:
+        reasons.update(batch.reasons)
         n = len(batch.rows)
         off = 0
         while off < n:
@@ -212,7 +215,8 @@ def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None
             ok_out[at : at + take] = batch.ok[off : off + take]
             off += take
             if pos + off == end:
-                yield int(labels[start]), crops_out, ok_out
+                mine = {r: reasons.pop(r) for r in [r for r in reasons if start <= r < end]}
+                yield int(labels[start]), crops_out, ok_out, mine
                 crops_out = ok_out = None
                 seg += 1
         pos += n
@@ -323,7 +327,7 @@ class PreparedClass:
 
 def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
                   ok: torch.Tensor, scores: Callable[[], np.ndarray | None], reasons: dict[int, str],
-                  source_extra=None) -> PreparedClass:
+                  source_extra: Callable[[int], dict] = lambda image_id: {}) -> PreparedClass:
     """Select, stitch and encode one class (host stage). `scores()` waits for the class's scores; `reasons`:
     plan row -> decode error; `source_extra(image_id) -> dict`: the loader's extra per-source facts for each
     cell (e.g. ffcv's stored size)."""
@@ -353,7 +357,7 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
                 "cell": c, "cell_box": list(box_out), "rank": rank, "source": index.paths[image_id],
                 "source_size": index.sizes[image_id].tolist(), "box": plan.boxes[row, crop].tolist(), "crop": crop,
                 "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
-                **(source_extra(image_id) if source_extra else {}),
+                **source_extra(image_id),
             })
         images_meta.append({"file": f"{name}/{image_name(label, j, cfg.format)}", "class": name, "label": label,
                             "cells": cells_meta})
@@ -474,14 +478,12 @@ def _distill(cfg: DistillConfig) -> DistillResult:
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
                              hw_decoder_load=cfg.hw_decoder_load)
-        source_extra = getattr(loader, "source_extra", None)
         with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
-            for label, crops, ok in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
-                                             desc="distill classes", disable=not cfg.show_progress):
+            for label, crops, ok, reasons in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
+                                                      desc="distill classes", disable=not cfg.show_progress):
                 scores = to_host(score_class(cfg, label, crops, scorer))
-                reasons = {f["row"]: f["reason"] for f in loader.failures}
                 host.submit(functools.partial(prepare_class, cfg, index, plan, label, crops, ok, scores, reasons,
-                                              source_extra))
+                                              loader.source_extra))
             host_wait["seconds"] = host.waited
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:

@@ -190,10 +190,14 @@ def test_cli_convert_and_class_map(jpeg_tree, tmp_path, capsys):
         open_index("dali", str(tmp_path / "s"), class_map=["class_00", "class_01", "class_02"])
 
 
-def _run_loader(loader, n_rows: int, batch_size: int):
-    """Every batch of `loader` gathered by plan row: (rows in yield order, crops [M, K, 3, p, p], ok [M])."""
+def _run_loader(loader, n_rows: int, batch_size: int, reasons: dict | None = None):
+    """Every batch of `loader` gathered by plan row: (rows in yield order, crops [M, K, 3, p, p], ok [M]);
+    failed rows' reasons go into `reasons` when given."""
     rows, crops, ok = [], None, None
     for batch in loader:
+        assert set(batch.reasons) == set(batch.rows[~batch.ok].tolist())  # a reason for every failed row, no other
+        if reasons is not None:
+            reasons.update(batch.reasons)
         assert batch.crops.dtype == torch.uint8 and len(batch.rows) <= batch_size
         if crops is None:
             crops = torch.zeros((n_rows, *batch.crops.shape[1:]), dtype=torch.uint8)
@@ -220,16 +224,17 @@ def test_dali_loader_cuts_the_torch_loaders_boxes(odd_tree, odd_shards, source):
     assert np.array_equal(plan.boxes, dali_plan.boxes) and np.array_equal(plan.image_ids, dali_plan.image_ids)
 
     ref_loader = make_loader("torch", torch_index, plan, 24, batch_size=7, workers=0)
-    ref_rows, ref, ref_ok = _run_loader(ref_loader, len(plan), 7)
+    ref_reasons, reasons = {}, {}
+    ref_rows, ref, ref_ok = _run_loader(ref_loader, len(plan), 7, ref_reasons)
     loader = make_loader("dali", dali_index, dali_plan, 24, batch_size=7, workers=2)
     assert len(loader) == len(ref_loader)
-    rows, got, ok = _run_loader(loader, len(plan), 7)
+    rows, got, ok = _run_loader(loader, len(plan), 7, reasons)
     assert rows == ref_rows == list(range(len(plan)))  # plan order, every row once
     assert torch.equal(ok, ref_ok) and int((~ok).sum()) == 1  # the truncated JPEG, in both
-    bad = [f["path"] for f in loader.failures]
-    assert bad == [f["path"] for f in ref_loader.failures] == ["class_00/odd_truncated.jpg"]
+    bad = [torch_index.paths[int(plan.image_ids[r])] for r in reasons]
+    assert bad == [torch_index.paths[int(plan.image_ids[r])] for r in ref_reasons] == ["class_00/odd_truncated.jpg"]
     if source == "shards":
-        assert loader.failures[0]["reason"].startswith("left out at convert time")
+        assert next(iter(reasons.values())).startswith("left out at convert time")
     assert not got[~ok].any()
     # rows whose pixels both loaders decode alike (the re-encoded CMYK/PNG samples are compared apart)
     reenc = {i for i, p in enumerate(dali_index.paths) if Path(p).name in ("odd_cmyk.jpg", "odd_png.jpg")}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 from rded_fast.index import build_index
+from rded_fast.loaders.base import failed_rows
 from rded_fast.loaders.dali_loader import DaliCropLoader, failing_sample
 from rded_fast.plan import make_plan
 from tests.conftest import write_synthetic_jpegs
@@ -23,8 +24,11 @@ def test_bad_jpeg_is_named_without_probing_the_batch(tmp_path, monkeypatch):
     probed = []
     monkeypatch.setattr(DaliCropLoader, "_probe", lambda self, row, reader: probed.append(row) or "probed")
     loader = DaliCropLoader(index, plan, 16, batch_size=12, workers=2, device="cpu")
-    ok = [bool(v) for b in loader for v in b.ok]
+    batches = list(loader)
+    ok = [bool(v) for b in batches for v in b.ok]
     assert len(ok) == len(plan) and ok.count(False) == 1
-    assert [f["path"] for f in loader.failures] == ["class_00/img_002.jpg"]
+    reasons = failed_rows(batches)
+    assert [index.paths[int(plan.image_ids[r])] for r in reasons] == ["class_00/img_002.jpg"]
     assert probed == [], "the failing row should come from DALI's message"
-    assert "truncated" in loader.failures[0]["reason"].lower() or "DALI" in loader.failures[0]["reason"]
+    reason = next(iter(reasons.values()))
+    assert "truncated" in reason.lower() or "DALI" in reason

@@ -25,6 +25,7 @@ from cli import main
 from converters.ffcv_writer import convert_ffcv, stored_size
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index
+from rded_fast.loaders.base import failed_rows
 from rded_fast.loaders.beton import keep_torch_threads, load_beton_dataset, sidecar_path
 from rded_fast.plan import make_plan, sample_resized_crop_boxes
 from tests.conftest import crash_after
@@ -71,7 +72,8 @@ def jpg_beton(tmp_path_factory, bad_tree) -> Path:
     return out
 
 
-def _crops(name: str, data: Path, batch_size: int = 8, workers: int = 2, mipc: int = 100, size: int = CROP):
+def _crops(name: str, data: Path, batch_size: int = 8, workers: int = 2, mipc: int = 100, size: int = CROP,
+           reasons: dict | None = None):
     index = open_index(name, str(data), show_progress=False)
     plan = make_plan(index, seed=3, mipc=mipc, num_crop=4)
     loader = make_loader(name, index, plan, size, batch_size=batch_size, workers=workers)
@@ -79,6 +81,8 @@ def _crops(name: str, data: Path, batch_size: int = 8, workers: int = 2, mipc: i
     rows = torch.cat([b.rows for b in batches])
     assert rows.tolist() == list(range(len(plan)))  # every row once, in plan order
     assert all(len(b.rows) <= batch_size for b in batches) and len(batches) == len(loader)
+    if reasons is not None:
+        reasons.update(failed_rows(batches))
     return index, plan, loader, torch.cat([b.crops for b in batches]), torch.cat([b.ok for b in batches])
 
 
@@ -120,14 +124,16 @@ def test_bad_inputs_converted_or_skipped_and_listed(bad_tree, raw_beton):
 def test_ffcv_cuts_the_torch_loaders_boxes_raw(bad_tree, raw_beton):
     """Same seed: the same plan (exact), the same boxes executed, and crops within a grey level."""
     beton, _ = raw_beton
-    t_index, t_plan, t_loader, t_crops, t_ok = _crops("torch", bad_tree, workers=0)
-    f_index, f_plan, f_loader, f_crops, f_ok = _crops("ffcv", beton, batch_size=5)
+    t_reasons, f_reasons = {}, {}
+    t_index, t_plan, t_loader, t_crops, t_ok = _crops("torch", bad_tree, workers=0, reasons=t_reasons)
+    f_index, f_plan, f_loader, f_crops, f_ok = _crops("ffcv", beton, batch_size=5, reasons=f_reasons)
     assert f_index.paths == t_index.paths and np.array_equal(f_index.sizes, t_index.sizes)
     assert np.array_equal(f_plan.image_ids, t_plan.image_ids) and np.array_equal(f_plan.boxes, t_plan.boxes)
     assert np.array_equal(f_loader.boxes, t_plan.boxes)  # the boxes the kernel cuts (stored = original)
     assert torch.equal(f_ok, t_ok) and int((~f_ok).sum()) == 1  # the truncated JPEG, in both
-    assert [f["path"] for f in f_loader.failures] == [f["path"] for f in t_loader.failures] == ["class_01/odd_truncated.jpg"]
-    assert "left out at convert time" in f_loader.failures[0]["reason"]
+    failed = [[t_index.paths[int(t_plan.image_ids[r])] for r in reasons] for reasons in (f_reasons, t_reasons)]
+    assert failed[0] == failed[1] == ["class_01/odd_truncated.jpg"]
+    assert "left out at convert time" in next(iter(f_reasons.values()))
     diff = (f_crops.int() - t_crops.int()).abs()[f_ok].float()
     print(f"\nraw mode |ffcv - torch| crops: mean {diff.mean():.3f}, max {int(diff.max())} grey levels")
     assert diff.mean() < RAW_MEAN and diff.max() <= RAW_MAX

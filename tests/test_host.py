@@ -87,14 +87,16 @@ class _OneBufferLoader:
     """Yields batches of uneven sizes from ONE buffer, rewritten for every batch (the harshest reuse)."""
 
     def __init__(self, crops, ok, sizes):
-        self.crops, self.ok, self.sizes, self.failures = crops, ok, sizes, []
+        self.crops, self.ok, self.sizes = crops, ok, sizes
         self.buffer = torch.empty((max(sizes), *crops.shape[1:]), dtype=crops.dtype)
 
     def __iter__(self):
         pos = 0
         for n in self.sizes:
             self.buffer[:n] = self.crops[pos : pos + n]
-            yield CropBatch(rows=torch.arange(pos, pos + n), crops=self.buffer[:n], ok=self.ok[pos : pos + n])
+            rows = torch.arange(pos, pos + n)
+            yield CropBatch(rows=rows, crops=self.buffer[:n], ok=self.ok[pos : pos + n],
+                            reasons={int(r): f"bad row {int(r)}" for r in rows[~self.ok[pos : pos + n]]})
             pos += n
 
 
@@ -109,9 +111,10 @@ def test_iter_classes_regroups_by_slices_even_from_a_reused_buffer():
     got = list(iter_classes(_OneBufferLoader(crops, ok, [2, 4, 1, 3, 1]), plan))
     assert [g[0] for g in got] == [4, 0, 7, 2]
     start = 0
-    for label, class_crops, class_ok in got:
+    for label, class_crops, class_ok, reasons in got:
         n = int((labels == label).sum())
         assert torch.equal(class_crops, crops[start : start + n]) and torch.equal(class_ok, ok[start : start + n])
+        assert reasons == ({5: "bad row 5"} if label == 7 else {})  # each class gets its own failed rows' reasons
         start += n
 
 

@@ -1,13 +1,13 @@
 """The loader interface: decode the planned images and cut the planned boxes into uint8 crops.
 
 Every loader (torch, FFCV, DALI) executes the same CropPlan and yields CropBatch objects; only the
-speed differs. Images that cannot be decoded are reported per row (`ok` False) and listed in
-`failures`, so the run goes on without them.
+speed differs. Images that cannot be decoded are reported per row in their batch (`ok` False, and the
+reason in `reasons`), so the run goes on without them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 
@@ -17,25 +17,35 @@ class CropBatch:
     """One batch of planned rows and their crops.
 
     rows: [B] int64 plan rows; crops: [B, K, 3, p, p] uint8 (on the loader's device);
-    ok: [B] bool, False where the image could not be decoded (its crops are zeros).
+    ok: [B] bool, False where the image could not be decoded (its crops are zeros);
+    reasons: plan row -> why it could not be decoded, for every row whose `ok` is False.
     """
 
     rows: torch.Tensor
     crops: torch.Tensor
     ok: torch.Tensor
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
-class CropLoader(Protocol):
-    """Iterates over a plan's rows in order, in batches. `failures` fills as it goes: {row, path, reason}.
+class CropLoader:
+    """Iterates over a plan's rows in order, in batches of CropBatch. Every hook a loader may provide is
+    declared here with its default (as FFCV's `Operation` declares its own); a loader overrides what it has."""
 
-    Optional: `source_extra(image_id) -> dict`, extra facts about a source image that the manifest records
-    beside each cell (the ffcv loader gives the size its .beton stores the image at)."""
+    def __iter__(self) -> Iterator[CropBatch]:
+        raise NotImplementedError
 
-    failures: list[dict]
+    def __len__(self) -> int:
+        raise NotImplementedError
 
-    def __iter__(self) -> Iterator[CropBatch]: ...
+    def source_extra(self, image_id: int) -> dict:
+        """Extra facts about a source image that the manifest records beside each of its cells (the ffcv loader
+        gives the size its .beton stores the image at); none by default."""
+        return {}
 
-    def __len__(self) -> int: ...
+
+def failed_rows(batches: Iterable[CropBatch]) -> dict[int, str]:
+    """Plan row -> reason over a whole run of batches (for callers that drain a loader: tests, benchmarks)."""
+    return {row: why for batch in batches for row, why in batch.reasons.items()}
 
 
 class BufferRing:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import is_jpeg, jpeg_problem
-from rded_fast.loaders.base import CropBatch
+from rded_fast.loaders.base import CropBatch, CropLoader
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
 from rded_fast.plan import CropPlan
 
@@ -114,7 +114,7 @@ def _pil_reason(data: bytes | str) -> str | None:
     return None
 
 
-class DaliCropLoader:
+class DaliCropLoader(CropLoader):
     """Executes `plan` over `index` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
 
     `index.root` is a shard folder (see rded_fast/loaders/shards.py) or an ImageFolder root. `device`:
@@ -144,7 +144,6 @@ class DaliCropLoader:
         self.decode_device, self.hw_decoder_load = device, hw_decoder_load
         self.device_id = None if device != "mixed" else (torch.cuda.current_device() if device_id is None else int(device_id))
         self.rows = shard_rows(len(plan), shard_id, num_shards)
-        self.failures: list[dict] = []
         self.shards = load_shard_dataset(index.root) if is_shard_dir(index.root) else None
 
     def __len__(self) -> int:
@@ -300,11 +299,9 @@ class DaliCropLoader:
                 while any(r not in pending and r not in missing for r in chunk):
                     _buffer(pending, *next(stream))
                 items = [missing[r] if r in missing else pending.pop(r) for r in chunk]
-                for row, item in zip(chunk, items):
-                    if isinstance(item, str):
-                        self.failures.append({"row": row, "path": self.index.paths[int(self.plan.image_ids[row])], "reason": item})
                 yield CropBatch(rows=torch.tensor(chunk, dtype=torch.int64), crops=self._assemble(items),
-                                ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool))
+                                ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool),
+                                reasons={row: item for row, item in zip(chunk, items) if isinstance(item, str)})
         finally:
             stream.close()
 

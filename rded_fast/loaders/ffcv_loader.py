@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import BufferRing, CropBatch
+from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader
 from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.resample import cut_boxes
 from rded_fast.plan import CropPlan
@@ -167,7 +167,7 @@ def _next_result(epoch):
         return None if item is None else item[1]
 
 
-class FfcvCropLoader:
+class FfcvCropLoader(CropLoader):
     """Executes `plan` over the .beton at `index.root` with ffcv; yields CropBatch of `batch_size` plan rows
     in plan order. `workers` is ffcv's (numba's) thread count, capped at the cores numba may use;
     `batches_ahead` ffcv's prefetch depth. With `reuse_buffers` the batches handed out live in
@@ -186,7 +186,6 @@ class FfcvCropLoader:
         self.index, self.plan, self.crop_size = index, plan, int(crop_size)
         self.batch_size = int(batch_size)
         self.batches_ahead, self.reuse_buffers = int(batches_ahead), reuse_buffers
-        self.failures: list[dict] = []
         ids = plan.image_ids
         position = self.dataset.position[ids]
         self.missing = {int(r): "left out at convert time: " + self.dataset.missing.get(int(ids[r]), "unknown reason")
@@ -256,14 +255,13 @@ class FfcvCropLoader:
                     good[dest] = ok[used : used + n] != 0
                     used += n
                     taken += n
+                reasons = {}
                 for i, row in enumerate(chunk.tolist()):
                     if not good[i]:
                         out_np[i] = 0
-                        reason = self.missing.get(row, "ffcv could not decode its stored bytes (corrupt .beton?); "
-                                                       "convert the data again")
-                        self.failures.append({"row": row, "path": self.index.paths[int(self.plan.image_ids[row])],
-                                              "reason": reason})
+                        reasons[row] = self.missing.get(row, "ffcv could not decode its stored bytes (corrupt .beton?); "
+                                                             "convert the data again")
                 yield CropBatch(rows=torch.from_numpy(chunk.astype(np.int64)), crops=out,
-                                ok=torch.from_numpy(good))
+                                ok=torch.from_numpy(good), reasons=reasons)
         finally:
             stream.close()

@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.decode import decode_rgb_array
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import BufferRing, CropBatch
+from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader
 from rded_fast.plan import CropPlan
 
 
@@ -64,7 +64,7 @@ def _collate(items):
     return torch.tensor(rows, dtype=torch.int64), torch.stack(crops), torch.tensor(ok, dtype=torch.bool), errors
 
 
-class TorchCropLoader:
+class TorchCropLoader(CropLoader):
     """Decode with PIL in `workers` processes; yields CropBatch of `batch_size` planned images, in plan order.
 
     `prefetch`: batches in flight over all workers. With `reuse_buffers` and CUDA present, each batch is
@@ -75,7 +75,6 @@ class TorchCropLoader:
     def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
                  prefetch: int = 2, reuse_buffers: bool = False):
         self.index, self.plan = index, plan
-        self.failures: list[dict] = []
         pin = torch.cuda.is_available()
         self._ring = BufferRing(prefetch + 2, pin=True) if reuse_buffers and pin else None
         self._loader = DataLoader(
@@ -93,10 +92,7 @@ class TorchCropLoader:
 
     def __iter__(self) -> Iterator[CropBatch]:
         for rows, crops, ok, errors in self._loader:
-            for row, good, err in zip(rows.tolist(), ok.tolist(), errors):
-                if not good:
-                    path = self.index.paths[int(self.plan.image_ids[row])]
-                    self.failures.append({"row": row, "path": path, "reason": err})
+            reasons = {row: err for row, good, err in zip(rows.tolist(), ok.tolist(), errors) if not good}
             if self._ring is not None:
                 crops = self._ring.take(tuple(crops.shape)).copy_(crops)
-            yield CropBatch(rows=rows, crops=crops, ok=ok)
+            yield CropBatch(rows=rows, crops=crops, ok=ok, reasons=reasons)

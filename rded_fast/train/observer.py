@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
-from rded_fast.images import load_tensor_dataset
+from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.index import build_index
 from rded_fast.models import build
 from rded_fast.outputs import check_separate, claim_output, is_checkpoint
@@ -90,11 +90,9 @@ def train_observer(cfg: ObserverConfig) -> dict:
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
 
-def _train_observer(cfg: ObserverConfig) -> dict:
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+def _load_data(cfg: ObserverConfig):
+    """The training images (all, or `per_class` of each class by the plan's seeded sampler), its index, and
+    the validation images when `cfg.val` is given; uint8 tensors in memory."""
     index = build_index(cfg.data, show_progress=cfg.show_progress)
     if cfg.per_class is not None:
         from rded_fast.plan import make_plan
@@ -102,63 +100,80 @@ def _train_observer(cfg: ObserverConfig) -> dict:
         keep = make_plan(index, cfg.seed, cfg.per_class, 1).image_ids
         index.paths = [index.paths[i] for i in keep]
         index.labels, index.sizes = index.labels[keep], index.sizes[keep]
-    images, labels = load_tensor_dataset(index, cfg.input_size, show_progress=cfg.show_progress, desc="load train")
+    train = load_tensor_dataset(index, cfg.input_size, show_progress=cfg.show_progress, desc="load train")
     val = None
     if cfg.val:
         vindex = build_index(cfg.val, class_map=index.classes, show_progress=cfg.show_progress)
         val = load_tensor_dataset(vindex, cfg.input_size, show_progress=cfg.show_progress, desc="load val")
+    return index, train, val
 
-    model = build(cfg.arch, index.num_classes, None, cfg.input_size).model.to(device, memory_format=torch.channels_last)
+
+def _optimizer(cfg: ObserverConfig, model: torch.nn.Module, total_steps: int):
+    """SGD with Nesterov momentum (or AdamW) and a per-step cosine schedule to zero."""
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
     wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.01)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return opt, sched
+
+
+def train_one_epoch(model: torch.nn.Module, opt, sched, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                    generator: torch.Generator, device: torch.device, on_step=lambda: None) -> float:
+    """One pass over the data in a seeded order, augmented; returns the mean training loss."""
+    model.train()
+    pad = max(1, images.shape[-1] // 8)
+    order = torch.randperm(len(images), generator=generator)
+    steps = math.ceil(len(images) / batch_size)
+    running = 0.0
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        x = normalize_uint8(augment(images[idx], generator, pad).to(device)).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        on_step()
+    return running / steps
+
+
+def _save(cfg: ObserverConfig, model: torch.nn.Module, classes: list[str], val_acc: float | None) -> None:
+    """The checkpoint `--weights` reads, written atomically; then the resume state is no longer needed."""
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": cfg.arch,
+                "input_size": cfg.input_size, "classes": classes, "val_accuracy": val_acc}, buf)
+    atomic_write_bytes(cfg.out, buf.getvalue())
+    Path(f"{cfg.out}.state").unlink(missing_ok=True)  # training is complete: nothing left to resume
+
+
+def _train_observer(cfg: ObserverConfig) -> dict:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    index, (images, labels), val = _load_data(cfg)
+    model = build(cfg.arch, index.num_classes, None, cfg.input_size).model.to(device, memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    pad = max(1, cfg.input_size // 8)
+    opt, sched = _optimizer(cfg, model, cfg.epochs * steps_per_epoch)
     losses: list[float] = []
     state_path = f"{cfg.out}.state"
     first = 0
     if cfg.resume and (state := checkpoint.load_state(state_path)) is not None:
         first = checkpoint.restore(state, model, opt, sched, generator)
         losses = state["losses"]
-    bar = progress(range(total), total=total, initial=first * steps_per_epoch, desc=f"train {cfg.arch}",
-                   disable=not cfg.show_progress)
-    bar_iter = iter(bar)
+    bar = iter(progress(range(cfg.epochs * steps_per_epoch), total=cfg.epochs * steps_per_epoch,
+                        initial=first * steps_per_epoch, desc=f"train {cfg.arch}", disable=not cfg.show_progress))
     for epoch in range(first, cfg.epochs):
-        model.train()
-        order = torch.randperm(len(images), generator=generator)
-        running = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = normalize_uint8(augment(images[idx], generator, pad).to(device)).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach())
-            next(bar_iter, None)
-        losses.append(running / steps_per_epoch)
+        losses.append(train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device,
+                                      on_step=lambda: next(bar, None)))
         checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
     train_acc = accuracy(model, images, labels, device)
     val_acc = accuracy(model, *val, device) if val is not None else None
-    summary = {
-        "config": asdict(cfg),
-        "classes": index.classes,
-        "train_images": len(images),
-        "epoch_loss": losses,
-        "train_accuracy": train_acc,
-        "val_accuracy": val_acc,
-        "seconds": time.perf_counter() - t0,
-        "checkpoint": cfg.out,
-    }
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": cfg.arch,
-                "input_size": cfg.input_size, "classes": index.classes, "val_accuracy": val_acc}, buf)
-    atomic_write_bytes(cfg.out, buf.getvalue())
-    Path(state_path).unlink(missing_ok=True)  # training is complete: nothing left to resume
-    return summary
+    _save(cfg, model, index.classes, val_acc)
+    return {"config": asdict(cfg), "classes": index.classes, "train_images": len(images), "epoch_loss": losses,
+            "train_accuracy": train_acc, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
+            "checkpoint": cfg.out}

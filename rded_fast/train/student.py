@@ -22,7 +22,7 @@ from torch import nn
 from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
-from rded_fast.images import load_tensor_dataset
+from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.index import UNLISTED_CLASS, build_index
 from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
