@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from converters.sanitize import BadImage, jpeg_bytes
+from converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
-from rded_fast.index import DatasetIndex, build_index, read_class_map
+from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import jpeg_problem
 from rded_fast.outputs import claim_output, is_shard_folder, resolve
 from rded_fast.loaders.shards import (
@@ -254,10 +255,7 @@ def convert_dali(
 def _convert_dali(data: str, out_dir: Path, *, class_map, workers: int, show_progress: bool, limit: int) -> dict:
     t0 = time.perf_counter()
     _check_out(out_dir)
-    names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
-    index = build_index(data, class_map=names, workers=workers, show_progress=show_progress)
-    if len(index) == 0:
-        raise UserError(f"--data {data}: no readable images found; expected {data}/<class>/<image files>")
+    index = index_source(data, class_map, workers, show_progress)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     groups = plan_shards(index, limit)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +29,10 @@ from typing import Iterator
 import numpy as np
 
 from converters.sanitize import BadImage, rgb_array
+from converters.source import index_source
 from rded_fast.errors import UserError
-from rded_fast.fileio import atomic_write_text, file_mode
-from rded_fast.index import DatasetIndex, build_index, read_class_map
+from rded_fast.fileio import atomic_write, atomic_write_text
+from rded_fast.index import DatasetIndex
 from rded_fast.loaders.beton import (
     FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path,
 )
@@ -229,36 +229,30 @@ def convert_ffcv(
 def _convert_ffcv(data: str, out_path: Path, *, class_map, workers: int, show_progress: bool, max_resolution: int,
                   jpeg_quality: int, write_mode: str) -> dict:
     t0 = time.perf_counter()
-    names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map
-    index = build_index(data, class_map=names, workers=max(1, workers), show_progress=show_progress)
-    if len(index) == 0:
-        raise UserError(f"--data {data}: no readable images found; expected {data}/<class>/<image files>")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    index = index_source(data, class_map, workers, show_progress)
     options = {"write_mode": write_mode, "max_resolution": int(max_resolution), "jpeg_quality": int(jpeg_quality)}
     write = dict(workers=workers, write_mode=write_mode, max_resolution=int(max_resolution),
                  jpeg_quality=int(jpeg_quality), show_progress=show_progress)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
+    written: dict = {}
+
+    def write_checked(tmp: str) -> None:
+        """Write, read back, and (rarely) write again without the images ffcv could not store."""
         ids = np.arange(len(index), dtype=np.int64)
         _write_beton(tmp, index, ids, **write)
         labels, sizes = _read_back(tmp)
         bad = ids[labels < 0]
         missing = {int(i): _why_bad(os.path.join(index.root, index.paths[i])) for i in bad}
-        if len(bad):  # rare: write again without the images that failed
+        if len(bad):
             ids = ids[labels >= 0]
             _write_beton(tmp, index, ids, **write)
             labels, sizes = _read_back(tmp)
         if len(labels) != len(ids) or not np.array_equal(labels, index.labels[ids]):
             raise UserError(f"--data {data}: images changed while converting (labels read back differ); convert again")
-        record = sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), options)
-        os.chmod(tmp, file_mode())  # mkstemp makes it private; the user's umask decides
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        written.update(ids=ids, sizes=sizes, record=sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), options))
+
+    atomic_write(out_path, write_checked)
+    ids, sizes, record = written["ids"], written["sizes"], written["record"]
     atomic_write_text(sidecar_path(out_path), json.dumps(record))
     seconds = time.perf_counter() - t0
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,13 @@ class CropLoader:
         """Extra facts about a source image that the manifest records beside each of its cells (the ffcv loader
         gives the size its .beton stores the image at); none by default."""
         return {}
+
+
+def left_out_rows(rows: np.ndarray, image_ids: np.ndarray, stored: np.ndarray, why: dict[int, str]) -> dict[int, str]:
+    """Plan row -> reason for the `rows` whose image a converter left out (`stored[k]` False for row
+    rows[k] of image image_ids[k]; `why`: image id -> the converter's reason)."""
+    return {int(r): "left out at convert time: " + why.get(int(i), "unknown reason")
+            for r, i, kept in zip(rows, image_ids, stored) if not kept}
 
 
 def failed_rows(batches: Iterable[CropBatch]) -> dict[int, str]:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import is_jpeg, jpeg_problem
-from rded_fast.loaders.base import CropBatch, CropLoader
+from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
 from rded_fast.plan import CropPlan
 
@@ -155,9 +155,7 @@ class DaliCropLoader(CropLoader):
         if self.shards is None:
             return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)), workers=self.workers)
         ids = self.plan.image_ids[self.rows]
-        gone = self.rows[self.shards.shard[ids] < 0]
-        missing = {int(r): "left out at convert time: " + self.shards.missing.get(int(self.plan.image_ids[r]), "unknown reason")
-                   for r in gone}
+        missing = left_out_rows(self.rows, ids, self.shards.shard[ids] >= 0, self.shards.missing)
         reader = _ShardBytes(self.shards)
         try:
             rows = [r for r in self.rows if int(r) not in missing]

@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader
+from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.resample import cut_boxes
 from rded_fast.plan import CropPlan
@@ -188,8 +188,7 @@ class FfcvCropLoader(CropLoader):
         self.batches_ahead, self.reuse_buffers = int(batches_ahead), reuse_buffers
         ids = plan.image_ids
         position = self.dataset.position[ids]
-        self.missing = {int(r): "left out at convert time: " + self.dataset.missing.get(int(ids[r]), "unknown reason")
-                        for r in np.flatnonzero(position < 0)}
+        self.missing = left_out_rows(np.arange(len(ids)), ids, position >= 0, self.dataset.missing)
         original, stored = self.dataset.index.sizes[ids], self.dataset.stored_sizes[ids]
         self.boxes = stored_boxes(plan.boxes, original, np.where(position[:, None] >= 0, stored, original))
         self._samples = position[position >= 0].astype(np.uint64)
