@@ -76,15 +76,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make the names in `folder` (renames, new files) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_many(items: list[tuple[Path, bytes]]) -> None:
     """Write several files atomically with one durability pass: every file goes to a temporary name, then
     all are fsynced (concurrently), renamed, and each folder is fsynced once. Afterwards every file is

@@ -60,23 +60,10 @@ def encode_class_images(images: torch.Tensor, fmt: str, jpeg_quality: int) -> li
     return [encode_image(image, fmt, jpeg_quality) for image in images]
 
 
-def write_class_files(out: Path, class_name: str, label: int, payloads: list[bytes], fmt: str) -> list[str]:
-    """Write one class's encoded images into out/<class_name>/ with one durability pass; returns relative
-    file names. When this returns, every file is complete and durable (the journal may record the class)."""
-    names = [f"{class_name}/{image_name(label, j, fmt)}" for j in range(len(payloads))]
-    atomic_write_many([(out / rel, data) for rel, data in zip(names, payloads)])
-    return names
-
-
 def write_classes_files(out: Path, classes: list[tuple[str, int, list[bytes]]], fmt: str) -> None:
     """Write several classes' encoded images ((class_name, label, payloads) each) with one durability pass."""
     atomic_write_many([(out / class_name / image_name(label, j, fmt), data)
                        for class_name, label, payloads in classes for j, data in enumerate(payloads)])
-
-
-def write_class_images(out: Path, class_name: str, label: int, images: torch.Tensor, fmt: str, jpeg_quality: int) -> list[str]:
-    """Encode and write [ipc, 3, S, S] uint8 into out/<class_name>/; returns relative file names."""
-    return write_class_files(out, class_name, label, encode_class_images(images, fmt, jpeg_quality), fmt)
 
 
 def contact_sheet(rows: list[tuple[str, torch.Tensor]], thumb: int | None = None) -> Image.Image:

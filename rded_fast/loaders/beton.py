@@ -29,7 +29,6 @@ FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
-BETON_SUFFIX = ".beton"
 
 
 def sidecar_path(beton: str | os.PathLike) -> Path:
