@@ -62,7 +62,7 @@ def run_quality(
             distill(DistillConfig(
                 data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc, factor=1,
                 mipc=mipc, num_crop=num_crop, input_size=32, seed=seed, batch_size=128, workers=2, device=device,
-                select=select, index=str(work / "train_index.json"), overwrite=True, show_progress=show_progress))
+                select=select, index=str(work / "train_index.npz"), overwrite=True, show_progress=show_progress))
             result = evaluate(StudentConfig(
                 distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer), student="conv3",
                 epochs=epochs, seed=seed, device=device, json=str(work / f"{select}_seed{seed}.evaluate.json"),

@@ -50,7 +50,7 @@ def _run_demo(out: str, data_dir: str | None, epochs: int, per_class: int, ipc: 
     result = distill(DistillConfig(
         data=str(train_dir), out=str(out_path / "distilled"), observer="conv3", weights=str(ckpt), ipc=ipc,
         factor=1, mipc=300, num_crop=5, input_size=32, seed=0, batch_size=128, workers=2, device=device,
-        index=str(out_path / "train_index.json"), overwrite=True, show_progress=show_progress,
+        index=str(out_path / "train_index.npz"), overwrite=True, show_progress=show_progress,
     ))
     student = evaluate(StudentConfig(
         distilled=str(result.out), val=str(test_dir), teacher="conv3", teacher_weights=str(ckpt), student="conv3",

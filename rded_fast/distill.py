@@ -396,7 +396,7 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[Data
         journal.check_run(out, _run_parameters(cfg))
     else:
         journal.write_run(out, _run_parameters(cfg))
-    save_index(index, out / "index.json")
+    save_index(index, out / "index.npz")
     return index, observer, scorer, check
 
 
@@ -462,7 +462,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
         index, observer, scorer, check = _collective(world, lambda: _prologue(cfg, out, device), "")
     else:
         _collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
-        index = load_index(out / "index.json")
+        index = load_index(out / "index.npz")
         observer, scorer = _observer(cfg, index, device)
     seconds["compile"] = scorer.compile_seconds
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds

@@ -87,7 +87,7 @@ def is_shard_folder(path: Path) -> bool:
 def is_demo_folder(path: Path) -> bool:
     """A folder written by `demo`: only the names the demo writes, its distilled set one of ours."""
     names = {p.name for p in path.iterdir()}
-    known = {"observer_conv3.pth", "observer_conv3.pth.state", "distilled", "train_index.json", "evaluate.json"}
+    known = {"observer_conv3.pth", "observer_conv3.pth.state", "distilled", "train_index.npz", "evaluate.json"}
     return names <= known and (not (path / "distilled").exists() or is_distilled_set(path / "distilled"))
 
 

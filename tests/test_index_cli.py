@@ -1,12 +1,11 @@
 """The index (class order, header sizes, class maps) and the CLI (help, argument errors)."""
-import json
 
 import pytest
 from PIL import Image
 
 from cli import build_parser, main
 from rded_fast.errors import UserError
-from rded_fast.index import build_index, load_or_build_index, read_class_map
+from rded_fast.index import build_index, load_index, load_or_build_index, read_class_map, save_index
 
 
 def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):
@@ -27,11 +26,11 @@ def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):
 
 
 def test_index_cache_is_reused(jpeg_tree, tmp_path):
-    cache = tmp_path / "index.json"
+    cache = tmp_path / "index.npz"
     first = load_or_build_index(jpeg_tree, cache, show_progress=False)
-    data = json.loads(cache.read_text())
-    data["paths"][0] = "marker"
-    cache.write_text(json.dumps(data))
+    marked = load_index(cache)
+    marked.paths[0] = "marker"
+    save_index(marked, cache)
     assert load_or_build_index(jpeg_tree, cache, show_progress=False).paths[0] == "marker"
     assert len(first) == 24
 
