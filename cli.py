@@ -59,7 +59,9 @@ def add_distill(sub) -> None:
     p.add_argument("--class-map", help="file with the observer's classes in output order, one per line; must name every "
                                        "class folder and may name classes the data lacks (WNID folders need none)")
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
-    p.add_argument("--select", default="rded", choices=["rded", "random"], help="rded, or the random baseline")
+    p.add_argument("--select", default="rded", choices=["rded", "random-crops", "random-images", "random"],
+                   help="rded, or a baseline: random-crops (random crops stitched like RDED's cells), random-images "
+                        "(random whole images, the literature's 'random'); random = random-crops")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="observer autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
                         "none = the fp32 reference path")
@@ -215,6 +217,12 @@ def _student_args(p, student: bool) -> None:
                                                         "timm:NAME, MODULE:FACTORY)")
         p.add_argument("--lr", type=float, help="default: RDED's (1e-3; 2e-3 for CIFAR-100 conv3)")
         p.add_argument("--soft-labels", help="labels folder from `rded-fast relabel` (replayed instead of a teacher)")
+        p.add_argument("--labels", default="soft", choices=["soft", "hard"],
+                       help="soft: the teacher's (RDED's recipe, default); hard: the images' own one-hot labels, no "
+                            "teacher (what the images alone carry)")
+        p.add_argument("--bn-refresh", default="on", choices=["on", "off"],
+                       help="on (the reference's behaviour): an extra no-grad train-mode student forward per step, "
+                            "which moves BatchNorm's running statistics a second time; off: one forward")
         p.add_argument("--json", help="write the result JSON here")
         p.add_argument("--checkpoint", help="per-epoch training state file (for --resume)")
         p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -236,7 +244,7 @@ def add_evaluate(sub) -> None:
 def run_evaluate(args) -> int:
     from rded_fast import StudentConfig, evaluate
 
-    fields = _fields(args)
+    fields = {**_fields(args), "bn_refresh": args.bn_refresh == "on"}
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
     if r["val_unused_classes"]:
         print(f"note: --val has {len(r['val_unused_classes'])} class folder(s) the distilled set does not have; "

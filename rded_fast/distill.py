@@ -46,6 +46,10 @@ from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, r
 
 CHECK_IMAGES = 300
 SCORE_CHUNK_MAX = 512
+# --select: RDED, or a baseline. `random-crops`: random crops of random images, stitched like RDED's cells
+# (the ablation of the observer's ranking); `random-images`: random whole images (their centred square),
+# one per output image at the input size (the literature's "random" row); `random` = `random-crops`.
+SELECT_CHOICES = ("rded", "random-crops", "random-images", "random")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
@@ -122,7 +126,7 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
         (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
-        (cfg.select in ("rded", "random"), f"--select {cfg.select}: choose rded or random"),
+        (cfg.select in SELECT_CHOICES, f"--select {cfg.select}: choose one of {', '.join(SELECT_CHOICES)}"),
         (cfg.amp in AMP_CHOICES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_CHOICES)}"),
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
@@ -162,7 +166,12 @@ def resolve_compile(name: str, device: torch.device | str, crops: int) -> bool:
 def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
     """The config with `auto`/None knobs that change what runs made concrete: the loader, the worker count."""
     workers = available_cores() if cfg.workers is None else cfg.workers
-    return replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device), workers=workers)
+    cfg = replace(cfg, loader=resolve_loader(cfg.loader, cfg.data, device), workers=workers)
+    if cfg.select == "random":
+        cfg = replace(cfg, select="random-crops")
+    if cfg.select == "random-images":  # one whole image per output image: no cells, no crops to choose from
+        cfg = replace(cfg, factor=1, num_crop=1)
+    return cfg
 
 
 def score_chunk(mipc: int, num_crop: int) -> int:
@@ -276,9 +285,9 @@ def check_native_input(observer: BuiltModel, crop_size: int, device: torch.devic
 
 
 def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> torch.Tensor | None:
-    """Score one class's crops [m, K, 3, p, p] on the scorer's device -> [m, K] float32 (None for --select random).
-    Queues device work only: no host sync."""
-    if cfg.select == "random":
+    """Score one class's crops [m, K, 3, p, p] on the scorer's device -> [m, K] float32 (None for a random
+    baseline). Queues device work only: no host sync."""
+    if cfg.select != "rded":
         return None
     m, k = crops.shape[:2]
     labels = torch.full((m * k,), label, dtype=torch.int64, device=scorer.device)
@@ -474,7 +483,8 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     host_wait = {"seconds": 0.0}
 
     def run_classes() -> None:
-        plan = make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo)
+        plan = (make_center_plan(index, cfg.seed, cfg.mipc, classes=todo) if cfg.select == "random-images"
+                else make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo))
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
                              hw_decoder_load=cfg.hw_decoder_load)

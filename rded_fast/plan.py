@@ -131,14 +131,14 @@ def short_classes(index: DatasetIndex, mipc: int) -> dict[str, int]:
     return {index.classes[c]: int(n) for c, n in enumerate(counts) if n < mipc}
 
 
-def make_center_plan(index: DatasetIndex, seed: int, per_class: int) -> CropPlan:
-    """One centred square crop (side = shorter side) of up to `per_class` images per class.
+def make_center_plan(index: DatasetIndex, seed: int, per_class: int, classes: list[int] | None = None) -> CropPlan:
+    """One centred square crop (side = shorter side) of up to `per_class` images per class (of `classes`, default all).
 
-    Used to check the observer's accuracy on whole images before distilling; the boxes go through
-    the same loaders as the real plan.
+    Used to check the observer's accuracy on whole images before distilling, and as the plan of the
+    random-images baseline; the boxes go through the same loaders as the real plan.
     """
     ids, labels = [], []
-    for label in range(index.num_classes):
+    for label in (range(index.num_classes) if classes is None else sorted(classes)):
         rng = class_generator(seed, label, purpose=1)
         members = np.flatnonzero(index.labels == label)
         chosen = np.sort(members[rng.permutation(len(members))[:per_class]])

@@ -114,3 +114,13 @@ def augment_batch(images: torch.Tensor, aug: EpochAug, b: int, factor: int) -> t
     out[:, :, r1:r2, c1:c2] = out[partner][:, :, r1:r2, c1:c2]
     return out
 
+
+
+def mixed_targets(labels: torch.Tensor, aug: EpochAug, b: int, num_classes: int, size: int) -> torch.Tensor:
+    """Hard-label targets of batch `b` as `augment_batch` mixes it: each sample's one-hot label, with the
+    CutMix box's share of the image given to its partner's label. [B, num_classes] float, rows sum to 1."""
+    sl = aug.batch_slice(b)
+    onehot = torch.nn.functional.one_hot(labels[torch.from_numpy(aug.order[sl])], num_classes).float()
+    r1, c1, r2, c2 = aug.mix_box[b].tolist()
+    pasted = (r2 - r1) * (c2 - c1) / float(size * size)
+    return (1.0 - pasted) * onehot + pasted * onehot[torch.from_numpy(aug.mix_perm[sl])]

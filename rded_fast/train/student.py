@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rded_fast.device import resolve_device
@@ -29,7 +30,7 @@ from rded_fast.outputs import check_separate, check_writable_file, claim_output,
 from rded_fast.progress import progress
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from rded_fast.train import checkpoint, softlabels
-from rded_fast.train.augment import augment_batch, sample_epoch
+from rded_fast.train.augment import augment_batch, mixed_targets, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
 
@@ -49,6 +50,8 @@ class StudentConfig:
     seed: int = 0
     device: str = "auto"
     soft_labels: str | None = None
+    labels: str = "soft"  # "hard": one-hot labels (CutMix-mixed), no teacher: what the images alone carry
+    bn_refresh: bool = True  # the reference's extra no-grad train-mode forward per step (BN statistics updated twice)
     top_k: int | None = None
     out: str | None = None
     json: str | None = None
@@ -175,23 +178,82 @@ def evaluate(cfg: StudentConfig) -> dict:
         return _evaluate(cfg)
 
 
+@dataclass
+class _Labels:
+    """Where a step's targets come from: the images' own labels (hard), a labels folder, or the teacher online."""
+
+    kind: str  # "hard", "stored" or "online"
+    recipe: Recipe
+    header: dict | None = None
+    teacher: nn.Module | None = None
+
+
+def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> _Labels:
+    if cfg.labels not in ("soft", "hard"):
+        raise UserError(f"--labels {cfg.labels}: choose soft or hard")
+    if cfg.labels == "hard":
+        if cfg.soft_labels:
+            raise UserError("--labels hard trains on the images' own labels; leave out --soft-labels")
+        return _Labels("hard", recipe)
+    if cfg.soft_labels:
+        header = softlabels.read_header(Path(cfg.soft_labels))
+        recipe = Recipe(epochs=cfg.epochs, batch_size=header["batch_size"], lr=recipe.lr, temperature=header["temperature"])
+        _check_labels_match(header, data, recipe)
+        return _Labels("stored", recipe, header=header)
+    return _Labels("online", recipe, teacher=_teacher(cfg, data, device)[0])
+
+
+def _epoch_aug(cfg: StudentConfig, labels: _Labels, data: DistilledSet, epoch: int, size: int):
+    """(the epoch's augmentation parameters, the stored labels of the epoch or None)."""
+    if labels.kind == "stored":
+        return softlabels.read_epoch(Path(cfg.soft_labels), epoch)
+    r = labels.recipe
+    return sample_epoch(cfg.seed, epoch, len(data.images), r.batch_size, data.factor, size, r.cutmix_beta), None
+
+
+def _targets(labels: _Labels, data: DistilledSet, aug, encoded, b: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Batch `b`'s targets: mixed one-hot labels, or the teacher's probabilities at the recipe's temperature."""
+    n, t = len(data.classes), labels.recipe.temperature
+    if labels.kind == "hard":
+        return mixed_targets(data.labels, aug, b, n, x.shape[-1]).to(device)
+    if labels.kind == "online":
+        return torch.softmax(teacher_logits(labels.teacher, x, device) / t, dim=1)
+    sl = aug.batch_slice(b)
+    indices = encoded["indices"][sl] if "indices" in encoded else None
+    return softlabels.decode_probs(encoded["values"][sl], indices, encoded["lse"][sl], n, t).to(device)
+
+
+def train_student_epoch(cfg: StudentConfig, student: nn.Module, opt, labels: _Labels, data: DistilledSet,
+                        images: torch.Tensor, epoch: int, device: torch.device) -> float:
+    """One epoch of RDED's recipe (or hard labels); returns the mean loss."""
+    aug, encoded = _epoch_aug(cfg, labels, data, epoch, images.shape[-1])
+    total = 0.0
+    for b in range(aug.num_batches):
+        x = augment_batch(images, aug, b, data.factor)
+        probs = _targets(labels, data, aug, encoded, b, x, device)
+        with _autocast(device):
+            logits = student(x.contiguous(memory_format=torch.channels_last))
+        loss = (F.cross_entropy(logits.float(), probs) if labels.kind == "hard"
+                else kd_loss(logits, probs, labels.recipe.temperature))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cfg.bn_refresh:  # the reference's logging forward: train mode, so BatchNorm's running stats move again
+            with torch.no_grad(), _autocast(device):
+                student(x.contiguous(memory_format=torch.channels_last))
+        total += float(loss.detach())
+    return total / aug.num_batches
+
+
 def _evaluate(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
-    recipe = _recipe(cfg, data, cfg.student)
-    header = None
-    if cfg.soft_labels:
-        header = softlabels.read_header(Path(cfg.soft_labels))
-        recipe = Recipe(epochs=cfg.epochs, batch_size=header["batch_size"], lr=recipe.lr, temperature=header["temperature"])
-        _check_labels_match(header, data, recipe)
-        teacher = None
-    else:
-        teacher, _ = _teacher(cfg, data, device)
+    labels = _label_source(cfg, data, device, _recipe(cfg, data, cfg.student))
+    recipe = labels.recipe
     vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
     val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
-
     torch.manual_seed(cfg.seed)
     student = build(cfg.student, len(data.classes), None, size, what="student").model.to(device, memory_format=torch.channels_last).train()
     opt, sched = make_optimizer(student, recipe)
@@ -203,53 +265,23 @@ def _evaluate(cfg: StudentConfig) -> dict:
     if cfg.resume and (state := checkpoint.load_state(cfg.checkpoint)) is not None:
         first = checkpoint.restore(state, student, opt, sched, None)
         epoch_loss, evaluations = state["epoch_loss"], state["evaluations"]
-    bar = progress(range(first, recipe.epochs), total=recipe.epochs, initial=first, desc=f"train {cfg.student}",
-                   disable=not cfg.show_progress)
-    for epoch in bar:
-        if header is not None:
-            aug, encoded = softlabels.read_epoch(Path(cfg.soft_labels), epoch)
-        else:
-            aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
-        total = 0.0
-        for b in range(aug.num_batches):
-            x = augment_batch(images, aug, b, data.factor)
-            if header is None:
-                probs = torch.softmax(teacher_logits(teacher, x, device) / recipe.temperature, dim=1)
-            else:
-                sl = aug.batch_slice(b)
-                probs = softlabels.decode_probs(encoded["values"][sl], encoded["indices"][sl] if "indices" in encoded else None,
-                                                encoded["lse"][sl], len(data.classes), recipe.temperature).to(device)
-            with _autocast(device):
-                logits = student(x.contiguous(memory_format=torch.channels_last))
-            loss = kd_loss(logits, probs, recipe.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        epoch_loss.append(total / aug.num_batches)
+    for epoch in progress(range(first, recipe.epochs), total=recipe.epochs, initial=first, desc=f"train {cfg.student}",
+                          disable=not cfg.show_progress):
+        epoch_loss.append(train_student_epoch(cfg, student, opt, labels, data, images, epoch, device))
         sched.step()
-        if evaluates_at(epoch, recipe.epochs):
+        if evaluates_at(epoch, recipe.epochs) or epoch == recipe.epochs - 1:
             top1, top5 = topk_accuracy(student, val_x, val_y, device)
             evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
         if cfg.checkpoint:
             checkpoint.save_state(cfg.checkpoint, checkpoint.capture(student, opt, sched, None, epoch,
                                                                      epoch_loss=epoch_loss, evaluations=evaluations))
-    final = evaluations[-1] if evaluations and evaluations[-1]["epoch"] == recipe.epochs - 1 else None
-    if final is None:
-        top1, top5 = topk_accuracy(student, val_x, val_y, device)
-        final = {"epoch": recipe.epochs - 1, "top1": top1, "top5": top5}
-        evaluations.append(final)
     result = {
         "parameters": {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "factor": data.factor, "ipc": data.ipc,
                        "input_size": size, "num_classes": len(data.classes), "recipe": asdict(recipe),
-                       "resolved_device": str(device), "soft_label_source": "stored" if header else "online"},
-        "final_top1": final["top1"],
-        "final_top5": final["top5"],
-        "best_top1": max(e["top1"] for e in evaluations),
-        "evaluations": evaluations,
-        "epoch_loss": epoch_loss,
-        "train_images": len(images),
-        "val_images": len(val_x),
+                       "resolved_device": str(device), "soft_label_source": labels.kind},
+        "final_top1": evaluations[-1]["top1"], "final_top5": evaluations[-1]["top5"],
+        "best_top1": max(e["top1"] for e in evaluations), "evaluations": evaluations, "epoch_loss": epoch_loss,
+        "train_images": len(images), "val_images": len(val_x),
         "val_unused_classes": [s["path"] for s in vindex.skipped if s["reason"] == UNLISTED_CLASS],
         "seconds": time.perf_counter() - t0,
     }

@@ -1,0 +1,150 @@
+"""What grows with the number of files, measured on an ImageNet-1K-shaped tree (benchmarks/make_imagenet1k_tree.py).
+
+Steps, each a separate process so its peak memory is its own:
+- `index_cold`: index + plan (mipc 300, 5 crops) with the page cache dropped first (when this user may drop it);
+- `index_cached`: the same from the index cache a first run wrote (another seed: the cache serves any plan);
+- `distill`: a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 32 px, random selection: the model is
+  not what is measured here), its seconds by stage, the manifest's size and the process's peak memory;
+- `resume`: with mipc 20, a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
+  an uninterrupted run: every image file must be the same bytes.
+The observer is an untrained conv3 (random selection never runs it). Results as JSON with the CPU named.
+
+Run: python -m benchmarks.scale_bench --data /work/scale-data/imagenet1k --work /work/scale-data/work \\
+         --json benchmarks/results/scale_imagenet1k-shaped_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (needs root); False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _python(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON line; add its peak RSS."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024}
+
+
+INDEX_AND_PLAN = """
+import json, time
+from rded_fast.index import load_or_build_index
+from rded_fast.plan import make_plan
+t = time.perf_counter()
+index = load_or_build_index({data!r}, {cache!r}, show_progress=False)
+t_index = time.perf_counter() - t
+plan = make_plan(index, {seed}, 300, 5)
+print(json.dumps({{"files": len(index), "classes": index.num_classes, "planned": len(plan),
+                  "index_s": t_index, "plan_s": time.perf_counter() - t - t_index, "seconds": time.perf_counter() - t}}))
+"""
+
+
+def index_steps(data: str, work: Path) -> dict:
+    cache = str(work / "index.npz")
+    Path(cache).unlink(missing_ok=True)
+    dropped = drop_page_cache()
+    cold = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=0))
+    cached = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=1))
+    return {"index_cold": {**cold, "page_cache_dropped": dropped}, "index_cached": cached,
+            "index_cache_mib": os.path.getsize(cache) / 2**20}
+
+
+def _distill_cmd(data: str, out: Path, mipc: int, index: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cli", "distill", "--data", data, "--out", str(out), "--observer", "conv3",
+            "--select", "random", "--input-size", "32", "--factor", "2", "--ipc", "10", "--mipc", str(mipc),
+            "--num-crop", "5", "--index", str(index), "--quiet", *extra]
+
+
+def distill_step(data: str, work: Path) -> dict:
+    out = work / "full"
+    cmd = ["/usr/bin/time", "-f", "%M"] + _distill_cmd(data, out, 300, work / "index.npz", ["--overwrite"])
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    manifest = json.loads((out / "manifest.json").read_text())
+    seconds = manifest["run"]["seconds"]
+    overhead = seconds.get("prologue", 0.0) + seconds.get("compile", 0.0)
+    return {"wall_s": wall, "stage_seconds": seconds, "images_written": len(manifest["images"]),
+            "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
+            "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+            "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall}
+
+
+def _image_hashes(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*.png")) if p.name != "contact_sheet.png"}
+
+
+def resume_step(data: str, work: Path, mipc: int = 20, kill_at: int = 500) -> dict:
+    index = work / "index.npz"
+    whole, broken = work / "resume-whole", work / "resume-killed"
+    subprocess.run(_distill_cmd(data, whole, mipc, index, ["--overwrite"]), cwd=ROOT, check=True, capture_output=True)
+    shutil.rmtree(broken, ignore_errors=True)
+    proc = subprocess.Popen(_distill_cmd(data, broken, mipc, index, []), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    journal = broken / ".rded-journal"
+    done = 0
+    while proc.poll() is None:
+        done = len(list(journal.glob("class*"))) if journal.is_dir() else 0
+        if done >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    t = time.perf_counter()
+    subprocess.run(_distill_cmd(data, broken, mipc, index, ["--resume"]), cwd=ROOT, check=True, capture_output=True)
+    resumed_s = time.perf_counter() - t
+    a, b = _image_hashes(whole), _image_hashes(broken)
+    return {"mipc": mipc, "journaled_when_killed": done, "resume_s": resumed_s, "images": len(a),
+            "identical_bytes": a == b and len(a) > 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--work", required=True, help="scratch folder (outputs, index cache); not inside --data")
+    p.add_argument("--json", required=True)
+    p.add_argument("--steps", default="index,distill,resume")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from rded_fast.device import cpu_description
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"data": args.data, "cpu": cpu_description(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    steps = args.steps.split(",")
+    if "index" in steps:
+        result.update(index_steps(args.data, work))
+        print(json.dumps({k: result[k] for k in ("index_cold", "index_cached")}), flush=True)
+    if "distill" in steps:
+        result["distill"] = distill_step(args.data, work)
+        print(json.dumps(result["distill"]), flush=True)
+    if "resume" in steps:
+        result["resume"] = resume_step(args.data, work)
+        print(json.dumps(result["resume"]), flush=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

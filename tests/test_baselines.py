@@ -1,0 +1,90 @@
+"""The baselines select what they say: random-images are whole source images, random-crops are RDED's cells
+chosen at random (and `random` is that)."""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rded_fast.distill import distill
+from rded_fast.loaders.torch_loader import cut_crops, decode_rgb
+from tests.test_distill import fashion_config, random_observer
+
+
+def test_random_images_are_whole_images_at_the_input_size(jpeg_tree, tmp_path):
+    weights = random_observer(tmp_path, 3)
+    run = distill(fashion_config(jpeg_tree, weights, tmp_path / "ri", select="random-images", ipc=3, factor=2, mipc=8))
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["parameters"]["factor"] == 1 and manifest["parameters"]["select"] == "random-images"
+    assert run.num_images == 9 and manifest["observer"]["check"] is None
+    per_class = {}
+    for meta in manifest["images"]:
+        (cell,) = meta["cells"]  # one cell: the whole image
+        w, h = cell["source_size"]
+        side = min(w, h)
+        assert cell["box"] == [(h - side) // 2, (w - side) // 2, side, side] and cell["score"] is None
+        image = decode_rgb(str(jpeg_tree / cell["source"]))
+        expect = cut_crops(image, np.array([cell["box"]]), 32)[0]
+        with Image.open(run.out / meta["file"]) as im:
+            assert im.size == (32, 32) and torch.equal(torch.from_numpy(np.array(im)).permute(2, 0, 1), expect)
+        per_class.setdefault(meta["class"], set()).add(cell["source"])
+    assert all(len(sources) == 3 for sources in per_class.values())  # distinct images within a class
+
+
+def test_random_is_random_crops(jpeg_tree, tmp_path):
+    weights = random_observer(tmp_path, 3)
+    runs = [distill(fashion_config(jpeg_tree, weights, tmp_path / name, select=name, ipc=2, factor=2, mipc=8))
+            for name in ("random", "random-crops")]
+    files = [sorted(p.relative_to(r.out) for p in r.out.rglob("*.png") if p.name != "contact_sheet.png") for r in runs]
+    assert files[0] == files[1] and len(files[0]) == 6
+    for rel in files[0]:
+        assert (runs[0].out / rel).read_bytes() == (runs[1].out / rel).read_bytes()
+    cells = json.loads(runs[1].manifest.read_text())["images"][0]["cells"]
+    assert len(cells) == 4 and all(c["score"] is None for c in cells)
+
+
+def test_mixed_targets_give_the_pasted_box_to_the_partner():
+    from rded_fast.train.augment import mixed_targets, sample_epoch
+
+    aug = sample_epoch(3, 0, n=12, batch_size=5, factor=1, size=16)
+    labels = torch.arange(12) % 4
+    for b in range(aug.num_batches):
+        t = mixed_targets(labels, aug, b, 4, 16)
+        sl = aug.batch_slice(b)
+        r1, c1, r2, c2 = aug.mix_box[b].tolist()
+        share = (r2 - r1) * (c2 - c1) / 256
+        assert torch.allclose(t.sum(1), torch.ones(len(t)))
+        own, partner = labels[aug.order[sl]], labels[aug.order[sl]][aug.mix_perm[sl]]
+        for i in range(len(t)):
+            expect = torch.zeros(4)
+            expect[own[i]] += 1 - share
+            expect[partner[i]] += share
+            assert torch.allclose(t[i], expect)
+
+
+def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_path):
+    from rded_fast.train import student as student_mod
+    from rded_fast.train.distilled_set import load_distilled
+    from rded_fast.train.recipe import Recipe
+
+    weights = random_observer(tmp_path, 3)
+    distill(fashion_config(jpeg_tree, weights, tmp_path / "ri", select="random-images", ipc=2, mipc=8))
+    cfg = student_mod.StudentConfig(distilled=str(tmp_path / "ri"), teacher="no-such-model", val=str(jpeg_tree),
+                                    student="conv3", epochs=2, device="cpu", labels="hard", show_progress=False)
+    result = student_mod.evaluate(cfg)  # a teacher would be built (and fail) with soft labels
+    assert result["parameters"]["soft_label_source"] == "hard" and 0 <= result["final_top1"] <= 1
+    assert all(np.isfinite(result["epoch_loss"]))
+
+    data = load_distilled(str(tmp_path / "ri"))
+    counts = {}
+    for refresh in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                    torch.nn.LazyLinear(3))
+        model.eval()(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer without counting a batch
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        labels = student_mod._Labels("hard", Recipe(epochs=1, batch_size=2, lr=0.01))
+        run_cfg = student_mod.StudentConfig(distilled="", teacher="", bn_refresh=refresh)
+        student_mod.train_student_epoch(run_cfg, model.train(), opt, labels, data, data.images, 0, torch.device("cpu"))
+        counts[refresh] = int(model[1].num_batches_tracked)
+    assert counts[True] == 2 * counts[False] == 2 * 3  # 6 images, batches of 2: 3 steps
