@@ -285,7 +285,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput of every stage (or the quality benchmark), as JSON",
                        description="decode: loader img/s; score: engine crops/s; model: observer-only crops/s (the "
                                    "ceiling); e2e: a whole distill; --reference: the RDED reference's way, and the "
-                                   "speedup. --stage quality runs RDED vs random on Fashion-MNIST.")
+                                   "speedup. --stage quality: RDED vs random-images vs random-crops, soft and hard labels, on "
+                                   "Fashion-MNIST.")
     p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "host", "quality"])
     p.add_argument("--data", help="ImageFolder (or the loader's format) to run on")
     p.add_argument("--loader", default="auto")
@@ -307,7 +308,8 @@ def add_bench(sub) -> None:
     p.add_argument("--reference", action="store_true", help="also run the reference's way and report the speedup")
     p.add_argument("--json", help="output JSON (default benchmarks/results/bench_<device>.json)")
     p.add_argument("--work", default="bench-quality", help="quality: working folder")
-    p.add_argument("--seeds", type=int, default=5, help="quality: seeds")
+    p.add_argument("--seeds", type=int, default=3, help="quality: seeds")
+    p.add_argument("--ipcs", default="1,10", help="quality: comma-separated IPCs")
     p.add_argument("--epochs", type=int, default=300, help="quality: student epochs")
     p.set_defaults(run=run_bench)
 
@@ -316,7 +318,8 @@ def run_bench(args) -> int:
     if args.stage == "quality":
         from benchmarks import quality
 
-        argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device]
+        argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device,
+                "--ipcs", args.ipcs]
         return quality.main(argv + (["--json", args.json] if args.json else []))
     from pathlib import Path
 

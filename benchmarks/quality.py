@@ -1,122 +1,169 @@
-"""Quality benchmark: does RDED's selection beat a random subset under the same recipe, on real data?
+"""Quality benchmark: what RDED's selection is worth, against the literature's baselines, with and without
+the teacher's soft labels, on real data.
 
-Fashion-MNIST (Debian's dataset-fashion-mnist, 60k train / 10k test) at 32 px RGB; a Conv3
-observer/teacher trained on the full train split; IPC 10, factor 1, mipc 300, 5 crops; RDED vs
-`--select random` for several seeds; Conv3 students with the faithful recipe. Prints a table of final
-top-1 (mean +- std) and writes JSON under benchmarks/results/.
+Fashion-MNIST (Debian's dataset-fashion-mnist, 60k train / 10k test) at 32 px RGB; a Conv3 observer/teacher
+trained on the full train split; factor 1, mipc 300, 5 crops. Rows: RDED, `random-images` (random whole
+real images: the "random" row of dataset-distillation papers) and `random-crops` (random crops stitched like
+RDED's cells: the ablation of the observer's ranking). Columns: IPC, and the student's labels (`soft`: the
+teacher's, RDED's recipe; `hard`: the images' own one-hot labels, which measures what the images alone
+carry). Conv3 students, mean +- std over seeds. Writes JSON and a PNG plot (accuracy vs IPC, error bars).
 
-Run: python -m benchmarks.quality   (or `rded-fast bench --stage quality`)
+Run: python -m benchmarks.quality --ipcs 1,10 --seeds 3 --epochs 100   (or `rded-fast bench --stage quality`)
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
 
 from rded_fast.data import fashion_mnist
 from rded_fast.device import device_name, resolve_device
 from rded_fast.distill import DistillConfig, distill
-from rded_fast.fileio import atomic_write_text
+from rded_fast.fileio import atomic_write_bytes, atomic_write_text
 from rded_fast.train.observer import ObserverConfig, train_observer
 from rded_fast.train.student import StudentConfig, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = ("rded", "random-images", "random-crops")
+LABELS = ("soft", "hard")
 
 
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def run_quality(
-    work: Path,
-    train_dir: Path | None = None,
-    test_dir: Path | None = None,
-    observer: Path | None = None,
-    observer_epochs: int = 5,
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
-    epochs: int = 300,
-    ipc: int = 10,
-    mipc: int = 300,
-    num_crop: int = 5,
-    device: str = "auto",
-    show_progress: bool = True,
-) -> dict:
-    """Run the benchmark in `work`; returns the result dict (also what is written as JSON)."""
+def _observer(work: Path, train_dir: Path, test_dir: Path, epochs: int, device: str, show: bool,
+              given: Path | None = None) -> tuple[Path, float | None]:
+    path = given or work / "observer_conv3_full.pth"
+    if path.is_file():
+        return path, None
+    summary = train_observer(ObserverConfig(data=str(train_dir), val=str(test_dir), out=str(path), arch="conv3",
+                                            input_size=32, epochs=epochs, device=device, show_progress=show))
+    return path, summary["val_accuracy"]
+
+
+def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, observer: Path, train_dir: Path, test_dir: Path,
+          epochs: int, device: str, show: bool) -> dict:
+    """One distilled set (made once per row, IPC and seed) and one student on it."""
+    out = work / f"{row}_ipc{ipc}_seed{seed}"
+    if not (out / "manifest.json").is_file():
+        distill(DistillConfig(data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc,
+                              factor=1, mipc=300, num_crop=5, input_size=32, seed=seed, batch_size=128, device=device,
+                              select=row, index=str(work / "train_index.npz"), overwrite=True, show_progress=show))
+    result = evaluate(StudentConfig(distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer),
+                                    student="conv3", epochs=epochs, seed=seed, device=device, labels=labels,
+                                    json=str(work / f"{row}_ipc{ipc}_seed{seed}_{labels}.evaluate.json"), show_progress=show))
+    return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
+
+
+def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 300,
+                observer_epochs: int = 5, device: str = "auto", show_progress: bool = True, observer: Path | None = None) -> dict:
+    """Run every (row, IPC, labels, seed) cell in `work` (distilled sets and the observer are reused if there)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    if train_dir is None or test_dir is None:
-        train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
-    observer_summary = None
-    if observer is None:
-        observer = work / "observer_conv3_full.pth"
-        observer_summary = train_observer(ObserverConfig(
-            data=str(train_dir), val=str(test_dir), out=str(observer), arch="conv3", input_size=32,
-            epochs=observer_epochs, device=device, show_progress=show_progress))
-    runs: dict[str, list[dict]] = {"rded": [], "random": []}
-    for seed in seeds:
-        for select in ("rded", "random"):
-            out = work / f"{select}_seed{seed}"
-            distill(DistillConfig(
-                data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc, factor=1,
-                mipc=mipc, num_crop=num_crop, input_size=32, seed=seed, batch_size=128, workers=2, device=device,
-                select=select, index=str(work / "train_index.npz"), overwrite=True, show_progress=show_progress))
-            result = evaluate(StudentConfig(
-                distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer), student="conv3",
-                epochs=epochs, seed=seed, device=device, json=str(work / f"{select}_seed{seed}.evaluate.json"),
-                show_progress=show_progress))
-            runs[select].append({"seed": seed, "final_top1": result["final_top1"], "final_top5": result["final_top5"],
-                                 "best_top1": result["best_top1"], "seconds": result["seconds"]})
-    rded = _stats([r["final_top1"] for r in runs["rded"]])
-    rand = _stats([r["final_top1"] for r in runs["random"]])
-    observer_acc = observer_summary["val_accuracy"] if observer_summary else None
-    return {
-        "benchmark": "quality_fashion_mnist",
-        "device": device_name(resolve_device(device)),
-        "settings": {"ipc": ipc, "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
-                     "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
-                     "train_dir": str(train_dir), "test_dir": str(test_dir)},
-        "observer_test_top1": observer_acc,
-        "rded_final_top1": rded,
-        "random_final_top1": rand,
-        "margin": rded["mean"] - rand["mean"],
-        "margin_in_random_std": (rded["mean"] - rand["mean"]) / rand["std"] if rand["std"] > 0 else None,
-        "runs": runs,
-        "seconds": time.perf_counter() - t0,
-    }
+    train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
+    observer, observer_acc = _observer(work, train_dir, test_dir, observer_epochs, device, show_progress, observer)
+    table: dict = {row: {str(ipc): {lab: [] for lab in LABELS} for ipc in ipcs} for row in ROWS}
+    for ipc in ipcs:
+        for seed in seeds:
+            for row in ROWS:
+                for lab in LABELS:
+                    table[row][str(ipc)][lab].append(_cell(work, row, ipc, seed, lab, observer, train_dir, test_dir,
+                                                           epochs, device, show_progress))
+    summary = {row: {ipc: {lab: _stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items()}
+                     for ipc, by_lab in by_ipc.items()} for row, by_ipc in table.items()}
+    margins = {f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
+               for ipc in ipcs for lab in LABELS}
+    return {"benchmark": "quality_fashion_mnist_table", "device": device_name(resolve_device(device)),
+            "settings": {"ipcs": list(ipcs), "factor": 1, "mipc": 300, "num_crop": 5, "input_size": 32, "epochs": epochs,
+                         "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
+                         "bn_refresh": True},
+            "observer_test_top1": observer_acc, "final_top1": summary, "rded_vs_random_images": margins,
+            "runs": table, "seconds": time.perf_counter() - t0}
+
+
+def _margin(rded: dict, random: dict) -> dict:
+    diff = rded["mean"] - random["mean"]
+    return {"points": 100 * diff, "in_random_std": diff / random["std"] if random["std"] > 0 else None}
 
 
 def format_table(result: dict) -> str:
-    rows = [("RDED (conv3 -> conv3)", result["rded_final_top1"]), ("random subset", result["random_final_top1"])]
-    lines = [f"{'selection':<24}{'final top-1':>22}", "-" * 46]
-    for name, s in rows:
-        lines.append(f"{name:<24}{100 * s['mean']:>12.2f} +- {100 * s['std']:.2f} %")
-    if result["observer_test_top1"] is not None:
-        lines.append(f"{'full-data observer':<24}{100 * result['observer_test_top1']:>12.2f} %")
-    lines.append(f"margin: {100 * result['margin']:.2f} points"
-                 + (f" = {result['margin_in_random_std']:.1f} random std" if result["margin_in_random_std"] else ""))
+    ipcs = result["settings"]["ipcs"]
+    head = f"{'selection':<16}" + "".join(f"{f'IPC {i} {lab}':>20}" for i in ipcs for lab in LABELS)
+    lines = [head, "-" * len(head)]
+    for row in ROWS:
+        cells = (result["final_top1"][row][str(i)][lab] for i in ipcs for lab in LABELS)
+        lines.append(f"{row:<16}" + "".join(f"{100 * c['mean']:>12.2f} +- {100 * c['std']:<4.2f}" for c in cells))
+    for key, m in result["rded_vs_random_images"].items():
+        std = f" = {m['in_random_std']:.1f} random std" if m["in_random_std"] is not None else ""
+        lines.append(f"RDED - random-images, {key}: {m['points']:+.2f} points{std}")
     return "\n".join(lines)
+
+
+def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
+    """Accuracy vs IPC (log-spaced positions), one colour per row, solid soft / dashed-marker hard, +-1 std bars."""
+    ipcs = result["settings"]["ipcs"]
+    colours = {"rded": (200, 40, 40), "random-images": (40, 90, 200), "random-crops": (60, 150, 60)}
+    means = [100 * result["final_top1"][r][str(i)][lab]["mean"] for r in ROWS for i in ipcs for lab in LABELS]
+    lo, hi = min(means) - 5, max(means) + 5
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 160, 20, height - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    xs = {ipc: left + 30 + k * (right - left - 60) / max(1, len(ipcs) - 1) for k, ipc in enumerate(ipcs)}
+
+    def y(v: float) -> float:
+        return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    for v in range(int(lo), int(hi) + 1, max(1, int((hi - lo) / 6))):
+        d.text((8, y(v) - 6), f"{v}%", fill="black")
+    for ipc, x in xs.items():
+        d.text((x - 14, bottom + 8), f"IPC {ipc}", fill="black")
+    for k, row in enumerate(ROWS):
+        for j, lab in enumerate(LABELS):
+            pts = []
+            for ipc in ipcs:
+                s = result["final_top1"][row][str(ipc)][lab]
+                x, m, e = xs[ipc] + (k - 1) * 6 + (j * 3), 100 * s["mean"], 100 * s["std"]
+                d.line([x, y(m - e), x, y(m + e)], fill=colours[row])
+                d.ellipse([x - 3, y(m) - 3, x + 3, y(m) + 3], fill=colours[row] if lab == "soft" else "white",
+                          outline=colours[row])
+                pts.append((x, y(m)))
+            if len(pts) > 1:
+                d.line(pts, fill=colours[row], width=2 if lab == "soft" else 1)
+        d.text((right + 10, top + 10 + 30 * k), f"{row}", fill=colours[row])
+    d.text((right + 10, top + 110), "filled: soft labels", fill="black")
+    d.text((right + 10, top + 125), "open: hard labels", fill="black")
+    d.text((left, 4), "Fashion-MNIST, conv3 students: final top-1 (mean +- std)", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="bench-quality", help="working folder for observer, distilled sets, evaluations")
-    p.add_argument("--observer", help="reuse a trained Conv3 checkpoint instead of training one")
-    p.add_argument("--observer-epochs", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--ipcs", default="1,10", help="comma-separated IPCs (the issue's table: 1,10,50)")
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--observer-epochs", type=int, default=5)
+    p.add_argument("--observer", help="reuse this Conv3 checkpoint (trained on the train split) instead of training one")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="output JSON (default benchmarks/results/quality_fashion_mnist_<device>.json)")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/quality_table_fashion_mnist_<device>.json)")
     args = p.parse_args(argv)
-    result = run_quality(Path(args.work), observer=Path(args.observer) if args.observer else None,
-                         observer_epochs=args.observer_epochs, seeds=tuple(range(args.seeds)), epochs=args.epochs,
-                         device=args.device)
+    result = run_quality(Path(args.work), ipcs=tuple(int(v) for v in args.ipcs.split(",")), seeds=tuple(range(args.seeds)),
+                         epochs=args.epochs, observer_epochs=args.observer_epochs, device=args.device,
+                         observer=Path(args.observer) if args.observer else None)
     print(format_table(result))
-    out = Path(args.json) if args.json else RESULTS / f"quality_fashion_mnist_{result['device'].replace(' ', '_')}.json"
+    out = Path(args.json) if args.json else RESULTS / f"quality_table_fashion_mnist_{result['device'].replace(' ', '_')}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
-    print(f"wrote {out} ({result['seconds'] / 60:.1f} min)")
+    atomic_write_bytes(out.with_suffix(".png"), plot(result))
+    print(f"wrote {out} and {out.with_suffix('.png')} ({result['seconds'] / 60:.1f} min)")
     return 0
 
 

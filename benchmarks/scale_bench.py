@@ -5,7 +5,7 @@ Steps, each a separate process so its peak memory is its own:
 - `index_cached`: the same from the index cache a first run wrote (another seed: the cache serves any plan);
 - `distill`: a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 32 px, random selection: the model is
   not what is measured here), its seconds by stage, the manifest's size and the process's peak memory;
-- `resume`: with mipc 20, a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
+- `resume`: with mipc 40 (the fewest random selection accepts at IPC 10, factor 2), a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
   an uninterrupted run: every image file must be the same bytes.
 The observer is an untrained conv3 (random selection never runs it). Results as JSON with the CPU named.
 
@@ -95,7 +95,7 @@ def _image_hashes(out: Path) -> dict[str, str]:
             for p in sorted(out.rglob("*.png")) if p.name != "contact_sheet.png"}
 
 
-def resume_step(data: str, work: Path, mipc: int = 20, kill_at: int = 500) -> dict:
+def resume_step(data: str, work: Path, mipc: int = 40, kill_at: int = 500) -> dict:
     index = work / "index.npz"
     whole, broken = work / "resume-whole", work / "resume-killed"
     subprocess.run(_distill_cmd(data, whole, mipc, index, ["--overwrite"]), cwd=ROOT, check=True, capture_output=True)

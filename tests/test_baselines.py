@@ -1,5 +1,6 @@
 """The baselines select what they say: random-images are whole source images, random-crops are RDED's cells
 chosen at random (and `random` is that)."""
+import io
 import json
 
 import numpy as np
@@ -88,3 +89,17 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
         student_mod.train_student_epoch(run_cfg, model.train(), opt, labels, data, data.images, 0, torch.device("cpu"))
         counts[refresh] = int(model[1].num_batches_tracked)
     assert counts[True] == 2 * counts[False] == 2 * 3  # 6 images, batches of 2: 3 steps
+
+
+def test_quality_table_formats_and_plots():
+    from benchmarks.quality import LABELS, ROWS, format_table, plot
+
+    stats = {row: {str(i): {lab: {"mean": 0.5 + 0.01 * k + 0.02 * i, "std": 0.01, "runs": []} for lab in LABELS}
+                   for i in (1, 10)} for k, row in enumerate(ROWS)}
+    margins = {f"ipc{i}_{lab}": {"points": 2.0, "in_random_std": 2.0} for i in (1, 10) for lab in LABELS}
+    result = {"settings": {"ipcs": [1, 10]}, "final_top1": stats, "rded_vs_random_images": margins}
+    text = format_table(result)
+    assert "random-images" in text and "IPC 10 hard" in text and "+2.00 points" in text
+    png = plot(result)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.size == (640, 420)
