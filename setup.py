@@ -21,7 +21,7 @@ setup(
         "ffcv": ["ffcv>=1.0.2", "numba>=0.58"],
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "timm": ["timm>=1.0", "safetensors>=0.4"],
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["rded-fast=cli:main"]},
 )

@@ -48,12 +48,12 @@ def _observer(work: Path, train_dir: Path, test_dir: Path, epochs: int, device: 
 
 
 def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, observer: Path, train_dir: Path, test_dir: Path,
-          epochs: int, device: str, show: bool) -> dict:
+          epochs: int, device: str, show: bool, mipc: int = 300, num_crop: int = 5) -> dict:
     """One distilled set (made once per row, IPC and seed) and one student on it."""
     out = work / f"{row}_ipc{ipc}_seed{seed}"
     if not (out / "manifest.json").is_file():
         distill(DistillConfig(data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc,
-                              factor=1, mipc=300, num_crop=5, input_size=32, seed=seed, batch_size=128, device=device,
+                              factor=1, mipc=mipc, num_crop=num_crop, input_size=32, seed=seed, batch_size=128, device=device,
                               select=row, index=str(work / "train_index.npz"), overwrite=True, show_progress=show))
     result = evaluate(StudentConfig(distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer),
                                     student="conv3", epochs=epochs, seed=seed, device=device, labels=labels,
@@ -62,11 +62,14 @@ def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, observer: Path
 
 
 def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 300,
-                observer_epochs: int = 5, device: str = "auto", show_progress: bool = True, observer: Path | None = None) -> dict:
-    """Run every (row, IPC, labels, seed) cell in `work` (distilled sets and the observer are reused if there)."""
+                observer_epochs: int = 5, device: str = "auto", show_progress: bool = True, observer: Path | None = None,
+                train_dir: Path | None = None, test_dir: Path | None = None, mipc: int = 300, num_crop: int = 5) -> dict:
+    """Run every (row, IPC, labels, seed) cell in `work` (distilled sets and the observer are reused if there).
+    Default data: the packaged Fashion-MNIST at 32 px (train_dir/test_dir: another ImageFolder pair)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
+    if train_dir is None or test_dir is None:
+        train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
     observer, observer_acc = _observer(work, train_dir, test_dir, observer_epochs, device, show_progress, observer)
     table: dict = {row: {str(ipc): {lab: [] for lab in LABELS} for ipc in ipcs} for row in ROWS}
     for ipc in ipcs:
@@ -74,13 +77,13 @@ def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, .
             for row in ROWS:
                 for lab in LABELS:
                     table[row][str(ipc)][lab].append(_cell(work, row, ipc, seed, lab, observer, train_dir, test_dir,
-                                                           epochs, device, show_progress))
+                                                           epochs, device, show_progress, mipc, num_crop))
     summary = {row: {ipc: {lab: _stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items()}
                      for ipc, by_lab in by_ipc.items()} for row, by_ipc in table.items()}
     margins = {f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
                for ipc in ipcs for lab in LABELS}
     return {"benchmark": "quality_fashion_mnist_table", "device": device_name(resolve_device(device)),
-            "settings": {"ipcs": list(ipcs), "factor": 1, "mipc": 300, "num_crop": 5, "input_size": 32, "epochs": epochs,
+            "settings": {"ipcs": list(ipcs), "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
                          "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
                          "bn_refresh": True},
             "observer_test_top1": observer_acc, "final_top1": summary, "rded_vs_random_images": margins,

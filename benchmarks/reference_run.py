@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--workers", int, 4), ("--out", str, "reference-out")):
         p.add_argument(name, type=kind, default=default)
     args = p.parse_args(argv)
+    from benchmarks.reference import reference_distill
     from rded_fast.index import build_index
     from rded_fast.models import build
     from rded_fast.plan import make_plan
-    from benchmarks.reference import reference_distill
 
     index = build_index(args.data, show_progress=False)
     plan = make_plan(index, args.seed, args.mipc, args.num_crop)

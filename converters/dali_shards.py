@@ -32,10 +32,17 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.outputs import claim_output, is_shard_folder, resolve
 from rded_fast.loaders.shards import (
-    DATASET_FILE, FORMAT_NAME, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, META_EXT, sample_key, shard_stem,
+    DATASET_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_EXT,
+    LABEL_EXT,
+    META_EXT,
+    sample_key,
+    shard_stem,
 )
+from rded_fast.outputs import claim_output, is_shard_folder, resolve
 from rded_fast.progress import progress
 
 TAR_BLOCK = 512

@@ -22,9 +22,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -34,7 +34,12 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex
 from rded_fast.loaders.beton import (
-    FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_FIELD,
+    LABEL_FIELD,
+    keep_torch_threads,
+    sidecar_path,
 )
 from rded_fast.outputs import claim_output, is_beton
 from rded_fast.progress import progress

@@ -34,11 +34,11 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily below
-    from rded_fast.distill import DistillConfig, DistillResult, distill
-    from rded_fast.errors import UserError
-    from rded_fast.models import BuiltModel, build, list_models, register
-    from rded_fast.train.observer import ObserverConfig, train_observer
-    from rded_fast.train.student import StudentConfig, evaluate, relabel
+    from rded_fast.distill import DistillConfig as DistillConfig, DistillResult as DistillResult, distill as distill
+    from rded_fast.errors import UserError as UserError
+    from rded_fast.models import BuiltModel as BuiltModel, build as build, list_models as list_models, register as register
+    from rded_fast.train.observer import ObserverConfig as ObserverConfig, train_observer as train_observer
+    from rded_fast.train.student import StudentConfig as StudentConfig, evaluate as evaluate, relabel as relabel
 
 
 def __getattr__(name: str):

@@ -14,9 +14,9 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import PIL
@@ -28,10 +28,10 @@ from rded_fast import journal
 from rded_fast.device import available_cores, cpu_has_native_bf16, resolve_device
 from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.host import HostStage, default_host_workers
-from rded_fast.manifest import build_manifest
+from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
+from rded_fast.manifest import build_manifest
 from rded_fast.models import BuiltModel, build
 from rded_fast.models.classes import restrict_class_map
 from rded_fast.outputs import check_separate, claim_output
@@ -41,8 +41,15 @@ from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIP
 from rded_fast.score import Scorer, make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
-from rded_fast.write import (encode_class_images, image_name, prepare_out_dir, read_image, write_classes_files,
-                             write_contact_sheet, write_manifest)
+from rded_fast.write import (
+    encode_class_images,
+    image_name,
+    prepare_out_dir,
+    read_image,
+    write_classes_files,
+    write_contact_sheet,
+    write_manifest,
+)
 
 CHECK_IMAGES = 300
 SCORE_CHUNK_MAX = 512
@@ -315,8 +322,9 @@ def to_host(scores: torch.Tensor | None) -> Callable[[], np.ndarray | None]:
 
 
 def select_cells(cfg: DistillConfig, label: int, scores: np.ndarray | None, ok: torch.Tensor, num_crop: int,
-                 name: str) -> ClassSelection:
-    """Rank one class's crops (by the observer's scores [m, K], or randomly for the baseline); rows are class-local."""
+                 name: str) -> ClassSelection | str:
+    """Rank one class's crops (by the observer's scores [m, K], or randomly for a baseline); rows are class-local.
+    A string is the reason the class gets no selection."""
     n = cfg.ipc * cfg.factor**2
     if scores is None:
         return select_random(ok.numpy(), label, num_crop, n, cfg.seed, name)
@@ -346,10 +354,9 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
                 for r, good in zip(rows, ok.tolist()) if not good]
     record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures,
               "sources": journal.sources_fingerprint(index, label)}
-    try:
-        sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
-    except UserError as exc:  # too few usable images: this class gets no output, the run goes on
-        return PreparedClass(label, name, {**record, "images": [], "fallback": 0, "skipped": str(exc)}, [])
+    sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
+    if isinstance(sel, str):  # too few usable images: this class gets no output, the run goes on
+        return PreparedClass(label, name, {**record, "images": [], "fallback": 0, "skipped": sel}, [])
     device_rows = torch.from_numpy(sel.rows).to(crops.device)
     cells = crops[device_rows, torch.from_numpy(sel.crops).to(crops.device)]
     images = stitch(cells, cfg.ipc, cfg.factor, cfg.input_size).cpu()

@@ -14,12 +14,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
-
-from rded_fast.device import available_cores
+from typing import Any
 
 import torch
+
+from rded_fast.device import available_cores
 
 
 def default_host_workers(device: torch.device) -> int:

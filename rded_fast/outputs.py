@@ -21,9 +21,9 @@ import os
 import shutil
 import socket
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from rded_fast.errors import UserError
 
@@ -164,7 +164,7 @@ def _link_lock(mine: Path, path: Path, target: Path, flag: str) -> Path:
             holder = _holder(path)
             if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
                 raise UserError(f"{flag} {target}: in use by another rded-fast process (pid {holder[0]} on {holder[1]}, "
-                                f"lock {path}); wait for it to finish, or delete the lock if no such process runs")
+                                f"lock {path}); wait for it to finish, or delete the lock if no such process runs") from None
             _break_stale(path, holder)
             continue
         return path

@@ -2,7 +2,8 @@
 
 A source image gives at most one patch. Only when a class has fewer usable images than n are the
 remaining ranks filled with the next-best crops of images already used (the reference would crash);
-`fallback` counts those ranks.
+`fallback` counts those ranks. A class with fewer usable crops than n gets no selection: the selectors
+return the reason (a string) instead, and the run skips that class and records why.
 """
 from __future__ import annotations
 
@@ -10,22 +11,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rded_fast.errors import UserError
-
 
 @dataclass(frozen=True)
 class ClassSelection:
-    """The n selected cells of one class in rank order (best first): plan rows, crop indices, scores."""
+    """The n selected cells of one class in rank order (best first): rows, crop indices, scores.
+
+    `rows` are whatever row numbers the caller ranked (`distill` passes class-local rows: positions within
+    the class's contiguous block of the plan)."""
 
     label: int
-    rows: np.ndarray  # [n] int64 plan rows
+    rows: np.ndarray  # [n] int64 rows as given to the selector (class-local in distill)
     crops: np.ndarray  # [n] int64 crop index within the row
     scores: np.ndarray  # [n] float32 cross-entropy (nan for random selection)
     fallback: int = 0
 
 
-def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "") -> ClassSelection:
-    """Rank one class's crops. `scores` [m, K] float (inf = image not decodable), `rows` [m] plan rows."""
+def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "") -> ClassSelection | str:
+    """Rank one class's crops. `scores` [m, K] float (inf = image not decodable), `rows` [m] the row number of
+    each score row. Returns the selection, or why there is none (fewer than n usable crops)."""
     scores = np.asarray(scores, dtype=np.float64)
     best_crop = np.argmin(scores, axis=1)
     best = scores[np.arange(len(scores)), best_crop]
@@ -42,25 +45,23 @@ def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class
         sel_idx += list(flat // scores.shape[1])
         sel_crop += list(flat % scores.shape[1])
     if len(sel_idx) < n:
-        raise UserError(
-            f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
-            "lower --ipc or --factor, or raise --num-crop"
-        )
+        return (f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
+                "lower --ipc or --factor, or raise --num-crop")
     sel_idx = np.asarray(sel_idx, dtype=np.int64)
     sel_crop = np.asarray(sel_crop, dtype=np.int64)
     return ClassSelection(label, rows[sel_idx], sel_crop, scores[sel_idx, sel_crop].astype(np.float32), fallback)
 
 
-def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, class_name: str = "") -> ClassSelection:
+def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, class_name: str = "") -> ClassSelection | str:
     """The random baseline for one class: a seeded random order of its decodable images (class-local rows)
     and a random crop of each. Same shapes and stitching as RDED's selection, so the only difference is
-    the observer's ranking."""
+    the observer's ranking. Returns the selection, or why there is none (fewer than n usable images)."""
     from rded_fast.plan import class_generator
 
     rng = class_generator(seed, label, purpose=2)
     rows = np.flatnonzero(ok)
     if len(rows) < n:
-        raise UserError(f"class {class_name or label} has only {len(rows)} usable images but needs {n} (ipc * factor^2)")
+        return f"class {class_name or label} has only {len(rows)} usable images but needs {n} (ipc * factor^2)"
     chosen = rows[rng.permutation(len(rows))[:n]]
     crops = rng.integers(0, num_crop, size=n)
     return ClassSelection(int(label), chosen, crops, np.full(n, np.nan, np.float32))

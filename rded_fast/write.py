@@ -19,6 +19,7 @@ from rded_fast.fileio import atomic_write_bytes, atomic_write_many, atomic_write
 from rded_fast.png import encode_png
 from rded_fast.recipe import CONTACT_SHEET_CLASSES
 
+
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool, resume: bool, create: bool = True) -> None:
     """Check, then (with `create`) make `out`. Nothing is ever deleted here: replacing an earlier output
     (`overwrite`) is done by rded_fast.outputs.claim_output, which moves it aside before the run; a

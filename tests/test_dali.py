@@ -76,7 +76,7 @@ def test_shards_round_trip_with_tarfile(odd_tree, odd_shards):
         members = _tar_members(out / shard["tar"])
         with tarfile.open(out / shard["tar"]) as tar:
             assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
-        for name, (data, offset) in members.items():
+        for name, (data, _offset) in members.items():
             key, ext = name.split(".", 1)
             if ext != "json":
                 continue
@@ -104,8 +104,8 @@ def test_shards_round_trip_with_tarfile(odd_tree, odd_shards):
 
 
 def test_index_files_match_dali_tool_and_stock_reader(odd_tree, odd_shards, tmp_path):
-    from nvidia.dali import fn, pipeline_def
     import wds2idx  # DALI's own index tool, installed with nvidia-dali
+    from nvidia.dali import fn, pipeline_def
 
     out, summary = odd_shards
     dataset = json.loads((out / "dataset.json").read_text())

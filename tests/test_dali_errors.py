@@ -1,7 +1,6 @@
 """A bad JPEG in a DALI batch is found from DALI's own error (it names the sample), not by probing every row."""
 from __future__ import annotations
 
-
 from rded_fast.index import build_index
 from rded_fast.loaders.base import failed_rows
 from rded_fast.loaders.dali_loader import DaliCropLoader, failing_sample

@@ -40,7 +40,7 @@ def test_kill_9_during_convert_then_rerun_gives_identical_shards(tmp_path):
         out = tmp_path / f"killed{after}"
         cmd = [sys.executable, "-m", "cli", "convert", "--format", "dali", "--data", str(data), "--out", str(out),
                "--shard-size", "30KB", "--quiet", "--workers", "1"]
-        code = kill_when(cmd, lambda: out.is_dir() and len(list(out.glob("*.meta.json"))) >= after, ROOT)
+        code = kill_when(cmd, lambda out=out, after=after: out.is_dir() and len(list(out.glob("*.meta.json"))) >= after, ROOT)
         assert code == -signal.SIGKILL, "convert finished before it could be killed"
         assert not (out / "dataset.json").exists()
         summary = convert("dali", str(data), str(out), shard_size="30KB", show_progress=False)

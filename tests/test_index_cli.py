@@ -19,7 +19,7 @@ def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):
     cmap.write_text("# observer order\nclass_02\nclass_00\n\nclass_01\n")
     remapped = build_index(jpeg_tree, class_map=read_class_map(cmap), show_progress=False)
     assert remapped.classes == ["class_02", "class_00", "class_01"]
-    assert all(p.startswith(remapped.classes[l]) for p, l in zip(remapped.paths, remapped.labels))
+    assert all(p.startswith(remapped.classes[label]) for p, label in zip(remapped.paths, remapped.labels))
     cmap.write_text("class_00\nn99999999\n")
     with pytest.raises(UserError, match="missing.*n99999999"):
         build_index(jpeg_tree, class_map=read_class_map(cmap), show_progress=False)

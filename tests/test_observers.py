@@ -289,15 +289,15 @@ def test_registry_lists_sources_and_families(jpeg_tree, tmp_path, capsys):
 
 
 def test_public_api_names():
-    import rded_fast.distill  # noqa: F401  (the submodule import must not hide the function)
     import rded_fast
+    import rded_fast.distill  # noqa: F401  (the submodule import must not hide the function)
     from rded_fast import DistillConfig, StudentConfig, build as api_build, distill, evaluate, relabel
 
     assert callable(distill) and rded_fast.distill is distill and api_build is build
     assert DistillConfig.__module__ == "rded_fast.distill" and StudentConfig.__module__ == "rded_fast.train.student"
     assert evaluate.__doc__ and relabel.__doc__
     with pytest.raises(AttributeError):
-        rded_fast.no_such_name
+        _ = rded_fast.no_such_name
 
 
 def test_readme_python_api_example_runs(tmp_path):

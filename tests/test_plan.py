@@ -53,7 +53,7 @@ def test_fallback_is_torchvisions_centre_crop():
 
 def _index(counts, size=(64, 48)):
     labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
-    return DatasetIndex("/nowhere", [f"c{c}" for c in range(len(counts))], [f"c{l}/{i}.jpg" for i, l in enumerate(labels)],
+    return DatasetIndex("/nowhere", [f"c{c}" for c in range(len(counts))], [f"c{label}/{i}.jpg" for i, label in enumerate(labels)],
                         labels, np.tile(np.array(size), (len(labels), 1)))
 
 

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import Normalize
 
-from rded_fast.errors import UserError
 from rded_fast.models import build
 from rded_fast.score import center_pad, make_scorer
 from rded_fast.select import select_class, select_random
@@ -59,8 +58,7 @@ def test_selection_fills_short_classes_with_next_best_crops_and_errors_when_impo
     sel = select_class(scores, np.array([0, 1]), label=0, n=4)
     assert list(zip(sel.rows.tolist(), sel.crops.tolist())) == [(0, 1), (1, 0), (1, 1), (0, 0)]
     assert sel.fallback == 2
-    with pytest.raises(UserError, match="usable crops"):
-        select_class(scores, np.array([0, 1]), label=0, n=6)
+    assert "usable crops" in select_class(scores, np.array([0, 1]), label=0, n=6)
 
 
 def test_random_selection_is_seeded_and_skips_undecodable():
@@ -69,8 +67,7 @@ def test_random_selection_is_seeded_and_skips_undecodable():
     b = select_random(ok, 3, num_crop=4, n=3, seed=5)
     assert (a.rows == b.rows).all() and (a.crops == b.crops).all()
     assert 1 not in a.rows.tolist() and len(set(a.rows.tolist())) == 3 and (a.crops < 4).all()
-    with pytest.raises(UserError, match="only 4 usable images"):
-        select_random(ok, 3, num_crop=4, n=5, seed=5)
+    assert "only 4 usable images" in select_random(ok, 3, num_crop=4, n=5, seed=5)
 
 
 def test_stitch_cell_order():

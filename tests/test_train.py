@@ -65,8 +65,8 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
 
     boxes = cell_boxes(size, factor)
     image = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-    for k, (t, l, h, w) in enumerate(boxes):
-        image[..., t : t + h, l : l + w] = k
+    for k, (t, left, h, w) in enumerate(boxes):
+        image[..., t : t + h, left : left + w] = k
     seen = set()
     for epoch in range(60):
         aug = sample_epoch(0, epoch, 8, 8, factor, size)
@@ -144,11 +144,13 @@ def test_random_selection_differs_from_rded_and_is_seeded(fashion_tree, fashion_
 
 
 def test_short_quality_run(fashion_tree, fashion_observer, val_tree, tmp_path):
-    from benchmarks.quality import format_table, run_quality
+    from benchmarks.quality import LABELS, ROWS, format_table, run_quality
 
-    result = run_quality(tmp_path, train_dir=fashion_tree, test_dir=val_tree, observer=fashion_observer,
-                         seeds=(0, 1), epochs=10, ipc=2, mipc=30, num_crop=3, device="cpu", show_progress=False)
-    for key in ("rded_final_top1", "random_final_top1"):
-        assert len(result[key]["runs"]) == 2 and all(0.0 <= v <= 1.0 for v in result[key]["runs"])
-    assert result["rded_final_top1"]["mean"] > 0.2  # well above chance (0.1) after 10 short epochs
-    assert "RDED" in format_table(result)
+    result = run_quality(tmp_path, train_dir=fashion_tree, test_dir=val_tree, observer=fashion_observer, seeds=(0,),
+                         epochs=10, ipcs=(2,), mipc=30, num_crop=3, device="cpu", show_progress=False)
+    for row in ROWS:
+        for lab in LABELS:
+            runs = result["final_top1"][row]["2"][lab]["runs"]
+            assert len(runs) == 1 and 0.0 <= runs[0] <= 1.0
+    assert result["final_top1"]["rded"]["2"]["soft"]["mean"] > 0.2  # well above chance (0.1) after 10 short epochs
+    assert "random-images" in format_table(result) and set(result["rded_vs_random_images"]) == {"ipc2_soft", "ipc2_hard"}

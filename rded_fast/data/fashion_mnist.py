@@ -88,7 +88,7 @@ def write_image_folder(
         shutil.rmtree(stage)
     for name in CLASSES:
         (stage / name).mkdir(parents=True)
-    for i, (img, idx) in enumerate(progress(zip(rgb, keep), total=len(keep), desc=f"fashion-mnist {split}", disable=not show_progress)):
+    for img, idx in progress(zip(rgb, keep), total=len(keep), desc=f"fashion-mnist {split}", disable=not show_progress):
         Image.fromarray(img).save(stage / CLASSES[labels[idx]] / f"{split}_{idx:05d}.png", compress_level=1)
     (stage / ".complete").write_text("ok\n")
     if out.exists():

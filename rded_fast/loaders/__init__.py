@@ -89,9 +89,9 @@ def make_loader(
     _check_name(name)
     prefetch = default_prefetch(device) if prefetch is None else int(prefetch)
     if name == "dali":
-        from rded_fast.loaders.dali_loader import DaliCropLoader
-
         import torch
+
+        from rded_fast.loaders.dali_loader import DaliCropLoader
 
         target = torch.device(device)
         decode = "mixed" if target.type == "cuda" else "cpu"

@@ -6,8 +6,8 @@ reason in `reasons`), so the run goes on without them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import queue
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import numba
 import numpy as np
@@ -162,7 +162,7 @@ def _next_result(epoch):
             item = epoch.output_queue.get(timeout=1.0)
         except queue.Empty:
             if not epoch.is_alive():
-                raise RuntimeError("ffcv's loader thread stopped without finishing; its error is printed above")
+                raise RuntimeError("ffcv's loader thread stopped without finishing; its error is printed above") from None
             continue
         return None if item is None else item[1]
 

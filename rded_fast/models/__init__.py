@@ -10,8 +10,8 @@ first rows, RDED's rule, unless WNIDs or a class map say otherwise); a smaller h
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -22,8 +22,17 @@ from rded_fast.models.builtin import CONVNET_NAMES, MODIFIED_RESNETS
 from rded_fast.models.checkpoint import clean_state_dict, load_checkpoint, state_dict_sha256
 from rded_fast.models.classes import choose_head_rows, imagenet_wnids
 from rded_fast.models.heads import check_head_size, find_head, head_name, select_rows, slice_head
-from rded_fast.models.registry import (ModelEntry, get_entry, list_entries, list_models, model_families, model_names,
-                                      register, register_source, source_usages)
+from rded_fast.models.registry import (
+    ModelEntry,
+    get_entry,
+    list_entries,
+    list_models,
+    model_families,
+    model_names,
+    register,
+    register_source,
+    source_usages,
+)
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["BuiltModel", "build", "register", "register_source", "get_entry", "list_entries", "list_models",

@@ -9,8 +9,8 @@ lacks; every class folder of the data must be in it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rded_fast.errors import UserError
 

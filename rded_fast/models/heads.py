@@ -5,7 +5,7 @@ needs the rows *of its classes* instead, so slicing takes explicit rows (`rded_f
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -44,7 +44,7 @@ def load_distilled(root: str | Path, factor: int | None = None) -> DistilledSet:
     if len(index) == 0:
         raise UserError(f"{root}: no images found; is it a distilled set (DIR/<class>/<images>)?")
     classes = classes or index.classes
-    labels = torch.tensor([classes.index(index.classes[l]) for l in index.labels], dtype=torch.int64)
+    labels = torch.tensor([classes.index(index.classes[label]) for label in index.labels], dtype=torch.int64)
     images = [decode_rgb(str(root / p)) for p in index.paths]
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) != 1 or images[0].shape[1] != images[0].shape[2]:

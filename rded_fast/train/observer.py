@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
-from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.index import build_index
 from rded_fast.models import build
 from rded_fast.outputs import check_separate, claim_output, is_checkpoint
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint
+from rded_fast.train.memory_dataset import load_tensor_dataset
 
 
 @dataclass

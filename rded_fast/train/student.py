@@ -23,7 +23,6 @@ from torch import nn
 from rded_fast.device import resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
-from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.index import UNLISTED_CLASS, build_index
 from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
@@ -32,6 +31,7 @@ from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import augment_batch, mixed_targets, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
+from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
 
 
