@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from rded_fast.data import fashion_mnist
@@ -78,16 +79,45 @@ def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, .
                 for lab in LABELS:
                     table[row][str(ipc)][lab].append(_cell(work, row, ipc, seed, lab, observer, train_dir, test_dir,
                                                            epochs, device, show_progress, mipc, num_crop))
-    summary = {row: {ipc: {lab: _stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items()}
+    settings = {"ipcs": list(ipcs), "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
+                "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
+                "bn_refresh": True}
+    return {**summarise(table, settings), "device": device_name(resolve_device(device)),
+            "observer_test_top1": observer_acc, "seconds": time.perf_counter() - t0}
+
+
+def summarise(table: dict, settings: dict) -> dict:
+    """Mean +- std per (row, IPC, labels) and RDED's margin over random-images, from the runs in `table`."""
+    summary = {row: {ipc: {lab: _stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items() if runs}
                      for ipc, by_lab in by_ipc.items()} for row, by_ipc in table.items()}
     margins = {f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
-               for ipc in ipcs for lab in LABELS}
-    return {"benchmark": "quality_fashion_mnist_table", "device": device_name(resolve_device(device)),
-            "settings": {"ipcs": list(ipcs), "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
-                         "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
-                         "bn_refresh": True},
-            "observer_test_top1": observer_acc, "final_top1": summary, "rded_vs_random_images": margins,
-            "runs": table, "seconds": time.perf_counter() - t0}
+               for ipc in settings["ipcs"] for lab in LABELS
+               if lab in summary["rded"][str(ipc)] and lab in summary["random-images"][str(ipc)]}
+    return {"benchmark": "quality_fashion_mnist_table", "settings": settings, "final_top1": summary,
+            "rded_vs_random_images": margins, "runs": table}
+
+
+def from_work(work: Path) -> dict:
+    """The table of the cells finished in `work` (an interrupted or partial run): every evaluate JSON there."""
+    table: dict = {}
+    settings: dict = {}
+    for path in sorted(work.glob("*_ipc*_seed*_*.evaluate.json")):
+        row, rest = path.name.split("_ipc", 1)
+        ipc, rest = rest.split("_seed", 1)
+        seed, lab = rest.split(".")[0].split("_")
+        result = json.loads(path.read_text())
+        settings = {"epochs": result["parameters"]["epochs"], "bn_refresh": result["parameters"]["bn_refresh"]}
+        table.setdefault(row, {}).setdefault(ipc, {name: [] for name in LABELS})[lab].append(
+            {"seed": int(seed), "final_top1": result["final_top1"], "best_top1": result["best_top1"],
+             "seconds": result["seconds"]})
+    ipcs = sorted({int(i) for by_ipc in table.values() for i in by_ipc})
+    seeds = sorted({r["seed"] for by_ipc in table.values() for by_lab in by_ipc.values() for runs in by_lab.values()
+                    for r in runs})
+    for row in ROWS:
+        for ipc in ipcs:
+            table.setdefault(row, {}).setdefault(str(ipc), {name: [] for name in LABELS})
+    return summarise(table, {**settings, "ipcs": ipcs, "seeds": seeds, "factor": 1, "input_size": 32,
+                             "observer": "conv3", "student": "conv3", "partial": True})
 
 
 def _margin(rded: dict, random: dict) -> dict:
@@ -100,8 +130,9 @@ def format_table(result: dict) -> str:
     head = f"{'selection':<16}" + "".join(f"{f'IPC {i} {lab}':>20}" for i in ipcs for lab in LABELS)
     lines = [head, "-" * len(head)]
     for row in ROWS:
-        cells = (result["final_top1"][row][str(i)][lab] for i in ipcs for lab in LABELS)
-        lines.append(f"{row:<16}" + "".join(f"{100 * c['mean']:>12.2f} +- {100 * c['std']:<4.2f}" for c in cells))
+        cells = (result["final_top1"][row][str(i)].get(lab) for i in ipcs for lab in LABELS)
+        lines.append(f"{row:<16}" + "".join(f"{100 * c['mean']:>8.2f} +- {100 * c['std']:<4.2f} (n={len(c['runs'])})"
+                                            if c else f"{'-':>20}" for c in cells))
     for key, m in result["rded_vs_random_images"].items():
         std = f" = {m['in_random_std']:.1f} random std" if m["in_random_std"] is not None else ""
         lines.append(f"RDED - random-images, {key}: {m['points']:+.2f} points{std}")
@@ -112,8 +143,9 @@ def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
     """Accuracy vs IPC (log-spaced positions), one colour per row, solid soft / dashed-marker hard, +-1 std bars."""
     ipcs = result["settings"]["ipcs"]
     colours = {"rded": (200, 40, 40), "random-images": (40, 90, 200), "random-crops": (60, 150, 60)}
-    means = [100 * result["final_top1"][r][str(i)][lab]["mean"] for r in ROWS for i in ipcs for lab in LABELS]
-    lo, hi = min(means) - 5, max(means) + 5
+    cells = {(r, i, lab): result["final_top1"][r][str(i)].get(lab) for r in ROWS for i in ipcs for lab in LABELS}
+    lo = min(100 * (c["mean"] - c["std"]) for c in cells.values() if c) - 3
+    hi = max(100 * (c["mean"] + c["std"]) for c in cells.values() if c) + 3
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 60, width - 160, 20, height - 40
@@ -131,7 +163,9 @@ def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
         for j, lab in enumerate(LABELS):
             pts = []
             for ipc in ipcs:
-                s = result["final_top1"][row][str(ipc)][lab]
+                s = cells[(row, ipc, lab)]
+                if s is None:
+                    continue
                 x, m, e = xs[ipc] + (k - 1) * 6 + (j * 3), 100 * s["mean"], 100 * s["std"]
                 d.line([x, y(m - e), x, y(m + e)], fill=colours[row])
                 d.ellipse([x - 3, y(m) - 3, x + 3, y(m) + 3], fill=colours[row] if lab == "soft" else "white",
@@ -158,12 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--observer", help="reuse this Conv3 checkpoint (trained on the train split) instead of training one")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="output JSON (default benchmarks/results/quality_table_fashion_mnist_<device>.json)")
+    p.add_argument("--summarise", action="store_true", help="only tabulate the cells already finished in --work")
     args = p.parse_args(argv)
+    if args.summarise:
+        observer = Path(args.observer) if args.observer else Path(args.work) / "observer_conv3_full.pth"
+        saved = torch.load(observer, map_location="cpu", weights_only=True) if observer.is_file() else {}
+        result = {**from_work(Path(args.work)), "device": device_name(resolve_device(args.device)), "seconds": 0.0,
+                  "observer_test_top1": saved.get("val_accuracy")}
+        return _write(result, args.json)
     result = run_quality(Path(args.work), ipcs=tuple(int(v) for v in args.ipcs.split(",")), seeds=tuple(range(args.seeds)),
                          epochs=args.epochs, observer_epochs=args.observer_epochs, device=args.device,
                          observer=Path(args.observer) if args.observer else None)
+    return _write(result, args.json)
+
+
+def _write(result: dict, json_path: str | None) -> int:
     print(format_table(result))
-    out = Path(args.json) if args.json else RESULTS / f"quality_table_fashion_mnist_{result['device'].replace(' ', '_')}.json"
+    out = Path(json_path) if json_path else RESULTS / f"quality_table_fashion_mnist_{result['device'].replace(' ', '_')}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
     atomic_write_bytes(out.with_suffix(".png"), plot(result))
     print(f"wrote {out} and {out.with_suffix('.png')} ({result['seconds'] / 60:.1f} min)")
