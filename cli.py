@@ -189,7 +189,7 @@ def add_convert(sub) -> None:
 
 
 def run_convert(args) -> int:
-    from converters import convert
+    from rded_fast.converters import convert
 
     common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet,
               "overwrite": args.overwrite, "overwrite_any": args.overwrite_any}
@@ -261,10 +261,15 @@ def run_evaluate(args) -> int:
 def add_relabel(sub) -> None:
     p = sub.add_parser("relabel", help="store soft labels so students train without the teacher",
                        description="For every epoch and sample, store the augmentation parameters and the "
-                                   "teacher's top-k logits (fp16); `evaluate --soft-labels` replays them.")
+                                   "teacher's top-k logits (fp16); `evaluate --soft-labels` replays them. With "
+                                   "--region, store instead one label per cell of each stitched image (the paper's "
+                                   "region-level labels; any number of epochs can use them).")
     _student_args(p, student=False)
     p.add_argument("--student", help="student name (only for RDED's batch-size rule)")
     p.add_argument("--top-k", type=int, help="logits kept per sample (default: all classes)")
+    p.add_argument("--region", nargs="?", const="cells", choices=["cells", "image"],
+                   help="static labels: 'cells' (the default of a bare --region: one per cell of the factor x factor "
+                        "grid; a crop gets the cells it covers, by area) or 'image' (one per whole image)")
     p.add_argument("--out", required=True, help="labels folder")
     p.set_defaults(run=run_relabel)
 
@@ -276,8 +281,12 @@ def run_relabel(args) -> int:
     r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
     if r["replaced"]:
         print(f"note: replaced the earlier soft labels in {r['replaced']}")
-    print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
-          f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
+    if "region" in r:
+        print(f"stored {r['cells']} {r['region']} labels of {r['samples']} images, top-{r['top_k']} logits: "
+              f"{r['total_bytes'] / 1024**2:.2f} MiB, in {r['out']}")
+    else:
+        print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
+              f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
     return 0
 
 
@@ -316,19 +325,19 @@ def add_bench(sub) -> None:
 
 def run_bench(args) -> int:
     if args.stage == "quality":
-        from benchmarks import quality
+        from rded_fast.benchmarks import quality
 
         argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device,
                 "--ipcs", args.ipcs]
         return quality.main(argv + (["--json", args.json] if args.json else []))
     from pathlib import Path
 
-    from benchmarks.stages import BenchConfig, run_bench as bench
+    from rded_fast.benchmarks.stages import BenchConfig, run_bench as bench
     from rded_fast.distill import DistillConfig
     from rded_fast.fileio import atomic_write_text
 
     if not args.data and args.stage != "host":
-        raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m benchmarks.make_imagenet_like)")
+        raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m rded_fast.benchmarks.make_imagenet_like)")
     job = DistillConfig(out="", show_progress=False, **{k: getattr(args, k) for k in (
         "data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc", "num_crop", "batch_size", "workers",
         "device", "amp", "compile", "prefetch")})

@@ -13,7 +13,7 @@ converts it to .beton (jpg mode q90, and raw) and to DALI shards and times the c
 included; importing ffcv, once per process, timed apart), compares torch, ffcv and DALI (ImageFolder and
 shards) in one run, prints the ratios and writes benchmarks/results/decode_<device>.json.
 
-Run: python -m benchmarks.decode_bench --device-name cpu-2core
+Run: python -m rded_fast.benchmarks.decode_bench --device-name cpu-2core
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.make_imagenet_like import make_tree
+from rded_fast.benchmarks.make_imagenet_like import make_tree
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.plan import CropPlan, make_plan
 
@@ -90,8 +90,8 @@ def crop_differences(sources: list[tuple[str, str]], num_crop: int = 5, crop_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    from converters.dali_shards import convert_dali
-    from converters.ffcv_writer import convert_ffcv
+    from rded_fast.converters.dali_shards import convert_dali
+    from rded_fast.converters.ffcv_writer import convert_ffcv
     from rded_fast.loaders.beton import keep_torch_threads
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

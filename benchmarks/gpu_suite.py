@@ -11,7 +11,7 @@ Steps (each recorded as soon as it ends, so a run cut short still leaves its num
   tests    `pytest -m gpu tests/test_gpu.py`: passed / failed / skipped
 Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts; use small sizes).
 
-Run: python -m benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
+Run: python -m rded_fast.benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
 (benchmarks/gpu_suite.sh wraps it, installing the DALI/ffcv payload first; see benchmarks/GPU_SETUP.md)
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Recorder:
 
 
 def make_tree(work: Path, classes: int, per_class: int) -> dict:
-    from benchmarks.make_imagenet_like import make_tree as write
+    from rded_fast.benchmarks.make_imagenet_like import make_tree as write
 
     return write(work / "tree", classes, per_class)
 
@@ -83,7 +83,7 @@ def _disk_bytes(path: Path) -> int:
 
 
 def convert_formats(work: Path, formats: list[str]) -> dict:
-    from converters import convert
+    from rded_fast.converters import convert
 
     result = {}
     jobs = {"dali": (work / "shards", {}), "ffcv": (work / "train.beton", {"max_resolution": 512, "write_mode": "jpg"})}
@@ -207,11 +207,11 @@ def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) ->
 
 def host_path(work: Path) -> dict:
     """The host critical path per class, where `rded-fast bench` has a `host` stage."""
-    from benchmarks import stages as bench
+    from rded_fast.benchmarks import stages as bench
 
     if "host" not in getattr(bench, "STAGES", ()):
         return {"unavailable": "this version's bench has no host stage"}
-    proc = subprocess.run([sys.executable, "-m", "cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
+    proc = subprocess.run([sys.executable, "-m", "rded_fast.cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}

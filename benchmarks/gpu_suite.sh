@@ -20,4 +20,4 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv > "$out/nvidia_smi.csv"
-time "$PY" -m benchmarks.gpu_suite "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"
+time "$PY" -m rded_fast.benchmarks.gpu_suite "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"

@@ -8,7 +8,7 @@ fits in a few GB; a pool of distinct JPEGs is encoded once and written under eve
 files take a few minutes on 2 cores. Planted like ImageNet's: one PNG named .JPEG (n02105855_2933.JPEG),
 22 CMYK JPEGs, some grayscale JPEGs, and one truncated JPEG.
 
-Run: python -m benchmarks.make_imagenet1k_tree --out /work/scale-data/imagenet1k
+Run: python -m rded_fast.benchmarks.make_imagenet1k_tree --out /work/scale-data/imagenet1k
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.make_imagenet_like import natural_image
+from rded_fast.benchmarks.make_imagenet_like import natural_image
 
 TRAIN_IMAGES = 1_281_167
 SHORT_CLASSES = 100  # ImageNet's train split: most classes have 1,300 images, some down to 732

@@ -4,7 +4,7 @@ Content is natural-image-like (1/f^alpha colour noise, the power spectrum of nat
 plus a few soft-edged shapes), so JPEG sizes and decode costs are realistic (about 110 KB at q90).
 Synthetic images are for throughput only, never for quality numbers. Parallel over processes.
 
-Run: python -m benchmarks.make_imagenet_like --out /data/imagenet-like --classes 100 --per-class 300
+Run: python -m rded_fast.benchmarks.make_imagenet_like --out /data/imagenet-like --classes 100 --per-class 300
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ RDED's cells: the ablation of the observer's ranking). Columns: IPC, and the stu
 teacher's, RDED's recipe; `hard`: the images' own one-hot labels, which measures what the images alone
 carry). Conv3 students, mean +- std over seeds. Writes JSON and a PNG plot (accuracy vs IPC, error bars).
 
-Run: python -m benchmarks.quality --ipcs 1,10 --seeds 3 --epochs 100   (or `rded-fast bench --stage quality`)
+Run: python -m rded_fast.benchmarks.quality --ipcs 1,10 --seeds 3 --epochs 100   (or `rded-fast bench --stage quality`)
 """
 from __future__ import annotations
 
@@ -34,31 +34,45 @@ ROWS = ("rded", "random-images", "random-crops")
 LABELS = ("soft", "hard")
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def _observer(work: Path, train_dir: Path, test_dir: Path, epochs: int, device: str, show: bool,
-              given: Path | None = None) -> tuple[Path, float | None]:
-    path = given or work / "observer_conv3_full.pth"
+def observer_for(work: Path, train_dir: Path, test_dir: Path, epochs: int, device: str, show: bool,
+                 given: Path | None = None, input_size: int = 32) -> tuple[Path, float | None]:
+    """A Conv3 observer/teacher trained on the train split at `input_size` (reused from `work` or `given`)."""
+    path = given or work / ("observer_conv3_full.pth" if input_size == 32 else f"observer_conv3_full_{input_size}px.pth")
     if path.is_file():
         return path, None
     summary = train_observer(ObserverConfig(data=str(train_dir), val=str(test_dir), out=str(path), arch="conv3",
-                                            input_size=32, epochs=epochs, device=device, show_progress=show))
+                                            input_size=input_size, epochs=epochs, device=device, show_progress=show))
     return path, summary["val_accuracy"]
+
+
+def distilled_set(work: Path, row: str, ipc: int, seed: int, observer: Path, train_dir: Path, device: str, show: bool,
+                  mipc: int = 300, num_crop: int = 5, factor: int = 1, input_size: int = 32) -> Path:
+    """One distilled set, made once per (selection, IPC, seed[, factor, size]) and reused."""
+    shape = "" if (factor, input_size) == (1, 32) else f"_f{factor}_{input_size}px"
+    out = work / f"{row}_ipc{ipc}_seed{seed}{shape}"
+    if not (out / "manifest.json").is_file():
+        distill(DistillConfig(data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc,
+                              factor=factor, mipc=mipc, num_crop=num_crop, input_size=input_size, seed=seed, batch_size=128,
+                              device=device, select=row, index=str(work / "train_index.npz"), overwrite=True,
+                              show_progress=show))
+    return out
 
 
 def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, observer: Path, train_dir: Path, test_dir: Path,
           epochs: int, device: str, show: bool, mipc: int = 300, num_crop: int = 5) -> dict:
     """One distilled set (made once per row, IPC and seed) and one student on it."""
-    out = work / f"{row}_ipc{ipc}_seed{seed}"
-    if not (out / "manifest.json").is_file():
-        distill(DistillConfig(data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc,
-                              factor=1, mipc=mipc, num_crop=num_crop, input_size=32, seed=seed, batch_size=128, device=device,
-                              select=row, index=str(work / "train_index.npz"), overwrite=True, show_progress=show))
+    out = distilled_set(work, row, ipc, seed, observer, train_dir, device, show, mipc, num_crop)
     result = evaluate(StudentConfig(distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer),
                                     student="conv3", epochs=epochs, seed=seed, device=device, labels=labels,
                                     json=str(work / f"{row}_ipc{ipc}_seed{seed}_{labels}.evaluate.json"), show_progress=show))
+    return run_record(seed, result)
+
+
+def run_record(seed: int, result: dict) -> dict:
     return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
 
 
@@ -71,7 +85,7 @@ def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, .
     work.mkdir(parents=True, exist_ok=True)
     if train_dir is None or test_dir is None:
         train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
-    observer, observer_acc = _observer(work, train_dir, test_dir, observer_epochs, device, show_progress, observer)
+    observer, observer_acc = observer_for(work, train_dir, test_dir, observer_epochs, device, show_progress, observer)
     table: dict = {row: {str(ipc): {lab: [] for lab in LABELS} for ipc in ipcs} for row in ROWS}
     for ipc in ipcs:
         for seed in seeds:
@@ -88,7 +102,7 @@ def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, .
 
 def summarise(table: dict, settings: dict) -> dict:
     """Mean +- std per (row, IPC, labels) and RDED's margin over random-images, from the runs in `table`."""
-    summary = {row: {ipc: {lab: _stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items() if runs}
+    summary = {row: {ipc: {lab: stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items() if runs}
                      for ipc, by_lab in by_ipc.items()} for row, by_ipc in table.items()}
     margins = {f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
                for ipc in settings["ipcs"] for lab in LABELS

@@ -1,7 +1,7 @@
 """The RDED reference's way of distilling (benchmarks/reference.py) as a whole process, for whole-process
 comparisons with `rded-fast distill` on the same tree, checkpoint and plan (e.g. under /usr/bin/time).
 
-    python -m benchmarks.reference_run --data TREE --observer conv3 --weights W --input-size 32 --factor 1 \
+    python -m rded_fast.benchmarks.reference_run --data TREE --observer conv3 --weights W --input-size 32 --factor 1 \
         --ipc 10 --mipc 300 --num-crop 5 --out OUT
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--workers", int, 4), ("--out", str, "reference-out")):
         p.add_argument(name, type=kind, default=default)
     args = p.parse_args(argv)
-    from benchmarks.reference import reference_distill
+    from rded_fast.benchmarks.reference import reference_distill
     from rded_fast.index import build_index
     from rded_fast.models import build
     from rded_fast.plan import make_plan

@@ -1,15 +1,19 @@
 """What grows with the number of files, measured on an ImageNet-1K-shaped tree (benchmarks/make_imagenet1k_tree.py).
 
 Steps, each a separate process so its peak memory is its own:
-- `index_cold`: index + plan (mipc 300, 5 crops) with the page cache dropped first (when this user may drop it);
-- `index_cached`: the same from the index cache a first run wrote (another seed: the cache serves any plan);
+- `index_cold`: index + plan (mipc 300, 5 crops) with the page cache dropped first (when this user may drop it):
+  the file listing, then the headers of the planned images only (the lazy index), then the cache written;
+- `index_cached`: the same seed from the index cache the first run wrote (every planned header in it), and
+  `index_cached_other_seed`: another seed, which reads the headers of its images the cache lacks;
 - `distill`: a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 32 px, random selection: the model is
   not what is measured here), its seconds by stage, the manifest's size and the process's peak memory;
+- `nproc`: the same distill as `distill` in 2 processes (`--nproc 2`), its time and peak memory;
+- `convert`: `convert --format dali` and `--format ffcv` of the whole tree: time, disk, peak memory;
 - `resume`: with mipc 40 (the fewest random selection accepts at IPC 10, factor 2), a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
   an uninterrupted run: every image file must be the same bytes.
 The observer is an untrained conv3 (random selection never runs it). Results as JSON with the CPU named.
 
-Run: python -m benchmarks.scale_bench --data /work/scale-data/imagenet1k --work /work/scale-data/work \\
+Run: python -m rded_fast.benchmarks.scale_bench --data /work/scale-data/imagenet1k --work /work/scale-data/work \\
          --json benchmarks/results/scale_imagenet1k-shaped_cpu.json
 """
 from __future__ import annotations
@@ -48,14 +52,17 @@ def _python(code: str) -> dict:
 
 INDEX_AND_PLAN = """
 import json, time
-from rded_fast.index import load_or_build_index
+from rded_fast.index import load_or_build_index, save_index
 from rded_fast.plan import make_plan
 t = time.perf_counter()
 index = load_or_build_index({data!r}, {cache!r}, show_progress=False)
-t_index = time.perf_counter() - t
+t_index, unread = time.perf_counter() - t, index.unread()
 plan = make_plan(index, {seed}, 300, 5)
-print(json.dumps({{"files": len(index), "classes": index.num_classes, "planned": len(plan),
-                  "index_s": t_index, "plan_s": time.perf_counter() - t - t_index, "seconds": time.perf_counter() - t}}))
+t_plan = time.perf_counter() - t - t_index
+if index.unread() != unread:  # as distill does: keep the headers read
+    save_index(index, {cache!r})
+print(json.dumps({{"files": len(index), "classes": index.num_classes, "planned": len(plan), "headers_read": unread -
+                  index.unread(), "index_s": t_index, "plan_s": t_plan, "seconds": time.perf_counter() - t}}))
 """
 
 
@@ -64,30 +71,47 @@ def index_steps(data: str, work: Path) -> dict:
     Path(cache).unlink(missing_ok=True)
     dropped = drop_page_cache()
     cold = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=0))
-    cached = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=1))
+    cached = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=0))
+    other = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=1))
     return {"index_cold": {**cold, "page_cache_dropped": dropped}, "index_cached": cached,
-            "index_cache_mib": os.path.getsize(cache) / 2**20}
+            "index_cached_other_seed": other, "index_cache_mib": os.path.getsize(cache) / 2**20}
 
 
 def _distill_cmd(data: str, out: Path, mipc: int, index: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "cli", "distill", "--data", data, "--out", str(out), "--observer", "conv3",
+    return [sys.executable, "-m", "rded_fast.cli", "distill", "--data", data, "--out", str(out), "--observer", "conv3",
             "--select", "random", "--input-size", "32", "--factor", "2", "--ipc", "10", "--mipc", str(mipc),
             "--num-crop", "5", "--index", str(index), "--quiet", *extra]
 
 
-def distill_step(data: str, work: Path) -> dict:
-    out = work / "full"
-    cmd = ["/usr/bin/time", "-f", "%M"] + _distill_cmd(data, out, 300, work / "index.npz", ["--overwrite"])
+def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
+    out = work / ("full" if nproc == 1 else f"full-nproc{nproc}")
+    extra = ["--overwrite"] + ([f"--nproc={nproc}"] if nproc > 1 else [])
+    cmd = ["/usr/bin/time", "-f", "%M"] + _distill_cmd(data, out, 300, work / "index.npz", extra)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     manifest = json.loads((out / "manifest.json").read_text())
     seconds = manifest["run"]["seconds"]
     overhead = seconds.get("prologue", 0.0) + seconds.get("compile", 0.0)
-    return {"wall_s": wall, "stage_seconds": seconds, "images_written": len(manifest["images"]),
+    return {"nproc": nproc, "wall_s": wall, "stage_seconds": seconds, "images_written": len(manifest["images"]),
             "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
             "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
             "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall}
+
+
+def convert_step(data: str, work: Path, fmt: str) -> dict:
+    out = work / f"converted.{'beton' if fmt == 'ffcv' else 'shards'}"
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.unlink(missing_ok=True)
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "rded_fast.cli", "convert", "--format", fmt, "--data", data,
+           "--out", str(out), "--quiet"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
+    return {"format": fmt, "wall_s": wall, "disk_mib": sum(p.stat().st_size for p in files) / 2**20,
+            "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024, "summary": proc.stdout.strip()[-400:]}
 
 
 def _image_hashes(out: Path) -> dict[str, str]:
@@ -131,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"data": args.data, "cpu": cpu_description(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    earlier = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}  # steps run apart add up
+    result: dict = {**earlier, "data": args.data, "cpu": cpu_description(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     steps = args.steps.split(",")
     if "index" in steps:
         result.update(index_steps(args.data, work))
@@ -139,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     if "distill" in steps:
         result["distill"] = distill_step(args.data, work)
         print(json.dumps(result["distill"]), flush=True)
+    if "nproc" in steps:
+        result["distill_nproc2"] = distill_step(args.data, work, nproc=2)
+        print(json.dumps(result["distill_nproc2"]), flush=True)
+    for fmt in [f for f in ("dali", "ffcv") if "convert" in steps]:
+        result[f"convert_{fmt}"] = convert_step(args.data, work, fmt)
+        print(json.dumps(result[f"convert_{fmt}"]), flush=True)
     if "resume" in steps:
         result["resume"] = resume_step(args.data, work)
         print(json.dumps(result["resume"]), flush=True)

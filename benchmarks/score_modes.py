@@ -4,7 +4,7 @@
 at factor 2). This runs `distill` both ways on the same data, seed and observer and reports the
 seconds of the per-class stage and the fraction of (source, box) cells both select.
 
-Run: python -m benchmarks.score_modes --data DIR --observer resnet18 --weights W --input-size 32
+Run: python -m rded_fast.benchmarks.score_modes --data DIR --observer resnet18 --weights W --input-size 32
 """
 from __future__ import annotations
 

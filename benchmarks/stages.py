@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.host_stage import bench_host
-from benchmarks.reference import reference_distill
+from rded_fast.benchmarks.host_stage import bench_host
+from rded_fast.benchmarks.reference import reference_distill
 from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distill import DistillConfig, available_cores, distill, resolve_amp, resolve_compile
 from rded_fast.errors import UserError

@@ -12,11 +12,11 @@ FORMATS = ("ffcv", "dali")
 def convert(fmt: str, data: str, out: str, **options) -> dict:
     """Convert the ImageFolder `data` into format `fmt` at `out`; returns a summary (counts, skips, seconds)."""
     if fmt == "ffcv":
-        from converters.ffcv_writer import convert_ffcv
+        from rded_fast.converters.ffcv_writer import convert_ffcv
 
         return convert_ffcv(data, out, **options)
     if fmt == "dali":
-        from converters.dali_shards import convert_dali
+        from rded_fast.converters.dali_shards import convert_dali
 
         return convert_dali(data, out, **options)
     raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.sanitize import BadImage, rgb_array
-from converters.source import index_source
+from rded_fast.converters.sanitize import BadImage, rgb_array
+from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex

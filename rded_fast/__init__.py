@@ -17,9 +17,17 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The command (`cli.py`), the format writers (`converters/`) and the benchmarks (`benchmarks/`) sit beside this
+# package in the repository and are installed inside it (setup.py), so that they import as rded_fast.cli,
+# rded_fast.converters and rded_fast.benchmarks in both places and pip claims no generic top-level names.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "cli.py").is_file() and str(_CHECKOUT) not in __path__:
+    __path__.append(str(_CHECKOUT))
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -41,6 +41,7 @@ from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIP
 from rded_fast.score import Scorer, make_scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
+from rded_fast.timing import Stopwatch
 from rded_fast.write import (
     encode_class_images,
     image_name,
@@ -396,23 +397,39 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
-def _prologue(cfg: DistillConfig, out: Path, device: torch.device) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
-    """Rank 0's work before any class: index, observer, its check, then the output folder and journal.
+def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], show_progress: bool = False) -> CropPlan:
+    """The plan of `classes`: crops for RDED and random-crops, whole images for random-images."""
+    if cfg.select == "random-images":
+        return make_center_plan(index, cfg.seed, cfg.mipc, classes=classes, show_progress=show_progress)
+    return make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=classes, show_progress=show_progress)
 
-    The folder is created only after the checks pass, so a refused run leaves nothing behind."""
+
+def _prologue(cfg: DistillConfig, out: Path, device: torch.device, seconds: dict[str, float]
+              ) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
+    """Rank 0's work before any class: index, the plan of every class (which reads the headers it needs from a
+    lazy index), observer, its check, then the output folder, journal and index files (`seconds` gets each
+    part's time). The folder is created only after the checks pass, so a refused run leaves nothing behind."""
+    t = time.perf_counter()
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
     class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
+        raise UserError(f"--data {cfg.data}: no image files found")
+    unread, seconds["index"], t = index.unread(), time.perf_counter() - t, time.perf_counter()
+    if len(plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
+    seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device, check=True)
     check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
+    seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
         journal.check_run(out, _run_parameters(cfg))
     else:
         journal.write_run(out, _run_parameters(cfg))
     save_index(index, out / "index.npz")
+    if cfg.index and index.unread() != unread:  # keep the headers read for the next run
+        save_index(index, cfg.index)
     return index, observer, scorer, check
 
 
@@ -475,7 +492,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds: dict[str, float] = {}
     index = observer = scorer = check = None
     if world.is_main:
-        index, observer, scorer, check = _collective(world, lambda: _prologue(cfg, out, device), "")
+        index, observer, scorer, check = _collective(world, lambda: _prologue(cfg, out, device, seconds), "")
     else:
         _collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
         index = load_index(out / "index.npz")
@@ -487,21 +504,22 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
-    host_wait = {"seconds": 0.0}
+    watch = Stopwatch()
 
     def run_classes() -> None:
-        plan = (make_center_plan(index, cfg.seed, cfg.mipc, classes=todo) if cfg.select == "random-images"
-                else make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=todo))
+        plan = plan_classes(cfg, index, todo)
         loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
                              hw_decoder_load=cfg.hw_decoder_load)
-        with HostStage(functools.partial(commit_classes, cfg, out), default_host_workers(device)) as host:
-            for label, crops, ok, reasons in progress(iter_classes(loader, plan, device), total=len(np.unique(plan.labels)),
+        commit = watch.timed("write", functools.partial(commit_classes, cfg, out))
+        with HostStage(commit, default_host_workers(device)) as host:
+            classes = watch.waiting("decode_wait", iter_classes(loader, plan, device))
+            for label, crops, ok, reasons in progress(classes, total=len(np.unique(plan.labels)),
                                                       desc="distill classes", disable=not cfg.show_progress):
-                scores = to_host(score_class(cfg, label, crops, scorer))
-                host.submit(functools.partial(prepare_class, cfg, index, plan, label, crops, ok, scores, reasons,
-                                              loader.source_extra))
-            host_wait["seconds"] = host.waited
+                scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
+                host.submit(functools.partial(watch.timed("select_stitch_encode", prepare_class), cfg, index, plan,
+                                              label, crops, ok, scores, reasons, loader.source_extra))
+            watch.add("host_wait", host.waited)
         for label in todo:  # classes with no planned image (empty folders) are journaled too
             if label not in plan.labels:
                 journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
@@ -510,7 +528,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
 
     _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
-    seconds["host_wait"] = host_wait["seconds"]
+    seconds.update(watch.seconds)
     barrier(world)
     if not world.is_main:
         return DistillResult(out, out / "manifest.json", out / "contact_sheet.png", 0, None, 0, seconds, is_main=False)

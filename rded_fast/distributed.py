@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -81,6 +80,22 @@ def assign_classes(counts: np.ndarray, world_size: int) -> list[list[int]]:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `rded-fast <argv>` under torchrun with `nproc` processes on this node; returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cli", *argv]
-    return subprocess.call(cmd)
+    """Run `rded-fast <argv>` in `nproc` processes on this node (torchrun's standalone launcher); returns its exit code.
+
+    Each rank prints its own error; a failed rank ends the run with its exit code, not with the launcher's traceback.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "rded_fast.cli", *argv)
+    except ChildFailedError as failed:
+        return max([f.exitcode for f in failed.failures.values() if f.exitcode > 0], default=1)
+    return 0

@@ -3,6 +3,11 @@
 The index is the first stage of the pipeline: it fixes the class order (sorted folder names, or an
 explicit class map in observer output order) and records each image's size from its header, so the
 plan can draw crop boxes without decoding anything. It is saved compactly (.npz) and reused by later runs.
+
+Headers are read eagerly (`build_index(..., headers=True)`: every size known, unusable files dropped) for
+the commands that use every image (convert, training), or lazily for `distill`, whose plan uses `mipc` of
+each class's images: the listing holds every file with its size UNREAD, `read_headers` fills in the planned
+ones (marking a file whose header fails UNUSABLE), and the cache keeps what was read for the next run.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from rded_fast.headers import image_size
 from rded_fast.progress import progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-INDEX_VERSION = 2  # the .npz cache; version 1 was JSON (still read)
+INDEX_VERSION = 3  # the .npz cache with lazily read sizes; version 2 (every size known) and 1 (JSON) are still read
+READABLE_VERSIONS = (2, 3)
+UNREAD = -1  # a size not read yet (lazy index)
+UNUSABLE = -2  # a file whose header could not be read; it is listed in `skipped`
 JSON_INDEX_VERSION = 1
 UNLISTED_CLASS = "class folder not in the class map: not used"
 
@@ -32,8 +40,9 @@ class DatasetIndex:
     """Every usable image of a tree, with its class and stored size.
 
     `paths` are relative to `root`; `labels[i]` indexes `classes`; `sizes[i]` is (width, height) in
-    stored pixels (EXIF orientation is not applied anywhere in rded-fast). `skipped` lists files that
-    were left out, each `{"path", "reason"}`.
+    stored pixels (EXIF orientation is not applied anywhere in rded-fast), or (UNREAD, UNREAD) in a lazy
+    index until `read_headers` reads it, or (UNUSABLE, UNUSABLE) once its header failed. `skipped` lists
+    files that were left out, each `{"path", "reason"}`.
     """
 
     root: str
@@ -51,7 +60,15 @@ class DatasetIndex:
         return len(self.classes)
 
     def class_counts(self) -> np.ndarray:
-        return np.bincount(self.labels, minlength=self.num_classes)
+        """Images per class, less those known to be unusable (a lazy index may still hold some unread ones)."""
+        return np.bincount(self.labels[self.sizes[:, 0] != UNUSABLE], minlength=self.num_classes)
+
+    def usable(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the (read) images `ids` have a size."""
+        return self.sizes[ids, 0] > 0
+
+    def unread(self) -> int:
+        return int(np.count_nonzero(self.sizes[:, 0] == UNREAD))
 
     def to_json(self) -> dict:
         return {
@@ -161,13 +178,13 @@ def _sizes_of(root: str, paths: list[str]) -> list[tuple[int, int] | str]:
 
 
 def read_sizes(root: str, paths: list[str], workers: int = 8, show_progress: bool = False,
-               chunk: int = 4096) -> list[tuple[int, int] | str]:
+               chunk: int = 4096, desc: str = "index") -> list[tuple[int, int] | str]:
     """Header sizes (or reasons) of `paths` under `root`, in order, in chunks of files over `workers` workers:
     processes for large trees (header parsing holds the GIL: 8 threads read 1.28 M warm headers 2x slower
     than one), threads for small ones; either way the reads overlap where the page cache is cold."""
     pool_type = ProcessPoolExecutor if len(paths) >= PROCESS_MIN_FILES else ThreadPoolExecutor
     results: list[tuple[int, int] | str] = []
-    with pool_type(max(1, workers)) as pool, progress(None, total=len(paths), desc="index", disable=not show_progress) as bar:
+    with pool_type(max(1, workers)) as pool, progress(None, total=len(paths), desc=desc, disable=not show_progress) as bar:
         parts = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
         for part in pool.map(_sizes_of, [root] * len(parts), parts):
             results.extend(part)
@@ -175,13 +192,32 @@ def read_sizes(root: str, paths: list[str], workers: int = 8, show_progress: boo
     return results
 
 
+def read_headers(index: DatasetIndex, ids: np.ndarray, workers: int = 8, show_progress: bool = False) -> int:
+    """Fill in the sizes of images `ids` not read yet (in place); a file whose header fails becomes UNUSABLE
+    and is listed in `skipped`. Returns how many headers were read."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = np.unique(ids[index.sizes[ids, 0] == UNREAD])
+    if len(ids) == 0:
+        return 0
+    results = read_sizes(index.root, [index.paths[i] for i in ids], workers, show_progress, desc="headers")
+    for i, res in zip(ids.tolist(), results):
+        if isinstance(res, str):
+            index.sizes[i] = UNUSABLE
+            index.skipped.append({"path": index.paths[i], "reason": res})
+        else:
+            index.sizes[i] = res
+    return len(ids)
+
+
 def build_index(
     root: str | os.PathLike,
     class_map: list[str] | None = None,
     workers: int = 8,
     show_progress: bool = True,
+    headers: bool = True,
 ) -> DatasetIndex:
-    """Scan `root/<class>/**/<image>` and read every image's header (rded_fast.headers).
+    """Scan `root/<class>/**/<image>`; with `headers`, read every image's header (rded_fast.headers) and leave
+    out the files whose header fails, else leave every size UNREAD for `read_headers`.
 
     Classes are the sorted sub-folder names unless `class_map` gives them (in observer output order);
     a class-map name with no folder is an error, and a folder the class map leaves out is not used and
@@ -197,6 +233,10 @@ def build_index(
         files.extend((label, rel) for rel in images)
         skipped.extend({"path": rel, "reason": reason} for rel, reason in others)
     skipped = (class_skips + skipped) if class_map is not None else (skipped + class_skips)
+    if not headers:
+        return DatasetIndex(root=str(real_root), classes=classes, paths=[rel for _, rel in files],
+                            labels=np.asarray([label for label, _ in files], dtype=np.int64),
+                            sizes=np.full((len(files), 2), UNREAD, dtype=np.int64), skipped=skipped)
     results = read_sizes(str(root_path), [rel for _, rel in files], workers, show_progress)
     paths, labels, sizes = [], [], []
     for (label, rel), res in zip(files, results):
@@ -246,7 +286,7 @@ def load_index(path: str | os.PathLike) -> DatasetIndex:
                 return _load_json_index(path, json.loads(f.read()))
         with np.load(path, allow_pickle=False) as data:
             version = int(data["version"])
-            if version != INDEX_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise UserError(f"index {path} has version {version}, expected {INDEX_VERSION}; delete it to rebuild")
             return DatasetIndex(root=_unblob(data["root"])[0], classes=_unblob(data["classes"]),
                                 paths=_unblob(data["paths"]), labels=data["labels"].astype(np.int64),
@@ -268,14 +308,15 @@ def load_or_build_index(
     class_map: list[str] | None = None,
     show_progress: bool = True,
 ) -> DatasetIndex:
-    """Reuse `cache_path` when it indexes the same root and class order; otherwise build and save it."""
+    """Reuse `cache_path` when it indexes the same root and class order; otherwise list the tree (sizes UNREAD:
+    the plan reads the headers it needs) and save the listing there."""
     if cache_path is not None and Path(cache_path).is_file():
         index = load_index(cache_path)
         same_root = index.root == str(Path(root).resolve())
         same_classes = class_map is None or index.classes == list(class_map)
         if same_root and same_classes:
             return index
-    index = build_index(root, class_map=class_map, show_progress=show_progress)
+    index = build_index(root, class_map=class_map, show_progress=show_progress, headers=False)
     if cache_path is not None:
         save_index(index, cache_path)
     return index

@@ -54,17 +54,19 @@ def _same_value(key: str, a, b) -> bool:
 
 
 def sources_fingerprint(index, label: int) -> str:
-    """A hash of class `label`'s source images as they are now: relative path, indexed size, and (when the
-    file is on disk) byte size and modification time. A resume redoes a finished class whose sources changed."""
+    """A hash of class `label`'s source files as they are now: relative path with byte size and modification time
+    (or, for converted sources, .beton and shards, whose index is all there is: the indexed size; a lazy index's
+    sizes change as headers are read, so they are not part of a file's print). A resume redoes a finished class
+    whose sources changed."""
     h = hashlib.sha256()
     for i in np.flatnonzero(index.labels == label):
         path = index.paths[i]
         try:
             st = os.stat(os.path.join(index.root, path))
-            stamp = (st.st_size, st.st_mtime_ns)
-        except OSError:  # converted sources (.beton, shards): the index is all there is
-            stamp = None
-        h.update(json.dumps([path, index.sizes[i].tolist(), stamp]).encode())
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = index.sizes[i].tolist()
+        h.update(json.dumps([path, stamp]).encode())
     return h.hexdigest()
 
 

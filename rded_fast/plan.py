@@ -5,6 +5,7 @@ all cut exactly these boxes. Randomness comes from one generator per class, seed
 (seed, class index), so a class's plan does not depend on which other classes are planned.
 Boxes follow torchvision's RandomResizedCrop.get_params rule: up to 10 tries of (area scale,
 log-uniform aspect ratio), the first that fits wins, else a centre crop clamped to the ratio range.
+Images are chosen before their headers are read (`choose_images`), so a lazy index reads only those.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rded_fast.index import DatasetIndex
+from rded_fast.index import DatasetIndex, read_headers
 from rded_fast.recipe import CROP_RATIO, CROP_SCALE
 
 MAX_TRIES = 10
@@ -46,6 +47,37 @@ class CropPlan:
 def class_generator(seed: int, label: int, purpose: int = 0) -> np.random.Generator:
     """The generator for one class's randomness; `purpose` separates independent streams."""
     return np.random.default_rng([int(seed), int(label), int(purpose)])
+
+
+def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Each class's image ids, ascending (one sort, not a scan of every label per class)."""
+    order = np.argsort(labels, kind="stable")
+    ends = np.cumsum(np.bincount(labels, minlength=num_classes))
+    return np.split(order, ends[:-1])
+
+
+def choose_images(index: DatasetIndex, seed: int, count: int, classes: list[int], purpose: int = 0,
+                  show_progress: bool = False) -> dict[int, tuple[np.ndarray, np.random.Generator]]:
+    """Up to `count` usable images of each class: the class's files in a seeded random order, the first `count`
+    whose header reads. Headers not read yet are read here, all classes' at once (then the next candidates
+    of any class that met an unusable file). Returns label -> (ids ascending, the class's generator, for the
+    rest of its plan)."""
+    members = class_members(index.labels, index.num_classes)
+    chosen: dict[int, tuple[np.ndarray, np.random.Generator]] = {}
+    orders, taken = {}, {}
+    for label in classes:
+        rng = class_generator(seed, label, purpose)
+        orders[label] = members[label][rng.permutation(len(members[label]))]
+        chosen[label], taken[label] = (np.zeros(0, np.int64), rng), 0
+    pending = list(classes)
+    while pending:
+        want = {label: orders[label][taken[label] : taken[label] + count - len(chosen[label][0])] for label in pending}
+        read_headers(index, np.concatenate([np.zeros(0, np.int64), *want.values()]), show_progress=show_progress)
+        for label, ids in want.items():
+            taken[label] += len(ids)
+            chosen[label] = (np.concatenate([chosen[label][0], ids[index.usable(ids)]]), chosen[label][1])
+        pending = [c for c in pending if len(chosen[c][0]) < count and taken[c] < len(orders[c])]
+    return {label: (np.sort(ids), rng) for label, (ids, rng) in chosen.items()}
 
 
 def sample_resized_crop_boxes(
@@ -99,17 +131,16 @@ def make_plan(
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     classes: list[int] | None = None,
+    show_progress: bool = False,
 ) -> CropPlan:
     """Sample up to `mipc` images per class without replacement and `num_crop` boxes for each.
 
-    A class with fewer than `mipc` images uses all it has (see `short_classes`).
+    A class with fewer than `mipc` usable images uses all it has (see `short_classes`).
     """
-    labels_all = index.labels
     ids, labels, boxes = [], [], []
-    for label in range(index.num_classes) if classes is None else classes:
-        rng = class_generator(seed, label)
-        members = np.flatnonzero(labels_all == label)
-        chosen = np.sort(members[rng.permutation(len(members))[:mipc]])
+    picks = choose_images(index, seed, mipc, list(range(index.num_classes)) if classes is None else list(classes),
+                          show_progress=show_progress)
+    for label, (chosen, rng) in picks.items():
         ids.append(chosen)
         labels.append(np.full(len(chosen), label, dtype=np.int64))
         boxes.append(sample_resized_crop_boxes(index.sizes[chosen], num_crop, rng, scale, ratio))
@@ -126,22 +157,23 @@ def make_plan(
 
 
 def short_classes(index: DatasetIndex, mipc: int) -> dict[str, int]:
-    """Classes with fewer than `mipc` usable images: name -> count."""
+    """Classes with fewer than `mipc` usable images: name -> count (exact on a lazy index once it is planned:
+    a class short of `mipc` has had every header read)."""
     counts = index.class_counts()
     return {index.classes[c]: int(n) for c, n in enumerate(counts) if n < mipc}
 
 
-def make_center_plan(index: DatasetIndex, seed: int, per_class: int, classes: list[int] | None = None) -> CropPlan:
+def make_center_plan(index: DatasetIndex, seed: int, per_class: int, classes: list[int] | None = None,
+                     show_progress: bool = False) -> CropPlan:
     """One centred square crop (side = shorter side) of up to `per_class` images per class (of `classes`, default all).
 
     Used to check the observer's accuracy on whole images before distilling, and as the plan of the
     random-images baseline; the boxes go through the same loaders as the real plan.
     """
     ids, labels = [], []
-    for label in (range(index.num_classes) if classes is None else sorted(classes)):
-        rng = class_generator(seed, label, purpose=1)
-        members = np.flatnonzero(index.labels == label)
-        chosen = np.sort(members[rng.permutation(len(members))[:per_class]])
+    picks = choose_images(index, seed, per_class, list(range(index.num_classes)) if classes is None else sorted(classes),
+                          purpose=1, show_progress=show_progress)
+    for label, (chosen, _) in picks.items():
         ids.append(chosen)
         labels.append(np.full(len(chosen), label, dtype=np.int64))
     image_ids = np.concatenate(ids)

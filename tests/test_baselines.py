@@ -92,7 +92,7 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
 
 
 def test_quality_table_formats_and_plots():
-    from benchmarks.quality import LABELS, ROWS, format_table, plot
+    from rded_fast.benchmarks.quality import LABELS, ROWS, format_table, plot
 
     stats = {row: {str(i): {lab: {"mean": 0.5 + 0.01 * k + 0.02 * i, "std": 0.01, "runs": []} for lab in LABELS}
                    for i in (1, 10)} for k, row in enumerate(ROWS)}

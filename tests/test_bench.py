@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from cli import main
+from rded_fast.cli import main
 from rded_fast.models import build
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import main
-from converters.dali_shards import convert_dali, parse_size
+from rded_fast.cli import main
+from rded_fast.converters.dali_shards import convert_dali, parse_size
 from rded_fast.errors import UserError
 from rded_fast.index import build_index
 from rded_fast.loaders import make_loader, open_index

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import main
-from converters import convert
+from rded_fast.cli import main
+from rded_fast.converters import convert
 from rded_fast.errors import UserError
 from rded_fast.loaders import open_index
 from rded_fast.models import build
@@ -38,7 +38,7 @@ def test_kill_9_during_convert_then_rerun_gives_identical_shards(tmp_path):
     assert len([k for k in want if k.endswith(".tar")]) >= 6
     for after in (1, 3):
         out = tmp_path / f"killed{after}"
-        cmd = [sys.executable, "-m", "cli", "convert", "--format", "dali", "--data", str(data), "--out", str(out),
+        cmd = [sys.executable, "-m", "rded_fast.cli", "convert", "--format", "dali", "--data", str(data), "--out", str(out),
                "--shard-size", "30KB", "--quiet", "--workers", "1"]
         code = kill_when(cmd, lambda out=out, after=after: out.is_dir() and len(list(out.glob("*.meta.json"))) >= after, ROOT)
         assert code == -signal.SIGKILL, "convert finished before it could be killed"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 
 import pytest
 import torch.distributed as dist
@@ -37,7 +39,15 @@ def test_all_ok_on_a_two_backend_group(votes):
 
 
 def test_nproc_is_dropped_in_both_spellings_before_torchrun():
-    from cli import without_option
+    from rded_fast.cli import without_option
 
     for argv in (["distill", "--nproc=8", "--data", "d"], ["distill", "--nproc", "8", "--data", "d"]):
         assert without_option(argv, "--nproc") == ["distill", "--data", "d"]
+
+
+def test_a_failing_rank_ends_nproc_with_its_error_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rded_fast.cli", "distill", "--nproc=2", "--observer", "conv3",
+                           "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import main
-from converters.ffcv_writer import convert_ffcv, stored_size
+from rded_fast.cli import main
+from rded_fast.converters.ffcv_writer import convert_ffcv, stored_size
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.loaders.base import failed_rows

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import main
-from converters import convert
+from rded_fast.cli import main
+from rded_fast.converters import convert
 from rded_fast.errors import UserError
 from rded_fast.loaders import open_index
 from rded_fast.models import build

@@ -159,7 +159,7 @@ def _differing(a: dict, b: dict) -> list[str]:
 
 @pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_gpu_distill_same_bytes_across_runs_batch_sizes_and_resume(gpu_tree, gpu_observer, tmp_path, loader):
-    from cli import main
+    from rded_fast.cli import main
 
     assert main(_distill_args(gpu_tree, gpu_observer, tmp_path / "a", loader, 8)) == 0
     assert main(_distill_args(gpu_tree, gpu_observer, tmp_path / "b", loader, 8)) == 0
@@ -171,7 +171,7 @@ def test_gpu_distill_same_bytes_across_runs_batch_sizes_and_resume(gpu_tree, gpu
 
     out = tmp_path / "killed"
     journal = out / ".rded-journal"
-    code = kill_when([sys.executable, "-m", "cli", *_distill_args(gpu_tree, gpu_observer, out, loader, 8)],
+    code = kill_when([sys.executable, "-m", "rded_fast.cli", *_distill_args(gpu_tree, gpu_observer, out, loader, 8)],
                      lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= 3, ROOT, timeout=600)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert main(_distill_args(gpu_tree, gpu_observer, out, loader, 8, "--resume")) == 0

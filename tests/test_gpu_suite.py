@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu_suite
+from rded_fast.benchmarks import gpu_suite
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path of the suite")

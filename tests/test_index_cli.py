@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from cli import build_parser, main
+from rded_fast.cli import build_parser, main
 from rded_fast.errors import UserError
 from rded_fast.index import build_index, load_index, load_or_build_index, read_class_map, save_index
 

@@ -75,7 +75,7 @@ def test_timm_pretrained_tag_offline_is_one_line(jpeg_tree, tmp_path):
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")}
-    r = subprocess.run([sys.executable, "-m", "cli", "distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "rded_fast.cli", "distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"),
                         "--observer", "timm:resnet18", "--weights", "a1_in1k", "--input-size", "32", "--workers", "0",
                         "--device", "cpu", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -185,7 +185,7 @@ def _wnid_tree(root: Path, names: list[str]) -> Path:
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "rded_fast.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @needs_timm
@@ -270,7 +270,7 @@ def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_obse
 
 @needs_timm
 def test_registry_lists_sources_and_families(jpeg_tree, tmp_path, capsys):
-    import cli
+    from rded_fast import cli
 
     families = {(s, f) for s, f, _ in model_families()}
     assert {("conv", "convnet"), ("modified", "resnet"), ("torchvision", "mobilenetv2"), ("timm", "convnext"),

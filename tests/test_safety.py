@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import NUMBER_RANGES, build_parser, main, os_error_message
+from rded_fast.cli import NUMBER_RANGES, build_parser, main, os_error_message
 from rded_fast.distill import DistillConfig, distill, near_chance_threshold
 from rded_fast.errors import UserError
 from rded_fast.index import UNLISTED_CLASS, build_index, read_class_map
@@ -189,7 +189,7 @@ def test_jpeg_structure_check():
 
 def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
     pytest.importorskip("nvidia.dali")
-    from converters import convert
+    from rded_fast.converters import convert
 
     data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=6)
     convert("dali", str(data), str(tmp_path / "shards"), workers=1, show_progress=False)
@@ -204,7 +204,7 @@ def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
     from rded_fast.models import build
 
     torch.save(build("conv3", 2, None, 32).model.state_dict(), tmp_path / "w.pth")
-    argv = [sys.executable, "-m", "cli"] + _distill_argv(tmp_path / "shards", tmp_path / "w.pth", tmp_path / "o",
+    argv = [sys.executable, "-m", "rded_fast.cli"] + _distill_argv(tmp_path / "shards", tmp_path / "w.pth", tmp_path / "o",
                                                          "--loader", "dali", "--mipc", "6")
     run = subprocess.run(argv, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -215,7 +215,7 @@ def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
 
 
 def test_dali_converter_leaves_out_broken_jpegs(tmp_path):
-    from converters.dali_shards import _sanitize
+    from rded_fast.converters.dali_shards import _sanitize
 
     path = tmp_path / "b.jpg"
     good = _jpeg()
@@ -395,7 +395,7 @@ def test_resume_redoes_a_finished_class_whose_sources_changed(small, tmp_path, c
 
 def test_unusable_inductor_cache_does_not_stop_a_run(tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": "/proc/no-such-dir/cache"}
-    run = subprocess.run([sys.executable, "-m", "cli", "models"], cwd=Path(__file__).parent.parent, env=env,
+    run = subprocess.run([sys.executable, "-m", "rded_fast.cli", "models"], cwd=Path(__file__).parent.parent, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "conv3" in run.stdout, run.stderr
     assert "TORCHINDUCTOR_CACHE_DIR /proc/no-such-dir/cache is unusable" in run.stderr
@@ -417,7 +417,7 @@ def test_a_real_second_run_on_the_same_out_is_refused_while_the_first_runs(small
 
     data, weights = small
     out = tmp_path / "o"
-    first = subprocess.Popen([sys.executable, "-m", "cli"] + _distill_argv(data, weights, out),
+    first = subprocess.Popen([sys.executable, "-m", "rded_fast.cli"] + _distill_argv(data, weights, out),
                              cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240

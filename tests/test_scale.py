@@ -49,7 +49,7 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference_run(many_classes, tmp_path_factory):
-    from cli import main
+    from rded_fast.cli import main
 
     data, ckpt = many_classes
     out = tmp_path_factory.mktemp("ref") / "out"
@@ -67,12 +67,11 @@ def test_assign_classes_balances_and_covers():
 def test_two_gloo_ranks_equal_one_process(many_classes, reference_run, tmp_path):
     data, ckpt = many_classes
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cli",
-           *distill_args(data, ckpt, out)]
+    cmd = [sys.executable, "-m", "rded_fast.cli", *distill_args(data, ckpt, out), "--nproc=2"]
     # fp32 CPU scores depend (in their last bits) on the thread count: give the ranks this process's count,
     # not torchrun's default of 1
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = output_files(out)
     assert json.loads((out / "manifest.json").read_text())["run"]["world_size"] == 2
@@ -85,11 +84,11 @@ def test_kill_9_then_resume_gives_identical_output(many_classes, reference_run, 
     data, ckpt = many_classes
     out = tmp_path / "killed"
     journal = out / ".rded-journal"
-    code = kill_when([sys.executable, "-m", "cli", *distill_args(data, ckpt, out)],
+    code = kill_when([sys.executable, "-m", "rded_fast.cli", *distill_args(data, ckpt, out)],
                      lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= after_classes, ROOT)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.json").exists()
-    from cli import main
+    from rded_fast.cli import main
 
     assert main(distill_args(data, ckpt, out, "--resume")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -103,7 +102,7 @@ def test_write_error_fails_cleanly_and_resumes(many_classes, reference_run, tmp_
     import errno
 
     import rded_fast.write as write
-    from cli import main
+    from rded_fast.cli import main
 
     data, ckpt = many_classes
     out = tmp_path / "full"
@@ -132,7 +131,7 @@ def test_write_error_fails_cleanly_and_resumes(many_classes, reference_run, tmp_
 
 
 def test_resume_refuses_changed_parameters(many_classes, tmp_path, capsys):
-    from cli import main
+    from rded_fast.cli import main
 
     data, ckpt = many_classes
     out = tmp_path / "o"

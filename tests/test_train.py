@@ -144,7 +144,7 @@ def test_random_selection_differs_from_rded_and_is_seeded(fashion_tree, fashion_
 
 
 def test_short_quality_run(fashion_tree, fashion_observer, val_tree, tmp_path):
-    from benchmarks.quality import LABELS, ROWS, format_table, run_quality
+    from rded_fast.benchmarks.quality import LABELS, ROWS, format_table, run_quality
 
     result = run_quality(tmp_path, train_dir=fashion_tree, test_dir=val_tree, observer=fashion_observer, seeds=(0,),
                          epochs=10, ipcs=(2,), mipc=30, num_crop=3, device="cpu", show_progress=False)

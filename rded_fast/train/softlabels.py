@@ -1,11 +1,12 @@
 """Stored soft labels: per epoch, the augmentation parameters and the teacher's top-k logits (fp16).
 
 Layout of a labels folder: `header.json` (the recipe, the distilled set's file list, the teacher's
-identity, k) and one `epoch_EEEE.npz` per epoch holding the EpochAug arrays, `values` [N, k] fp16 logits
+identity, k) and either one `epoch_EEEE.npz` per epoch holding the EpochAug arrays, `values` [N, k] fp16 logits
 in training order, `indices` [N, k] (absent when k = all classes) and `lse` [N] fp32, the
 log-sum-exp of logits / T, so the top-k probabilities are exact and the remaining mass is spread
-evenly over the other classes (the reference's keep_top_k rule). Files are written atomically, so an
-interrupted relabel keeps its finished epochs.
+evenly over the other classes (the reference's keep_top_k rule), or (`relabel --region`, header
+`region_grid`) one `regions.npz` with the same arrays for every cell of every image. Files are written
+atomically, so an interrupted relabel keeps its finished epochs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rded_fast.fileio import atomic_write_bytes, atomic_write_text
 from rded_fast.train.augment import AUG_FIELDS, EpochAug
 
 FORMAT_VERSION = 1
+REGIONS_FILE = "regions.npz"  # `relabel --region`: one label per cell instead of per-epoch files
 # Storage dtypes of the augmentation parameters (images up to 32767 px, up to 2^31 samples).
 COMPACT_DTYPES = {"order": np.int32, "row_perm": np.int8, "col_perm": np.int8, "boxes": np.int16, "flip": np.bool_,
                   "mix_perm": np.int32, "mix_box": np.int16, "mix_lam": np.float32}
@@ -65,6 +67,25 @@ def decode_probs(values: np.ndarray, indices: np.ndarray | None, lse: np.ndarray
     probs = rest[:, None].expand(len(v), num_classes).clone()
     probs.scatter_(1, torch.from_numpy(indices.astype(np.int64)), top)
     return probs
+
+
+def write_regions(folder: Path, encoded: dict[str, np.ndarray]) -> int:
+    """Write the per-cell labels of `relabel --region` (rows: image-major, then cell); returns the bytes written."""
+    buf = io.BytesIO()
+    np.savez(buf, **encoded)
+    atomic_write_bytes(Path(folder) / REGIONS_FILE, buf.getvalue())
+    return len(buf.getvalue())
+
+
+def read_region_probs(folder: Path, header: dict, num_classes: int) -> torch.Tensor:
+    """Per-cell teacher probabilities at the header's temperature: [N, grid^2, C]."""
+    path = Path(folder) / REGIONS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; relabel --region again")
+    with np.load(path) as z:
+        probs = decode_probs(z["values"], z["indices"] if "indices" in z.files else None, z["lse"], num_classes,
+                             header["temperature"])
+    return probs.view(-1, header["region_grid"] ** 2, num_classes)
 
 
 def write_epoch(folder: Path, epoch: int, aug: EpochAug, encoded: dict[str, np.ndarray]) -> int:

@@ -1,9 +1,10 @@
 """Train a student on a distilled set with RDED's recipe and measure it on real validation data.
 
 Soft labels come either online (the teacher labels exactly each augmented batch, as the reference
-does) or from a labels folder written by `relabel` (same augmentations replayed, no teacher in memory).
-The reference's extra no-grad student forward in train mode (which updates BN statistics twice) is
-left out: it only fed a training-accuracy log.
+does), from a labels folder written by `relabel` (same augmentations replayed, no teacher in memory), or
+from region labels (`relabel --region`: one stored label per cell, rded_fast.train.regions); `--labels
+hard` trains on one-hot labels. The reference's extra no-grad student forward in train mode (which updates
+BN statistics twice) is kept behind `bn_refresh` (on by default).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from rded_fast.train.augment import augment_batch, mixed_targets, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
+from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of, region_targets
 
 
 @dataclass
@@ -53,6 +55,7 @@ class StudentConfig:
     labels: str = "soft"  # "hard": one-hot labels (CutMix-mixed), no teacher: what the images alone carry
     bn_refresh: bool = True  # the reference's extra no-grad train-mode forward per step (BN statistics updated twice)
     top_k: int | None = None
+    region: str | None = None  # relabel: "cells" (one label per cell of the factor grid) or "image" (one per image)
     out: str | None = None
     json: str | None = None
     checkpoint: str | None = None
@@ -147,7 +150,7 @@ def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> Non
     if header.get("content_sha256") != content_sha256(data):
         raise UserError(f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
                         "different images or labels); run `rded-fast relabel` on this --distilled set")
-    if header["epochs"] < recipe.epochs:
+    if "region_grid" not in header and header["epochs"] < recipe.epochs:
         raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
 
 
@@ -182,10 +185,11 @@ def evaluate(cfg: StudentConfig) -> dict:
 class _Labels:
     """Where a step's targets come from: the images' own labels (hard), a labels folder, or the teacher online."""
 
-    kind: str  # "hard", "stored" or "online"
+    kind: str  # "hard", "stored", "region" or "online"
     recipe: Recipe
     header: dict | None = None
     teacher: nn.Module | None = None
+    cell_probs: torch.Tensor | None = None  # region labels [N, grid^2, C]
 
 
 def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> _Labels:
@@ -197,6 +201,11 @@ def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, 
         return _Labels("hard", recipe)
     if cfg.soft_labels:
         header = softlabels.read_header(Path(cfg.soft_labels))
+        if "region_grid" in header:  # static labels: any batch size and number of epochs
+            recipe = Recipe(epochs=cfg.epochs, batch_size=recipe.batch_size, lr=recipe.lr, temperature=header["temperature"])
+            _check_labels_match(header, data, recipe)
+            probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
+            return _Labels("region", recipe, header=header, cell_probs=probs.to(device))
         recipe = Recipe(epochs=cfg.epochs, batch_size=header["batch_size"], lr=recipe.lr, temperature=header["temperature"])
         _check_labels_match(header, data, recipe)
         return _Labels("stored", recipe, header=header)
@@ -218,6 +227,8 @@ def _targets(labels: _Labels, data: DistilledSet, aug, encoded, b: int, x: torch
         return mixed_targets(data.labels, aug, b, n, x.shape[-1]).to(device)
     if labels.kind == "online":
         return torch.softmax(teacher_logits(labels.teacher, x, device) / t, dim=1)
+    if labels.kind == "region":
+        return region_targets(labels.cell_probs, aug, b, x.shape[-1], data.factor)
     sl = aug.batch_slice(b)
     indices = encoded["indices"][sl] if "indices" in encoded else None
     return softlabels.decode_probs(encoded["values"][sl], indices, encoded["lse"][sl], n, t).to(device)
@@ -310,26 +321,39 @@ def _relabel(cfg: StudentConfig) -> dict:
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
     recipe = _recipe(cfg, data, cfg.student or cfg.teacher)
-    k = len(data.classes) if cfg.top_k is None else int(cfg.top_k)
+    k = min(len(data.classes) if cfg.top_k is None else int(cfg.top_k), len(data.classes))
     if k < 1:
         raise UserError(f"--top-k {cfg.top_k}: must be >= 1 (or omit it for all classes)")
+    if cfg.region is not None and cfg.region not in REGION_GRIDS:
+        raise UserError(f"--region {cfg.region}: choose {' or '.join(REGION_GRIDS)}")
     teacher, built = _teacher(cfg, data, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    softlabels.write_header(out, {
-        "distilled": str(data.root), "content_sha256": content_sha256(data), "files": data.files, "classes": data.classes, "factor": data.factor,
-        "input_size": size, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
-        "temperature": recipe.temperature, "cutmix_beta": recipe.cutmix_beta, "top_k": min(k, len(data.classes)),
+    header = {
+        "distilled": str(data.root), "content_sha256": content_sha256(data), "files": data.files, "classes": data.classes,
+        "factor": data.factor, "input_size": size, "temperature": recipe.temperature, "top_k": k,
         "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
         "teacher_head_rows": dict(zip(data.classes, built.head_rows)),
         "teacher_normalization": {"mean": list(built.mean), "std": list(built.std)},
+    }
+    images = data.images.to(device)
+    result = {"out": str(out), "top_k": k, "samples": len(images)}
+    if cfg.region:
+        grid = grid_of(cfg.region, data.factor)
+        softlabels.write_header(out, {**header, "region": cfg.region, "region_grid": grid})
+        logits = cell_logits(lambda x: teacher_logits(teacher, x, device), images, grid)
+        written = softlabels.write_regions(out, softlabels.encode_logits(logits, k, recipe.temperature))
+        return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written,
+                "seconds": time.perf_counter() - t0}
+    softlabels.write_header(out, {
+        **header, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
+        "cutmix_beta": recipe.cutmix_beta,
         "recipe": "RDED: ShufflePatches(factor) -> RandomResizedCrop(scale (1/factor, 1), ratio (3/4, 4/3)) -> flip -> normalise -> CutMix Beta(1,1)",
     })
-    images = data.images.to(device)
     sizes = []
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
         logits = torch.cat([teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device) for b in range(aug.num_batches)])
         sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
-    return {"out": str(out), "epochs": recipe.epochs, "top_k": min(k, len(data.classes)), "samples": len(images),
-            "bytes_per_epoch": float(np.mean(sizes)), "total_bytes": int(np.sum(sizes)), "seconds": time.perf_counter() - t0}
+    return {**result, "epochs": recipe.epochs, "bytes_per_epoch": float(np.mean(sizes)), "total_bytes": int(np.sum(sizes)),
+            "seconds": time.perf_counter() - t0}
