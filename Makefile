@@ -15,6 +15,7 @@ demo: install
 	$(VENV)/bin/rded-fast demo
 
 test: install
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 

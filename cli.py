@@ -1,4 +1,5 @@
 """The `rded-fast` command: parse arguments, call the library, print results. Nothing else lives here."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,49 +30,89 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="distill an ImageFolder into a few images per class (RDED)",
-                       description="Crop, score with an observer, select and stitch: RDED's synthesis. "
-                                   "Defaults are the reference's ImageNet-1K settings.")
+    p = sub.add_parser(
+        "distill",
+        help="distill an ImageFolder into a few images per class (RDED)",
+        description="Crop, score with an observer, select and stitch: RDED's synthesis. "
+        "Defaults are the reference's ImageNet-1K settings.",
+    )
     p.add_argument("--data", required=True, help="ImageFolder root: DIR/<class>/<images>")
-    p.add_argument("--observer", required=True, help="model name (rded-fast models lists them), e.g. resnet18, conv3, "
-                                                     "timm:convnext_atto, mypkg.models:build_observer")
-    p.add_argument("--weights", help="checkpoint path, torchvision weights name (e.g. IMAGENET1K_V1, read from the "
-                                     "torch hub cache) or timm pretrained tag")
+    p.add_argument(
+        "--observer",
+        required=True,
+        help="model name (rded-fast models lists them), e.g. resnet18, conv3, timm:convnext_atto, mypkg.models:build_observer",
+    )
+    p.add_argument(
+        "--weights",
+        help="checkpoint path, torchvision weights name (e.g. IMAGENET1K_V1, read from the "
+        "torch hub cache) or timm pretrained tag",
+    )
     p.add_argument("--out", required=True, help="output folder (refused when it exists and is not empty)")
     p.add_argument("--ipc", type=int, default=recipe.IPC, help=f"images per class to produce (default {recipe.IPC})")
     p.add_argument("--factor", type=int, default=recipe.FACTOR, help=f"cells per side of each image (default {recipe.FACTOR})")
     p.add_argument("--mipc", type=int, default=recipe.MIPC, help=f"source images sampled per class (default {recipe.MIPC})")
-    p.add_argument("--num-crop", type=int, default=recipe.NUM_CROP,
-                   help=f"random crops scored per source image (default {recipe.NUM_CROP})")
+    p.add_argument(
+        "--num-crop", type=int, default=recipe.NUM_CROP, help=f"random crops scored per source image (default {recipe.NUM_CROP})"
+    )
     p.add_argument("--input-size", type=int, default=recipe.INPUT_SIZE, help=f"observer input size (default {recipe.INPUT_SIZE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="source images per loader batch (default 64)")
     p.add_argument("--workers", type=int, help="decoding workers (default: the cores available)")
     p.add_argument("--prefetch", type=int, help="loader batches in flight (default 4 on CUDA, 2 on a CPU)")
-    p.add_argument("--hw-decoder-load", type=float, default=1.0,
-                   help="DALI on CUDA: share of JPEGs for the hardware decoder (default 1; 0 or 1 keep output "
-                        "bytes independent of batch size)")
+    p.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=1.0,
+        help="DALI on CUDA: share of JPEGs for the hardware decoder (default 1; 0 or 1 keep output "
+        "bytes independent of batch size)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--loader", default="auto", help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
-                   "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)")
+    p.add_argument(
+        "--loader",
+        default="auto",
+        help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
+        "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)",
+    )
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--class-map", help="file with the observer's classes in output order, one per line; must name every "
-                                       "class folder and may name classes the data lacks (WNID folders need none)")
+    p.add_argument(
+        "--class-map",
+        help="file with the observer's classes in output order, one per line; must name every "
+        "class folder and may name classes the data lacks (WNID folders need none)",
+    )
     p.add_argument("--index", help="index cache file to reuse (built and saved there when missing)")
-    p.add_argument("--select", default="rded", choices=["rded", "random-crops", "random-images", "random"],
-                   help="rded, or a baseline: random-crops (random crops stitched like RDED's cells), random-images "
-                        "(random whole images, the literature's 'random'); random = random-crops")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="observer autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
-                        "none = the fp32 reference path")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the scoring step; auto = on for CUDA, on a CPU for runs large enough to repay it")
-    p.add_argument("--score-mode", default="faithful", choices=["faithful", "native"],
-                   help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)")
+    p.add_argument(
+        "--select",
+        default="rded",
+        choices=["rded", "random-crops", "random-images", "random"],
+        help="rded, or a baseline: random-crops (random crops stitched like RDED's cells), random-images "
+        "(random whole images, the literature's 'random'); random = random-crops",
+    )
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16", "fp16"],
+        help="observer autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
+        "none = the fp32 reference path",
+    )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the scoring step; auto = on for CUDA, on a CPU for runs large enough to repay it",
+    )
+    p.add_argument(
+        "--score-mode",
+        default="faithful",
+        choices=["faithful", "native"],
+        help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier distill output in --out")
-    p.add_argument("--overwrite-any", action="store_true",
-                   help="replace a non-empty --out that rded-fast did not write (moved aside, deleted only on success)")
+    p.add_argument(
+        "--overwrite-any",
+        action="store_true",
+        help="replace a non-empty --out that rded-fast did not write (moved aside, deleted only on success)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (finished classes are kept)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, launched through torchrun")
     p.add_argument("--skip-observer-check", action="store_true", help="distill even when the observer looks near chance")
@@ -106,8 +147,11 @@ def print_distill(result) -> None:
 
 
 def add_train_observer(sub) -> None:
-    p = sub.add_parser("train-observer", help="train an observer on a small ImageFolder",
-                       description="Train a registry model (e.g. conv3) and save {'model': state_dict} for --weights.")
+    p = sub.add_parser(
+        "train-observer",
+        help="train an observer on a small ImageFolder",
+        description="Train a registry model (e.g. conv3) and save {'model': state_dict} for --weights.",
+    )
     p.add_argument("--data", required=True, help="training ImageFolder")
     p.add_argument("--val", help="validation ImageFolder (same class folders) for the reported accuracy")
     p.add_argument("--arch", default="conv3")
@@ -134,15 +178,20 @@ def run_train_observer(args) -> int:
     if summary["replaced"]:
         print(f"note: replaced the earlier checkpoint {summary['replaced']}")
     val = summary["val_accuracy"]
-    print(f"trained {args.arch} on {summary['train_images']} images in {summary['seconds']:.1f} s: "
-          f"train top-1 {summary['train_accuracy']:.1%}" + (f", val top-1 {val:.1%}" if val is not None else ""))
+    print(
+        f"trained {args.arch} on {summary['train_images']} images in {summary['seconds']:.1f} s: "
+        f"train top-1 {summary['train_accuracy']:.1%}" + (f", val top-1 {val:.1%}" if val is not None else "")
+    )
     print(f"checkpoint: {summary['checkpoint']}")
     return 0
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST in a few CPU minutes",
-                       description="Fashion-MNIST (Debian's dataset-fashion-mnist) -> Conv3 observer -> distill IPC 10.")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on Fashion-MNIST in a few CPU minutes",
+        description="Fashion-MNIST (Debian's dataset-fashion-mnist) -> Conv3 observer -> distill IPC 10.",
+    )
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     p.add_argument("--data-dir", help="where the dataset is cached (default ~/.cache/rded-fast or $RDED_FAST_DATA)")
     p.add_argument("--epochs", type=int, default=3, help="observer epochs (default 3)")
@@ -156,22 +205,34 @@ def add_demo(sub) -> None:
 def run_demo(args) -> int:
     from rded_fast.demo import run_demo as demo
 
-    result = demo(out=args.out, data_dir=args.data_dir, epochs=args.epochs, per_class=args.per_class,
-                  student_epochs=args.student_epochs, device=args.device, show_progress=not args.quiet)
+    result = demo(
+        out=args.out,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        per_class=args.per_class,
+        student_epochs=args.student_epochs,
+        device=args.device,
+        show_progress=not args.quiet,
+    )
     print(f"data: {result.data_dir} (Fashion-MNIST, 32x32 RGB PNG, train/ and test/)")
     print(f"observer: {result.observer}, test top-1 {result.observer_test_accuracy:.1%}")
     print_distill(result.distill)
     st = result.student
-    print(f"student conv3 trained {st['parameters']['recipe']['epochs']} epochs on the {st['train_images']} distilled "
-          f"images: test top-1 {st['final_top1']:.1%} (Fashion-MNIST test split, {st['val_images']} images)")
+    print(
+        f"student conv3 trained {st['parameters']['recipe']['epochs']} epochs on the {st['train_images']} distilled "
+        f"images: test top-1 {st['final_top1']:.1%} (Fashion-MNIST test split, {st['val_images']} images)"
+    )
     print(f"demo finished in {result.seconds:.1f} s")
     return 0
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert an ImageFolder to an FFCV .beton or DALI shards",
-                       description="Write an ImageFolder as an FFCV .beton (--format ffcv) or as webdataset tar "
-                                   "shards with DALI index files (--format dali).")
+    p = sub.add_parser(
+        "convert",
+        help="convert an ImageFolder to an FFCV .beton or DALI shards",
+        description="Write an ImageFolder as an FFCV .beton (--format ffcv) or as webdataset tar "
+        "shards with DALI index files (--format dali).",
+    )
     p.add_argument("--format", required=True, choices=["ffcv", "dali"])
     p.add_argument("--data", required=True, help="ImageFolder root")
     p.add_argument("--out", required=True, help="train.beton (ffcv) or a shard folder (dali)")
@@ -182,8 +243,11 @@ def add_convert(sub) -> None:
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"], help="ffcv: image storage mode")
     p.add_argument("--shard-size", default="1GB", help="dali: target shard size, e.g. 1GB, 256MB (default 1GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
-    p.add_argument("--overwrite-any", action="store_true",
-                   help="replace a file or folder at --out that rded-fast did not write (kept aside until success)")
+    p.add_argument(
+        "--overwrite-any",
+        action="store_true",
+        help="replace a file or folder at --out that rded-fast did not write (kept aside until success)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_convert)
 
@@ -191,8 +255,13 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from rded_fast.converters import convert
 
-    common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet,
-              "overwrite": args.overwrite, "overwrite_any": args.overwrite_any}
+    common = {
+        "class_map": args.class_map,
+        "workers": args.workers,
+        "show_progress": not args.quiet,
+        "overwrite": args.overwrite,
+        "overwrite_any": args.overwrite_any,
+    }
     if args.format == "ffcv":
         extra = {"max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode}
     else:
@@ -202,8 +271,7 @@ def run_convert(args) -> int:
     if summary.get("replaced"):  # on stderr: stdout stays one JSON document
         print(f"note: replaced the earlier output {summary['replaced']}", file=sys.stderr)
     elif summary.get("reused_shards"):
-        print(f"note: kept {summary['reused_shards']} complete shard(s) of an earlier conversion in {args.out}",
-              file=sys.stderr)
+        print(f"note: kept {summary['reused_shards']} complete shard(s) of an earlier conversion in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -213,16 +281,25 @@ def _student_args(p, student: bool) -> None:
     p.add_argument("--teacher-weights", help="checkpoint path, torchvision weights name or timm pretrained tag")
     if student:
         p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
-        p.add_argument("--student", required=True, help="student model name, randomly initialised (e.g. resnet18, "
-                                                        "timm:NAME, MODULE:FACTORY)")
+        p.add_argument(
+            "--student", required=True, help="student model name, randomly initialised (e.g. resnet18, timm:NAME, MODULE:FACTORY)"
+        )
         p.add_argument("--lr", type=float, help="default: RDED's (1e-3; 2e-3 for CIFAR-100 conv3)")
         p.add_argument("--soft-labels", help="labels folder from `rded-fast relabel` (replayed instead of a teacher)")
-        p.add_argument("--labels", default="soft", choices=["soft", "hard"],
-                       help="soft: the teacher's (RDED's recipe, default); hard: the images' own one-hot labels, no "
-                            "teacher (what the images alone carry)")
-        p.add_argument("--bn-refresh", default="on", choices=["on", "off"],
-                       help="on (the reference's behaviour): an extra no-grad train-mode student forward per step, "
-                            "which moves BatchNorm's running statistics a second time; off: one forward")
+        p.add_argument(
+            "--labels",
+            default="soft",
+            choices=["soft", "hard"],
+            help="soft: the teacher's (RDED's recipe, default); hard: the images' own one-hot labels, no "
+            "teacher (what the images alone carry)",
+        )
+        p.add_argument(
+            "--bn-refresh",
+            default="on",
+            choices=["on", "off"],
+            help="on (the reference's behaviour): an extra no-grad train-mode student forward per step, "
+            "which moves BatchNorm's running statistics a second time; off: one forward",
+        )
         p.add_argument("--json", help="write the result JSON here")
         p.add_argument("--checkpoint", help="per-epoch training state file (for --resume)")
         p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -234,9 +311,12 @@ def _student_args(p, student: bool) -> None:
 
 
 def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="train a student on a distilled set and test it on real data",
-                       description="RDED's recipe: ShufflePatches, RandomResizedCrop, flip, CutMix; KL to the "
-                                   "teacher's soft labels at T=20; AdamW with a half-cosine schedule.")
+    p = sub.add_parser(
+        "evaluate",
+        help="train a student on a distilled set and test it on real data",
+        description="RDED's recipe: ShufflePatches, RandomResizedCrop, flip, CutMix; KL to the "
+        "teacher's soft labels at T=20; AdamW with a half-cosine schedule.",
+    )
     _student_args(p, student=True)
     p.set_defaults(run=run_evaluate)
 
@@ -247,29 +327,43 @@ def run_evaluate(args) -> int:
     fields = {**_fields(args), "bn_refresh": args.bn_refresh == "on"}
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
     if r["val_unused_classes"]:
-        print(f"note: --val has {len(r['val_unused_classes'])} class folder(s) the distilled set does not have; "
-              f"they were not tested: {', '.join(r['val_unused_classes'][:5])}")
-    print(f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
-          f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s")
-    print(f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
-          f"  on {r['val_images']} validation images")
+        print(
+            f"note: --val has {len(r['val_unused_classes'])} class folder(s) the distilled set does not have; "
+            f"they were not tested: {', '.join(r['val_unused_classes'][:5])}"
+        )
+    print(
+        f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
+        f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s"
+    )
+    print(
+        f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
+        f"  on {r['val_images']} validation images"
+    )
     if args.json:
         print(f"json: {args.json}")
     return 0
 
 
 def add_relabel(sub) -> None:
-    p = sub.add_parser("relabel", help="store soft labels so students train without the teacher",
-                       description="For every epoch and sample, store the augmentation parameters and the "
-                                   "teacher's top-k logits (fp16); `evaluate --soft-labels` replays them. With "
-                                   "--region, store instead one label per cell of each stitched image (the paper's "
-                                   "region-level labels; any number of epochs can use them).")
+    p = sub.add_parser(
+        "relabel",
+        help="store soft labels so students train without the teacher",
+        description="For every epoch and sample, store the augmentation parameters and the "
+        "teacher's top-k logits (fp16); `evaluate --soft-labels` replays them. With "
+        "--region, store instead one label per cell of each stitched image (the paper's "
+        "region-level labels; any number of epochs can use them).",
+    )
     _student_args(p, student=False)
     p.add_argument("--student", help="student name (only for RDED's batch-size rule)")
     p.add_argument("--top-k", type=int, help="logits kept per sample (default: all classes)")
-    p.add_argument("--region", nargs="?", const="cells", choices=["cells", "image"],
-                   help="static labels: 'cells' (the default of a bare --region: one per cell of the factor x factor "
-                        "grid; a crop gets the cells it covers, by area) or 'image' (one per whole image)")
+    p.add_argument(
+        "--region",
+        nargs="?",
+        const="cells",
+        choices=["cells", "image"],
+        help="static labels: 'cells' (the default of a bare --region: one per cell of the factor x factor "
+        "grid; a crop gets the cells it covers, by area) or 'image' (one per whole image)",
+    )
     p.add_argument("--out", required=True, help="labels folder")
     p.set_defaults(run=run_relabel)
 
@@ -282,20 +376,27 @@ def run_relabel(args) -> int:
     if r["replaced"]:
         print(f"note: replaced the earlier soft labels in {r['replaced']}")
     if "region" in r:
-        print(f"stored {r['cells']} {r['region']} labels of {r['samples']} images, top-{r['top_k']} logits: "
-              f"{r['total_bytes'] / 1024**2:.2f} MiB, in {r['out']}")
+        print(
+            f"stored {r['cells']} {r['region']} labels of {r['samples']} images, top-{r['top_k']} logits: "
+            f"{r['total_bytes'] / 1024**2:.2f} MiB, in {r['out']}"
+        )
     else:
-        print(f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
-              f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}")
+        print(
+            f"stored {r['epochs']} epochs x {r['samples']} samples, top-{r['top_k']} logits: "
+            f"{r['bytes_per_epoch'] / 1024:.1f} KiB per epoch, {r['total_bytes'] / 1024**2:.2f} MiB in all, in {r['out']}"
+        )
     return 0
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="throughput of every stage (or the quality benchmark), as JSON",
-                       description="decode: loader img/s; score: engine crops/s; model: observer-only crops/s (the "
-                                   "ceiling); e2e: a whole distill; --reference: the RDED reference's way, and the "
-                                   "speedup. --stage quality: RDED vs random-images vs random-crops, soft and hard labels, on "
-                                   "Fashion-MNIST.")
+    p = sub.add_parser(
+        "bench",
+        help="throughput of every stage (or the quality benchmark), as JSON",
+        description="decode: loader img/s; score: engine crops/s; model: observer-only crops/s (the "
+        "ceiling); e2e: a whole distill; --reference: the RDED reference's way, and the "
+        "speedup. --stage quality: RDED vs random-images vs random-crops, soft and hard labels, on "
+        "Fashion-MNIST.",
+    )
     p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "host", "quality"])
     p.add_argument("--data", help="ImageFolder (or the loader's format) to run on")
     p.add_argument("--loader", default="auto")
@@ -327,8 +428,18 @@ def run_bench(args) -> int:
     if args.stage == "quality":
         from rded_fast.benchmarks import quality
 
-        argv = ["--work", args.work, "--seeds", str(args.seeds), "--epochs", str(args.epochs), "--device", args.device,
-                "--ipcs", args.ipcs]
+        argv = [
+            "--work",
+            args.work,
+            "--seeds",
+            str(args.seeds),
+            "--epochs",
+            str(args.epochs),
+            "--device",
+            args.device,
+            "--ipcs",
+            args.ipcs,
+        ]
         return quality.main(argv + (["--json", args.json] if args.json else []))
     from pathlib import Path
 
@@ -337,16 +448,42 @@ def run_bench(args) -> int:
     from rded_fast.fileio import atomic_write_text
 
     if not args.data and args.stage != "host":
-        raise UserError("bench --stage " + args.stage + " needs --data DIR (e.g. from python -m rded_fast.benchmarks.make_imagenet_like)")
-    job = DistillConfig(out="", show_progress=False, **{k: getattr(args, k) for k in (
-        "data", "loader", "observer", "weights", "input_size", "factor", "ipc", "mipc", "num_crop", "batch_size", "workers",
-        "device", "amp", "compile", "prefetch")})
-    result = bench(BenchConfig(job, stage=args.stage, model_crops=args.model_crops, host_classes=args.host_classes,
-                               reference=args.reference))
+        raise UserError(
+            "bench --stage " + args.stage + " needs --data DIR (e.g. from python -m rded_fast.benchmarks.make_imagenet_like)"
+        )
+    job = DistillConfig(
+        out="",
+        show_progress=False,
+        **{
+            k: getattr(args, k)
+            for k in (
+                "data",
+                "loader",
+                "observer",
+                "weights",
+                "input_size",
+                "factor",
+                "ipc",
+                "mipc",
+                "num_crop",
+                "batch_size",
+                "workers",
+                "device",
+                "amp",
+                "compile",
+                "prefetch",
+            )
+        },
+    )
+    result = bench(
+        BenchConfig(job, stage=args.stage, model_crops=args.model_crops, host_classes=args.host_classes, reference=args.reference)
+    )
     for row in result.get("host", []):
-        print(f"    host: {row['format']}: {row['critical_path_ms']:.2f} ms/class critical path ({row['serial_ms']:.1f} ms "
-              f"serial, {row['host_workers']} thread(s), {'keeps up with' if row['keeps_up'] else 'falls behind'} "
-              f"{row['score_ms']:.0f} ms/class scoring)")
+        print(
+            f"    host: {row['format']}: {row['critical_path_ms']:.2f} ms/class critical path ({row['serial_ms']:.1f} ms "
+            f"serial, {row['host_workers']} thread(s), {'keeps up with' if row['keeps_up'] else 'falls behind'} "
+            f"{row['score_ms']:.0f} ms/class scoring)"
+        )
     for key, unit in (("decode", "img_per_s"), ("score", "crops_per_s"), ("model", "crops_per_s"), ("e2e", "crops_per_s")):
         if key in result:
             print(f"{key:>8}: {result[key][unit]:>10.0f} {unit.replace('_per_s', '/s')}")
@@ -362,8 +499,11 @@ def run_bench(args) -> int:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list observer/student models by source and family",
-                       description="Without options: one line per family. With --source or --family: every name.")
+    p = sub.add_parser(
+        "models",
+        help="list observer/student models by source and family",
+        description="Without options: one line per family. With --source or --family: every name.",
+    )
     p.add_argument("--source", help="conv, modified, torchvision or timm")
     p.add_argument("--family", help="e.g. resnet, convnext, mobilenetv2")
     p.set_defaults(run=run_models)
@@ -398,11 +538,27 @@ def build_parser() -> argparse.ArgumentParser:
 # Allowed range of every numeric argument, by destination name, for every command (lo, hi or None).
 # tests/test_safety.py checks that every int/float argument of the parser has an entry here.
 NUMBER_RANGES = {
-    "ipc": (1, None), "factor": (1, None), "mipc": (1, None), "num_crop": (1, None), "input_size": (1, None),
-    "seed": (0, 2**63 - 1), "batch_size": (1, None), "workers": (0, None), "jpeg_quality": (1, 100),
-    "nproc": (1, None), "epochs": (1, None), "per_class": (1, None), "student_epochs": (1, None),
-    "max_resolution": (1, 65500), "top_k": (1, None), "model_crops": (1, None), "seeds": (1, None),
-    "lr": (0.0, None), "weight_decay": (0.0, None), "prefetch": (1, None), "host_classes": (1, None),
+    "ipc": (1, None),
+    "factor": (1, None),
+    "mipc": (1, None),
+    "num_crop": (1, None),
+    "input_size": (1, None),
+    "seed": (0, 2**63 - 1),
+    "batch_size": (1, None),
+    "workers": (0, None),
+    "jpeg_quality": (1, 100),
+    "nproc": (1, None),
+    "epochs": (1, None),
+    "per_class": (1, None),
+    "student_epochs": (1, None),
+    "max_resolution": (1, 65500),
+    "top_k": (1, None),
+    "model_crops": (1, None),
+    "seeds": (1, None),
+    "lr": (0.0, None),
+    "weight_decay": (0.0, None),
+    "prefetch": (1, None),
+    "host_classes": (1, None),
     "hw_decoder_load": (0.0, 1.0),
 }
 POSITIVE = ("lr",)  # > 0, not >= 0
@@ -448,7 +604,11 @@ def os_error_message(args, exc: OSError) -> str:
         for dest, value in vars(args).items():
             if isinstance(value, str) and value and dest not in ("command", "device", "loader", "observer", "arch"):
                 mine = Path(os.path.abspath(value))
-                if failing == mine or failing.is_relative_to(mine) or (failing.parent == mine.parent and mine.name in failing.name):
+                if (
+                    failing == mine
+                    or failing.is_relative_to(mine)
+                    or (failing.parent == mine.parent and mine.name in failing.name)
+                ):
                     flag = f"--{dest.replace('_', '-')} {value}"
                     break
     head = f"{flag}: " if flag else ""
@@ -471,8 +631,10 @@ def usable_inductor_cache() -> None:
     import tempfile
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rded-fast-inductor-")
-    print(f"note: TORCHINDUCTOR_CACHE_DIR {path} is unusable ({why}); using {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
-          "for this run", file=sys.stderr)
+    print(
+        f"note: TORCHINDUCTOR_CACHE_DIR {path} is unusable ({why}); using {os.environ['TORCHINDUCTOR_CACHE_DIR']} for this run",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ inside it (`rded_fast.converters`, `rded_fast.benchmarks`, `rded_fast.cli`).
 The repository keeps them at its top level (`converters/`, `benchmarks/`, `cli.py`); installed, they live under the
 package's own name so that pip does not claim the generic names `cli`, `converters` or `benchmarks`.
 """
+
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 

@@ -15,6 +15,7 @@ shards) in one run, prints the ratios and writes benchmarks/results/decode_<devi
 
 Run: python -m rded_fast.benchmarks.decode_bench --device-name cpu-2core
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,28 @@ def _plan(name: str, data: str, num_crop: int, seed: int, rows: int | None = Non
     index = open_index(name, data, show_progress=False)
     plan = make_plan(index, seed=seed, mipc=max(int(index.class_counts().max()), 1), num_crop=num_crop)
     if rows is not None:
-        plan = CropPlan(plan.image_ids[:rows], plan.labels[:rows], plan.boxes[:rows], plan.seed, plan.mipc,
-                        plan.num_crop, plan.scale, plan.ratio)
+        plan = CropPlan(
+            plan.image_ids[:rows],
+            plan.labels[:rows],
+            plan.boxes[:rows],
+            plan.seed,
+            plan.mipc,
+            plan.num_crop,
+            plan.scale,
+            plan.ratio,
+        )
     return index, plan
 
 
-def decode_rates(sources: list[tuple[str, str]], num_crop: int = 5, crop_size: int = 112, batch_size: int = 64,
-                 workers: int = 2, repeat: int = 3, seed: int = 0) -> list[dict]:
+def decode_rates(
+    sources: list[tuple[str, str]],
+    num_crop: int = 5,
+    crop_size: int = 112,
+    batch_size: int = 64,
+    workers: int = 2,
+    repeat: int = 3,
+    seed: int = 0,
+) -> list[dict]:
     """Images/s (decode + `num_crop` crops resized to `crop_size`) of each (loader, data) over the same plan.
 
     Raises ValueError when the sources do not plan the same images and boxes (not the same data)."""
@@ -68,14 +84,23 @@ def decode_rates(sources: list[tuple[str, str]], num_crop: int = 5, crop_size: i
                 rates.append(n / (time.perf_counter() - t))
             else:  # the first pass builds and compiles (numba, DALI) and warms the page cache
                 first, failures = time.perf_counter() - t0, failed
-        results.append({"loader": name, "data": str(data), "images": len(plan), "failures": failures,
-                        "img_per_s": round(max(rates), 1), "all_img_per_s": [round(r, 1) for r in rates],
-                        "first_pass_s": round(first, 2)})
+        results.append(
+            {
+                "loader": name,
+                "data": str(data),
+                "images": len(plan),
+                "failures": failures,
+                "img_per_s": round(max(rates), 1),
+                "all_img_per_s": [round(r, 1) for r in rates],
+                "first_pass_s": round(first, 2),
+            }
+        )
     return results
 
 
-def crop_differences(sources: list[tuple[str, str]], num_crop: int = 5, crop_size: int = 112, rows: int = 128,
-                     seed: int = 0) -> dict:
+def crop_differences(
+    sources: list[tuple[str, str]], num_crop: int = 5, crop_size: int = 112, rows: int = 128, seed: int = 0
+) -> dict:
     """Per-pixel |crop - first source's crop| (grey levels) over the first `rows` plan rows, per other source."""
     crops = []
     for name, data in sources:
@@ -84,8 +109,11 @@ def crop_differences(sources: list[tuple[str, str]], num_crop: int = 5, crop_siz
     out = {}
     for (name, data), c in zip(sources[1:], crops[1:]):
         d = (c.int() - crops[0].int()).abs().numpy()
-        out[f"{name}:{Path(data).name}"] = {"mean": round(float(d.mean()), 4), "max": int(d.max()),
-                                           "p99": float(np.percentile(d, 99))}
+        out[f"{name}:{Path(data).name}"] = {
+            "mean": round(float(d.mean()), 4),
+            "max": int(d.max()),
+            "p99": float(np.percentile(d, 99)),
+        }
     return {"reference": f"{sources[0][0]}:{Path(sources[0][1]).name}", "rows": rows, **out}
 
 
@@ -115,15 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     ffcv_import_s = round(time.perf_counter() - t0, 2)
     converts = {}
     for mode in ("jpg", "raw"):
-        summary = convert_ffcv(str(tree), str(work / f"{mode}.beton"), workers=args.workers, write_mode=mode,
-                               show_progress=False)
-        converts[mode] = {"img_per_s": summary["images_per_second"], "seconds": summary["seconds"],
-                          "bytes": summary["bytes"], "images": summary["written"]}
+        summary = convert_ffcv(str(tree), str(work / f"{mode}.beton"), workers=args.workers, write_mode=mode, show_progress=False)
+        converts[mode] = {
+            "img_per_s": summary["images_per_second"],
+            "seconds": summary["seconds"],
+            "bytes": summary["bytes"],
+            "images": summary["written"],
+        }
     summary = convert_dali(str(tree), str(work / "shards"), workers=args.workers, show_progress=False)
-    converts["dali"] = {"img_per_s": round(summary["written"] / summary["seconds"], 1), "seconds": summary["seconds"],
-                        "images": summary["written"]}
-    sources = [("torch", str(tree)), ("ffcv", str(work / "jpg.beton")), ("ffcv", str(work / "raw.beton")),
-               ("dali", str(tree)), ("dali", str(work / "shards"))]
+    converts["dali"] = {
+        "img_per_s": round(summary["written"] / summary["seconds"], 1),
+        "seconds": summary["seconds"],
+        "images": summary["written"],
+    }
+    sources = [
+        ("torch", str(tree)),
+        ("ffcv", str(work / "jpg.beton")),
+        ("ffcv", str(work / "raw.beton")),
+        ("dali", str(tree)),
+        ("dali", str(work / "shards")),
+    ]
     runs = decode_rates(sources, args.num_crop, args.crop_size, args.batch_size, args.workers, args.repeat)
     torch_rate = runs[0]["img_per_s"]
     for r in runs:
@@ -135,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": os.getloadavg(),
         "python": platform.python_version(),
         "tree": {"images": made["images"], "mean_kb": round(made["mean_kb"], 1), "sizes": "about 500x375, q90"},
-        "num_crop": args.num_crop, "crop_size": args.crop_size, "batch_size": args.batch_size, "workers": args.workers,
+        "num_crop": args.num_crop,
+        "crop_size": args.crop_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
         "ffcv_convert": converts,
         "ffcv_import_s": ffcv_import_s,
         "crop_diff_vs_torch": crop_differences(sources, args.num_crop, args.crop_size),
@@ -145,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"decode_{args.device_name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     for r in runs:
-        print(f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
-              f"(decode + {args.num_crop} crops at {args.crop_size} px)")
+        print(
+            f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
+            f"(decode + {args.num_crop} crops at {args.crop_size} px)"
+        )
     for mode, c in converts.items():
         print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
     print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))

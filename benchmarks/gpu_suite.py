@@ -14,6 +14,7 @@ Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts;
 Run: python -m rded_fast.benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
 (benchmarks/gpu_suite.sh wraps it, installing the DALI/ffcv payload first; see benchmarks/GPU_SETUP.md)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ class Recorder:
             self.result["steps"][name] = {"seconds": round(time.perf_counter() - t, 2), **(value or {})}
         except Exception as exc:  # one failing step must not lose the others' numbers
             value = None
-            self.result["steps"][name] = {"seconds": round(time.perf_counter() - t, 2),
-                                          "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            self.result["steps"][name] = {
+                "seconds": round(time.perf_counter() - t, 2),
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+            }
         print(json.dumps({name: self.result["steps"][name]}, indent=1)[:3000], flush=True)
         self.flush()
         return value
@@ -91,10 +94,13 @@ def convert_formats(work: Path, formats: list[str]) -> dict:
         out, options = jobs[fmt]
         t = time.perf_counter()
         try:
-            summary = convert(fmt, str(work / "tree"), str(out), show_progress=False,
-                              workers=available_cores(), **options)
-            result[fmt] = {"seconds": time.perf_counter() - t, "bytes": _disk_bytes(out),
-                           "written": summary.get("written"), "skipped": len(summary.get("skipped", {}) or {})}
+            summary = convert(fmt, str(work / "tree"), str(out), show_progress=False, workers=available_cores(), **options)
+            result[fmt] = {
+                "seconds": time.perf_counter() - t,
+                "bytes": _disk_bytes(out),
+                "written": summary.get("written"),
+                "skipped": len(summary.get("skipped", {}) or {}),
+            }
         except Exception as exc:
             result[fmt] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
     return result
@@ -142,7 +148,8 @@ def model_only(num_classes: int, batch: int = 500) -> dict:
         torch._dynamo.reset()
         result["eager_cudnn_benchmark"] = {"crops_per_s": _rate(model, x)[0]}
         result["compiled_cudnn_benchmark"] = {
-            "crops_per_s": _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x)[0]}
+            "crops_per_s": _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x)[0]
+        }
     finally:
         torch.backends.cudnn.benchmark = False
         torch._dynamo.reset()
@@ -159,8 +166,17 @@ def dali_decode(work: Path, loads: tuple[float | None, ...] = (0.0, 1.0, None)) 
     plan = make_plan(index, 0, 300, 5)
     result = {"images": len(plan), "crop": 112, "num_crop": 5}
     for load in loads:
-        loader = DaliCropLoader(index, plan, 112, batch_size=256, workers=available_cores(), device="mixed",
-                                hw_decoder_load=load, device_id=0, prefetch=2)
+        loader = DaliCropLoader(
+            index,
+            plan,
+            112,
+            batch_size=256,
+            workers=available_cores(),
+            device="mixed",
+            hw_decoder_load=load,
+            device_id=0,
+            prefetch=2,
+        )
         torch.cuda.synchronize()
         t = time.perf_counter()
         n = failed = 0
@@ -168,8 +184,7 @@ def dali_decode(work: Path, loads: tuple[float | None, ...] = (0.0, 1.0, None)) 
             n, failed = n + len(batch.rows), failed + len(batch.reasons)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t
-        result[f"hw_decoder_load_{load}"] = {"img_per_s": n / seconds, "seconds": seconds,
-                                             "failures": failed}
+        result[f"hw_decoder_load_{load}"] = {"img_per_s": n / seconds, "seconds": seconds, "failures": failed}
     return result
 
 
@@ -186,9 +201,23 @@ def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) ->
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
         torch.cuda.reset_peak_memory_stats()
-        cfg = DistillConfig(data=data, out=str(out), observer="resnet18", weights=str(ckpt), ipc=10, factor=2, mipc=300,
-                            num_crop=5, input_size=224, batch_size=100, workers=available_cores(),
-                            device="cuda", loader=loader, skip_observer_check=True, show_progress=False)
+        cfg = DistillConfig(
+            data=data,
+            out=str(out),
+            observer="resnet18",
+            weights=str(ckpt),
+            ipc=10,
+            factor=2,
+            mipc=300,
+            num_crop=5,
+            input_size=224,
+            batch_size=100,
+            workers=available_cores(),
+            device="cuda",
+            loader=loader,
+            skip_observer_check=True,
+            show_progress=False,
+        )
         try:
             t = time.perf_counter()
             run = distill(cfg)
@@ -196,10 +225,15 @@ def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) ->
             manifest = json.loads(run.manifest.read_text())
             crops = sum(min(c, 300) for c in manifest["data"]["class_counts"]) * 5
             rate = crops / run.seconds["classes"]
-            result[name] = {"wall_s": wall, "stage_seconds": run.seconds, "images_written": run.num_images,
-                            "crops": crops, "crops_per_s": rate,
-                            "fraction_of_model_only": rate / model_rate if model_rate else None,
-                            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+            result[name] = {
+                "wall_s": wall,
+                "stage_seconds": run.seconds,
+                "images_written": run.num_images,
+                "crops": crops,
+                "crops_per_s": rate,
+                "fraction_of_model_only": rate / model_rate if model_rate else None,
+                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20,
+            }
         except Exception as exc:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return result
@@ -211,16 +245,26 @@ def host_path(work: Path) -> dict:
 
     if "host" not in getattr(bench, "STAGES", ()):
         return {"unavailable": "this version's bench has no host stage"}
-    proc = subprocess.run([sys.executable, "-m", "rded_fast.cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rded_fast.cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads((work / "host.json").read_text())
 
 
 def gpu_tests(out_dir: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     (out_dir / "gpu_tests.log").write_text(proc.stdout[-200_000:] + "\n" + proc.stderr[-50_000:])
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
@@ -249,9 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--steps: unknown {sorted(unknown)}; choose from {','.join(STEPS)}")
     cuda = torch.cuda.is_available()
-    header = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA device", "cpu": cpu_description(),
-              "versions": _versions(), "tree": {"classes": args.classes, "per_class": args.per_class},
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps_asked": steps}
+    header = {
+        "device": torch.cuda.get_device_name(0) if cuda else "no CUDA device",
+        "cpu": cpu_description(),
+        "versions": _versions(),
+        "tree": {"classes": args.classes, "per_class": args.per_class},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "steps_asked": steps,
+    }
     rec = Recorder(out_dir, header)
     if "tree" in steps:
         rec.step("tree", make_tree, work, args.classes, args.per_class)

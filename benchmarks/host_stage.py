@@ -13,6 +13,7 @@ index of 500x375 images:
   ms), `critical_path_median_ms` its median;
 - `keeps_up`: whether the stage, with its thread count here, kept that mean under 10 % of `score_ms`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,9 +32,13 @@ def _synthetic(classes: int, mipc: int, num_crop: int, crop_size: int, seed: int
     from rded_fast.plan import make_plan
 
     labels = np.repeat(np.arange(classes), mipc)
-    index = DatasetIndex(root="/synthetic", classes=[f"n{c:08d}" for c in range(classes)],
-                         paths=[f"n{c:08d}/img_{i:05d}.JPEG" for c in range(classes) for i in range(mipc)],
-                         labels=labels.astype(np.int64), sizes=np.tile(np.array([[500, 375]], np.int64), (len(labels), 1)))
+    index = DatasetIndex(
+        root="/synthetic",
+        classes=[f"n{c:08d}" for c in range(classes)],
+        paths=[f"n{c:08d}/img_{i:05d}.JPEG" for c in range(classes) for i in range(mipc)],
+        labels=labels.astype(np.int64),
+        sizes=np.tile(np.array([[500, 375]], np.int64), (len(labels), 1)),
+    )
     plan = make_plan(index, seed, mipc, num_crop)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randint(0, 256, (mipc * num_crop, 3, crop_size, crop_size), dtype=torch.uint8, generator=g)
@@ -41,8 +46,18 @@ def _synthetic(classes: int, mipc: int, num_crop: int, crop_size: int, seed: int
     return index, plan, crops
 
 
-def bench_host(fmt: str, device: torch.device, classes: int = 24, input_size: int = 224, factor: int = 2, ipc: int = 10,
-               mipc: int = 300, num_crop: int = 5, score_ms: float = 25.0, workers: int | None = None) -> dict:
+def bench_host(
+    fmt: str,
+    device: torch.device,
+    classes: int = 24,
+    input_size: int = 224,
+    factor: int = 2,
+    ipc: int = 10,
+    mipc: int = 300,
+    num_crop: int = 5,
+    score_ms: float = 25.0,
+    workers: int | None = None,
+) -> dict:
     """Host critical path per class for output format `fmt` (png or jpg); see the module docstring."""
     from rded_fast.distill import DistillConfig, commit_classes, prepare_class, to_host
     from rded_fast.host import default_host_workers
@@ -56,8 +71,17 @@ def bench_host(fmt: str, device: torch.device, classes: int = 24, input_size: in
     workers = workers or default_host_workers(torch.device("cuda"))  # scoring is simulated as on a GPU
     work = Path(tempfile.mkdtemp(prefix="rded-bench-host-"))
     try:
-        cfg = DistillConfig(data="/synthetic", out=str(work), observer="none", ipc=ipc, factor=factor, mipc=mipc,
-                            num_crop=num_crop, input_size=input_size, format=fmt)
+        cfg = DistillConfig(
+            data="/synthetic",
+            out=str(work),
+            observer="none",
+            ipc=ipc,
+            factor=factor,
+            mipc=mipc,
+            num_crop=num_crop,
+            input_size=input_size,
+            format=fmt,
+        )
 
         def prepare(label: int):
             return lambda: prepare_class(cfg, index, plan, label, crops, ok, to_host(all_scores[label]), {})
@@ -84,8 +108,15 @@ def bench_host(fmt: str, device: torch.device, classes: int = 24, input_size: in
     warm = slice(2, None)  # first classes pay one-off costs (allocations, folder creation)
     critical = float(np.mean(handoff[warm])) * 1000
     return {
-        "format": fmt, "classes": classes, "input_size": input_size, "factor": factor, "ipc": ipc, "mipc": mipc,
-        "num_crop": num_crop, "host_workers": workers, "score_ms": score_ms,
+        "format": fmt,
+        "classes": classes,
+        "input_size": input_size,
+        "factor": factor,
+        "ipc": ipc,
+        "mipc": mipc,
+        "num_crop": num_crop,
+        "host_workers": workers,
+        "score_ms": score_ms,
         "serial_ms": float(np.median(serial[warm])) * 1000,
         "critical_path_ms": critical,
         "critical_path_median_ms": float(np.median(handoff[warm])) * 1000,

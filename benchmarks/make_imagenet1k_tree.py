@@ -10,6 +10,7 @@ files take a few minutes on 2 cores. Planted like ImageNet's: one PNG named .JPE
 
 Run: python -m rded_fast.benchmarks.make_imagenet1k_tree --out /work/scale-data/imagenet1k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -128,9 +129,14 @@ def make_tree(out: str | os.PathLike, seed: int = 0, workers: int | None = None,
     with ProcessPoolExecutor(workers or os.cpu_count(), initializer=_init, initargs=(pool, odd)) as pool_exec:
         done = list(pool_exec.map(_write_class, jobs, chunksize=8))
     files, size = sum(d[0] for d in done), sum(d[1] for d in done)
-    return {"out": str(out), "classes": classes, "files": files, "bytes": size,
-            "odd_files": {"png_as_jpeg": 1, "cmyk": CMYK_FILES, "gray": GRAY_FILES, "truncated": 1},
-            "seconds": time.perf_counter() - t0}
+    return {
+        "out": str(out),
+        "classes": classes,
+        "files": files,
+        "bytes": size,
+        "odd_files": {"png_as_jpeg": 1, "cmyk": CMYK_FILES, "gray": GRAY_FILES, "truncated": 1},
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=1000, help="first N classes only (for a quick look)")
     args = p.parse_args(argv)
     r = make_tree(args.out, args.seed, args.workers, args.classes)
-    print(f"wrote {r['files']} files ({r['bytes'] / 1e9:.2f} GB) in {r['classes']} classes to {r['out']} "
-          f"in {r['seconds']:.0f} s")
+    print(f"wrote {r['files']} files ({r['bytes'] / 1e9:.2f} GB) in {r['classes']} classes to {r['out']} in {r['seconds']:.0f} s")
     return 0
 
 

@@ -6,6 +6,7 @@ Synthetic images are for throughput only, never for quality numbers. Parallel ov
 
 Run: python -m rded_fast.benchmarks.make_imagenet_like --out /data/imagenet-like --classes 100 --per-class 300
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,7 +79,9 @@ def _write_class(args: tuple[Path, int, int, int, int]) -> int:
     return total
 
 
-def make_tree(out: str | Path, classes: int, per_class: int, seed: int = 0, quality: int = 90, workers: int | None = None) -> dict:
+def make_tree(
+    out: str | Path, classes: int, per_class: int, seed: int = 0, quality: int = 90, workers: int | None = None
+) -> dict:
     """Write the tree (skipping images already there); returns counts, mean JPEG size and seconds."""
     out = Path(out)
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ carry). Conv3 students, mean +- std over seeds. Writes JSON and a PNG plot (accu
 
 Run: python -m rded_fast.benchmarks.quality --ipcs 1,10 --seeds 3 --epochs 100   (or `rded-fast bench --stage quality`)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,37 +39,108 @@ def stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "runs": values}
 
 
-def observer_for(work: Path, train_dir: Path, test_dir: Path, epochs: int, device: str, show: bool,
-                 given: Path | None = None, input_size: int = 32) -> tuple[Path, float | None]:
+def observer_for(
+    work: Path,
+    train_dir: Path,
+    test_dir: Path,
+    epochs: int,
+    device: str,
+    show: bool,
+    given: Path | None = None,
+    input_size: int = 32,
+) -> tuple[Path, float | None]:
     """A Conv3 observer/teacher trained on the train split at `input_size` (reused from `work` or `given`)."""
     path = given or work / ("observer_conv3_full.pth" if input_size == 32 else f"observer_conv3_full_{input_size}px.pth")
     if path.is_file():
         return path, None
-    summary = train_observer(ObserverConfig(data=str(train_dir), val=str(test_dir), out=str(path), arch="conv3",
-                                            input_size=input_size, epochs=epochs, device=device, show_progress=show))
+    summary = train_observer(
+        ObserverConfig(
+            data=str(train_dir),
+            val=str(test_dir),
+            out=str(path),
+            arch="conv3",
+            input_size=input_size,
+            epochs=epochs,
+            device=device,
+            show_progress=show,
+        )
+    )
     return path, summary["val_accuracy"]
 
 
-def distilled_set(work: Path, row: str, ipc: int, seed: int, observer: Path, train_dir: Path, device: str, show: bool,
-                  mipc: int = 300, num_crop: int = 5, factor: int = 1, input_size: int = 32) -> Path:
+def distilled_set(
+    work: Path,
+    row: str,
+    ipc: int,
+    seed: int,
+    observer: Path,
+    train_dir: Path,
+    device: str,
+    show: bool,
+    mipc: int = 300,
+    num_crop: int = 5,
+    factor: int = 1,
+    input_size: int = 32,
+) -> Path:
     """One distilled set, made once per (selection, IPC, seed[, factor, size]) and reused."""
     shape = "" if (factor, input_size) == (1, 32) else f"_f{factor}_{input_size}px"
     out = work / f"{row}_ipc{ipc}_seed{seed}{shape}"
     if not (out / "manifest.json").is_file():
-        distill(DistillConfig(data=str(train_dir), out=str(out), observer="conv3", weights=str(observer), ipc=ipc,
-                              factor=factor, mipc=mipc, num_crop=num_crop, input_size=input_size, seed=seed, batch_size=128,
-                              device=device, select=row, index=str(work / "train_index.npz"), overwrite=True,
-                              show_progress=show))
+        distill(
+            DistillConfig(
+                data=str(train_dir),
+                out=str(out),
+                observer="conv3",
+                weights=str(observer),
+                ipc=ipc,
+                factor=factor,
+                mipc=mipc,
+                num_crop=num_crop,
+                input_size=input_size,
+                seed=seed,
+                batch_size=128,
+                device=device,
+                select=row,
+                index=str(work / "train_index.npz"),
+                overwrite=True,
+                show_progress=show,
+            )
+        )
     return out
 
 
-def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, observer: Path, train_dir: Path, test_dir: Path,
-          epochs: int, device: str, show: bool, mipc: int = 300, num_crop: int = 5) -> dict:
+def _cell(
+    work: Path,
+    row: str,
+    ipc: int,
+    seed: int,
+    labels: str,
+    observer: Path,
+    train_dir: Path,
+    test_dir: Path,
+    epochs: int,
+    device: str,
+    show: bool,
+    mipc: int = 300,
+    num_crop: int = 5,
+) -> dict:
     """One distilled set (made once per row, IPC and seed) and one student on it."""
     out = distilled_set(work, row, ipc, seed, observer, train_dir, device, show, mipc, num_crop)
-    result = evaluate(StudentConfig(distilled=str(out), val=str(test_dir), teacher="conv3", teacher_weights=str(observer),
-                                    student="conv3", epochs=epochs, seed=seed, device=device, labels=labels,
-                                    json=str(work / f"{row}_ipc{ipc}_seed{seed}_{labels}.evaluate.json"), show_progress=show))
+    result = evaluate(
+        StudentConfig(
+            distilled=str(out),
+            val=str(test_dir),
+            teacher="conv3",
+            teacher_weights=str(observer),
+            student="conv3",
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            labels=labels,
+            json=str(work / f"{row}_ipc{ipc}_seed{seed}_{labels}.evaluate.json"),
+            show_progress=show,
+        )
+    )
     return run_record(seed, result)
 
 
@@ -76,9 +148,20 @@ def run_record(seed: int, result: dict) -> dict:
     return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
 
 
-def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 300,
-                observer_epochs: int = 5, device: str = "auto", show_progress: bool = True, observer: Path | None = None,
-                train_dir: Path | None = None, test_dir: Path | None = None, mipc: int = 300, num_crop: int = 5) -> dict:
+def run_quality(
+    work: Path,
+    ipcs: tuple[int, ...] = (1, 10),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    epochs: int = 300,
+    observer_epochs: int = 5,
+    device: str = "auto",
+    show_progress: bool = True,
+    observer: Path | None = None,
+    train_dir: Path | None = None,
+    test_dir: Path | None = None,
+    mipc: int = 300,
+    num_crop: int = 5,
+) -> dict:
     """Run every (row, IPC, labels, seed) cell in `work` (distilled sets and the observer are reused if there).
     Default data: the packaged Fashion-MNIST at 32 px (train_dir/test_dir: another ImageFolder pair)."""
     t0 = time.perf_counter()
@@ -91,24 +174,66 @@ def run_quality(work: Path, ipcs: tuple[int, ...] = (1, 10), seeds: tuple[int, .
         for seed in seeds:
             for row in ROWS:
                 for lab in LABELS:
-                    table[row][str(ipc)][lab].append(_cell(work, row, ipc, seed, lab, observer, train_dir, test_dir,
-                                                           epochs, device, show_progress, mipc, num_crop))
-    settings = {"ipcs": list(ipcs), "factor": 1, "mipc": mipc, "num_crop": num_crop, "input_size": 32, "epochs": epochs,
-                "seeds": list(seeds), "observer": "conv3", "observer_epochs": observer_epochs, "student": "conv3",
-                "bn_refresh": True}
-    return {**summarise(table, settings), "device": device_name(resolve_device(device)),
-            "observer_test_top1": observer_acc, "seconds": time.perf_counter() - t0}
+                    table[row][str(ipc)][lab].append(
+                        _cell(
+                            work,
+                            row,
+                            ipc,
+                            seed,
+                            lab,
+                            observer,
+                            train_dir,
+                            test_dir,
+                            epochs,
+                            device,
+                            show_progress,
+                            mipc,
+                            num_crop,
+                        )
+                    )
+    settings = {
+        "ipcs": list(ipcs),
+        "factor": 1,
+        "mipc": mipc,
+        "num_crop": num_crop,
+        "input_size": 32,
+        "epochs": epochs,
+        "seeds": list(seeds),
+        "observer": "conv3",
+        "observer_epochs": observer_epochs,
+        "student": "conv3",
+        "bn_refresh": True,
+    }
+    return {
+        **summarise(table, settings),
+        "device": device_name(resolve_device(device)),
+        "observer_test_top1": observer_acc,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarise(table: dict, settings: dict) -> dict:
     """Mean +- std per (row, IPC, labels) and RDED's margin over random-images, from the runs in `table`."""
-    summary = {row: {ipc: {lab: stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items() if runs}
-                     for ipc, by_lab in by_ipc.items()} for row, by_ipc in table.items()}
-    margins = {f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
-               for ipc in settings["ipcs"] for lab in LABELS
-               if lab in summary["rded"][str(ipc)] and lab in summary["random-images"][str(ipc)]}
-    return {"benchmark": "quality_fashion_mnist_table", "settings": settings, "final_top1": summary,
-            "rded_vs_random_images": margins, "runs": table}
+    summary = {
+        row: {
+            ipc: {lab: stats([r["final_top1"] for r in runs]) for lab, runs in by_lab.items() if runs}
+            for ipc, by_lab in by_ipc.items()
+        }
+        for row, by_ipc in table.items()
+    }
+    margins = {
+        f"ipc{ipc}_{lab}": _margin(summary["rded"][str(ipc)][lab], summary["random-images"][str(ipc)][lab])
+        for ipc in settings["ipcs"]
+        for lab in LABELS
+        if lab in summary["rded"][str(ipc)] and lab in summary["random-images"][str(ipc)]
+    }
+    return {
+        "benchmark": "quality_fashion_mnist_table",
+        "settings": settings,
+        "final_top1": summary,
+        "rded_vs_random_images": margins,
+        "runs": table,
+    }
 
 
 def from_work(work: Path) -> dict:
@@ -122,16 +247,33 @@ def from_work(work: Path) -> dict:
         result = json.loads(path.read_text())
         settings = {"epochs": result["parameters"]["epochs"], "bn_refresh": result["parameters"]["bn_refresh"]}
         table.setdefault(row, {}).setdefault(ipc, {name: [] for name in LABELS})[lab].append(
-            {"seed": int(seed), "final_top1": result["final_top1"], "best_top1": result["best_top1"],
-             "seconds": result["seconds"]})
+            {
+                "seed": int(seed),
+                "final_top1": result["final_top1"],
+                "best_top1": result["best_top1"],
+                "seconds": result["seconds"],
+            }
+        )
     ipcs = sorted({int(i) for by_ipc in table.values() for i in by_ipc})
-    seeds = sorted({r["seed"] for by_ipc in table.values() for by_lab in by_ipc.values() for runs in by_lab.values()
-                    for r in runs})
+    seeds = sorted(
+        {r["seed"] for by_ipc in table.values() for by_lab in by_ipc.values() for runs in by_lab.values() for r in runs}
+    )
     for row in ROWS:
         for ipc in ipcs:
             table.setdefault(row, {}).setdefault(str(ipc), {name: [] for name in LABELS})
-    return summarise(table, {**settings, "ipcs": ipcs, "seeds": seeds, "factor": 1, "input_size": 32,
-                             "observer": "conv3", "student": "conv3", "partial": True})
+    return summarise(
+        table,
+        {
+            **settings,
+            "ipcs": ipcs,
+            "seeds": seeds,
+            "factor": 1,
+            "input_size": 32,
+            "observer": "conv3",
+            "student": "conv3",
+            "partial": True,
+        },
+    )
 
 
 def _margin(rded: dict, random: dict) -> dict:
@@ -145,8 +287,12 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     for row in ROWS:
         cells = (result["final_top1"][row][str(i)].get(lab) for i in ipcs for lab in LABELS)
-        lines.append(f"{row:<16}" + "".join(f"{100 * c['mean']:>8.2f} +- {100 * c['std']:<4.2f} (n={len(c['runs'])})"
-                                            if c else f"{'-':>20}" for c in cells))
+        lines.append(
+            f"{row:<16}"
+            + "".join(
+                f"{100 * c['mean']:>8.2f} +- {100 * c['std']:<4.2f} (n={len(c['runs'])})" if c else f"{'-':>20}" for c in cells
+            )
+        )
     for key, m in result["rded_vs_random_images"].items():
         std = f" = {m['in_random_std']:.1f} random std" if m["in_random_std"] is not None else ""
         lines.append(f"RDED - random-images, {key}: {m['points']:+.2f} points{std}")
@@ -182,8 +328,9 @@ def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
                     continue
                 x, m, e = xs[ipc] + (k - 1) * 6 + (j * 3), 100 * s["mean"], 100 * s["std"]
                 d.line([x, y(m - e), x, y(m + e)], fill=colours[row])
-                d.ellipse([x - 3, y(m) - 3, x + 3, y(m) + 3], fill=colours[row] if lab == "soft" else "white",
-                          outline=colours[row])
+                d.ellipse(
+                    [x - 3, y(m) - 3, x + 3, y(m) + 3], fill=colours[row] if lab == "soft" else "white", outline=colours[row]
+                )
                 pts.append((x, y(m)))
             if len(pts) > 1:
                 d.line(pts, fill=colours[row], width=2 if lab == "soft" else 1)
@@ -211,12 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:
         observer = Path(args.observer) if args.observer else Path(args.work) / "observer_conv3_full.pth"
         saved = torch.load(observer, map_location="cpu", weights_only=True) if observer.is_file() else {}
-        result = {**from_work(Path(args.work)), "device": device_name(resolve_device(args.device)), "seconds": 0.0,
-                  "observer_test_top1": saved.get("val_accuracy")}
+        result = {
+            **from_work(Path(args.work)),
+            "device": device_name(resolve_device(args.device)),
+            "seconds": 0.0,
+            "observer_test_top1": saved.get("val_accuracy"),
+        }
         return _write(result, args.json)
-    result = run_quality(Path(args.work), ipcs=tuple(int(v) for v in args.ipcs.split(",")), seeds=tuple(range(args.seeds)),
-                         epochs=args.epochs, observer_epochs=args.observer_epochs, device=args.device,
-                         observer=Path(args.observer) if args.observer else None)
+    result = run_quality(
+        Path(args.work),
+        ipcs=tuple(int(v) for v in args.ipcs.split(",")),
+        seeds=tuple(range(args.seeds)),
+        epochs=args.epochs,
+        observer_epochs=args.observer_epochs,
+        device=args.device,
+        observer=Path(args.observer) if args.observer else None,
+    )
     return _write(result, args.json)
 
 

@@ -6,6 +6,7 @@ centre-padded; scored by the fp32 eager observer in batches of mipc; best crop p
 ipc*factor^2 images; stitched on the CPU with nearest resize; de-normalised and written as JPEG (q75).
 It runs the same images as our plan so that only the execution differs.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,15 @@ class _ReferenceImages(Dataset):
 
 
 def reference_distill(
-    index: DatasetIndex, plan: CropPlan, model: torch.nn.Module, input_size: int, factor: int, ipc: int,
-    out: str | Path, device: torch.device, workers: int = 4,
+    index: DatasetIndex,
+    plan: CropPlan,
+    model: torch.nn.Module,
+    input_size: int,
+    factor: int,
+    ipc: int,
+    out: str | Path,
+    device: torch.device,
+    workers: int = 4,
 ) -> dict:
     """Run the reference-style synthesis over `plan`'s images; returns seconds and images written."""
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ comparisons with `rded-fast distill` on the same tree, checkpoint and plan (e.g.
     python -m rded_fast.benchmarks.reference_run --data TREE --observer conv3 --weights W --input-size 32 --factor 1 \
         --ipc 10 --mipc 300 --num-crop 5 --out OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,19 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, kind, default in (("--data", str, None), ("--observer", str, "conv3"), ("--weights", str, None),
-                                ("--input-size", int, 32), ("--factor", int, 1), ("--ipc", int, 10),
-                                ("--mipc", int, 300), ("--num-crop", int, 5), ("--seed", int, 0),
-                                ("--workers", int, 4), ("--out", str, "reference-out")):
+    for name, kind, default in (
+        ("--data", str, None),
+        ("--observer", str, "conv3"),
+        ("--weights", str, None),
+        ("--input-size", int, 32),
+        ("--factor", int, 1),
+        ("--ipc", int, 10),
+        ("--mipc", int, 300),
+        ("--num-crop", int, 5),
+        ("--seed", int, 0),
+        ("--workers", int, 4),
+        ("--out", str, "reference-out"),
+    ):
         p.add_argument(name, type=kind, default=default)
     args = p.parse_args(argv)
     from rded_fast.benchmarks.reference import reference_distill
@@ -30,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(index, args.seed, args.mipc, args.num_crop)
     model = build(args.observer, index.num_classes, args.weights, args.input_size).model
     shutil.rmtree(args.out, ignore_errors=True)
-    result = reference_distill(index, plan, model, args.input_size, args.factor, args.ipc, args.out,
-                               torch.device("cpu"), workers=args.workers)
+    result = reference_distill(
+        index, plan, model, args.input_size, args.factor, args.ipc, args.out, torch.device("cpu"), workers=args.workers
+    )
     print(json.dumps(result))
     return 0
 

@@ -16,6 +16,7 @@ The observer is an untrained conv3 (random selection never runs it). Results as 
 Run: python -m rded_fast.benchmarks.scale_bench --data /work/scale-data/imagenet1k --work /work/scale-data/work \\
          --json benchmarks/results/scale_imagenet1k-shaped_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def drop_page_cache() -> bool:
 
 def _python(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints one JSON line; add its peak RSS."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return {**result, "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024}
 
@@ -73,14 +75,43 @@ def index_steps(data: str, work: Path) -> dict:
     cold = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=0))
     cached = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=0))
     other = _python(INDEX_AND_PLAN.format(data=data, cache=cache, seed=1))
-    return {"index_cold": {**cold, "page_cache_dropped": dropped}, "index_cached": cached,
-            "index_cached_other_seed": other, "index_cache_mib": os.path.getsize(cache) / 2**20}
+    return {
+        "index_cold": {**cold, "page_cache_dropped": dropped},
+        "index_cached": cached,
+        "index_cached_other_seed": other,
+        "index_cache_mib": os.path.getsize(cache) / 2**20,
+    }
 
 
 def _distill_cmd(data: str, out: Path, mipc: int, index: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "rded_fast.cli", "distill", "--data", data, "--out", str(out), "--observer", "conv3",
-            "--select", "random", "--input-size", "32", "--factor", "2", "--ipc", "10", "--mipc", str(mipc),
-            "--num-crop", "5", "--index", str(index), "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rded_fast.cli",
+        "distill",
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--observer",
+        "conv3",
+        "--select",
+        "random",
+        "--input-size",
+        "32",
+        "--factor",
+        "2",
+        "--ipc",
+        "10",
+        "--mipc",
+        str(mipc),
+        "--num-crop",
+        "5",
+        "--index",
+        str(index),
+        "--quiet",
+        *extra,
+    ]
 
 
 def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
@@ -93,10 +124,15 @@ def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     seconds = manifest["run"]["seconds"]
     overhead = seconds.get("prologue", 0.0) + seconds.get("compile", 0.0)
-    return {"nproc": nproc, "wall_s": wall, "stage_seconds": seconds, "images_written": len(manifest["images"]),
-            "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
-            "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
-            "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall}
+    return {
+        "nproc": nproc,
+        "wall_s": wall,
+        "stage_seconds": seconds,
+        "images_written": len(manifest["images"]),
+        "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
+        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall,
+    }
 
 
 def convert_step(data: str, work: Path, fmt: str) -> dict:
@@ -104,19 +140,41 @@ def convert_step(data: str, work: Path, fmt: str) -> dict:
     if out.is_dir():
         shutil.rmtree(out)
     out.unlink(missing_ok=True)
-    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "rded_fast.cli", "convert", "--format", fmt, "--data", data,
-           "--out", str(out), "--quiet"]
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "%M",
+        sys.executable,
+        "-m",
+        "rded_fast.cli",
+        "convert",
+        "--format",
+        fmt,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
-    return {"format": fmt, "wall_s": wall, "disk_mib": sum(p.stat().st_size for p in files) / 2**20,
-            "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024, "summary": proc.stdout.strip()[-400:]}
+    return {
+        "format": fmt,
+        "wall_s": wall,
+        "disk_mib": sum(p.stat().st_size for p in files) / 2**20,
+        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "summary": proc.stdout.strip()[-400:],
+    }
 
 
 def _image_hashes(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*.png")) if p.name != "contact_sheet.png"}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*.png"))
+        if p.name != "contact_sheet.png"
+    }
 
 
 def resume_step(data: str, work: Path, mipc: int = 40, kill_at: int = 500) -> dict:
@@ -124,8 +182,9 @@ def resume_step(data: str, work: Path, mipc: int = 40, kill_at: int = 500) -> di
     whole, broken = work / "resume-whole", work / "resume-killed"
     subprocess.run(_distill_cmd(data, whole, mipc, index, ["--overwrite"]), cwd=ROOT, check=True, capture_output=True)
     shutil.rmtree(broken, ignore_errors=True)
-    proc = subprocess.Popen(_distill_cmd(data, broken, mipc, index, []), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _distill_cmd(data, broken, mipc, index, []), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     journal = broken / ".rded-journal"
     done = 0
     while proc.poll() is None:
@@ -139,8 +198,13 @@ def resume_step(data: str, work: Path, mipc: int = 40, kill_at: int = 500) -> di
     subprocess.run(_distill_cmd(data, broken, mipc, index, ["--resume"]), cwd=ROOT, check=True, capture_output=True)
     resumed_s = time.perf_counter() - t
     a, b = _image_hashes(whole), _image_hashes(broken)
-    return {"mipc": mipc, "journaled_when_killed": done, "resume_s": resumed_s, "images": len(a),
-            "identical_bytes": a == b and len(a) > 0}
+    return {
+        "mipc": mipc,
+        "journaled_when_killed": done,
+        "resume_s": resumed_s,
+        "images": len(a),
+        "identical_bytes": a == b and len(a) > 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}  # steps run apart add up
-    result: dict = {**earlier, "data": args.data, "cpu": cpu_description(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result: dict = {
+        **earlier,
+        "data": args.data,
+        "cpu": cpu_description(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     steps = args.steps.split(",")
     if "index" in steps:
         result.update(index_steps(args.data, work))

@@ -6,6 +6,7 @@ seconds of the per-class stage and the fraction of (source, box) cells both sele
 
 Run: python -m rded_fast.benchmarks.score_modes --data DIR --observer resnet18 --weights W --input-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,21 +19,53 @@ from rded_fast.distill import DistillConfig, distill
 from rded_fast.fileio import atomic_write_text
 
 
-def compare(data: str, observer: str, weights: str | None, input_size: int, factor: int = 2, mipc: int = 300,
-            ipc: int = 10, workers: int = 2, batch_size: int = 100, device: str = "auto") -> dict:
+def compare(
+    data: str,
+    observer: str,
+    weights: str | None,
+    input_size: int,
+    factor: int = 2,
+    mipc: int = 300,
+    ipc: int = 10,
+    workers: int = 2,
+    batch_size: int = 100,
+    device: str = "auto",
+) -> dict:
     cells, seconds = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for mode in ("faithful", "native"):
-            r = distill(DistillConfig(data=data, out=str(Path(work) / mode), observer=observer, weights=weights,
-                                      input_size=input_size, factor=factor, mipc=mipc, ipc=ipc, workers=workers,
-                                      batch_size=batch_size, device=device, score_mode=mode, show_progress=False))
+            r = distill(
+                DistillConfig(
+                    data=data,
+                    out=str(Path(work) / mode),
+                    observer=observer,
+                    weights=weights,
+                    input_size=input_size,
+                    factor=factor,
+                    mipc=mipc,
+                    ipc=ipc,
+                    workers=workers,
+                    batch_size=batch_size,
+                    device=device,
+                    score_mode=mode,
+                    show_progress=False,
+                )
+            )
             manifest = json.loads(r.manifest.read_text())
             cells[mode] = {(c["source"], tuple(c["box"])) for m in manifest["images"] for c in m["cells"]}
             seconds[mode] = r.seconds["classes"]
-    return {"device": device_name(resolve_device(device)), "data": data, "observer": observer, "input_size": input_size,
-            "factor": factor, "mipc": mipc, "ipc": ipc, "seconds_per_class_stage": seconds,
-            "speedup": seconds["faithful"] / seconds["native"],
-            "cell_agreement": len(cells["faithful"] & cells["native"]) / len(cells["faithful"])}
+    return {
+        "device": device_name(resolve_device(device)),
+        "data": data,
+        "observer": observer,
+        "input_size": input_size,
+        "factor": factor,
+        "mipc": mipc,
+        "ipc": ipc,
+        "seconds_per_class_stage": seconds,
+        "speedup": seconds["faithful"] / seconds["native"],
+        "cell_agreement": len(cells["faithful"] & cells["native"]) / len(cells["faithful"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ rate), `host` (the host critical path per class at ImageNet output shape, benchm
 `reference` the RDED reference's way of doing the same job and the speedup over it. Compile seconds are
 reported apart from every rate.
 """
+
 from __future__ import annotations
 
 import resource
@@ -26,7 +27,7 @@ from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
 from rded_fast.models import build
 from rded_fast.plan import make_plan
-from rded_fast.score import center_pad, make_scorer, normalize_uint8
+from rded_fast.score import Scorer, center_pad, normalize_uint8
 
 STAGES = ("decode", "score", "model", "e2e", "host")
 
@@ -63,16 +64,26 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
 
 def bench_decode(job: DistillConfig, index, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
-    loader = make_loader(job.loader, index, plan, crop_size, batch_size=job.batch_size, workers=job.workers,
-                         device=str(device), prefetch=job.prefetch, reuse_buffers=True)
+    loader = make_loader(
+        job.loader,
+        index,
+        plan,
+        crop_size,
+        batch_size=job.batch_size,
+        workers=job.workers,
+        device=str(device),
+        prefetch=job.prefetch,
+        reuse_buffers=True,
+    )
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t
     return {"images": images, "seconds": seconds, "img_per_s": images / seconds, "crops_per_s": images * plan.num_crop / seconds}
 
 
-def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int,
-                          planned_crops: int) -> dict:
+def bench_score_and_model(
+    cfg: BenchConfig, model: torch.nn.Module, crop_size: int, device: torch.device, num_classes: int, planned_crops: int
+) -> dict:
     """The engine on uint8 crops, and the bare observer on ready tensors (same dtype, layout, compile)."""
     job = cfg.job
     n = job.batch_size * job.num_crop
@@ -81,7 +92,7 @@ def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: i
     labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
     amp = resolve_amp(job.amp, device)
     compile_on = resolve_compile(job.compile, device, planned_crops)
-    scorer = make_scorer(model, job.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
+    scorer = Scorer(model, job.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
     reps = max(1, cfg.model_crops // n)
     score_compile_s = scorer.warm(crop_size)
     score_s = _timed(lambda: [scorer(crops, labels) for _ in range(reps)], device)
@@ -101,11 +112,17 @@ def bench_score_and_model(cfg: BenchConfig, model: torch.nn.Module, crop_size: i
     model_compile_s = time.perf_counter() - t
     model_s = _timed(run_model, device)
     return {
-        "score": {"crops": n * reps, "seconds": score_s, "crops_per_s": n * reps / score_s,
-                  "compile_seconds": score_compile_s, "cudagraph_skips": scorer.cudagraph_skips},
-        "model": {"crops": n * reps, "seconds": model_s, "crops_per_s": n * reps / model_s,
-                  "compile_seconds": model_compile_s},
-        "amp": str(amp), "compile": compile_on, "batch_crops": n,
+        "score": {
+            "crops": n * reps,
+            "seconds": score_s,
+            "crops_per_s": n * reps / score_s,
+            "compile_seconds": score_compile_s,
+            "cudagraph_skips": scorer.cudagraph_skips,
+        },
+        "model": {"crops": n * reps, "seconds": model_s, "crops_per_s": n * reps / model_s, "compile_seconds": model_compile_s},
+        "amp": str(amp),
+        "compile": compile_on,
+        "batch_crops": n,
     }
 
 
@@ -116,8 +133,12 @@ def bench_e2e(job: DistillConfig, out: Path, result: dict) -> dict:
     run = distill(replace(job, out=str(out), overwrite=True, skip_observer_check=True))
     seconds = time.perf_counter() - t
     crops_per_s = result["planned_crops"] / run.seconds["classes"]
-    e2e = {"seconds": seconds, "stage_seconds": run.seconds, "crops_per_s": crops_per_s,
-           "compile_seconds": run.seconds.get("compile", 0.0)}
+    e2e = {
+        "seconds": seconds,
+        "stage_seconds": run.seconds,
+        "crops_per_s": crops_per_s,
+        "compile_seconds": run.seconds.get("compile", 0.0),
+    }
     if "model" in result:
         e2e["fraction_of_model_only"] = crops_per_s / result["model"]["crops_per_s"]
     return e2e
@@ -132,21 +153,34 @@ def run_bench(cfg: BenchConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if stages == ("host",):  # synthetic ImageNet-shaped classes: needs no data
-        return {"device": device_name(device), "cpu": cpu_description(), "torch": torch.__version__,
-                "host": [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]}
-    job = cfg.job = replace(cfg.job, loader=resolve_loader(cfg.job.loader, cfg.job.data, device),
-                            workers=available_cores() if cfg.job.workers is None else cfg.job.workers)
+        return {
+            "device": device_name(device),
+            "cpu": cpu_description(),
+            "torch": torch.__version__,
+            "host": [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")],
+        }
+    job = cfg.job = replace(
+        cfg.job,
+        loader=resolve_loader(cfg.job.loader, cfg.job.data, device),
+        workers=available_cores() if cfg.job.workers is None else cfg.job.workers,
+    )
     crop_size = job.input_size // job.factor
     index = open_index(job.loader, job.data, show_progress=job.show_progress)
     plan = make_plan(index, job.seed, job.mipc, job.num_crop)
     observer = build(job.observer, index.num_classes, job.weights, job.input_size)
-    result: dict = {"device": device_name(device), "cpu": cpu_description(), "config": asdict(cfg), "torch": torch.__version__,
-                    "planned_images": len(plan), "planned_crops": len(plan) * job.num_crop, "classes": index.num_classes}
+    result: dict = {
+        "device": device_name(device),
+        "cpu": cpu_description(),
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "planned_images": len(plan),
+        "planned_crops": len(plan) * job.num_crop,
+        "classes": index.num_classes,
+    }
     if "decode" in stages:
         result["decode"] = bench_decode(job, index, plan, crop_size, device)
     if "score" in stages or "model" in stages:
-        result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes,
-                                            result["planned_crops"]))
+        result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes, result["planned_crops"]))
     if "host" in stages:
         result["host"] = [bench_host(fmt, device, classes=cfg.host_classes) for fmt in ("png", "jpg")]
     work = Path(tempfile.mkdtemp(prefix="rded-bench-"))
@@ -155,8 +189,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             result["e2e"] = bench_e2e(job, work / "ours", result)
         if cfg.reference:
             ref_model = build(job.observer, index.num_classes, job.weights, job.input_size).model
-            ref = reference_distill(index, plan, ref_model, job.input_size, job.factor, job.ipc, work / "reference",
-                                    device, workers=4)
+            ref = reference_distill(
+                index, plan, ref_model, job.input_size, job.factor, job.ipc, work / "reference", device, workers=4
+            )
             result["reference"] = ref
             if "e2e" in result:  # same work on both sides: planned images in, written images out
                 result["speedup"] = ref["seconds"] / result["e2e"]["stage_seconds"]["classes"]

@@ -2,6 +2,7 @@
 
 `convert(fmt, data, out, **options)` is the one entry point; image sanitising lives in `sanitize`.
 """
+
 from __future__ import annotations
 
 from rded_fast.errors import UserError

@@ -13,6 +13,7 @@ shard), each is written under a temporary name and renamed when complete, and a 
 shard whose record still matches the source. Tar headers carry no time, owner or permissions from the
 source, so the same input gives byte-identical shards.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,18 @@ from rded_fast.progress import progress
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"
 WINDOW = 256  # images sanitised ahead of the tar writer, bounding memory
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -113,8 +124,7 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
 
 
 def _expected_record(number: int, ids: list[int], index: DatasetIndex) -> dict:
-    return {"shard": number, "ids": ids, "paths": [index.paths[i] for i in ids],
-            "labels": [int(index.labels[i]) for i in ids]}
+    return {"shard": number, "ids": ids, "paths": [index.paths[i] for i in ids], "labels": [int(index.labels[i]) for i in ids]}
 
 
 def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> dict | None:
@@ -134,6 +144,31 @@ def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> di
     return meta
 
 
+def _add_sample(tar: tarfile.TarFile, index: DatasetIndex, image_id: int, data: bytes, reencoded: bool) -> tuple[str, int]:
+    """Append one image's members (JPEG, label, metadata) to `tar`; returns its DALI index line and the JPEG's offset."""
+    label = int(index.labels[image_id])
+    width, height = (int(v) for v in index.sizes[image_id])
+    info = {
+        "path": index.paths[image_id],
+        "width": width,
+        "height": height,
+        "label": label,
+        "class": index.classes[label],
+        "reencoded": reencoded,
+    }
+    key = sample_key(image_id)
+    parts, offsets = [], {}
+    for ext, payload in (
+        (IMAGE_EXT, data),
+        (LABEL_EXT, str(label).encode()),
+        (META_EXT, json.dumps(info, sort_keys=True).encode()),
+    ):
+        name = f"{key}.{ext}"
+        offsets[ext] = _add_member(tar, name, payload)
+        parts.append(f"{ext} {offsets[ext]} {len(payload)} {name}")
+    return " ".join(parts), offsets[IMAGE_EXT]
+
+
 def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, workers: int = 4, bar=None) -> dict:
     """Write shard `number` holding index entries `ids`: tar, DALI index, then its record (last, as
     the mark of completion). Returns the record."""
@@ -141,8 +176,11 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
     samples, skipped, index_lines = [], [], []
 
     def write_tar(tmp: str) -> None:
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
-                ThreadPoolExecutor(max(1, workers)) as pool:
+        with (
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+            ThreadPoolExecutor(max(1, workers)) as pool,
+        ):
             for start in range(0, len(ids), WINDOW):
                 window = ids[start : start + WINDOW]
                 paths = [os.path.join(index.root, index.paths[i]) for i in window]
@@ -154,25 +192,20 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
                         skipped.append({"id": image_id, "path": rel, "reason": result})
                         continue
                     data, reencoded = result
-                    label = int(index.labels[image_id])
-                    width, height = (int(v) for v in index.sizes[image_id])
-                    info = {"path": rel, "width": width, "height": height, "label": label,
-                            "class": index.classes[label], "reencoded": reencoded}
-                    key = sample_key(image_id)
-                    parts, offsets = [], {}
-                    for ext, payload in ((IMAGE_EXT, data), (LABEL_EXT, str(label).encode()),
-                                         (META_EXT, json.dumps(info, sort_keys=True).encode())):
-                        name = f"{key}.{ext}"
-                        offsets[ext] = _add_member(tar, name, payload)
-                        parts.append(f"{ext} {offsets[ext]} {len(payload)} {name}")
-                    index_lines.append(" ".join(parts))
-                    samples.append({"id": image_id, "offset": offsets[IMAGE_EXT], "nbytes": len(data),
-                                    "reencoded": reencoded})
+                    line, offset = _add_sample(tar, index, image_id, data, reencoded)
+                    index_lines.append(line)
+                    samples.append({"id": image_id, "offset": offset, "nbytes": len(data), "reencoded": reencoded})
 
     tar_name = f"{stem}.tar"
     atomic_write(out / tar_name, write_tar)
-    record = {**_expected_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx",
-              "tar_bytes": (out / tar_name).stat().st_size, "samples": samples, "skipped": skipped}
+    record = {
+        **_expected_record(number, ids, index),
+        "tar": tar_name,
+        "idx": f"{stem}.idx",
+        "tar_bytes": (out / tar_name).stat().st_size,
+        "samples": samples,
+        "skipped": skipped,
+    }
     if samples:
         atomic_write_text(out / record["idx"], f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(index_lines) + "\n")
     else:  # DALI cannot read an empty archive: a shard whose every image was left out has no files
@@ -208,7 +241,12 @@ def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict
     missing, convert_skipped = {}, []
     for rec in records:
         for s in rec["samples"]:
-            shard[s["id"]], offset[s["id"]], nbytes[s["id"]], reencoded[s["id"]] = rec["shard"], s["offset"], s["nbytes"], s["reencoded"]
+            shard[s["id"]], offset[s["id"]], nbytes[s["id"]], reencoded[s["id"]] = (
+                rec["shard"],
+                s["offset"],
+                s["nbytes"],
+                s["reencoded"],
+            )
         for s in rec["skipped"]:
             missing[str(s["id"])] = s["reason"]
             convert_skipped.append({"path": s["path"], "reason": s["reason"]})
@@ -224,7 +262,12 @@ def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict
         "shard_size": limit,
         "shards": [{"tar": r["tar"], "idx": r["idx"], "samples": len(r["samples"]), "bytes": r["tar_bytes"]} for r in records],
         "index": index.to_json(),
-        "samples": {"shard": shard.tolist(), "offset": offset.tolist(), "nbytes": nbytes.tolist(), "reencoded": reencoded.tolist()},
+        "samples": {
+            "shard": shard.tolist(),
+            "offset": offset.tolist(),
+            "nbytes": nbytes.tolist(),
+            "reencoded": reencoded.tolist(),
+        },
         "missing": missing,
         "skipped": index.skipped + convert_skipped,
     }
@@ -252,9 +295,17 @@ def convert_dali(
     target = resolve(out)
     reuse = not (overwrite or overwrite_any) and target.is_dir() and is_shard_folder(target)
     replaced = []
-    with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-                      owned=is_shard_folder, overwrite=overwrite, overwrite_any=overwrite_any, resume=reuse,
-                      replace_hint="pass --overwrite to replace it", on_replace=replaced.append):
+    with claim_output(
+        out,
+        "--out",
+        {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
+        owned=is_shard_folder,
+        overwrite=overwrite,
+        overwrite_any=overwrite_any,
+        resume=reuse,
+        replace_hint="pass --overwrite to replace it",
+        on_replace=replaced.append,
+    ):
         summary = _convert_dali(data, out_dir, class_map=class_map, workers=workers, show_progress=show_progress, limit=limit)
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 

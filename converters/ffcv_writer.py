@@ -16,6 +16,7 @@ scale the plan's boxes (original pixels) to the stored ones.
 Both files are written under temporary names and renamed when complete, the .beton first; the sidecar
 records the .beton's byte size, so a sidecar never describes a half-written or foreign .beton.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,7 @@ from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.beton import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    IMAGE_FIELD,
-    LABEL_FIELD,
-    keep_torch_threads,
-    sidecar_path,
-)
+from rded_fast.loaders.beton import FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path
 from rded_fast.outputs import claim_output, is_beton
 from rded_fast.progress import progress
 
@@ -113,23 +107,32 @@ def _writer_progress(desc: str, show: bool) -> Iterator[None]:
         ffcv.writer.tqdm = original
 
 
-def _write_beton(path: str, index: DatasetIndex, ids: np.ndarray, *, workers: int, write_mode: str,
-                 max_resolution: int, jpeg_quality: int, show_progress: bool) -> None:
+def _write_beton(
+    path: str,
+    index: DatasetIndex,
+    ids: np.ndarray,
+    *,
+    workers: int,
+    write_mode: str,
+    max_resolution: int,
+    jpeg_quality: int,
+    show_progress: bool,
+) -> None:
     """Write index entries `ids` (in that order) as samples 0..len(ids)-1 of the .beton at `path`."""
     with keep_torch_threads():
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
-        fields = {IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                             jpeg_quality=jpeg_quality),
-                  LABEL_FIELD: IntField()}
+        fields = {
+            IMAGE_FIELD: RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+            LABEL_FIELD: IntField(),
+        }
         workers = workers if workers >= 1 else os.cpu_count() or 1
         writer = DatasetWriter(path, fields, page_size=_page_size(index, max_resolution), num_workers=workers)
         chunk = max(1, min(100, len(ids) // (4 * workers)))
         try:
             with _writer_progress("ffcv convert", show_progress):
-                writer.from_indexed_dataset(_Samples(index, write_mode == "proportion"), indices=ids.tolist(),
-                                            chunksize=chunk)
+                writer.from_indexed_dataset(_Samples(index, write_mode == "proportion"), indices=ids.tolist(), chunksize=chunk)
         except BaseException:  # ffcv frees its shared metadata block only on success
             shared = getattr(writer, "metadata_sm", None)
             if shared is not None and not isinstance(shared, int):
@@ -165,8 +168,9 @@ def _check_args(out: Path, write_mode: str, max_resolution: int, jpeg_quality: i
         raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'train.beton'}")
 
 
-def sidecar_record(index: DatasetIndex, ids: np.ndarray, sizes: np.ndarray, missing: dict[int, str],
-                   beton_bytes: int, options: dict) -> dict:
+def sidecar_record(
+    index: DatasetIndex, ids: np.ndarray, sizes: np.ndarray, missing: dict[int, str], beton_bytes: int, options: dict
+) -> dict:
     """The sidecar JSON: the source index, per indexed image its .beton position and stored size, and
     per sample (in .beton order) its original path, label, original and stored size; skips and counts."""
     n = len(index)
@@ -188,8 +192,15 @@ def sidecar_record(index: DatasetIndex, ids: np.ndarray, sizes: np.ndarray, miss
         "index": index.to_json(),
         "position": position.tolist(),
         "stored_sizes": stored.tolist(),
-        "samples": [{"path": index.paths[i], "label": int(index.labels[i]), "original_size": index.sizes[i].tolist(),
-                     "stored_size": stored[i].tolist()} for i in ids.tolist()],
+        "samples": [
+            {
+                "path": index.paths[i],
+                "label": int(index.labels[i]),
+                "original_size": index.sizes[i].tolist(),
+                "stored_size": stored[i].tolist(),
+            }
+            for i in ids.tolist()
+        ],
         "missing": {str(i): r for i, r in sorted(missing.items())},
         "skipped": skipped,
     }
@@ -220,24 +231,56 @@ def convert_ffcv(
     _check_args(out_path, write_mode, max_resolution, jpeg_quality)
     sidecar = sidecar_path(out_path)
     if sidecar.exists() and not is_beton(out_path) and not overwrite_any:
-        raise UserError(f"--out {out}: its sidecar {sidecar} exists and rded-fast did not write it; give a new path, "
-                        "or --overwrite-any to replace both")
+        raise UserError(
+            f"--out {out}: its sidecar {sidecar} exists and rded-fast did not write it; give a new path, "
+            "or --overwrite-any to replace both"
+        )
     replaced = []
-    with claim_output(out, "--out", {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-                      kind="file", owned=is_beton, overwrite=overwrite, overwrite_any=overwrite_any,
-                      replace_hint="pass --overwrite to replace it", on_replace=replaced.append):
-        summary = _convert_ffcv(data, out_path, class_map=class_map, workers=workers, show_progress=show_progress,
-                                max_resolution=max_resolution, jpeg_quality=jpeg_quality, write_mode=write_mode)
+    with claim_output(
+        out,
+        "--out",
+        {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
+        kind="file",
+        owned=is_beton,
+        overwrite=overwrite,
+        overwrite_any=overwrite_any,
+        replace_hint="pass --overwrite to replace it",
+        on_replace=replaced.append,
+    ):
+        summary = _convert_ffcv(
+            data,
+            out_path,
+            class_map=class_map,
+            workers=workers,
+            show_progress=show_progress,
+            max_resolution=max_resolution,
+            jpeg_quality=jpeg_quality,
+            write_mode=write_mode,
+        )
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
 
-def _convert_ffcv(data: str, out_path: Path, *, class_map, workers: int, show_progress: bool, max_resolution: int,
-                  jpeg_quality: int, write_mode: str) -> dict:
+def _convert_ffcv(
+    data: str,
+    out_path: Path,
+    *,
+    class_map,
+    workers: int,
+    show_progress: bool,
+    max_resolution: int,
+    jpeg_quality: int,
+    write_mode: str,
+) -> dict:
     t0 = time.perf_counter()
     index = index_source(data, class_map, workers, show_progress)
     options = {"write_mode": write_mode, "max_resolution": int(max_resolution), "jpeg_quality": int(jpeg_quality)}
-    write = dict(workers=workers, write_mode=write_mode, max_resolution=int(max_resolution),
-                 jpeg_quality=int(jpeg_quality), show_progress=show_progress)
+    write = dict(
+        workers=workers,
+        write_mode=write_mode,
+        max_resolution=int(max_resolution),
+        jpeg_quality=int(jpeg_quality),
+        show_progress=show_progress,
+    )
 
     written: dict = {}
 

@@ -4,6 +4,7 @@ Converters call this one module so that odd inputs (CMYK, grayscale, PNG-named-.
 bytes, non-images) get the same treatment everywhere: converted to RGB when the pixels are readable,
 skipped with a reason when they are not.
 """
+
 from __future__ import annotations
 
 import io

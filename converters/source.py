@@ -1,4 +1,5 @@
 """What every converter starts from: the ImageFolder's index in the class order asked for."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,7 @@ from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, build_index, read_class_map
 
 
-def index_source(data: str, class_map: str | os.PathLike | list[str] | None, workers: int,
-                 show_progress: bool) -> DatasetIndex:
+def index_source(data: str, class_map: str | os.PathLike | list[str] | None, workers: int, show_progress: bool) -> DatasetIndex:
     """Index `data` (a class-map file or list of folder names gives the class order); refuse a tree with no
     readable image, naming the layout expected."""
     names = read_class_map(class_map) if isinstance(class_map, (str, os.PathLike)) else class_map

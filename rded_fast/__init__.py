@@ -12,6 +12,7 @@ Stages (see README): index -> plan -> loader -> score -> select -> stitch -> wri
 Names are imported on first use, so `import rded_fast` stays light. `rded_fast.distill` is the function
 (the module of the same name is `sys.modules["rded_fast.distill"]`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,11 +32,17 @@ if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "cli.py").is_file() and s
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DistillConfig": "rded_fast.distill", "DistillResult": "rded_fast.distill", "distill": "rded_fast.distill",
-    "StudentConfig": "rded_fast.train.student", "evaluate": "rded_fast.train.student",
+    "DistillConfig": "rded_fast.distill",
+    "DistillResult": "rded_fast.distill",
+    "distill": "rded_fast.distill",
+    "StudentConfig": "rded_fast.train.student",
+    "evaluate": "rded_fast.train.student",
     "relabel": "rded_fast.train.student",
-    "ObserverConfig": "rded_fast.train.observer", "train_observer": "rded_fast.train.observer",
-    "BuiltModel": "rded_fast.models", "build": "rded_fast.models", "register": "rded_fast.models",
+    "ObserverConfig": "rded_fast.train.observer",
+    "train_observer": "rded_fast.train.observer",
+    "BuiltModel": "rded_fast.models",
+    "build": "rded_fast.models",
+    "register": "rded_fast.models",
     "list_models": "rded_fast.models",
     "UserError": "rded_fast.errors",
 }

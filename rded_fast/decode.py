@@ -4,6 +4,7 @@ Pixels are used as stored: EXIF orientation is not applied (the header sizes the
 stored sizes too). 16-bit images are scaled to 8 bits (value * 255 / 65535, rounded) instead of being
 clipped; CMYK, palette, gray and alpha images are converted to RGB by PIL.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Which torch device a command runs on: `auto` (CUDA when present, else CPU), `cpu`, or `cuda[:N]`."""
+
 from __future__ import annotations
 
 import os
@@ -71,5 +72,10 @@ def cpu_description() -> dict:
     flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
-    return {"model": model, "cores": available_cores(), "flags": {k: k in flags for k in wanted},
-            "native_bf16": cpu_has_native_bf16(), **({"isa_caps": caps} if caps else {})}
+    return {
+        "model": model,
+        "cores": available_cores(),
+        "flags": {k: k in flags for k in wanted},
+        "native_bf16": cpu_has_native_bf16(),
+        **({"isa_caps": caps} if caps else {}),
+    }

@@ -7,6 +7,7 @@ and when a class is complete it is scored in fixed-size chunks of its own crops,
 from the buffered winners and written, then journaled. Because scoring never mixes classes, any
 split of classes (over torchrun ranks, or before and after a crash) gives the same bytes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,7 @@ from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
-from rded_fast.score import Scorer, make_scorer
+from rded_fast.score import Scorer
 from rded_fast.select import ClassSelection, select_class, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.timing import Stopwatch
@@ -147,7 +148,7 @@ def validate(cfg: DistillConfig) -> None:
             raise UserError(message)
     if cfg.ipc * cfg.factor**2 > cfg.mipc * cfg.num_crop:
         raise UserError(
-            f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor ** 2} cells per class but "
+            f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
         )
 
@@ -197,8 +198,9 @@ def near_chance_threshold(num_classes: int, n: int) -> float:
     return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
-def iter_classes(loader: CropLoader, plan: CropPlan, device: torch.device | None = None
-                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[int, str]]]:
+def iter_classes(
+    loader: CropLoader, plan: CropPlan, device: torch.device | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[int, str]]]:
     """Regroup the loader's batches by class: yields (label, crops [m, K, 3, p, p], ok [m], reasons) in plan
     order, each as soon as all of the class's planned rows have arrived; `reasons` maps the class's failed
     plan rows to why they failed.
@@ -246,8 +248,17 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     padding), counted on the device with one host sync at the end."""
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
-    loader = make_loader(cfg.loader, index, plan, cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                         device=str(device), prefetch=cfg.prefetch, hw_decoder_load=cfg.hw_decoder_load)
+    loader = make_loader(
+        cfg.loader,
+        index,
+        plan,
+        cfg.input_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        device=str(device),
+        prefetch=cfg.prefetch,
+        hw_decoder_load=cfg.hw_decoder_load,
+    )
     crops, ok, pos = None, np.zeros(len(plan), bool), 0
     for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
         n = len(batch.rows)
@@ -270,8 +281,10 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     threshold = near_chance_threshold(index.num_classes, decoded)
     report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": decoded}
     if not cfg.skip_observer_check and accuracy < threshold and cfg.weights is None:
-        raise UserError(f"observer {cfg.observer} gets {accuracy:.1%} top-1, near chance ({chance:.1%}): it has no "
-                        "--weights, so it is randomly initialised; pass --weights (a weights name or a checkpoint)")
+        raise UserError(
+            f"observer {cfg.observer} gets {accuracy:.1%} top-1, near chance ({chance:.1%}): it has no "
+            "--weights, so it is randomly initialised; pass --weights (a weights name or a checkpoint)"
+        )
     if not cfg.skip_observer_check and accuracy < threshold:
         raise UserError(
             f"observer {cfg.observer} gets {accuracy:.1%} top-1 on {decoded} training images, near chance "
@@ -288,8 +301,10 @@ def check_native_input(observer: BuiltModel, crop_size: int, device: torch.devic
         with torch.inference_mode():
             observer.model.to(device)(torch.zeros(1, 3, crop_size, crop_size, device=device))
     except RuntimeError as exc:
-        raise UserError(f"--score-mode native: observer {observer.name} cannot take {crop_size}x{crop_size} inputs "
-                        f"({str(exc).splitlines()[0]}); use --score-mode faithful") from exc
+        raise UserError(
+            f"--score-mode native: observer {observer.name} cannot take {crop_size}x{crop_size} inputs "
+            f"({str(exc).splitlines()[0]}); use --score-mode faithful"
+        ) from exc
 
 
 def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> torch.Tensor | None:
@@ -322,8 +337,9 @@ def to_host(scores: torch.Tensor | None) -> Callable[[], np.ndarray | None]:
     return wait
 
 
-def select_cells(cfg: DistillConfig, label: int, scores: np.ndarray | None, ok: torch.Tensor, num_crop: int,
-                 name: str) -> ClassSelection | str:
+def select_cells(
+    cfg: DistillConfig, label: int, scores: np.ndarray | None, ok: torch.Tensor, num_crop: int, name: str
+) -> ClassSelection | str:
     """Rank one class's crops (by the observer's scores [m, K], or randomly for a baseline); rows are class-local.
     A string is the reason the class gets no selection."""
     n = cfg.ipc * cfg.factor**2
@@ -343,18 +359,73 @@ class PreparedClass:
     payloads: list[bytes]
 
 
-def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label: int, crops: torch.Tensor,
-                  ok: torch.Tensor, scores: Callable[[], np.ndarray | None], reasons: dict[int, str],
-                  source_extra: Callable[[int], dict] = lambda image_id: {}) -> PreparedClass:
+def image_records(
+    cfg: DistillConfig,
+    index: DatasetIndex,
+    plan: CropPlan,
+    label: int,
+    rows: np.ndarray,
+    sel: ClassSelection,
+    count: int,
+    source_extra: Callable[[int], dict],
+) -> list[dict]:
+    """The manifest's record of each of a class's `count` output images: its file and, per cell, where the cell
+    sits, which source and box it was cut from, and its score."""
+    name = index.classes[label]
+    records = []
+    for j in range(count):
+        cells = []
+        for c, box_out in enumerate(cell_boxes(cfg.input_size, cfg.factor)):
+            rank = rank_of_cell(j, c, cfg.ipc)
+            row, crop = int(rows[sel.rows[rank]]), int(sel.crops[rank])
+            image_id = int(plan.image_ids[row])
+            score = None if np.isnan(sel.scores[rank]) else float(sel.scores[rank])
+            cells.append(
+                {
+                    "cell": c,
+                    "cell_box": list(box_out),
+                    "rank": rank,
+                    "source": index.paths[image_id],
+                    "source_size": index.sizes[image_id].tolist(),
+                    "box": plan.boxes[row, crop].tolist(),
+                    "crop": crop,
+                    "score": score,
+                    **source_extra(image_id),
+                }
+            )
+        records.append({"file": f"{name}/{image_name(label, j, cfg.format)}", "class": name, "label": label, "cells": cells})
+    return records
+
+
+def prepare_class(
+    cfg: DistillConfig,
+    index: DatasetIndex,
+    plan: CropPlan,
+    label: int,
+    crops: torch.Tensor,
+    ok: torch.Tensor,
+    scores: Callable[[], np.ndarray | None],
+    reasons: dict[int, str],
+    source_extra: Callable[[int], dict] = lambda image_id: {},
+) -> PreparedClass:
     """Select, stitch and encode one class (host stage). `scores()` waits for the class's scores; `reasons`:
     plan row -> decode error; `source_extra(image_id) -> dict`: the loader's extra per-source facts for each
     cell (e.g. ffcv's stored size)."""
     name = index.classes[label]
     rows = plan.class_rows(label)
-    failures = [{"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
-                for r, good in zip(rows, ok.tolist()) if not good]
-    record = {"label": label, "class": name, "planned": len(rows), "decoded": int(ok.sum()), "failures": failures,
-              "sources": journal.sources_fingerprint(index, label)}
+    failures = [
+        {"path": index.paths[int(plan.image_ids[r])], "reason": reasons.get(int(r), "could not be decoded")}
+        for r, good in zip(rows, ok.tolist())
+        if not good
+    ]
+    record = {
+        "label": label,
+        "class": name,
+        "planned": len(rows),
+        "decoded": int(ok.sum()),
+        "failures": failures,
+        "sources": journal.sources_fingerprint(index, label),
+    }
     sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
     if isinstance(sel, str):  # too few usable images: this class gets no output, the run goes on
         return PreparedClass(label, name, {**record, "images": [], "fallback": 0, "skipped": sel}, [])
@@ -362,22 +433,7 @@ def prepare_class(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, label
     cells = crops[device_rows, torch.from_numpy(sel.crops).to(crops.device)]
     images = stitch(cells, cfg.ipc, cfg.factor, cfg.input_size).cpu()
     payloads = encode_class_images(images, cfg.format, cfg.jpeg_quality)
-    boxes_out = cell_boxes(cfg.input_size, cfg.factor)
-    images_meta = []
-    for j in range(len(payloads)):
-        cells_meta = []
-        for c, box_out in enumerate(boxes_out):
-            rank = rank_of_cell(j, c, cfg.ipc)
-            row, crop = int(rows[sel.rows[rank]]), int(sel.crops[rank])
-            image_id = int(plan.image_ids[row])
-            cells_meta.append({
-                "cell": c, "cell_box": list(box_out), "rank": rank, "source": index.paths[image_id],
-                "source_size": index.sizes[image_id].tolist(), "box": plan.boxes[row, crop].tolist(), "crop": crop,
-                "score": None if np.isnan(sel.scores[rank]) else float(sel.scores[rank]),
-                **source_extra(image_id),
-            })
-        images_meta.append({"file": f"{name}/{image_name(label, j, cfg.format)}", "class": name, "label": label,
-                            "cells": cells_meta})
+    images_meta = image_records(cfg, index, plan, label, rows, sel, len(payloads), source_extra)
     return PreparedClass(label, name, {**record, "images": images_meta, "fallback": sel.fallback}, payloads)
 
 
@@ -389,8 +445,14 @@ def commit_classes(cfg: DistillConfig, out: Path, prepared: list[PreparedClass])
 
 
 def _versions() -> dict:
-    return {"rded_fast": rded_fast.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    return {
+        "rded_fast": rded_fast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
 
 
 def _run_parameters(cfg: DistillConfig) -> dict:
@@ -404,8 +466,9 @@ def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], sh
     return make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=classes, show_progress=show_progress)
 
 
-def _prologue(cfg: DistillConfig, out: Path, device: torch.device, seconds: dict[str, float]
-              ) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
+def _prologue(
+    cfg: DistillConfig, out: Path, device: torch.device, seconds: dict[str, float]
+) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
     """Rank 0's work before any class: index, the plan of every class (which reads the headers it needs from a
     lazy index), observer, its check, then the output folder, journal and index files (`seconds` gets each
     part's time). The folder is created only after the checks pass, so a refused run leaves nothing behind."""
@@ -433,19 +496,25 @@ def _prologue(cfg: DistillConfig, out: Path, device: torch.device, seconds: dict
     return index, observer, scorer, check
 
 
-def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, check: bool = False
-              ) -> tuple[BuiltModel, Scorer]:
+def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, check: bool = False) -> tuple[BuiltModel, Scorer]:
     """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
     classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes,
-                     class_map=class_map)
+    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
-    scorer = make_scorer(observer.model, cfg.input_size, device, amp_dtype=resolve_amp(cfg.amp, device),
-                         compile=resolve_compile(cfg.compile, device, crops), batch_size=score_chunk(cfg.mipc, cfg.num_crop),
-                         native=cfg.score_mode == "native", mean=observer.mean, std=observer.std)
+    scorer = Scorer(
+        observer.model,
+        cfg.input_size,
+        device,
+        amp_dtype=resolve_amp(cfg.amp, device),
+        compile=resolve_compile(cfg.compile, device, crops),
+        batch_size=score_chunk(cfg.mipc, cfg.num_crop),
+        native=cfg.score_mode == "native",
+        mean=observer.mean,
+        std=observer.std,
+    )
     if cfg.select == "rded":
         for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
             scorer.warm(size)
@@ -474,13 +543,65 @@ def distill(cfg: DistillConfig) -> DistillResult:
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return _distill(cfg)
-    inputs = {"--data": cfg.data, "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
-              "--class-map": cfg.class_map}
+    inputs = {
+        "--data": cfg.data,
+        "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
+        "--class-map": cfg.class_map,
+    }
     if cfg.index:  # the index cache is written too: never into the data
         check_separate(cfg.index, "--index", {"--data": cfg.data})
-    with claim_output(cfg.out, "--out", inputs, overwrite=cfg.overwrite, overwrite_any=cfg.overwrite_any,
-                      resume=cfg.resume, replace_hint="pass --overwrite to replace it or --resume to continue it"):
+    with claim_output(
+        cfg.out,
+        "--out",
+        inputs,
+        overwrite=cfg.overwrite,
+        overwrite_any=cfg.overwrite_any,
+        resume=cfg.resume,
+        replace_hint="pass --overwrite to replace it or --resume to continue it",
+    ):
         return _distill(cfg)
+
+
+def run_classes(
+    cfg: DistillConfig, index: DatasetIndex, scorer: Scorer, todo: list[int], out: Path, device: torch.device, watch: Stopwatch
+) -> None:
+    """Plan, decode, score, select, stitch, write and journal the classes `todo` (this rank's share); `watch`
+    gets the time of each part."""
+    plan = plan_classes(cfg, index, todo)
+    loader = make_loader(
+        cfg.loader,
+        index,
+        plan,
+        cfg.input_size // cfg.factor,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        device=str(device),
+        prefetch=cfg.prefetch,
+        reuse_buffers=True,
+        hw_decoder_load=cfg.hw_decoder_load,
+    )
+    prepare = watch.timed("select_stitch_encode", prepare_class)
+    with HostStage(watch.timed("write", functools.partial(commit_classes, cfg, out)), default_host_workers(device)) as host:
+        classes = watch.waiting("decode_wait", iter_classes(loader, plan, device))
+        for label, crops, ok, reasons in progress(
+            classes, total=len(np.unique(plan.labels)), desc="distill classes", disable=not cfg.show_progress
+        ):
+            scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
+            host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scores, reasons, loader.source_extra))
+        watch.add("host_wait", host.waited)
+    for label in todo:  # classes with no planned image (empty folders) are journaled too
+        if label not in plan.labels:
+            record = {
+                "label": label,
+                "class": index.classes[label],
+                "planned": 0,
+                "decoded": 0,
+                "failures": [],
+                "images": [],
+                "fallback": 0,
+                "skipped": "no usable images",
+            }
+            journal.write_class(out, label, record, index=index)
 
 
 def _distill(cfg: DistillConfig) -> DistillResult:
@@ -505,28 +626,8 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     watch = Stopwatch()
-
-    def run_classes() -> None:
-        plan = plan_classes(cfg, index, todo)
-        loader = make_loader(cfg.loader, index, plan, cfg.input_size // cfg.factor, batch_size=cfg.batch_size,
-                             workers=cfg.workers, device=str(device), prefetch=cfg.prefetch, reuse_buffers=True,
-                             hw_decoder_load=cfg.hw_decoder_load)
-        commit = watch.timed("write", functools.partial(commit_classes, cfg, out))
-        with HostStage(commit, default_host_workers(device)) as host:
-            classes = watch.waiting("decode_wait", iter_classes(loader, plan, device))
-            for label, crops, ok, reasons in progress(classes, total=len(np.unique(plan.labels)),
-                                                      desc="distill classes", disable=not cfg.show_progress):
-                scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
-                host.submit(functools.partial(watch.timed("select_stitch_encode", prepare_class), cfg, index, plan,
-                                              label, crops, ok, scores, reasons, loader.source_extra))
-            watch.add("host_wait", host.waited)
-        for label in todo:  # classes with no planned image (empty folders) are journaled too
-            if label not in plan.labels:
-                journal.write_class(out, label, {"label": label, "class": index.classes[label], "planned": 0,
-                                                 "decoded": 0, "failures": [], "images": [], "fallback": 0,
-                                                 "skipped": "no usable images"}, index=index)
-
-    _collective(world, run_classes, "another rank failed; finished classes are journaled: rerun with --resume")
+    run = functools.partial(run_classes, cfg, index, scorer, todo, out, device, watch)
+    _collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
     seconds.update(watch.seconds)
     barrier(world)
@@ -535,8 +636,17 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done))
 
 
-def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check: dict | None, out: Path,
-            seconds: dict, t0: float, world: World, resumed: list[int]) -> DistillResult:
+def _finish(
+    cfg: DistillConfig,
+    index: DatasetIndex,
+    observer: BuiltModel,
+    check: dict | None,
+    out: Path,
+    seconds: dict,
+    t0: float,
+    world: World,
+    resumed: list[int],
+) -> DistillResult:
     """Rank 0: merge the class records into manifest.json and draw the contact sheet."""
     records = journal.read_classes(out)
     missing = [index.classes[c] for c in range(index.num_classes) if c not in records]
@@ -549,10 +659,26 @@ def _finish(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, check
         write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     seconds["total"] = time.perf_counter() - t0
     observer_facts = {**observer.manifest(), "check": check, "head_rows": dict(zip(index.classes, observer.head_rows))}
-    manifest = build_manifest(_run_parameters(cfg), _versions(), observer_facts, index, ordered,
-                              short_classes(index, cfg.mipc), journal.read_redone(out) if cfg.resume else [],
-                              seconds, world.size, len(resumed), out)
+    manifest = build_manifest(
+        _run_parameters(cfg),
+        _versions(),
+        observer_facts,
+        index,
+        ordered,
+        short_classes(index, cfg.mipc),
+        journal.read_redone(out) if cfg.resume else [],
+        seconds,
+        world.size,
+        len(resumed),
+        out,
+    )
     write_manifest(out / "manifest.json", manifest)
-    return DistillResult(out=out, manifest=out / "manifest.json", contact_sheet=out / "contact_sheet.png",
-                         num_images=len(manifest["images"]), observer_accuracy=None if check is None else check["accuracy"],
-                         decode_failures=len(manifest["decode_failures"]), seconds=seconds)
+    return DistillResult(
+        out=out,
+        manifest=out / "manifest.json",
+        contact_sheet=out / "contact_sheet.png",
+        num_images=len(manifest["images"]),
+        observer_accuracy=None if check is None else check["accuracy"],
+        decode_failures=len(manifest["decode_failures"]),
+        seconds=seconds,
+    )

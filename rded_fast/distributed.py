@@ -3,6 +3,7 @@
 Classes are split by a deterministic greedy balance of their planned image counts. The plan is per
 class and scoring is chunked per class, so any split gives the same bytes as one process.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -92,8 +93,15 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "rded_fast.cli", *argv)
     except ChildFailedError as failed:

@@ -3,6 +3,7 @@
 A reader never sees a half-written file, and a crash leaves the previous version intact. The file gets
 the permissions a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's private 0600.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ reached by hopping over the segments before it (seeking past EXIF thumbnails rat
 Anything else, and any JPEG/PNG this parser does not understand, goes to PIL, so the answer (size or
 the reason a file is not an image) is PIL's in every case the parser does not settle.
 """
+
 from __future__ import annotations
 
 import os

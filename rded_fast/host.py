@@ -9,6 +9,7 @@ is busy. The journal's guarantee is unchanged: a class is recorded only after it
 The first error stops the stage: later classes are not committed, and the error is raised to the
 scoring thread at its next `submit` or at `close`.
 """
+
 from __future__ import annotations
 
 import queue

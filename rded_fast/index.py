@@ -9,6 +9,7 @@ the commands that use every image (convert, training), or lazily for `distill`, 
 each class's images: the listing holds every file with its size UNREAD, `read_headers` fills in the planned
 ones (marking a file whose header fails UNUSABLE), and the cache keeps what was read for the next run.
 """
+
 from __future__ import annotations
 
 import io
@@ -151,8 +152,11 @@ def _link_problem(path: str, real_root: Path) -> str | None:
 def _index_classes(root_path: Path, class_map: list[str] | None) -> tuple[list[str], list[dict]]:
     """The class order (sorted folders, or the class map) and the folders left out, as skipped entries."""
     folders = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-    skipped = [{"path": p.name, "reason": "symlinked class folder not followed"}
-               for p in sorted(root_path.iterdir()) if p.is_symlink() and p.is_dir() and class_map is None]
+    skipped = [
+        {"path": p.name, "reason": "symlinked class folder not followed"}
+        for p in sorted(root_path.iterdir())
+        if p.is_symlink() and p.is_dir() and class_map is None
+    ]
     if class_map is None:
         classes = folders
     else:
@@ -177,8 +181,9 @@ def _sizes_of(root: str, paths: list[str]) -> list[tuple[int, int] | str]:
     return [image_size(os.path.join(root, rel)) for rel in paths]
 
 
-def read_sizes(root: str, paths: list[str], workers: int = 8, show_progress: bool = False,
-               chunk: int = 4096, desc: str = "index") -> list[tuple[int, int] | str]:
+def read_sizes(
+    root: str, paths: list[str], workers: int = 8, show_progress: bool = False, chunk: int = 4096, desc: str = "index"
+) -> list[tuple[int, int] | str]:
     """Header sizes (or reasons) of `paths` under `root`, in order, in chunks of files over `workers` workers:
     processes for large trees (header parsing holds the GIL: 8 threads read 1.28 M warm headers 2x slower
     than one), threads for small ones; either way the reads overlap where the page cache is cold."""
@@ -234,9 +239,14 @@ def build_index(
         skipped.extend({"path": rel, "reason": reason} for rel, reason in others)
     skipped = (class_skips + skipped) if class_map is not None else (skipped + class_skips)
     if not headers:
-        return DatasetIndex(root=str(real_root), classes=classes, paths=[rel for _, rel in files],
-                            labels=np.asarray([label for label, _ in files], dtype=np.int64),
-                            sizes=np.full((len(files), 2), UNREAD, dtype=np.int64), skipped=skipped)
+        return DatasetIndex(
+            root=str(real_root),
+            classes=classes,
+            paths=[rel for _, rel in files],
+            labels=np.asarray([label for label, _ in files], dtype=np.int64),
+            sizes=np.full((len(files), 2), UNREAD, dtype=np.int64),
+            skipped=skipped,
+        )
     results = read_sizes(str(root_path), [rel for _, rel in files], workers, show_progress)
     paths, labels, sizes = [], [], []
     for (label, rel), res in zip(files, results):
@@ -246,15 +256,23 @@ def build_index(
         paths.append(rel)
         labels.append(label)
         sizes.append(res)
-    return DatasetIndex(root=str(real_root), classes=classes, paths=paths, labels=np.asarray(labels, dtype=np.int64),
-                        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2), skipped=skipped)
+    return DatasetIndex(
+        root=str(real_root),
+        classes=classes,
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int64),
+        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+        skipped=skipped,
+    )
 
 
 def require_class_order(index: DatasetIndex, class_map: list[str] | None, source: str | os.PathLike) -> DatasetIndex:
     """A converted source keeps the class order it was converted with; a different --class-map is an error."""
     if class_map is not None and list(class_map) != index.classes:
-        raise UserError(f"--class-map differs from the class order {source} was converted with; convert the "
-                        "source again with the same --class-map, or leave --class-map out")
+        raise UserError(
+            f"--class-map differs from the class order {source} was converted with; convert the "
+            "source again with the same --class-map, or leave --class-map out"
+        )
     return index
 
 
@@ -271,9 +289,16 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     """Write the index compactly (numpy .npz: names as one NUL-separated UTF-8 blob, int32 labels and sizes):
     ImageNet-1K's 1.28 M entries load in about a second, where a JSON of them took several."""
     buf = io.BytesIO()
-    np.savez(buf, version=np.int64(INDEX_VERSION), root=_blob([index.root]), classes=_blob(index.classes),
-             paths=_blob(index.paths), labels=index.labels.astype(np.int32), sizes=index.sizes.astype(np.int32),
-             skipped=np.frombuffer(json.dumps(index.skipped).encode("utf-8", "surrogateescape"), np.uint8))
+    np.savez(
+        buf,
+        version=np.int64(INDEX_VERSION),
+        root=_blob([index.root]),
+        classes=_blob(index.classes),
+        paths=_blob(index.paths),
+        labels=index.labels.astype(np.int32),
+        sizes=index.sizes.astype(np.int32),
+        skipped=np.frombuffer(json.dumps(index.skipped).encode("utf-8", "surrogateescape"), np.uint8),
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -288,10 +313,14 @@ def load_index(path: str | os.PathLike) -> DatasetIndex:
             version = int(data["version"])
             if version not in READABLE_VERSIONS:
                 raise UserError(f"index {path} has version {version}, expected {INDEX_VERSION}; delete it to rebuild")
-            return DatasetIndex(root=_unblob(data["root"])[0], classes=_unblob(data["classes"]),
-                                paths=_unblob(data["paths"]), labels=data["labels"].astype(np.int64),
-                                sizes=data["sizes"].astype(np.int64).reshape(-1, 2),
-                                skipped=json.loads(data["skipped"].tobytes().decode("utf-8", "surrogateescape")))
+            return DatasetIndex(
+                root=_unblob(data["root"])[0],
+                classes=_unblob(data["classes"]),
+                paths=_unblob(data["paths"]),
+                labels=data["labels"].astype(np.int64),
+                sizes=data["sizes"].astype(np.int64).reshape(-1, 2),
+                skipped=json.loads(data["skipped"].tobytes().decode("utf-8", "surrogateescape")),
+            )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read index {path}: {exc}; delete it to rebuild") from exc
 
@@ -303,10 +332,7 @@ def _load_json_index(path: str | os.PathLike, data: dict) -> DatasetIndex:
 
 
 def load_or_build_index(
-    root: str | os.PathLike,
-    cache_path: str | os.PathLike | None,
-    class_map: list[str] | None = None,
-    show_progress: bool = True,
+    root: str | os.PathLike, cache_path: str | os.PathLike | None, class_map: list[str] | None = None, show_progress: bool = True
 ) -> DatasetIndex:
     """Reuse `cache_path` when it indexes the same root and class order; otherwise list the tree (sizes UNREAD:
     the plan reads the headers it needs) and save the listing there."""

@@ -4,6 +4,7 @@ A class's record is written (atomically, fsynced) only after all its images are 
 crash every recorded class is complete and every unrecorded one is redone from the same plan, giving
 the same bytes. Ranks of a torchrun job each write their classes' records; rank 0 merges them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,14 +32,17 @@ def write_run(out: str | Path, run: dict) -> None:
 def check_run(out: str | Path, run: dict) -> None:
     path = journal_dir(out) / "run.json"
     if not path.is_file():
-        raise UserError(f"--resume: {out} holds no interrupted rded-fast run ({path} is missing); "
-                        "use an empty --out or --overwrite")
+        raise UserError(
+            f"--resume: {out} holds no interrupted rded-fast run ({path} is missing); use an empty --out or --overwrite"
+        )
     before = json.loads(path.read_text())
     changed = sorted(k for k in set(before) | set(run) if _same_value(k, before.get(k), run.get(k)) is False)
     if changed:
         k = changed[0]
-        raise UserError(f"--resume: {k} was {before.get(k)!r} in the interrupted run, now {run.get(k)!r}; "
-                        "resume with the same arguments or start a new --out")
+        raise UserError(
+            f"--resume: {k} was {before.get(k)!r} in the interrupted run, now {run.get(k)!r}; "
+            "resume with the same arguments or start a new --out"
+        )
 
 
 PATH_KEYS = ("data", "weights", "class_map")
@@ -79,8 +83,9 @@ def write_class(out: str | Path, label: int, record: dict, index=None) -> None:
 
 def write_classes(out: str | Path, records: list[dict]) -> None:
     """Several classes' records with one durability pass (each record's "label" names its file)."""
-    atomic_write_many([(journal_dir(out) / f"class_{int(r['label']):06d}.json", json.dumps(r, indent=1).encode("utf-8"))
-                       for r in records])
+    atomic_write_many(
+        [(journal_dir(out) / f"class_{int(r['label']):06d}.json", json.dumps(r, indent=1).encode("utf-8")) for r in records]
+    )
 
 
 def still_current(out: str | Path, records: dict[int, dict], index) -> dict[int, dict]:

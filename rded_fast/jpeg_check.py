@@ -8,6 +8,7 @@ markers, and then a marker that may follow a scan (another table or scan, or EOI
 It reads headers and searches the entropy data for 0xFF with numpy, so it costs a few microseconds
 per image, far less than decoding.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ whose fields are what a caller needs to know about a run (the CLI's summary, a s
 so no caller indexes the JSON by key. `summary_lines` is the human summary of what went wrong or was
 left out: counts and the first few names, however large the run; the full lists stay in the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,37 @@ from rded_fast.recipe import CROP_RATIO, CROP_SCALE
 SHOWN = 5  # names listed per note; the manifest has them all
 
 
-def build_manifest(parameters: dict, versions: dict, observer: dict, index: DatasetIndex, records: list[dict],
-                   short_classes: dict[str, int], redone: list[str], seconds: dict, world_size: int,
-                   resumed: int, out: Path) -> dict:
+def build_manifest(
+    parameters: dict,
+    versions: dict,
+    observer: dict,
+    index: DatasetIndex,
+    records: list[dict],
+    short_classes: dict[str, int],
+    redone: list[str],
+    seconds: dict,
+    world_size: int,
+    resumed: int,
+    out: Path,
+) -> dict:
     """The manifest of a finished run; `records` are the journal's class records in label order."""
     return {
         "tool": "rded-fast",
-        "parameters": {**parameters, "crop_size": parameters["input_size"] // parameters["factor"],
-                       "cells_per_class": parameters["ipc"] * parameters["factor"] ** 2,
-                       "scale": list(CROP_SCALE), "ratio": list(CROP_RATIO)},
+        "parameters": {
+            **parameters,
+            "crop_size": parameters["input_size"] // parameters["factor"],
+            "cells_per_class": parameters["ipc"] * parameters["factor"] ** 2,
+            "scale": list(CROP_SCALE),
+            "ratio": list(CROP_RATIO),
+        },
         "versions": versions,
         "observer": observer,
-        "data": {"root": index.root, "images": len(index), "classes": index.classes,
-                 "class_counts": index.class_counts().tolist()},
+        "data": {
+            "root": index.root,
+            "images": len(index),
+            "classes": index.classes,
+            "class_counts": index.class_counts().tolist(),
+        },
         "short_classes": short_classes,
         "empty_classes": [name for name, count in short_classes.items() if count == 0],
         "skipped_classes": {r["class"]: r["skipped"] for r in records if r.get("skipped")},
@@ -41,8 +60,13 @@ def build_manifest(parameters: dict, versions: dict, observer: dict, index: Data
         "decode_failures": [f for r in records for f in r["failures"]],
         "redone_classes": redone,
         "images": [m for r in records for m in r["images"]],
-        "run": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
-                "world_size": world_size, "resumed_classes": resumed, "out": str(out)},
+        "run": {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": seconds,
+            "world_size": world_size,
+            "resumed_classes": resumed,
+            "out": str(out),
+        },
     }
 
 
@@ -66,11 +90,19 @@ class Manifest:
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read manifest.json (a KeyError or JSON error means it is not one of ours)."""
     data = json.loads(Path(path).read_text())
-    return Manifest(classes=data["data"]["classes"], factor=int(data["parameters"]["factor"]), images=data["images"],
-                    short_classes=data.get("short_classes", {}), empty_classes=data.get("empty_classes", []),
-                    skipped_classes=data.get("skipped_classes", {}), fallback_cells=data.get("fallback_cells", {}),
-                    skipped_files=data.get("skipped_files", []), decode_failures=data.get("decode_failures", []),
-                    redone_classes=data.get("redone_classes", []), raw=data)
+    return Manifest(
+        classes=data["data"]["classes"],
+        factor=int(data["parameters"]["factor"]),
+        images=data["images"],
+        short_classes=data.get("short_classes", {}),
+        empty_classes=data.get("empty_classes", []),
+        skipped_classes=data.get("skipped_classes", {}),
+        fallback_cells=data.get("fallback_cells", {}),
+        skipped_files=data.get("skipped_files", []),
+        decode_failures=data.get("decode_failures", []),
+        redone_classes=data.get("redone_classes", []),
+        raw=data,
+    )
 
 
 def _names(items) -> str:
@@ -81,11 +113,14 @@ def summary_lines(m: Manifest) -> list[str]:
     """One note per kind of thing left out or worked around, with its count and the first few names."""
     notes = []
     if m.short_classes:
-        notes.append(f"{len(m.short_classes)} class(es) have fewer than --mipc images; all were used: "
-                     + _names(f"{k} ({v})" for k, v in m.short_classes.items()))
+        notes.append(
+            f"{len(m.short_classes)} class(es) have fewer than --mipc images; all were used: "
+            + _names(f"{k} ({v})" for k, v in m.short_classes.items())
+        )
     if m.empty_classes:
-        notes.append(f"{len(m.empty_classes)} class folder(s) have no usable images and get no output: "
-                     + _names(m.empty_classes))
+        notes.append(
+            f"{len(m.empty_classes)} class folder(s) have no usable images and get no output: " + _names(m.empty_classes)
+        )
     unlisted = [s["path"] for s in m.skipped_files if s["reason"] == UNLISTED_CLASS]
     if unlisted:
         notes.append(f"{len(unlisted)} class folder(s) are not in --class-map and were NOT distilled: " + _names(unlisted))
@@ -94,20 +129,26 @@ def summary_lines(m: Manifest) -> list[str]:
         name, why = next(iter(skipped.items()))
         notes.append(f"{len(skipped)} class(es) got NO output (too few usable images), e.g. {name}: {why}")
     if m.fallback_cells:
-        notes.append(f"{len(m.fallback_cells)} class(es) have cells filled with further crops of an already used "
-                     "picture (fewer usable images than cells): "
-                     + _names(f"{k} ({v} cells)" for k, v in m.fallback_cells.items()))
+        notes.append(
+            f"{len(m.fallback_cells)} class(es) have cells filled with further crops of an already used "
+            "picture (fewer usable images than cells): " + _names(f"{k} ({v} cells)" for k, v in m.fallback_cells.items())
+        )
     if m.redone_classes:
-        notes.append(f"{len(m.redone_classes)} finished class(es) were redone because their source images changed "
-                     "since the interrupted run: " + _names(m.redone_classes))
+        notes.append(
+            f"{len(m.redone_classes)} finished class(es) were redone because their source images changed "
+            "since the interrupted run: " + _names(m.redone_classes)
+        )
     if m.skipped_files:
         first = m.skipped_files[0]
-        notes.append(f"{len(m.skipped_files)} file(s) skipped while indexing (listed in the manifest), e.g. "
-                     f"{first['path']}: {first['reason']}")
+        notes.append(
+            f"{len(m.skipped_files)} file(s) skipped while indexing (listed in the manifest), e.g. "
+            f"{first['path']}: {first['reason']}"
+        )
     if m.decode_failures:
         first = m.decode_failures[0]
-        notes.append(f"{len(m.decode_failures)} image(s) could not be decoded and were skipped, e.g. "
-                     f"{first['path']}: {first['reason']}")
+        notes.append(
+            f"{len(m.decode_failures)} image(s) could not be decoded and were skipped, e.g. {first['path']}: {first['reason']}"
+        )
     return notes
 
 

@@ -14,6 +14,7 @@ output with `claim_output` before it writes anything:
    held for the whole run; a second process is refused in one line. A lock whose pid is dead on this
    host is stale and taken over.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,24 @@ def check_separate(out: str | os.PathLike, out_flag: str, inputs: dict[str, str 
             continue
         i = resolve(path)
         if o == i:
-            raise UserError(f"{out_flag} {out} is the same path as {flag} {path} ({i}); an output must be a new path "
-                            f"outside every input, e.g. {i.parent / (i.name + '-out')}")
+            raise UserError(
+                f"{out_flag} {out} is the same path as {flag} {path} ({i}); an output must be a new path "
+                f"outside every input, e.g. {i.parent / (i.name + '-out')}"
+            )
         if i.is_relative_to(o):
-            raise UserError(f"{out_flag} {out} contains {flag} {path} ({i} is inside {o}); write the output to a "
-                            f"folder outside the inputs, e.g. {o.parent / (o.name + '-out')}")
+            raise UserError(
+                f"{out_flag} {out} contains {flag} {path} ({i} is inside {o}); write the output to a "
+                f"folder outside the inputs, e.g. {o.parent / (o.name + '-out')}"
+            )
         if o.is_relative_to(i):
-            raise UserError(f"{out_flag} {out} lies inside {flag} {path} ({o} is inside {i}); write the output "
-                            f"outside it, e.g. {i.parent / (i.name + '-out')}")
+            raise UserError(
+                f"{out_flag} {out} lies inside {flag} {path} ({o} is inside {i}); write the output "
+                f"outside it, e.g. {i.parent / (i.name + '-out')}"
+            )
 
 
 # ---- what counts as our own output -------------------------------------------------------------------
+
 
 def _json(path: Path) -> dict | None:
     try:
@@ -120,6 +128,7 @@ def is_result_json(path: Path) -> bool:
 
 # ---- the lock ----------------------------------------------------------------------------------------
 
+
 def lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
@@ -163,8 +172,10 @@ def _link_lock(mine: Path, path: Path, target: Path, flag: str) -> Path:
         except FileExistsError:
             holder = _holder(path)
             if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
-                raise UserError(f"{flag} {target}: in use by another rded-fast process (pid {holder[0]} on {holder[1]}, "
-                                f"lock {path}); wait for it to finish, or delete the lock if no such process runs") from None
+                raise UserError(
+                    f"{flag} {target}: in use by another rded-fast process (pid {holder[0]} on {holder[1]}, "
+                    f"lock {path}); wait for it to finish, or delete the lock if no such process runs"
+                ) from None
             _break_stale(path, holder)
             continue
         return path
@@ -194,6 +205,7 @@ def release_lock(path: Path) -> None:
 
 # ---- claiming an output ------------------------------------------------------------------------------
 
+
 def _non_empty(target: Path) -> bool:
     if target.is_dir() and not target.is_symlink():
         return any(target.iterdir())
@@ -211,8 +223,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def decide(target: Path, flag: str, kind: str, owned: Callable[[Path], bool], *, overwrite: bool, overwrite_any: bool,
-           resume: bool, replace_hint: str, any_flag: str | None = "--overwrite-any") -> str:
+def decide(
+    target: Path,
+    flag: str,
+    kind: str,
+    owned: Callable[[Path], bool],
+    *,
+    overwrite: bool,
+    overwrite_any: bool,
+    resume: bool,
+    replace_hint: str,
+    any_flag: str | None = "--overwrite-any",
+) -> str:
     """What to do with `target`: `new` (absent or empty folder), `keep` (resume / reuse in place),
     `replace` (move aside, delete after success). Raises UserError with the fix otherwise."""
     if kind == "dir" and target.exists() and not target.is_dir():
@@ -232,16 +254,29 @@ def decide(target: Path, flag: str, kind: str, owned: Callable[[Path], bool], *,
     if ours:
         raise UserError(f"{flag} {target}: holds an earlier rded-fast output; {replace_hint}, or give another path")
     more = " and is not empty" if kind == "dir" else ""
-    fix = (f", or {any_flag} to replace it (it is moved aside and deleted only when the new run succeeds)"
-           if any_flag else "; rded-fast replaces only files it wrote itself")
+    fix = (
+        f", or {any_flag} to replace it (it is moved aside and deleted only when the new run succeeds)"
+        if any_flag
+        else "; rded-fast replaces only files it wrote itself"
+    )
     raise UserError(f"{flag} {target}: {what} that rded-fast did not write exists there{more}; give a new path{fix}")
 
 
 @contextmanager
-def claim_output(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None], *, kind: str = "dir",
-                 owned: Callable[[Path], bool] = is_distilled_set, overwrite: bool = False, overwrite_any: bool = False,
-                 resume: bool = False, replace_hint: str = "pass --overwrite to replace it",
-                 any_flag: str | None = "--overwrite-any", on_replace: Callable[[Path], None] | None = None) -> Iterator[str]:
+def claim_output(
+    out: str | os.PathLike,
+    flag: str,
+    inputs: dict[str, str | os.PathLike | None],
+    *,
+    kind: str = "dir",
+    owned: Callable[[Path], bool] = is_distilled_set,
+    overwrite: bool = False,
+    overwrite_any: bool = False,
+    resume: bool = False,
+    replace_hint: str = "pass --overwrite to replace it",
+    any_flag: str | None = "--overwrite-any",
+    on_replace: Callable[[Path], None] | None = None,
+) -> Iterator[str]:
     """Check, lock and (when replacing) move aside the output `out` for the duration of the block.
 
     Yields the action taken (`new`, `keep`, `replace`). On success a moved-aside target is deleted; on any

@@ -7,9 +7,11 @@ Boxes follow torchvision's RandomResizedCrop.get_params rule: up to 10 tries of 
 log-uniform aspect ratio), the first that fits wins, else a centre crop clamped to the ratio range.
 Images are chosen before their headers are read (`choose_images`), so a lazy index reads only those.
 """
+
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,19 +58,39 @@ def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return np.split(order, ends[:-1])
 
 
-def choose_images(index: DatasetIndex, seed: int, count: int, classes: list[int], purpose: int = 0,
-                  show_progress: bool = False) -> dict[int, tuple[np.ndarray, np.random.Generator]]:
-    """Up to `count` usable images of each class: the class's files in a seeded random order, the first `count`
-    whose header reads. Headers not read yet are read here, all classes' at once (then the next candidates
-    of any class that met an unusable file). Returns label -> (ids ascending, the class's generator, for the
-    rest of its plan)."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each uint64."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draw_order(paths: list[str], ids: np.ndarray, seed: int, label: int, purpose: int = 0) -> np.ndarray:
+    """`ids` (ascending) in a seeded random order in which each file's place depends only on its path: leaving a
+    file out (one whose header fails) keeps the others' order, so a lazy index that lists unusable files plans
+    exactly as a full one that dropped them, and every loader's index plans alike."""
+    salt = np.uint64(0)
+    for part in (seed, label, purpose):
+        salt = _mix64(salt ^ np.uint64(int(part) & 0xFFFFFFFFFFFFFFFF))
+    names = np.fromiter((zlib.crc32(paths[i].encode("utf-8", "surrogateescape")) for i in ids), np.uint64, len(ids))
+    return np.asarray(ids, dtype=np.int64)[np.argsort(_mix64(names ^ salt), kind="stable")]
+
+
+def choose_images(
+    index: DatasetIndex, seed: int, count: int, classes: list[int], purpose: int = 0, show_progress: bool = False
+) -> dict[int, tuple[np.ndarray, np.random.Generator]]:
+    """Up to `count` usable images of each class: the class's files in a seeded random order (`draw_order`), the
+    first `count` whose header reads. Headers not read yet are read here, all classes' at once (then the next
+    candidates of any class that met an unusable file). Returns label -> (ids ascending, the class's generator,
+    for the rest of its plan)."""
     members = class_members(index.labels, index.num_classes)
     chosen: dict[int, tuple[np.ndarray, np.random.Generator]] = {}
     orders, taken = {}, {}
     for label in classes:
-        rng = class_generator(seed, label, purpose)
-        orders[label] = members[label][rng.permutation(len(members[label]))]
-        chosen[label], taken[label] = (np.zeros(0, np.int64), rng), 0
+        orders[label] = draw_order(index.paths, members[label], seed, label, purpose)
+        chosen[label], taken[label] = (np.zeros(0, np.int64), class_generator(seed, label, purpose)), 0
     pending = list(classes)
     while pending:
         want = {label: orders[label][taken[label] : taken[label] + count - len(chosen[label][0])] for label in pending}
@@ -138,8 +160,9 @@ def make_plan(
     A class with fewer than `mipc` usable images uses all it has (see `short_classes`).
     """
     ids, labels, boxes = [], [], []
-    picks = choose_images(index, seed, mipc, list(range(index.num_classes)) if classes is None else list(classes),
-                          show_progress=show_progress)
+    picks = choose_images(
+        index, seed, mipc, list(range(index.num_classes)) if classes is None else list(classes), show_progress=show_progress
+    )
     for label, (chosen, rng) in picks.items():
         ids.append(chosen)
         labels.append(np.full(len(chosen), label, dtype=np.int64))
@@ -163,16 +186,23 @@ def short_classes(index: DatasetIndex, mipc: int) -> dict[str, int]:
     return {index.classes[c]: int(n) for c, n in enumerate(counts) if n < mipc}
 
 
-def make_center_plan(index: DatasetIndex, seed: int, per_class: int, classes: list[int] | None = None,
-                     show_progress: bool = False) -> CropPlan:
+def make_center_plan(
+    index: DatasetIndex, seed: int, per_class: int, classes: list[int] | None = None, show_progress: bool = False
+) -> CropPlan:
     """One centred square crop (side = shorter side) of up to `per_class` images per class (of `classes`, default all).
 
     Used to check the observer's accuracy on whole images before distilling, and as the plan of the
     random-images baseline; the boxes go through the same loaders as the real plan.
     """
     ids, labels = [], []
-    picks = choose_images(index, seed, per_class, list(range(index.num_classes)) if classes is None else sorted(classes),
-                          purpose=1, show_progress=show_progress)
+    picks = choose_images(
+        index,
+        seed,
+        per_class,
+        list(range(index.num_classes)) if classes is None else sorted(classes),
+        purpose=1,
+        show_progress=show_progress,
+    )
     for label, (chosen, _) in picks.items():
         ids.append(chosen)
         labels.append(np.full(len(chosen), label, dtype=np.int64))

@@ -4,6 +4,7 @@ The crop sampler is torchvision's RandomResizedCrop with scale (0.08, 1) and squ
 ImageNet settings are 10 images per class, 4 crops stitched per image (factor 2), 300 candidate images per
 class with 5 crops each. (The student recipe lives in rded_fast/train/recipe.py.)
 """
+
 from __future__ import annotations
 
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop area fraction

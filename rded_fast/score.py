@@ -4,6 +4,7 @@ uint8 crops -> float [0, 1] -> ImageNet normalisation (for every dataset, as the
 zero-pad centrally to the observer's input size (zero = the mean colour) -> observer (eval, no grad)
 -> per-crop cross-entropy with the true class. Lower is more realistic.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN,
-              std: torch.Tensor | Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN, std: torch.Tensor | Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """[N, 3, H, W] float in [0, 1] -> normalised, same dtype. `mean`/`std`: per-channel values, or [1, 3, 1, 1]
     tensors already on the images' device (what the scorer passes, so no constant is built per call)."""
     mean = mean if isinstance(mean, torch.Tensor) else _stats(mean, images)
@@ -37,9 +39,12 @@ def normalize(images: torch.Tensor, mean: torch.Tensor | Sequence[float] = IMAGE
     return (images - mean) / std
 
 
-def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32,
-                    mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN,
-                    std: torch.Tensor | Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize_uint8(
+    images: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    mean: torch.Tensor | Sequence[float] = IMAGENET_MEAN,
+    std: torch.Tensor | Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
     """[N, 3, H, W] uint8 -> normalised float (ImageNet statistics unless given)."""
     return normalize(images.to(dtype) / 255.0, mean, std)
 
@@ -89,10 +94,20 @@ class Scorer:
     once on the device.
     """
 
-    def __init__(self, model: nn.Module, input_size: int, device: torch.device | str = "cpu",
-                 amp_dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
-                 batch_size: int = 512, native: bool = False, fixed_shape: bool | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: int,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        batch_size: int = 512,
+        native: bool = False,
+        fixed_shape: bool | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         self.device = torch.device(device)
         self.batch_size, self.input_size, self.native = int(batch_size), int(input_size), native
         self.fixed_shape = compile if fixed_shape is None else fixed_shape
@@ -140,8 +155,11 @@ class Scorer:
             torch.cuda.synchronize(self.device)
         new_skips = cudagraph_skips() - skips
         if new_skips:
-            log.warning("scorer at %d px: inductor skipped CUDA graphs %d time(s); scoring runs without them "
-                        "(see TORCH_LOGS=perf_hints)", crop_size, new_skips)
+            log.warning(
+                "scorer at %d px: inductor skipped CUDA graphs %d time(s); scoring runs without them (see TORCH_LOGS=perf_hints)",
+                crop_size,
+                new_skips,
+            )
         self.cudagraph_skips += new_skips
         self._warmed.add(crop_size)
         seconds = time.perf_counter() - t
@@ -164,12 +182,3 @@ class Scorer:
                 scores[start : start + m] = s[:m]
                 preds[start : start + m] = p[:m]
         return scores, preds
-
-
-def make_scorer(model: nn.Module, input_size: int, device: torch.device | str = "cpu",
-                amp_dtype: torch.dtype | None = None, channels_last: bool = True, compile: bool = False,
-                batch_size: int = 512, native: bool = False, fixed_shape: bool | None = None,
-                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Scorer:
-    """The scoring engine for `model` (see Scorer): call it as scorer(crops, labels) -> (scores, top-1)."""
-    return Scorer(model, input_size, device, amp_dtype, channels_last, compile, batch_size, native, fixed_shape,
-                  mean, std)

@@ -5,6 +5,7 @@ remaining ranks filled with the next-best crops of images already used (the refe
 `fallback` counts those ranks. A class with fewer usable crops than n gets no selection: the selectors
 return the reason (a string) instead, and the run skips that class and records why.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class
         sel_idx += list(flat // scores.shape[1])
         sel_crop += list(flat % scores.shape[1])
     if len(sel_idx) < n:
-        return (f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
-                "lower --ipc or --factor, or raise --num-crop")
+        return (
+            f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
+            "lower --ipc or --factor, or raise --num-crop"
+        )
     sel_idx = np.asarray(sel_idx, dtype=np.int64)
     sel_crop = np.asarray(sel_crop, dtype=np.int64)
     return ClassSelection(label, rows[sel_idx], sel_crop, scores[sel_idx, sel_crop].astype(np.float32), fallback)

@@ -4,6 +4,7 @@ Cells are filled row-major; cell k of image j gets rank k * ipc + j. When input_
 by factor, the first input_size % factor rows/columns of cells are one pixel larger and the crop is
 resized to the cell with nearest-neighbour interpolation, as the reference does.
 """
+
 from __future__ import annotations
 
 import torch

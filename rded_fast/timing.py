@@ -1,4 +1,5 @@
 """Where a run's time goes: seconds summed per named part, from any thread (the manifest's `run.seconds`)."""
+
 from __future__ import annotations
 
 import threading

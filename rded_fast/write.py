@@ -3,6 +3,7 @@
 Every file is written to a temporary name and renamed, so a file is either complete or absent; the
 journal (rded_fast.journal) records which classes are complete.
 """
+
 from __future__ import annotations
 
 import io
@@ -63,8 +64,13 @@ def encode_class_images(images: torch.Tensor, fmt: str, jpeg_quality: int) -> li
 
 def write_classes_files(out: Path, classes: list[tuple[str, int, list[bytes]]], fmt: str) -> None:
     """Write several classes' encoded images ((class_name, label, payloads) each) with one durability pass."""
-    atomic_write_many([(out / class_name / image_name(label, j, fmt), data)
-                       for class_name, label, payloads in classes for j, data in enumerate(payloads)])
+    atomic_write_many(
+        [
+            (out / class_name / image_name(label, j, fmt), data)
+            for class_name, label, payloads in classes
+            for j, data in enumerate(payloads)
+        ]
+    )
 
 
 def contact_sheet(rows: list[tuple[str, torch.Tensor]], thumb: int | None = None) -> Image.Image:

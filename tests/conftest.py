@@ -1,4 +1,5 @@
 """Shared fixtures: small real-looking datasets built once per session in temporary folders."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,9 @@ def fashion_observer(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("observer")
     train = fashion_mnist.write_image_folder(base / "train200", "train", per_class=200, show_progress=False)
     ckpt = base / "conv3.pth"
-    train_observer(ObserverConfig(data=str(train), out=str(ckpt), arch="conv3", input_size=32, epochs=2,
-                                  device="cpu", show_progress=False))
+    train_observer(
+        ObserverConfig(data=str(train), out=str(ckpt), arch="conv3", input_size=32, epochs=2, device="cpu", show_progress=False)
+    )
     return ckpt
 
 
@@ -89,3 +91,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def planned_sources(index, plan) -> tuple[list[str], list, list]:
+    """What a plan asks a loader for, independent of the index's numbering: each row's path, size and boxes."""
+    ids = plan.image_ids
+    return [index.paths[i] for i in ids], index.sizes[ids].tolist(), plan.boxes.tolist()

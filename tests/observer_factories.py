@@ -1,4 +1,5 @@
 """Factories for `--observer MODULE:FACTORY` tests (imported as tests.observer_factories)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ from torch import nn
 
 def tiny_observer(num_classes: int = 10) -> nn.Module:
     """A small CNN with a Linear head of `num_classes` outputs."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes)
+    )
 
 
 def fixed_conv_head() -> nn.Module:

@@ -1,5 +1,6 @@
 """The baselines select what they say: random-images are whole source images, random-crops are RDED's cells
 chosen at random (and `random` is that)."""
+
 import io
 import json
 
@@ -34,8 +35,10 @@ def test_random_images_are_whole_images_at_the_input_size(jpeg_tree, tmp_path):
 
 def test_random_is_random_crops(jpeg_tree, tmp_path):
     weights = random_observer(tmp_path, 3)
-    runs = [distill(fashion_config(jpeg_tree, weights, tmp_path / name, select=name, ipc=2, factor=2, mipc=8))
-            for name in ("random", "random-crops")]
+    runs = [
+        distill(fashion_config(jpeg_tree, weights, tmp_path / name, select=name, ipc=2, factor=2, mipc=8))
+        for name in ("random", "random-crops")
+    ]
     files = [sorted(p.relative_to(r.out) for p in r.out.rglob("*.png") if p.name != "contact_sheet.png") for r in runs]
     assert files[0] == files[1] and len(files[0]) == 6
     for rel in files[0]:
@@ -70,8 +73,16 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
 
     weights = random_observer(tmp_path, 3)
     distill(fashion_config(jpeg_tree, weights, tmp_path / "ri", select="random-images", ipc=2, mipc=8))
-    cfg = student_mod.StudentConfig(distilled=str(tmp_path / "ri"), teacher="no-such-model", val=str(jpeg_tree),
-                                    student="conv3", epochs=2, device="cpu", labels="hard", show_progress=False)
+    cfg = student_mod.StudentConfig(
+        distilled=str(tmp_path / "ri"),
+        teacher="no-such-model",
+        val=str(jpeg_tree),
+        student="conv3",
+        epochs=2,
+        device="cpu",
+        labels="hard",
+        show_progress=False,
+    )
     result = student_mod.evaluate(cfg)  # a teacher would be built (and fail) with soft labels
     assert result["parameters"]["soft_label_source"] == "hard" and 0 <= result["final_top1"] <= 1
     assert all(np.isfinite(result["epoch_loss"]))
@@ -80,8 +91,7 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
     counts = {}
     for refresh in (True, False):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                    torch.nn.LazyLinear(3))
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3))
         model.eval()(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer without counting a batch
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         labels = student_mod._Labels("hard", Recipe(epochs=1, batch_size=2, lr=0.01))
@@ -94,8 +104,10 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
 def test_quality_table_formats_and_plots():
     from rded_fast.benchmarks.quality import LABELS, ROWS, format_table, plot
 
-    stats = {row: {str(i): {lab: {"mean": 0.5 + 0.01 * k + 0.02 * i, "std": 0.01, "runs": []} for lab in LABELS}
-                   for i in (1, 10)} for k, row in enumerate(ROWS)}
+    stats = {
+        row: {str(i): {lab: {"mean": 0.5 + 0.01 * k + 0.02 * i, "std": 0.01, "runs": []} for lab in LABELS} for i in (1, 10)}
+        for k, row in enumerate(ROWS)
+    }
     margins = {f"ipc{i}_{lab}": {"points": 2.0, "in_random_std": 2.0} for i in (1, 10) for lab in LABELS}
     result = {"settings": {"ipcs": [1, 10]}, "final_top1": stats, "rded_vs_random_images": margins}
     text = format_table(result)

@@ -1,4 +1,5 @@
 """`rded-fast bench` on a tiny tree: every stage runs on CPU and the JSON has every field."""
+
 import json
 
 import torch
@@ -11,9 +12,40 @@ def test_bench_all_stages_with_reference_writes_json(jpeg_tree, tmp_path, capsys
     ckpt = tmp_path / "conv3.pth"
     torch.save(build("conv3", 3, None, 32).model.state_dict(), ckpt)
     out = tmp_path / "bench.json"
-    code = main(["bench", "--data", str(jpeg_tree), "--observer", "conv3", "--weights", str(ckpt), "--input-size", "32",
-                 "--factor", "2", "--ipc", "1", "--mipc", "6", "--num-crop", "2", "--batch-size", "4", "--workers", "0",
-                 "--device", "cpu", "--model-crops", "64", "--reference", "--host-classes", "3", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "--data",
+            str(jpeg_tree),
+            "--observer",
+            "conv3",
+            "--weights",
+            str(ckpt),
+            "--input-size",
+            "32",
+            "--factor",
+            "2",
+            "--ipc",
+            "1",
+            "--mipc",
+            "6",
+            "--num-crop",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--model-crops",
+            "64",
+            "--reference",
+            "--host-classes",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["planned_images"] == 18 and result["planned_crops"] == 36

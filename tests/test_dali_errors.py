@@ -1,4 +1,5 @@
 """A bad JPEG in a DALI batch is found from DALI's own error (it names the sample), not by probing every row."""
+
 from __future__ import annotations
 
 from rded_fast.index import build_index

@@ -1,4 +1,5 @@
 """DALI shards and loader under issue 7's rules: truncation, kill -9 during convert, determinism."""
+
 import signal
 import sys
 from pathlib import Path
@@ -38,8 +39,23 @@ def test_kill_9_during_convert_then_rerun_gives_identical_shards(tmp_path):
     assert len([k for k in want if k.endswith(".tar")]) >= 6
     for after in (1, 3):
         out = tmp_path / f"killed{after}"
-        cmd = [sys.executable, "-m", "rded_fast.cli", "convert", "--format", "dali", "--data", str(data), "--out", str(out),
-               "--shard-size", "30KB", "--quiet", "--workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rded_fast.cli",
+            "convert",
+            "--format",
+            "dali",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--shard-size",
+            "30KB",
+            "--quiet",
+            "--workers",
+            "1",
+        ]
         code = kill_when(cmd, lambda out=out, after=after: out.is_dir() and len(list(out.glob("*.meta.json"))) >= after, ROOT)
         assert code == -signal.SIGKILL, "convert finished before it could be killed"
         assert not (out / "dataset.json").exists()
@@ -56,8 +72,39 @@ def test_dali_distill_is_deterministic(jpeg_tree, tmp_path):
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        assert main(["distill", "--data", str(jpeg_tree), "--loader", "dali", "--observer", "conv3", "--weights",
-                     str(ckpt), "--out", str(out), "--input-size", "32", "--factor", "2", "--ipc", "1", "--mipc", "8",
-                     "--num-crop", "3", "--workers", "1", "--device", "cpu", "--skip-observer-check", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "distill",
+                    "--data",
+                    str(jpeg_tree),
+                    "--loader",
+                    "dali",
+                    "--observer",
+                    "conv3",
+                    "--weights",
+                    str(ckpt),
+                    "--out",
+                    str(out),
+                    "--input-size",
+                    "32",
+                    "--factor",
+                    "2",
+                    "--ipc",
+                    "1",
+                    "--mipc",
+                    "8",
+                    "--num-crop",
+                    "3",
+                    "--workers",
+                    "1",
+                    "--device",
+                    "cpu",
+                    "--skip-observer-check",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs.append({k: v for k, v in _files(out).items() if k != "manifest.json"})
     assert outs[0] == outs[1] and any(k.endswith(".png") for k in outs[0])

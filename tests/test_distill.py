@@ -1,4 +1,5 @@
 """distill end to end: real Fashion-MNIST data, reproducibility, the manifest, and bad input."""
+
 import json
 import os
 from pathlib import Path
@@ -15,8 +16,22 @@ from tests.conftest import write_synthetic_jpegs
 
 
 def fashion_config(tree, observer, out, **kw):
-    base = dict(data=str(tree), out=str(out), observer="conv3", weights=str(observer), ipc=10, factor=1, mipc=60,
-                num_crop=5, input_size=32, seed=0, batch_size=64, workers=0, device="cpu", show_progress=False)
+    base = dict(
+        data=str(tree),
+        out=str(out),
+        observer="conv3",
+        weights=str(observer),
+        ipc=10,
+        factor=1,
+        mipc=60,
+        num_crop=5,
+        input_size=32,
+        seed=0,
+        batch_size=64,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+    )
     base.update(kw)
     return DistillConfig(**base)
 
@@ -77,8 +92,21 @@ def _manifest_without_times(folder: Path) -> dict:
 
 def test_same_seed_same_bytes_factor2_recut(jpeg_tree, tmp_path):
     weights = random_observer(tmp_path, 3)
-    cfg = dict(data=str(jpeg_tree), observer="conv3", weights=str(weights), ipc=2, factor=2, mipc=8, num_crop=3,
-               input_size=32, seed=3, workers=0, device="cpu", show_progress=False, skip_observer_check=True)
+    cfg = dict(
+        data=str(jpeg_tree),
+        observer="conv3",
+        weights=str(weights),
+        ipc=2,
+        factor=2,
+        mipc=8,
+        num_crop=3,
+        input_size=32,
+        seed=3,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+        skip_observer_check=True,
+    )
     a = distill(DistillConfig(out=str(tmp_path / "a"), **cfg))
     b = distill(DistillConfig(out=str(tmp_path / "b"), **cfg))
     c = distill(DistillConfig(out=str(tmp_path / "c"), **{**cfg, "seed": 4}))
@@ -101,9 +129,23 @@ def test_same_seed_same_bytes_factor2_recut(jpeg_tree, tmp_path):
 
 def test_jpg_format_and_overwrite_rules(jpeg_tree, tmp_path):
     weights = random_observer(tmp_path, 3)
-    cfg = DistillConfig(data=str(jpeg_tree), out=str(tmp_path / "o"), observer="conv3", weights=str(weights), ipc=1,
-                        factor=1, mipc=4, num_crop=2, input_size=32, workers=0, device="cpu", format="jpg",
-                        jpeg_quality=80, show_progress=False, skip_observer_check=True)
+    cfg = DistillConfig(
+        data=str(jpeg_tree),
+        out=str(tmp_path / "o"),
+        observer="conv3",
+        weights=str(weights),
+        ipc=1,
+        factor=1,
+        mipc=4,
+        num_crop=2,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        format="jpg",
+        jpeg_quality=80,
+        show_progress=False,
+        skip_observer_check=True,
+    )
     result = distill(cfg)
     files = list(result.out.rglob("class*.jpg"))
     assert len(files) == 3 and all(Image.open(f).format == "JPEG" for f in files)
@@ -127,9 +169,23 @@ def test_bad_inputs_are_skipped_and_listed(tmp_path):
     (bad / "fake.jpg").write_text("not an image either")
     (root / "class_03_empty").mkdir()
     weights = random_observer(tmp_path, 4)
-    result = distill(DistillConfig(data=str(root), out=str(tmp_path / "o"), observer="conv3", weights=str(weights),
-                                   ipc=2, factor=1, mipc=50, num_crop=2, input_size=32, workers=0, device="cpu",
-                                   show_progress=False, skip_observer_check=True))
+    result = distill(
+        DistillConfig(
+            data=str(root),
+            out=str(tmp_path / "o"),
+            observer="conv3",
+            weights=str(weights),
+            ipc=2,
+            factor=1,
+            mipc=50,
+            num_crop=2,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+            skip_observer_check=True,
+        )
+    )
     manifest = json.loads(result.manifest.read_text())
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped_files"]}
     assert set(skipped) == {"empty.jpg", "notes.txt", "fake.jpg"}
@@ -158,5 +214,18 @@ def test_observer_check_refuses_wrong_class_order(fashion_tree, fashion_observer
 def test_observer_head_smaller_than_classes(jpeg_tree, tmp_path):
     weights = random_observer(tmp_path, 2)
     with pytest.raises(UserError, match="head has 2 outputs but the dataset has 3 classes"):
-        distill(DistillConfig(data=str(jpeg_tree), out=str(tmp_path / "o"), observer="conv3", weights=str(weights),
-                              input_size=32, factor=1, ipc=1, mipc=2, workers=0, device="cpu", show_progress=False))
+        distill(
+            DistillConfig(
+                data=str(jpeg_tree),
+                out=str(tmp_path / "o"),
+                observer="conv3",
+                weights=str(weights),
+                input_size=32,
+                factor=1,
+                ipc=1,
+                mipc=2,
+                workers=0,
+                device="cpu",
+                show_progress=False,
+            )
+        )

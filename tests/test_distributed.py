@@ -1,4 +1,5 @@
 """Collectives as a CUDA job builds them: a group with a CPU and a GPU backend (gloo stands in for NCCL here)."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,8 +17,9 @@ from tests.conftest import free_port
 
 def _rank(rank: int, size: int, port: int, votes: list[bool], results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend=backend_for("cuda", gpu_backend="gloo"), rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        backend=backend_for("cuda", gpu_backend="gloo"), rank=rank, world_size=size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         world = World(rank=rank, size=size)
         results[rank] = (all_ok(world, True), all_ok(world, votes[rank]))
@@ -46,8 +48,24 @@ def test_nproc_is_dropped_in_both_spellings_before_torchrun():
 
 
 def test_a_failing_rank_ends_nproc_with_its_error_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rded_fast.cli", "distill", "--nproc=2", "--observer", "conv3",
-                           "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rded_fast.cli",
+            "distill",
+            "--nproc=2",
+            "--observer",
+            "conv3",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -1,4 +1,5 @@
 """The ffcv path under issue 7's rules: a truncated .beton is a clear error; distill is deterministic."""
+
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,45 @@ def test_ffcv_distill_is_deterministic(jpeg_tree, tmp_path):
     outs = []
     for run, workers in (("a", "1"), ("b", "2")):
         out = tmp_path / run
-        assert main(["distill", "--data", str(beton), "--loader", "ffcv", "--observer", "conv3", "--weights", str(ckpt),
-                     "--out", str(out), "--input-size", "32", "--factor", "2", "--ipc", "1", "--mipc", "8",
-                     "--num-crop", "3", "--workers", workers, "--device", "cpu", "--skip-observer-check", "--quiet"]) == 0
-        outs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(Path(out).rglob("*"))
-                     if p.is_file() and p.name != "manifest.json"})
+        assert (
+            main(
+                [
+                    "distill",
+                    "--data",
+                    str(beton),
+                    "--loader",
+                    "ffcv",
+                    "--observer",
+                    "conv3",
+                    "--weights",
+                    str(ckpt),
+                    "--out",
+                    str(out),
+                    "--input-size",
+                    "32",
+                    "--factor",
+                    "2",
+                    "--ipc",
+                    "1",
+                    "--mipc",
+                    "8",
+                    "--num-crop",
+                    "3",
+                    "--workers",
+                    workers,
+                    "--device",
+                    "cpu",
+                    "--skip-observer-check",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        outs.append(
+            {
+                str(p.relative_to(out)): p.read_bytes()
+                for p in sorted(Path(out).rglob("*"))
+                if p.is_file() and p.name != "manifest.json"
+            }
+        )
     assert outs[0] == outs[1] and any(k.endswith(".png") for k in outs[0])

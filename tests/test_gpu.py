@@ -3,6 +3,7 @@
 Run with `pytest -m gpu tests/test_gpu.py` on a machine with CUDA; every test is skipped without one, so
 CI on a CPU passes or fails on the other tests alone. benchmarks/gpu_suite.sh runs these and records the result.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -62,8 +63,16 @@ def _dali_crops(tree: Path, decode: str, batch_size: int, hw_decoder_load: float
 
     index = build_index(tree, show_progress=False)
     plan = make_plan(index, 0, 8, 3)
-    loader = DaliCropLoader(index, plan, 32, batch_size=batch_size, workers=4, device=decode,
-                            hw_decoder_load=hw_decoder_load, device_id=0 if decode == "mixed" else None)
+    loader = DaliCropLoader(
+        index,
+        plan,
+        32,
+        batch_size=batch_size,
+        workers=4,
+        device=decode,
+        hw_decoder_load=hw_decoder_load,
+        device_id=0 if decode == "mixed" else None,
+    )
     return _crops(loader)
 
 
@@ -89,14 +98,14 @@ def test_pinned_decoder_split_gives_the_same_bytes_at_any_batch_size(gpu_tree, h
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_compiled_scores_match_eager_on_cuda(gpu_observer, amp):
     from rded_fast.models import build
-    from rded_fast.score import make_scorer
+    from rded_fast.score import Scorer
 
     model = build("resnet18", 24, str(gpu_observer), 64).model
     g = torch.Generator().manual_seed(1)
     crops = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 24, (100,), generator=g)
-    eager, _ = make_scorer(model, 64, "cuda", amp_dtype=amp, batch_size=64)(crops, labels)
-    compiled, _ = make_scorer(model, 64, "cuda", amp_dtype=amp, batch_size=64, compile=True)(crops, labels)
+    eager, _ = Scorer(model, 64, "cuda", amp_dtype=amp, batch_size=64)(crops, labels)
+    compiled, _ = Scorer(model, 64, "cuda", amp_dtype=amp, batch_size=64, compile=True)(crops, labels)
     tol = 1e-3 if amp is None else 5e-2
     assert torch.allclose(eager, compiled, atol=tol, rtol=tol), float((eager - compiled).abs().max())
 
@@ -105,11 +114,11 @@ def test_cuda_graphs_are_used_by_the_compiled_scorer(gpu_observer):
     from torch._dynamo.utils import counters
 
     from rded_fast.models import build
-    from rded_fast.score import make_scorer
+    from rded_fast.score import Scorer
 
     counters.clear()
     model = build("resnet18", 24, str(gpu_observer), 64).model
-    scorer = make_scorer(model, 64, "cuda", amp_dtype=torch.bfloat16, batch_size=32, compile=True)
+    scorer = Scorer(model, 64, "cuda", amp_dtype=torch.bfloat16, batch_size=32, compile=True)
     crops = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
     for _ in range(3):  # warm-up, recording, replays
         scorer(crops, torch.zeros(80, dtype=torch.int64))
@@ -140,9 +149,36 @@ def test_nccl_group_and_all_ok_on_one_rank():
 
 
 def _distill_args(tree: Path, ckpt: Path, out: Path, loader: str, batch: int, *extra: str) -> list[str]:
-    return ["distill", "--data", str(tree), "--observer", "resnet18", "--weights", str(ckpt), "--out", str(out),
-            "--input-size", "64", "--factor", "2", "--ipc", "1", "--mipc", "8", "--num-crop", "3",
-            "--batch-size", str(batch), "--device", "cuda", "--loader", loader, "--skip-observer-check", "--quiet", *extra]
+    return [
+        "distill",
+        "--data",
+        str(tree),
+        "--observer",
+        "resnet18",
+        "--weights",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--input-size",
+        "64",
+        "--factor",
+        "2",
+        "--ipc",
+        "1",
+        "--mipc",
+        "8",
+        "--num-crop",
+        "3",
+        "--batch-size",
+        str(batch),
+        "--device",
+        "cuda",
+        "--loader",
+        loader,
+        "--skip-observer-check",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _output(out: Path) -> dict[str, bytes]:
@@ -171,8 +207,12 @@ def test_gpu_distill_same_bytes_across_runs_batch_sizes_and_resume(gpu_tree, gpu
 
     out = tmp_path / "killed"
     journal = out / ".rded-journal"
-    code = kill_when([sys.executable, "-m", "rded_fast.cli", *_distill_args(gpu_tree, gpu_observer, out, loader, 8)],
-                     lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= 3, ROOT, timeout=600)
+    code = kill_when(
+        [sys.executable, "-m", "rded_fast.cli", *_distill_args(gpu_tree, gpu_observer, out, loader, 8)],
+        lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= 3,
+        ROOT,
+        timeout=600,
+    )
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert main(_distill_args(gpu_tree, gpu_observer, out, loader, 8, "--resume")) == 0
     assert not (diff := _differing(_output(out), a)), f"kill -9 + --resume differs: {diff[:5]}"

@@ -1,4 +1,5 @@
 """The GPU suite's CPU-side parts (tree generation and conversion) run here and record their results."""
+
 from __future__ import annotations
 
 import json

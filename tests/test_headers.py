@@ -1,4 +1,5 @@
 """The fast header reader agrees with PIL on every kind of file; the compact index cache round-trips."""
+
 import json
 
 import numpy as np

@@ -1,5 +1,6 @@
 """The host side of throughput: the host stage, batched durable writes, class regrouping by slices, the
 batched observer check, warmed and long-lived compiled scorers, and the `auto` defaults."""
+
 import errno
 import threading
 import time
@@ -21,6 +22,7 @@ def test_host_stage_commits_in_order_in_batches_and_overlaps():
         def run():
             time.sleep(0.02 if i % 2 else 0.0)  # out-of-order completion in the pool
             return i
+
         return run
 
     def commit(items):
@@ -95,8 +97,12 @@ class _OneBufferLoader:
         for n in self.sizes:
             self.buffer[:n] = self.crops[pos : pos + n]
             rows = torch.arange(pos, pos + n)
-            yield CropBatch(rows=rows, crops=self.buffer[:n], ok=self.ok[pos : pos + n],
-                            reasons={int(r): f"bad row {int(r)}" for r in rows[~self.ok[pos : pos + n]]})
+            yield CropBatch(
+                rows=rows,
+                crops=self.buffer[:n],
+                ok=self.ok[pos : pos + n],
+                reasons={int(r): f"bad row {int(r)}" for r in rows[~self.ok[pos : pos + n]]},
+            )
             pos += n
 
 
@@ -139,8 +145,16 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
             calls.append((tuple(crops.shape), labels.clone()))
             return torch.zeros(len(labels)), labels.clone()
 
-    cfg = DistillConfig(data=str(jpeg_tree), out="unused", observer="conv3", input_size=32, batch_size=4, workers=0,
-                        loader="torch", show_progress=False)
+    cfg = DistillConfig(
+        data=str(jpeg_tree),
+        out="unused",
+        observer="conv3",
+        input_size=32,
+        batch_size=4,
+        workers=0,
+        loader="torch",
+        show_progress=False,
+    )
     report = check_observer(index, cfg, Oracle(), torch.device("cpu"))
     assert len(calls) == 1  # every class's check images in one call, each row with its own label
     shape, labels = calls[0]
@@ -149,8 +163,7 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
 
 
 def _tiny_model(width: int):
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(width, 3))
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))
 
 
 def test_many_compiled_scorers_in_one_process_never_hit_the_recompile_limit(monkeypatch):
@@ -160,7 +173,7 @@ def test_many_compiled_scorers_in_one_process_never_hit_the_recompile_limit(monk
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
-    from rded_fast.score import make_scorer
+    from rded_fast.score import Scorer
 
     monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", True)
     crops = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
@@ -168,12 +181,12 @@ def test_many_compiled_scorers_in_one_process_never_hit_the_recompile_limit(monk
     for i in range(10):
         torch.manual_seed(i)
         model = _tiny_model(4 + i)
-        scorer = make_scorer(model, 16, "cpu", compile=True, batch_size=8)
+        scorer = Scorer(model, 16, "cpu", compile=True, batch_size=8)
         assert scorer.warm(8) > 0 and scorer.warm(16) > 0 and scorer.warm(8) == 0
         graphs = counters["stats"]["unique_graphs"]
         scores, _ = scorer(crops, labels)  # warmed: no compile inside the call
         assert counters["stats"]["unique_graphs"] == graphs
-        eager, _ = make_scorer(model, 16, "cpu", batch_size=8)(crops, labels)
+        eager, _ = Scorer(model, 16, "cpu", batch_size=8)(crops, labels)
         assert torch.allclose(scores, eager, atol=1e-4)
 
 

@@ -1,4 +1,5 @@
 """Hostile input: links, odd names, decompression bombs, 16-bit and EXIF-rotated images, resumable training."""
+
 import io
 import json
 import os
@@ -56,15 +57,30 @@ def test_links_are_not_followed_and_odd_names_work(hostile_tree, tmp_path):
     assert skipped["class_00/a.jpg"] == skipped["class_00/b.jpg"] == "broken or looping symlink"
     assert skipped["class_99_link"] == "symlinked class folder not followed"
     assert "too large" in skipped["class_00/bomb.jpg"]
-    assert {"class_00/with space.jpg", "class_00/ünïcödé_图.jpg", "class_00/new\nline.jpg",
-            "class_00/inside_link.jpg"} <= set(index.paths)
+    assert {"class_00/with space.jpg", "class_00/ünïcödé_图.jpg", "class_00/new\nline.jpg", "class_00/inside_link.jpg"} <= set(
+        index.paths
+    )
     ckpt = tmp_path / "c.pth"
     torch.manual_seed(0)
     torch.save(build("conv3", 2, None, 32).model.state_dict(), ckpt)
     # ipc 9 = every usable image of class_00 (5 + 1 link + 3 odd names), so all of them must be used
-    r = distill(DistillConfig(data=str(hostile_tree), out=str(tmp_path / "o"), observer="conv3", weights=str(ckpt),
-                              ipc=9, factor=1, mipc=20, num_crop=1, input_size=32, workers=0, device="cpu",
-                              skip_observer_check=True, show_progress=False))
+    r = distill(
+        DistillConfig(
+            data=str(hostile_tree),
+            out=str(tmp_path / "o"),
+            observer="conv3",
+            weights=str(ckpt),
+            ipc=9,
+            factor=1,
+            mipc=20,
+            num_crop=1,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            skip_observer_check=True,
+            show_progress=False,
+        )
+    )
     manifest = json.loads(r.manifest.read_text())
     sources = {c["source"] for m in manifest["images"] for c in m["cells"]}
     assert "class_00/new\nline.jpg" in sources and "class_00/ünïcödé_图.jpg" in sources
@@ -97,8 +113,7 @@ def test_observer_training_resumes_to_identical_weights(fashion_tree, tmp_path, 
     from rded_fast.train import checkpoint
     from rded_fast.train.observer import ObserverConfig, train_observer
 
-    cfg = dict(data=str(fashion_tree), arch="conv3", input_size=32, epochs=3, batch_size=100, device="cpu",
-               show_progress=False)
+    cfg = dict(data=str(fashion_tree), arch="conv3", input_size=32, epochs=3, batch_size=100, device="cpu", show_progress=False)
     train_observer(ObserverConfig(out=str(tmp_path / "full.pth"), **cfg))
     real = checkpoint.save_state
     monkeypatch.setattr(checkpoint, "save_state", crash_after(real, 1))  # killed right after epoch 0's checkpoint
@@ -116,10 +131,32 @@ def test_student_training_resumes_to_identical_result(fashion_tree, fashion_obse
     from rded_fast.train.student import StudentConfig, evaluate
 
     distilled = tmp_path / "d"
-    distill(DistillConfig(data=str(fashion_tree), out=str(distilled), observer="conv3", weights=str(fashion_observer),
-                          ipc=2, factor=1, mipc=10, num_crop=2, input_size=32, workers=0, device="cpu", show_progress=False))
-    base = dict(distilled=str(distilled), teacher="conv3", teacher_weights=str(fashion_observer), val=str(fashion_tree),
-                student="conv3", epochs=4, device="cpu", show_progress=False)
+    distill(
+        DistillConfig(
+            data=str(fashion_tree),
+            out=str(distilled),
+            observer="conv3",
+            weights=str(fashion_observer),
+            ipc=2,
+            factor=1,
+            mipc=10,
+            num_crop=2,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
+    )
+    base = dict(
+        distilled=str(distilled),
+        teacher="conv3",
+        teacher_weights=str(fashion_observer),
+        val=str(fashion_tree),
+        student="conv3",
+        epochs=4,
+        device="cpu",
+        show_progress=False,
+    )
     full = evaluate(StudentConfig(**base))
     real = checkpoint.save_state
     monkeypatch.setattr(checkpoint, "save_state", crash_after(real, 2))

@@ -45,17 +45,34 @@ def test_every_command_has_help(capsys):
         assert "usage: rded-fast " + name in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--ipc", "0"], "--ipc 0: must be >= 1"),
-    (["--factor", "0"], "--factor 0: must be >= 1"),
-    (["--mipc", "0"], "--mipc 0: must be >= 1"),
-    (["--factor", "300"], "larger than --input-size"),
-    (["--ipc", "100", "--mipc", "2", "--num-crop", "1"], "needs 400 cells"),
-    (["--observer", "nonsense"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ipc", "0"], "--ipc 0: must be >= 1"),
+        (["--factor", "0"], "--factor 0: must be >= 1"),
+        (["--mipc", "0"], "--mipc 0: must be >= 1"),
+        (["--factor", "300"], "larger than --input-size"),
+        (["--ipc", "100", "--mipc", "2", "--num-crop", "1"], "needs 400 cells"),
+        (["--observer", "nonsense"], "unknown model"),
+    ],
+)
 def test_distill_argument_errors(jpeg_tree, tmp_path, capsys, args, message):
-    base = ["distill", "--data", str(jpeg_tree), "--observer", "conv3", "--out", str(tmp_path / "o"), "--quiet",
-            "--input-size", "32", "--device", "cpu", "--workers", "0"]
+    base = [
+        "distill",
+        "--data",
+        str(jpeg_tree),
+        "--observer",
+        "conv3",
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+        "--input-size",
+        "32",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     if "--observer" in args:
         base[base.index("--observer") : base.index("--observer") + 2] = []
     assert main(base + args) == 2

@@ -1,4 +1,5 @@
 """The lazy index: distill reads the headers of the images it plans, caches them, and plans as the full index does."""
+
 import json
 
 import numpy as np
@@ -56,9 +57,32 @@ def test_unusable_files_are_replaced_by_the_next_candidates_and_listed(tmp_path)
 def test_distill_keeps_the_headers_it_read_in_its_index_cache(tmp_path):
     tree = write_synthetic_jpegs(tmp_path / "tree", classes=3, per_class=25)
     cache = tmp_path / "index.npz"
-    argv = ["distill", "--data", str(tree), "--observer", "conv3", "--input-size", "32", "--factor", "1", "--ipc", "1",
-            "--mipc", "4", "--num-crop", "2", "--device", "cpu", "--workers", "0", "--quiet", "--index", str(cache),
-            "--select", "random-crops"]  # no observer check: it would read a sample of every class
+    argv = [
+        "distill",
+        "--data",
+        str(tree),
+        "--observer",
+        "conv3",
+        "--input-size",
+        "32",
+        "--factor",
+        "1",
+        "--ipc",
+        "1",
+        "--mipc",
+        "4",
+        "--num-crop",
+        "2",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--quiet",
+        "--index",
+        str(cache),
+        "--select",
+        "random-crops",
+    ]  # no observer check: it would read a sample of every class
     assert main([*argv, "--out", str(tmp_path / "a"), "--seed", "0"]) == 0
     first = load_index(cache).unread()
     assert 0 < first < 75

@@ -1,4 +1,5 @@
 """The manifest's summary stays short at any scale and reads what build_manifest wrote."""
+
 import json
 
 import numpy as np
@@ -9,9 +10,13 @@ from rded_fast.manifest import SHOWN, build_manifest, read_manifest, summary_lin
 
 def _index(classes: int) -> DatasetIndex:
     labels = np.repeat(np.arange(classes), 2).astype(np.int64)
-    index = DatasetIndex(root="/d", classes=[f"c{c:04d}" for c in range(classes)],
-                         paths=[f"c{c:04d}/{i}.jpg" for c in range(classes) for i in range(2)], labels=labels,
-                         sizes=np.full((len(labels), 2), 32, np.int64))
+    index = DatasetIndex(
+        root="/d",
+        classes=[f"c{c:04d}" for c in range(classes)],
+        paths=[f"c{c:04d}/{i}.jpg" for c in range(classes) for i in range(2)],
+        labels=labels,
+        sizes=np.full((len(labels), 2), 32, np.int64),
+    )
     index.skipped = [{"path": f"x{i:04d}", "reason": UNLISTED_CLASS} for i in range(40)]
     return index
 
@@ -19,12 +24,18 @@ def _index(classes: int) -> DatasetIndex:
 def test_summary_counts_everything_and_names_a_few(tmp_path):
     classes = 1000
     index = _index(classes)
-    records = [{"class": f"c{c:04d}", "failures": [{"path": f"c{c:04d}/0.jpg", "reason": "truncated"}],
-                "images": [{"file": f"c{c:04d}/a.png", "class": f"c{c:04d}", "label": c, "cells": []}],
-                "fallback": 1 if c % 2 else 0, **({"skipped": "too few"} if c % 100 == 0 else {})} for c in range(classes)]
+    records = [
+        {
+            "class": f"c{c:04d}",
+            "failures": [{"path": f"c{c:04d}/0.jpg", "reason": "truncated"}],
+            "images": [{"file": f"c{c:04d}/a.png", "class": f"c{c:04d}", "label": c, "cells": []}],
+            "fallback": 1 if c % 2 else 0,
+            **({"skipped": "too few"} if c % 100 == 0 else {}),
+        }
+        for c in range(classes)
+    ]
     params = {"input_size": 32, "factor": 2, "ipc": 1}
-    manifest = build_manifest(params, {}, {}, index, records, {"c0001": 1, "c0002": 0}, ["c0003"], {"total": 1.0}, 1, 0,
-                              tmp_path)
+    manifest = build_manifest(params, {}, {}, index, records, {"c0001": 1, "c0002": 0}, ["c0003"], {"total": 1.0}, 1, 0, tmp_path)
     assert manifest["parameters"]["cells_per_class"] == 4 and manifest["parameters"]["scale"] == [0.08, 1.0]
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))

@@ -1,4 +1,5 @@
 """The observer registry: names, checkpoint formats, head slicing."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """Any observer: timm models, MODULE:FACTORY callables, torchvision weights from the local hub cache,
 head rows picked by class (WNIDs, class maps), per-observer normalisation, the registry and the public API.
 Nothing here downloads: every weight file is made locally from a random initialisation."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import torch
 
 from rded_fast.errors import UserError
 from rded_fast.models import build, choose_head_rows, imagenet_wnids, list_models, model_families
-from rded_fast.score import make_scorer, normalize_uint8
+from rded_fast.score import Scorer, normalize_uint8
 from rded_fast.train.student import StudentConfig
 
 try:
@@ -63,7 +64,7 @@ def test_timm_other_family_own_normalisation_and_fixed_input_size(tmp_path):
     assert built.convention["input_size"] == 160 and built.convention["fixed_input_size"]
     crops = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3])
-    scores, _ = make_scorer(built.model, 32, mean=built.mean, std=built.std, channels_last=False)(crops, labels)
+    scores, _ = Scorer(built.model, 32, mean=built.mean, std=built.std, channels_last=False)(crops, labels)
     with torch.no_grad():
         own = torch.nn.functional.cross_entropy(built.model((crops.float() / 255 - 0.5) / 0.5), labels, reduction="none")
         imagenet = torch.nn.functional.cross_entropy(built.model(normalize_uint8(crops)), labels, reduction="none")
@@ -75,9 +76,34 @@ def test_timm_pretrained_tag_offline_is_one_line(jpeg_tree, tmp_path):
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")}
-    r = subprocess.run([sys.executable, "-m", "rded_fast.cli", "distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"),
-                        "--observer", "timm:resnet18", "--weights", "a1_in1k", "--input-size", "32", "--workers", "0",
-                        "--device", "cpu", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rded_fast.cli",
+            "distill",
+            "--data",
+            str(jpeg_tree),
+            "--out",
+            str(tmp_path / "o"),
+            "--observer",
+            "timm:resnet18",
+            "--weights",
+            "a1_in1k",
+            "--input-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--weights a1_in1k: timm could not load the pretrained weights of resnet18.a1_in1k" in r.stderr
     assert "--weights FILE" in r.stderr and not (tmp_path / "o").exists()
@@ -109,8 +135,9 @@ def test_factory_observers(tmp_path):
     assert built.head_size == 10 and torch.equal(built.model[-1].weight, sd["4.weight"][:4])
     # no num_classes argument and no Linear layer: output columns are selected
     x = torch.rand(2, 3, 16, 16)
-    conv = build("tests.observer_factories:fixed_conv_head", 3, None, 16, classes=["a", "b", "c"],
-                 class_map=["z", "c", "b", "a", "y"])
+    conv = build(
+        "tests.observer_factories:fixed_conv_head", 3, None, 16, classes=["a", "b", "c"], class_map=["z", "c", "b", "a", "y"]
+    )
     assert conv.head_size == 5 and conv.head_rows == [3, 2, 1] and conv.head_rule == "class-map"
     assert torch.equal(conv.model(x), conv.model.model(x)[:, [3, 2, 1]])
     # a factory in a file, named by its path
@@ -123,14 +150,17 @@ def test_factory_observers(tmp_path):
     assert build("tests.observer_factories:linear_not_head", 3, None, 16).head_size == 4
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_pkg_xyz.models:build", "cannot import module 'no_such_pkg_xyz.models'"),
-    ("tests.observer_factories:missing", "has no attribute 'missing'"),
-    ("tests.observer_factories:NOT_CALLABLE", "is a int, not a callable"),
-    ("tests.observer_factories:not_a_module", "returned dict, not a torch nn.Module"),
-    ("tests.observer_factories:raises", "the factory raised RuntimeError: no GPU here"),
-    ("tests.observer_factories:two_outputs", "head has 2 outputs but the dataset has 3 classes"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_pkg_xyz.models:build", "cannot import module 'no_such_pkg_xyz.models'"),
+        ("tests.observer_factories:missing", "has no attribute 'missing'"),
+        ("tests.observer_factories:NOT_CALLABLE", "is a int, not a callable"),
+        ("tests.observer_factories:not_a_module", "returned dict, not a torch nn.Module"),
+        ("tests.observer_factories:raises", "the factory raised RuntimeError: no GPU here"),
+        ("tests.observer_factories:two_outputs", "head has 2 outputs but the dataset has 3 classes"),
+    ],
+)
 def test_factory_errors(spec, message):
     with pytest.raises(UserError, match=message):
         build(spec, 3, None, 16)
@@ -194,9 +224,33 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
     data = _wnid_tree(tmp_path / "data", WNIDS)
     weights = _save_timm(tmp_path, "resnet18", "timm")
     out = tmp_path / "out"
-    r = _cli("distill", "--data", str(data), "--observer", "timm:resnet18", "--weights", str(weights), "--out", str(out),
-             "--ipc", "1", "--factor", "1", "--mipc", "4", "--num-crop", "2", "--input-size", "32", "--workers", "0",
-             "--device", "cpu", "--skip-observer-check", "--quiet")
+    r = _cli(
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "timm:resnet18",
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--ipc",
+        "1",
+        "--factor",
+        "1",
+        "--mipc",
+        "4",
+        "--num-crop",
+        "2",
+        "--input-size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--skip-observer-check",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     observer = json.loads((out / "manifest.json").read_text())["observer"]
     assert observer["name"] == "timm:resnet18" and observer["source"] == "timm" and observer["head_size"] == 1000
@@ -204,14 +258,35 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
     assert observer["head_rule"] == "imagenet-wnid" and observer["normalization"]["mean"] == [0.485, 0.456, 0.406]
     assert len(observer["weights_sha256"]) == 64
     # relabel and evaluate with the same observer as teacher (its recorded head rows) and a timm student
-    common = ["--distilled", str(out), "--teacher", "timm:resnet18", "--teacher-weights", str(weights), "--epochs", "1",
-              "--device", "cpu", "--quiet"]
+    common = [
+        "--distilled",
+        str(out),
+        "--teacher",
+        "timm:resnet18",
+        "--teacher-weights",
+        str(weights),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     r = _cli("relabel", *common, "--out", str(tmp_path / "labels"))
     assert r.returncode == 0, r.stderr
     header = json.loads((tmp_path / "labels" / "header.json").read_text())
     assert header["teacher_head_rows"] == observer["head_rows"]
-    r = _cli("evaluate", *common, "--val", str(data), "--student", "timm:test_resnet", "--soft-labels",
-             str(tmp_path / "labels"), "--json", str(tmp_path / "eval.json"))
+    r = _cli(
+        "evaluate",
+        *common,
+        "--val",
+        str(data),
+        "--student",
+        "timm:test_resnet",
+        "--soft-labels",
+        str(tmp_path / "labels"),
+        "--json",
+        str(tmp_path / "eval.json"),
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["parameters"]["student"] == "timm:test_resnet" and 0.0 <= result["final_top1"] <= 1.0
@@ -226,10 +301,12 @@ def test_teacher_rows_and_normalisation(tmp_path):
 
     path = _save_timm(tmp_path, "test_vit", "bare", size=32, classes=6)
     manifest = {"observer": {"name": "timm:test_vit", "head_rows": {"a": 4, "b": 1}}}
-    data = DistilledSet(tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"],
-                        ["a", "b"], 1, 1, manifest)
-    teacher, built = _teacher(StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data,
-                       torch.device("cpu"))
+    data = DistilledSet(
+        tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"], ["a", "b"], 1, 1, manifest
+    )
+    teacher, built = _teacher(
+        StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data, torch.device("cpu")
+    )
     full = timm.create_model("test_vit", num_classes=6, img_size=32)
     full.load_state_dict(torch.load(path, weights_only=True))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -251,8 +328,19 @@ def test_check_stops_wrong_class_order_with_class_map(fashion_tree, fashion_obse
     wide = tmp_path / "conv3_12.pth"
     torch.save({"model": sd}, wide)
     folders = sorted(p.name for p in Path(fashion_tree).iterdir() if p.is_dir())
-    base = dict(data=str(fashion_tree), observer="conv3", weights=str(wide), ipc=1, factor=1, mipc=4, num_crop=2,
-                input_size=32, workers=0, device="cpu", show_progress=False)
+    base = dict(
+        data=str(fashion_tree),
+        observer="conv3",
+        weights=str(wide),
+        ipc=1,
+        factor=1,
+        mipc=4,
+        num_crop=2,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+    )
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("\n".join(["extra_a", "extra_b", *folders]) + "\n")
     bad.write_text("\n".join([*folders, "extra_a", "extra_b"]) + "\n")
@@ -273,17 +361,40 @@ def test_registry_lists_sources_and_families(jpeg_tree, tmp_path, capsys):
     from rded_fast import cli
 
     families = {(s, f) for s, f, _ in model_families()}
-    assert {("conv", "convnet"), ("modified", "resnet"), ("torchvision", "mobilenetv2"), ("timm", "convnext"),
-            ("timm", "efficientnet")} <= families
+    assert {
+        ("conv", "convnet"),
+        ("modified", "resnet"),
+        ("torchvision", "mobilenetv2"),
+        ("timm", "convnext"),
+        ("timm", "efficientnet"),
+    } <= families
     assert "timm:resnet18" in list_models("timm") and "resnet18" in list_models("torchvision")
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "torchvision  shufflenetv2" in out and "timm         convnext" in out and "MODULE:FACTORY" in out
     assert cli.main(["models", "--source", "timm", "--family", "resnet"]) == 0
     assert "timm:resnet18" in capsys.readouterr().out.split()
-    assert cli.main(["distill", "--data", str(jpeg_tree), "--out", str(tmp_path / "o"), "--observer",
-                     "tests.observer_factories:missing", "--input-size", "32", "--workers", "0", "--device", "cpu",
-                     "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "distill",
+                "--data",
+                str(jpeg_tree),
+                "--out",
+                str(tmp_path / "o"),
+                "--observer",
+                "tests.observer_factories:missing",
+                "--input-size",
+                "32",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "has no attribute 'missing'" in err and not (tmp_path / "o").exists()
 
@@ -303,21 +414,31 @@ def test_public_api_names():
 def test_readme_python_api_example_runs(tmp_path):
     """The README's Python API blocks, run as written but smaller (fewer images and student epochs, for time)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Python API"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("## Python API") :]
+    section = section[: section.index("\n## ", 1)]
     blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
     assert len(blocks) == 2 and "distill(DistillConfig(" in blocks[0] and "@register(" in blocks[1]
-    smaller = {"epochs=30": "epochs=1", "per_class=200": "per_class=60", "per_class=50": "per_class=10",
-               "mipc=100": "mipc=20"}
+    smaller = {"epochs=30": "epochs=1", "per_class=200": "per_class=60", "per_class=50": "per_class=10", "mipc=100": "mipc=20"}
     for old, new in smaller.items():
         assert old in blocks[0]
         blocks[0] = blocks[0].replace(old, new)
-    script = blocks[0] + blocks[1] + (
-        "\nfrom rded_fast import build, list_models\n"
-        "assert 'tiny_cnn' in list_models('user') and build('tiny_cnn', 3, None, 32).model[-1].out_features == 3\n"
-        "print('README OK')\n")
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    script = (
+        blocks[0]
+        + blocks[1]
+        + (
+            "\nfrom rded_fast import build, list_models\n"
+            "assert 'tiny_cnn' in list_models('user') and build('tiny_cnn', 3, None, 32).model[-1].out_features == 3\n"
+            "print('README OK')\n"
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "README OK" in r.stdout and "student top-1" in r.stdout
     assert len(list((tmp_path / "distilled").glob("*/*.png"))) == 100

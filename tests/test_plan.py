@@ -1,4 +1,5 @@
 """The plan: torchvision's RandomResizedCrop rule, vectorised, seeded, per class."""
+
 import numpy as np
 import torch
 from torchvision.transforms import RandomResizedCrop
@@ -53,8 +54,13 @@ def test_fallback_is_torchvisions_centre_crop():
 
 def _index(counts, size=(64, 48)):
     labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
-    return DatasetIndex("/nowhere", [f"c{c}" for c in range(len(counts))], [f"c{label}/{i}.jpg" for i, label in enumerate(labels)],
-                        labels, np.tile(np.array(size), (len(labels), 1)))
+    return DatasetIndex(
+        "/nowhere",
+        [f"c{c}" for c in range(len(counts))],
+        [f"c{label}/{i}.jpg" for i, label in enumerate(labels)],
+        labels,
+        np.tile(np.array(size), (len(labels), 1)),
+    )
 
 
 def test_plan_is_seeded_per_class_and_samples_without_replacement():

@@ -1,4 +1,5 @@
 """The PNG encoder of distilled images: lossless, readable by PIL, deterministic."""
+
 import io
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Region-level soft labels: one teacher label per cell, lined up with the manifest's cells, and the area rule."""
+
 import json
 
 import numpy as np
@@ -18,15 +19,22 @@ from rded_fast.train.student import StudentConfig, evaluate, relabel
 
 def _aug(row_perm, col_perm, boxes) -> EpochAug:
     n = len(boxes)
-    return EpochAug(order=np.arange(n), row_perm=np.array(row_perm), col_perm=np.array(col_perm),
-                    boxes=np.array(boxes), flip=np.zeros(n, bool), mix_perm=np.arange(n),
-                    mix_box=np.zeros((1, 4), np.int64), mix_lam=np.ones(1), batch_size=n)
+    return EpochAug(
+        order=np.arange(n),
+        row_perm=np.array(row_perm),
+        col_perm=np.array(col_perm),
+        boxes=np.array(boxes),
+        flip=np.zeros(n, bool),
+        mix_perm=np.arange(n),
+        mix_box=np.zeros((1, 4), np.int64),
+        mix_lam=np.ones(1),
+        batch_size=n,
+    )
 
 
 def test_a_crop_inside_one_cell_gets_that_cells_label_after_the_shuffle():
     # 8 px, factor 2: rows swapped for sample 0 (output top strip = original bottom row), columns swapped for 1
-    aug = _aug([[1, 0], [0, 1], [0, 1]], [[0, 1], [1, 0], [0, 1]],
-               [[0, 0, 4, 4], [1, 5, 2, 3], [0, 0, 8, 8]])
+    aug = _aug([[1, 0], [0, 1], [0, 1]], [[0, 1], [1, 0], [0, 1]], [[0, 0, 4, 4], [1, 5, 2, 3], [0, 0, 8, 8]])
     w = region_weights(aug, 0, size=8, factor=2, grid=2)
     assert w[0].tolist() == [0, 0, 1, 0]  # top-left of the output is original cell (row 1, col 0)
     assert w[1].tolist() == [1, 0, 0, 0]  # top-right of the output is original cell (row 0, col 0)
@@ -54,14 +62,37 @@ def test_region_targets_mix_covered_cells_and_cutmix_partner():
 @pytest.fixture(scope="module")
 def factor2_set(fashion_tree, fashion_observer, tmp_path_factory):
     out = tmp_path_factory.mktemp("regions") / "set"
-    distill(DistillConfig(data=str(fashion_tree), out=str(out), observer="conv3", weights=str(fashion_observer), ipc=2,
-                          factor=2, mipc=20, num_crop=2, input_size=32, workers=0, device="cpu", show_progress=False))
+    distill(
+        DistillConfig(
+            data=str(fashion_tree),
+            out=str(out),
+            observer="conv3",
+            weights=str(fashion_observer),
+            ipc=2,
+            factor=2,
+            mipc=20,
+            num_crop=2,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
+    )
     return out
 
 
 def test_region_labels_line_up_with_the_manifests_cells(factor2_set, fashion_observer, tmp_path):
-    result = relabel(StudentConfig(distilled=str(factor2_set), teacher="conv3", teacher_weights=str(fashion_observer),
-                                   device="cpu", region="cells", out=str(tmp_path / "cells"), show_progress=False))
+    result = relabel(
+        StudentConfig(
+            distilled=str(factor2_set),
+            teacher="conv3",
+            teacher_weights=str(fashion_observer),
+            device="cpu",
+            region="cells",
+            out=str(tmp_path / "cells"),
+            show_progress=False,
+        )
+    )
     assert result["cells"] == 4 * result["samples"]
     header = softlabels.read_header(tmp_path / "cells")
     assert header["region_grid"] == 2 and "epochs" not in header
@@ -89,10 +120,30 @@ def test_evaluate_trains_on_region_labels_without_a_teacher(factor2_set, fashion
 
     val = fashion_mnist.write_image_folder(tmp_path / "val", "test", per_class=5, show_progress=False)
     for region in ("cells", "image"):
-        relabel(StudentConfig(distilled=str(factor2_set), teacher="conv3", teacher_weights=str(fashion_observer),
-                              device="cpu", region=region, top_k=3, out=str(tmp_path / region), show_progress=False))
-        r = evaluate(StudentConfig(distilled=str(factor2_set), teacher="no-such-model", val=str(val), student="conv3",
-                                   epochs=2, device="cpu", soft_labels=str(tmp_path / region), show_progress=False))
+        relabel(
+            StudentConfig(
+                distilled=str(factor2_set),
+                teacher="conv3",
+                teacher_weights=str(fashion_observer),
+                device="cpu",
+                region=region,
+                top_k=3,
+                out=str(tmp_path / region),
+                show_progress=False,
+            )
+        )
+        r = evaluate(
+            StudentConfig(
+                distilled=str(factor2_set),
+                teacher="no-such-model",
+                val=str(val),
+                student="conv3",
+                epochs=2,
+                device="cpu",
+                soft_labels=str(tmp_path / region),
+                show_progress=False,
+            )
+        )
         assert r["parameters"]["soft_label_source"] == "region" and all(np.isfinite(r["epoch_loss"]))
 
 
@@ -101,8 +152,19 @@ def test_label_sources_benchmark_runs_every_source(fashion_tree, fashion_observe
     from rded_fast.data import fashion_mnist
 
     val = fashion_mnist.write_image_folder(tmp_path / "val", "test", per_class=5, show_progress=False)
-    result = run_label_sources(tmp_path / "w", ipc=1, factor=2, input_size=32, seeds=(0,), epochs=1, device="cpu",
-                               show_progress=False, train_dir=fashion_tree, test_dir=val, observer=fashion_observer)
+    result = run_label_sources(
+        tmp_path / "w",
+        ipc=1,
+        factor=2,
+        input_size=32,
+        seeds=(0,),
+        epochs=1,
+        device="cpu",
+        show_progress=False,
+        train_dir=fashion_tree,
+        test_dir=val,
+        observer=fashion_observer,
+    )
     assert set(result["final_top1"]) == set(SOURCES)
     assert all(0.0 <= v["mean"] <= 1.0 and len(v["runs"]) == 1 for v in result["final_top1"].values())
     assert "region-cells" in format_result(result) and (tmp_path / "w" / "rded_ipc1_seed0_f2_32px_labels_cells").is_dir()

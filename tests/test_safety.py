@@ -1,4 +1,5 @@
 """Never lose a user's data (issue 10): output overlap, ownership, locks, corrupt JPEGs, argument ranges."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,9 +42,34 @@ def small(tmp_path):
 
 
 def _distill_argv(data, weights, out, *extra):
-    return ["distill", "--data", str(data), "--observer", "conv3", "--weights", str(weights), "--out", str(out),
-            "--input-size", "32", "--factor", "1", "--ipc", "1", "--mipc", "4", "--num-crop", "1", "--device", "cpu",
-            "--workers", "0", "--skip-observer-check", "--quiet", *extra]
+    return [
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "conv3",
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--factor",
+        "1",
+        "--ipc",
+        "1",
+        "--mipc",
+        "4",
+        "--num-crop",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--skip-observer-check",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _one_line_error(capsys) -> str:
@@ -54,13 +80,19 @@ def _one_line_error(capsys) -> str:
 
 # ---- case 1: an output never overlaps an input ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["same", "parent", "inside", "dotdot", "symlink"])
 @pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"], ["--overwrite-any"]])
 def test_distill_out_overlapping_data_is_refused_and_data_untouched(small, tmp_path, capsys, where, flag):
     data, weights = small
     os.symlink(data, tmp_path / "link")
-    out = {"same": data, "parent": tmp_path, "inside": data / "class_00", "dotdot": data / "class_00" / "..",
-           "symlink": tmp_path / "link"}[where]
+    out = {
+        "same": data,
+        "parent": tmp_path,
+        "inside": data / "class_00",
+        "dotdot": data / "class_00" / "..",
+        "symlink": tmp_path / "link",
+    }[where]
     before = tree_digest(tmp_path)
     assert main(_distill_argv(data, weights, out, *flag)) == 2
     err = _one_line_error(capsys)
@@ -79,10 +111,36 @@ def test_every_command_refuses_an_output_inside_its_input(small, tmp_path, capsy
     cases = [
         ["convert", "--format", "ffcv", "--data", str(data), "--out", str(data / "x.beton")],
         ["convert", "--format", "dali", "--data", str(data), "--out", str(data)],
-        ["relabel", "--distilled", str(distilled), "--teacher", "conv3", "--teacher-weights", str(weights),
-         "--out", str(distilled / "labels"), "--epochs", "1"],
-        ["evaluate", "--distilled", str(distilled), "--val", str(data), "--teacher", "conv3", "--teacher-weights",
-         str(weights), "--student", "conv3", "--json", str(data / "eval.json"), "--epochs", "1"],
+        [
+            "relabel",
+            "--distilled",
+            str(distilled),
+            "--teacher",
+            "conv3",
+            "--teacher-weights",
+            str(weights),
+            "--out",
+            str(distilled / "labels"),
+            "--epochs",
+            "1",
+        ],
+        [
+            "evaluate",
+            "--distilled",
+            str(distilled),
+            "--val",
+            str(data),
+            "--teacher",
+            "conv3",
+            "--teacher-weights",
+            str(weights),
+            "--student",
+            "conv3",
+            "--json",
+            str(data / "eval.json"),
+            "--epochs",
+            "1",
+        ],
         ["train-observer", "--data", str(data), "--out", str(data / "class_00" / "o.pth"), "--epochs", "1"],
         ["demo", "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path)],
     ]
@@ -94,6 +152,7 @@ def test_every_command_refuses_an_output_inside_its_input(small, tmp_path, capsy
 
 
 # ---- case 2: --overwrite replaces only our own output; --overwrite-any moves aside until success -------
+
 
 def test_foreign_out_needs_overwrite_any_and_comes_back_on_failure(small, tmp_path, capsys):
     data, weights = small
@@ -124,6 +183,7 @@ def test_overwrite_replaces_our_own_output(small, tmp_path):
 
 # ---- case 3: one process per output ---------------------------------------------------------------------
 
+
 def test_second_process_is_refused_and_stale_locks_are_taken_over(small, tmp_path, capsys):
     data, weights = small
     out = tmp_path / "o"
@@ -151,6 +211,7 @@ def test_lock_is_exclusive_within_a_process(tmp_path):
 
 # ---- case 4: convert never replaces a file it did not write --------------------------------------------
 
+
 def test_convert_refuses_to_replace_a_foreign_file_or_without_overwrite(small, tmp_path, capsys):
     data, _ = small
     notes = tmp_path / "n.txt"
@@ -167,6 +228,7 @@ def test_convert_refuses_to_replace_a_foreign_file_or_without_overwrite(small, t
 
 
 # ---- case 5: broken JPEG structure is found before DALI sees it ------------------------------------------
+
 
 def _jpeg(**kw) -> bytes:
     buf = io.BytesIO()
@@ -204,8 +266,9 @@ def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
     from rded_fast.models import build
 
     torch.save(build("conv3", 2, None, 32).model.state_dict(), tmp_path / "w.pth")
-    argv = [sys.executable, "-m", "rded_fast.cli"] + _distill_argv(tmp_path / "shards", tmp_path / "w.pth", tmp_path / "o",
-                                                         "--loader", "dali", "--mipc", "6")
+    argv = [sys.executable, "-m", "rded_fast.cli"] + _distill_argv(
+        tmp_path / "shards", tmp_path / "w.pth", tmp_path / "o", "--loader", "dali", "--mipc", "6"
+    )
     run = subprocess.run(argv, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Invalid marker" not in run.stderr  # DALI's parser never saw the broken bytes
@@ -228,6 +291,7 @@ def test_dali_converter_leaves_out_broken_jpegs(tmp_path):
 
 # ---- case 6: a class map that leaves out folders is refused ------------------------------------------------
 
+
 def test_class_map_leaving_out_a_folder_is_refused_and_bom_is_ignored(small, tmp_path, capsys):
     data, weights = small
     cmap = tmp_path / "map.txt"
@@ -248,6 +312,7 @@ def test_class_map_leaving_out_a_folder_is_refused_and_bom_is_ignored(small, tmp
 
 # ---- case 7: stored soft labels are bound to the set's content ------------------------------------------
 
+
 def test_soft_labels_of_another_set_with_the_same_names_are_refused(small, tmp_path):
     from rded_fast.train.distilled_set import load_distilled
     from rded_fast.train.recipe import Recipe
@@ -266,10 +331,21 @@ def test_soft_labels_of_another_set_with_the_same_names_are_refused(small, tmp_p
 
 # ---- case 8: output paths are checked before any training -----------------------------------------------
 
+
 def test_evaluate_json_is_checked_before_training(small, tmp_path, capsys):
     data, weights = small
-    base = ["evaluate", "--distilled", str(tmp_path / "nonexistent-yet"), "--val", str(data), "--teacher", "conv3",
-            "--student", "conv3", "--quiet"]
+    base = [
+        "evaluate",
+        "--distilled",
+        str(tmp_path / "nonexistent-yet"),
+        "--val",
+        str(data),
+        "--teacher",
+        "conv3",
+        "--student",
+        "conv3",
+        "--quiet",
+    ]
     (tmp_path / "adir").mkdir()
     assert main(base + ["--json", str(tmp_path / "adir")]) == 2
     assert "is a folder" in _one_line_error(capsys)  # refused before the missing --distilled is even read
@@ -287,6 +363,7 @@ def test_demo_out_file_is_refused_at_once(tmp_path, capsys):
 
 # ---- case 9: every numeric argument is range-checked ----------------------------------------------------
 
+
 def test_every_numeric_argument_has_a_range():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -294,16 +371,19 @@ def test_every_numeric_argument_has_a_range():
     assert numeric and numeric <= set(NUMBER_RANGES), numeric - set(NUMBER_RANGES)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["distill", "--data", "d", "--observer", "conv3", "--out", "o", "--seed", "-1"], "--seed -1: must be >= 0"),
-    (["bench", "--data", "d", "--batch-size", "-5"], "--batch-size -5: must be >= 1"),
-    (["train-observer", "--data", "d", "--out", "o", "--lr", "0"], "--lr 0.0: must be > 0"),
-    (["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--epochs", "0"], "--epochs 0"),
-    (["convert", "--format", "ffcv", "--data", "d", "--out", "o", "--workers", "-2"], "--workers -2"),
-    (["relabel", "--distilled", "d", "--teacher", "t", "--out", "o", "--top-k", "0"], "--top-k 0"),
-    (["demo", "--student-epochs", "-1"], "--student-epochs -1"),
-    (["train-observer", "--data", "d", "--out", "o", "--weight-decay", "nan"], "finite"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["distill", "--data", "d", "--observer", "conv3", "--out", "o", "--seed", "-1"], "--seed -1: must be >= 0"),
+        (["bench", "--data", "d", "--batch-size", "-5"], "--batch-size -5: must be >= 1"),
+        (["train-observer", "--data", "d", "--out", "o", "--lr", "0"], "--lr 0.0: must be > 0"),
+        (["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--epochs", "0"], "--epochs 0"),
+        (["convert", "--format", "ffcv", "--data", "d", "--out", "o", "--workers", "-2"], "--workers -2"),
+        (["relabel", "--distilled", "d", "--teacher", "t", "--out", "o", "--top-k", "0"], "--top-k 0"),
+        (["demo", "--student-epochs", "-1"], "--student-epochs -1"),
+        (["train-observer", "--data", "d", "--out", "o", "--weight-decay", "nan"], "finite"),
+    ],
+)
 def test_bad_numbers_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in _one_line_error(capsys)
@@ -311,13 +391,15 @@ def test_bad_numbers_are_one_line_errors(argv, message, capsys):
 
 # ---- the weak list ---------------------------------------------------------------------------------------
 
+
 def test_os_errors_name_the_argument_and_the_fix(tmp_path):
     args = build_parser().parse_args(["distill", "--data", "d", "--observer", "conv3", "--out", str(tmp_path / "o")])
     exc = OSError(28, "No space left on device", str(tmp_path / "o" / "class_00" / ".x.png.abc.tmp"))
     msg = os_error_message(args, exc)
     assert msg.startswith(f"--out {tmp_path / 'o'}: No space left on device") and "--resume" in msg
-    args = build_parser().parse_args(["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s",
-                                      "--json", str(tmp_path / "e.json")])
+    args = build_parser().parse_args(
+        ["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--json", str(tmp_path / "e.json")]
+    )
     msg = os_error_message(args, OSError(13, "Permission denied", str(tmp_path / ".e.json.xyz.tmp")))
     assert msg.startswith(f"--json {tmp_path / 'e.json'}") and "distill" not in msg
 
@@ -369,8 +451,19 @@ def test_checkpoint_of_another_arch_and_pickled_objects_get_short_messages(tmp_p
 def test_resume_accepts_the_same_data_given_as_an_absolute_path(small, tmp_path, monkeypatch):
     data, weights = small
     monkeypatch.chdir(tmp_path)
-    base = dict(observer="conv3", weights=str(weights), ipc=1, factor=1, mipc=4, num_crop=1, input_size=32,
-                workers=0, device="cpu", skip_observer_check=True, show_progress=False)
+    base = dict(
+        observer="conv3",
+        weights=str(weights),
+        ipc=1,
+        factor=1,
+        mipc=4,
+        num_crop=1,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        skip_observer_check=True,
+        show_progress=False,
+    )
     distill(DistillConfig(data="data", out="o", **base))
     r = distill(DistillConfig(data=str(data.resolve()), out=str(tmp_path / "o"), resume=True, **base))
     assert r.num_images == 2
@@ -385,7 +478,9 @@ def test_resume_redoes_a_finished_class_whose_sources_changed(small, tmp_path, c
     for path in (out / ".rded-journal").glob("class_000001.json"):
         path.unlink()  # as if the run had stopped before class_01
     first = (out / "class_00").rglob("*.png").__next__().read_bytes()
-    Image.new("RGB", (48, 48), (255, 0, 0)).save(data / "class_00" / "img_000.jpg")  # changed meanwhile
+    used = json.loads((out / "manifest.json").read_text())["images"][0]["cells"][0]["source"]
+    assert used.startswith("class_00/")
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(data / used)  # a source it used, changed meanwhile
     assert main(_distill_argv(data, weights, out, "--resume")) == 0
     assert "redone because their source images changed" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -395,16 +490,44 @@ def test_resume_redoes_a_finished_class_whose_sources_changed(small, tmp_path, c
 
 def test_unusable_inductor_cache_does_not_stop_a_run(tmp_path):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": "/proc/no-such-dir/cache"}
-    run = subprocess.run([sys.executable, "-m", "rded_fast.cli", "models"], cwd=Path(__file__).parent.parent, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "rded_fast.cli", "models"],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0 and "conv3" in run.stdout, run.stderr
     assert "TORCHINDUCTOR_CACHE_DIR /proc/no-such-dir/cache is unusable" in run.stderr
 
 
 def test_random_init_observer_is_named_as_such(small, tmp_path, capsys):
     data, _ = small
-    argv = ["distill", "--data", str(data), "--observer", "conv3", "--out", str(tmp_path / "o"), "--input-size", "32",
-            "--factor", "1", "--ipc", "1", "--mipc", "4", "--num-crop", "1", "--device", "cpu", "--workers", "0", "--quiet"]
+    argv = [
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "conv3",
+        "--out",
+        str(tmp_path / "o"),
+        "--input-size",
+        "32",
+        "--factor",
+        "1",
+        "--ipc",
+        "1",
+        "--mipc",
+        "4",
+        "--num-crop",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     assert main(argv) == 2
     err = _one_line_error(capsys)
     assert "randomly initialised" in err and "class order" not in err
@@ -417,8 +540,12 @@ def test_a_real_second_run_on_the_same_out_is_refused_while_the_first_runs(small
 
     data, weights = small
     out = tmp_path / "o"
-    first = subprocess.Popen([sys.executable, "-m", "rded_fast.cli"] + _distill_argv(data, weights, out),
-                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rded_fast.cli"] + _distill_argv(data, weights, out),
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while not lock_path(out).exists() and first.poll() is None and time.time() < deadline:

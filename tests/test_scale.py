@@ -1,4 +1,5 @@
 """Scale out and survive: torchrun ranks, kill -9 and resume, write errors, determinism."""
+
 import json
 import os
 import signal
@@ -27,9 +28,36 @@ def many_classes(tmp_path_factory):
 
 
 def distill_args(data, ckpt, out, *extra):
-    return ["distill", "--data", str(data), "--observer", "conv3", "--weights", str(ckpt), "--out", str(out),
-            "--input-size", "32", "--factor", "2", "--ipc", "2", "--mipc", "8", "--num-crop", "3", "--workers", "0",
-            "--batch-size", "5", "--device", "cpu", "--skip-observer-check", "--quiet", *extra]
+    return [
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "conv3",
+        "--weights",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--factor",
+        "2",
+        "--ipc",
+        "2",
+        "--mipc",
+        "8",
+        "--num-crop",
+        "3",
+        "--workers",
+        "0",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+        "--skip-observer-check",
+        "--quiet",
+        *extra,
+    ]
 
 
 def output_files(out: Path) -> dict[str, bytes]:
@@ -84,8 +112,11 @@ def test_kill_9_then_resume_gives_identical_output(many_classes, reference_run, 
     data, ckpt = many_classes
     out = tmp_path / "killed"
     journal = out / ".rded-journal"
-    code = kill_when([sys.executable, "-m", "rded_fast.cli", *distill_args(data, ckpt, out)],
-                     lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= after_classes, ROOT)
+    code = kill_when(
+        [sys.executable, "-m", "rded_fast.cli", *distill_args(data, ckpt, out)],
+        lambda: journal.is_dir() and len(list(journal.glob("class_*.json"))) >= after_classes,
+        ROOT,
+    )
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.json").exists()
     from rded_fast.cli import main

@@ -1,4 +1,5 @@
 """Score, select and stitch against straightforward hand computations."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torchvision.transforms import Normalize
 
 from rded_fast.models import build
-from rded_fast.score import center_pad, make_scorer
+from rded_fast.score import Scorer, center_pad
 from rded_fast.select import select_class, select_random
 from rded_fast.stitch import cell_boxes, stitch
 
@@ -17,7 +18,7 @@ def test_scores_equal_one_crop_at_a_time(crop, size):
     model = build("conv3", 10, None, size).model.eval()
     crops = torch.randint(0, 256, (37, 3, crop, crop), dtype=torch.uint8)
     labels = torch.randint(0, 10, (37,))
-    scores, _ = make_scorer(model, size, "cpu", batch_size=16)(crops, labels)
+    scores, _ = Scorer(model, size, "cpu", batch_size=16)(crops, labels)
     norm = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for i in range(len(crops)):
         x = norm(crops[i].float() / 255)
@@ -38,14 +39,16 @@ def test_center_pad_puts_floor_half_top_left():
 
 def test_selection_is_rdeds_rank_rule():
     # 6 images x 3 crops; the best crop per image, then images sorted by it.
-    scores = np.array([
-        [0.9, 0.5, 0.7],   # best 0.5 (crop 1)
-        [0.2, 0.8, 0.3],   # best 0.2 (crop 0)
-        [np.inf] * 3,      # undecodable
-        [0.6, 0.4, 0.1],   # best 0.1 (crop 2)
-        [0.3, 0.35, 0.9],  # best 0.3 (crop 0)
-        [1.0, 1.1, 1.2],   # best 1.0
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.5, 0.7],  # best 0.5 (crop 1)
+            [0.2, 0.8, 0.3],  # best 0.2 (crop 0)
+            [np.inf] * 3,  # undecodable
+            [0.6, 0.4, 0.1],  # best 0.1 (crop 2)
+            [0.3, 0.35, 0.9],  # best 0.3 (crop 0)
+            [1.0, 1.1, 1.2],  # best 1.0
+        ]
+    )
     sel = select_class(scores, np.arange(10, 16), label=0, n=4)
     assert sel.rows.tolist() == [13, 11, 14, 10]
     assert sel.crops.tolist() == [2, 0, 0, 1]

@@ -1,4 +1,5 @@
 """The student recipe, ShufflePatches, stored soft labels, evaluate, and a short quality run."""
+
 import itertools
 import json
 import math
@@ -24,7 +25,8 @@ def test_lr_schedule_weight_decay_groups_and_batch_rule():
     decay, no_decay = param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in decay["params"]) == sorted(
-        [f"layers.conv.{i}.weight" for i in range(3)] + ["classifier.weight"])
+        [f"layers.conv.{i}.weight" for i in range(3)] + ["classifier.weight"]
+    )
     assert {names[id(p)] for p in no_decay["params"]} >= {"layers.norm.0.weight", "layers.conv.0.bias", "classifier.bias"}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert [rded_batch_size(i, 10) for i in (1, 10, 50)] == [10, 50, 100]
@@ -96,8 +98,22 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
 @pytest.fixture(scope="module")
 def tiny_distilled(fashion_tree, fashion_observer, tmp_path_factory):
     out = tmp_path_factory.mktemp("distilled") / "set"
-    distill(DistillConfig(data=str(fashion_tree), out=str(out), observer="conv3", weights=str(fashion_observer), ipc=2,
-                          factor=2, mipc=20, num_crop=2, input_size=32, workers=0, device="cpu", show_progress=False))
+    distill(
+        DistillConfig(
+            data=str(fashion_tree),
+            out=str(out),
+            observer="conv3",
+            weights=str(fashion_observer),
+            ipc=2,
+            factor=2,
+            mipc=20,
+            num_crop=2,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
+    )
     return out
 
 
@@ -109,8 +125,17 @@ def val_tree(tmp_path_factory):
 
 
 def test_replay_of_stored_labels_equals_online(tiny_distilled, val_tree, fashion_observer, tmp_path):
-    base = dict(distilled=str(tiny_distilled), teacher="conv3", teacher_weights=str(fashion_observer), val=str(val_tree),
-                student="conv3", epochs=3, seed=1, device="cpu", show_progress=False)
+    base = dict(
+        distilled=str(tiny_distilled),
+        teacher="conv3",
+        teacher_weights=str(fashion_observer),
+        val=str(val_tree),
+        student="conv3",
+        epochs=3,
+        seed=1,
+        device="cpu",
+        show_progress=False,
+    )
     online = evaluate(StudentConfig(**base, json=str(tmp_path / "online.json")))
     stored = relabel(StudentConfig(**base, out=str(tmp_path / "labels")))
     replay = evaluate(StudentConfig(**base, soft_labels=str(tmp_path / "labels")))
@@ -134,8 +159,19 @@ def test_replay_of_stored_labels_equals_online(tiny_distilled, val_tree, fashion
 
 
 def test_random_selection_differs_from_rded_and_is_seeded(fashion_tree, fashion_observer, tmp_path):
-    cfg = dict(data=str(fashion_tree), observer="conv3", weights=str(fashion_observer), ipc=2, factor=1, mipc=30,
-               num_crop=3, input_size=32, workers=0, device="cpu", show_progress=False)
+    cfg = dict(
+        data=str(fashion_tree),
+        observer="conv3",
+        weights=str(fashion_observer),
+        ipc=2,
+        factor=1,
+        mipc=30,
+        num_crop=3,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+    )
     sources = lambda r: [(c["source"], tuple(c["box"])) for m in json.loads(r.manifest.read_text())["images"] for c in m["cells"]]
     rded = sources(distill(DistillConfig(out=str(tmp_path / "rded"), **cfg)))
     rand_a = sources(distill(DistillConfig(out=str(tmp_path / "ra"), select="random", **cfg)))
@@ -146,8 +182,19 @@ def test_random_selection_differs_from_rded_and_is_seeded(fashion_tree, fashion_
 def test_short_quality_run(fashion_tree, fashion_observer, val_tree, tmp_path):
     from rded_fast.benchmarks.quality import LABELS, ROWS, format_table, run_quality
 
-    result = run_quality(tmp_path, train_dir=fashion_tree, test_dir=val_tree, observer=fashion_observer, seeds=(0,),
-                         epochs=10, ipcs=(2,), mipc=30, num_crop=3, device="cpu", show_progress=False)
+    result = run_quality(
+        tmp_path,
+        train_dir=fashion_tree,
+        test_dir=val_tree,
+        observer=fashion_observer,
+        seeds=(0,),
+        epochs=10,
+        ipcs=(2,),
+        mipc=30,
+        num_crop=3,
+        device="cpu",
+        show_progress=False,
+    )
     for row in ROWS:
         for lab in LABELS:
             runs = result["final_top1"][row]["2"][lab]["runs"]

@@ -3,6 +3,7 @@
 Read from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/*.gz); where that is
 absent, torchvision's downloader is tried. The tree is written once (atomically) and reused.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -19,8 +20,18 @@ from rded_fast.errors import UserError
 from rded_fast.progress import progress
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ["00_tshirt_top", "01_trouser", "02_pullover", "03_dress", "04_coat",
-           "05_sandal", "06_shirt", "07_sneaker", "08_bag", "09_ankle_boot"]
+CLASSES = [
+    "00_tshirt_top",
+    "01_trouser",
+    "02_pullover",
+    "03_dress",
+    "04_coat",
+    "05_sandal",
+    "06_shirt",
+    "07_sneaker",
+    "08_bag",
+    "09_ankle_boot",
+]
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -101,5 +112,7 @@ def prepare(data_dir: Path | None = None, show_progress: bool = True) -> tuple[P
     """The cached train and test ImageFolders under `data_dir` (default ~/.cache/rded-fast)."""
     root = (data_dir or default_data_dir()) / "fashion-mnist-32"
     root.mkdir(parents=True, exist_ok=True)
-    return (write_image_folder(root / "train", "train", cache=data_dir, show_progress=show_progress),
-            write_image_folder(root / "test", "test", cache=data_dir, show_progress=show_progress))
+    return (
+        write_image_folder(root / "train", "train", cache=data_dir, show_progress=show_progress),
+        write_image_folder(root / "test", "test", cache=data_dir, show_progress=show_progress),
+    )

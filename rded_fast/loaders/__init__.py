@@ -5,6 +5,7 @@ loaders read their own formats' sidecars), and `make_loader(name, ...)` the Crop
 CropPlan over it. `resolve_loader("auto", data, device)` picks the fast one. Nothing outside this package
 branches on the loader name.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,11 +47,7 @@ def _check_name(name: str) -> None:
 
 
 def open_index(
-    name: str,
-    data: str,
-    class_map: list[str] | None = None,
-    cache: str | None = None,
-    show_progress: bool = True,
+    name: str, data: str, class_map: list[str] | None = None, cache: str | None = None, show_progress: bool = True
 ) -> DatasetIndex:
     """The index of `data` as loader `name` reads it (class order, relative paths, original sizes)."""
     _check_name(name)
@@ -96,18 +93,37 @@ def make_loader(
         target = torch.device(device)
         decode = "mixed" if target.type == "cuda" else "cpu"
         device_id = (target.index if target.index is not None else torch.cuda.current_device()) if decode == "mixed" else None
-        return DaliCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=decode,
-                              device_id=device_id, prefetch=prefetch, hw_decoder_load=hw_decoder_load)
+        return DaliCropLoader(
+            index,
+            plan,
+            crop_size,
+            batch_size=batch_size,
+            workers=workers,
+            device=decode,
+            device_id=device_id,
+            prefetch=prefetch,
+            hw_decoder_load=hw_decoder_load,
+        )
     if name == "ffcv":
         from rded_fast.loaders.ffcv_loader import FfcvCropLoader
 
-        return FfcvCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, batches_ahead=prefetch,
-                              reuse_buffers=reuse_buffers)
+        return FfcvCropLoader(
+            index, plan, crop_size, batch_size=batch_size, workers=workers, batches_ahead=prefetch, reuse_buffers=reuse_buffers
+        )
     from rded_fast.loaders.torch_loader import TorchCropLoader
 
-    return TorchCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, prefetch=prefetch,
-                           reuse_buffers=reuse_buffers)
+    return TorchCropLoader(
+        index, plan, crop_size, batch_size=batch_size, workers=workers, prefetch=prefetch, reuse_buffers=reuse_buffers
+    )
 
 
-__all__ = ["CropBatch", "CropLoader", "LOADER_CHOICES", "LOADER_NAMES", "default_prefetch", "make_loader", "open_index",
-           "resolve_loader"]
+__all__ = [
+    "CropBatch",
+    "CropLoader",
+    "LOADER_CHOICES",
+    "LOADER_NAMES",
+    "default_prefetch",
+    "make_loader",
+    "open_index",
+    "resolve_loader",
+]

@@ -4,13 +4,23 @@ Every loader (torch, FFCV, DALI) executes the same CropPlan and yields CropBatch
 speed differs. Images that cannot be decoded are reported per row in their batch (`ok` False, and the
 reason in `reasons`), so the run goes on without them.
 """
+
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from rded_fast.errors import UserError
+
+if TYPE_CHECKING:
+    from rded_fast.index import DatasetIndex
+    from rded_fast.plan import CropPlan
 
 
 @dataclass
@@ -30,7 +40,15 @@ class CropBatch:
 
 class CropLoader:
     """Iterates over a plan's rows in order, in batches of CropBatch. Every hook a loader may provide is
-    declared here with its default (as FFCV's `Operation` declares its own); a loader overrides what it has."""
+    declared here with its default (as FFCV's `Operation` declares its own); a loader overrides what it has.
+
+    Every loader is made with the arguments declared here, in this order: the `index` and `plan` (which images,
+    which boxes), `crop_size` (the side crops are resized to), `batch_size` (plan rows per batch) and `workers`
+    (its decoding threads or processes); its own options follow as keywords."""
+
+    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4):
+        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
+        self.batch_size, self.workers = int(batch_size), int(workers)
 
     def __iter__(self) -> Iterator[CropBatch]:
         raise NotImplementedError
@@ -44,11 +62,32 @@ class CropLoader:
         return {}
 
 
+def read_sidecar(path: Path, format_name: str, version: int, unreadable: str) -> dict:
+    """The JSON a converter wrote beside its output (a .beton's sidecar, the shards' dataset.json), checked to be
+    of `format_name` and `version`; a UserError naming the file and the fix otherwise (`unreadable`: what to say
+    when it cannot be read at all)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror}); {unreadable}") from exc
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); convert the data again") from exc
+    if data.get("format") != format_name or data.get("version") != version:
+        raise UserError(
+            f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected "
+            f"{format_name!r} version {version}; convert the data again with this rded-fast"
+        )
+    return data
+
+
 def left_out_rows(rows: np.ndarray, image_ids: np.ndarray, stored: np.ndarray, why: dict[int, str]) -> dict[int, str]:
     """Plan row -> reason for the `rows` whose image a converter left out (`stored[k]` False for row
     rows[k] of image image_ids[k]; `why`: image id -> the converter's reason)."""
-    return {int(r): "left out at convert time: " + why.get(int(i), "unknown reason")
-            for r, i, kept in zip(rows, image_ids, stored) if not kept}
+    return {
+        int(r): "left out at convert time: " + why.get(int(i), "unknown reason")
+        for r, i, kept in zip(rows, image_ids, stored)
+        if not kept
+    }
 
 
 def failed_rows(batches: Iterable[CropBatch]) -> dict[int, str]:

@@ -11,9 +11,9 @@ time, why. This module is the one place that knows those names.
 Importing ffcv sets torch's CPU thread count to 1 (ffcv's Compiler does it at import), which would slow
 every later torch op in the process; `keep_torch_threads` guards every ffcv import and call that does so.
 """
+
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +24,7 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, require_class_order
+from rded_fast.loaders.base import read_sidecar
 
 FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
@@ -78,19 +79,13 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
         raise UserError(f"--data {beton}: --loader ffcv reads a .beton file, not a folder; {how}")
     if not beton.is_file():
         raise UserError(f"--data {beton}: no such .beton file; {how}")
-    try:
-        data = json.loads(side.read_text())
-    except OSError as exc:
-        raise UserError(f"{side}: cannot read the sidecar of {beton.name} ({exc.strerror}); {how}") from exc
-    except ValueError as exc:
-        raise UserError(f"{side}: not valid JSON ({exc}); convert the data again") from exc
-    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-        raise UserError(f"{side}: format {data.get('format')!r} version {data.get('version')!r}, expected "
-                        f"{FORMAT_NAME!r} version {FORMAT_VERSION}; convert the data again with this rded-fast")
+    data = read_sidecar(side, FORMAT_NAME, FORMAT_VERSION, f"it is the sidecar of {beton.name}; {how}")
     size = beton.stat().st_size
     if size != data["beton_bytes"]:
-        raise UserError(f"{beton}: {size} bytes but {side.name} records {data['beton_bytes']} (truncated, changed, "
-                        "or from another conversion); convert the data again")
+        raise UserError(
+            f"{beton}: {size} bytes but {side.name} records {data['beton_bytes']} (truncated, changed, "
+            "or from another conversion); convert the data again"
+        )
     index = DatasetIndex.from_json({**data["index"], "root": str(beton)})
     position = np.asarray(data["position"], dtype=np.int64)
     stored = np.asarray(data["stored_sizes"], dtype=np.int64).reshape(-1, 2)

@@ -15,6 +15,7 @@ DALI stops a whole pipeline on one undecodable file; this loader then finds the 
 failing batch (PIL, then one-image DALI runs), reports it as a failed row, and restarts after it.
 All DALI types stay inside this module.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,11 +33,9 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
-from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
-from rded_fast.plan import CropPlan
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 # `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
@@ -58,8 +57,9 @@ def shard_rows(num_rows: int, shard_id: int, num_shards: int) -> np.ndarray:
 
 
 @pipeline_def(seed=0)
-def crop_pipeline(feed: Callable, files: list[str] | None, num_crop: int, crop_size: int, decode_device: str,
-                  hw_decoder_load: float | None):
+def crop_pipeline(
+    feed: Callable, files: list[str] | None, num_crop: int, crop_size: int, decode_device: str, hw_decoder_load: float | None
+):
     """One decode per image, then `num_crop` slice+resize crops: outputs crops [K, 3, p, p] uint8, the
     decoded shape [3] (H, W, C), the position in the segment fed by `feed`, and the position the file
     reader reports (equal to the former; the loader checks that both streams stay in step)."""
@@ -95,8 +95,9 @@ class _ShardBytes:
         if number not in self._maps:
             with open(self.shards.tars[number], "rb") as f:
                 self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(self._maps[number], np.uint8, count=int(self.shards.nbytes[image_id]),
-                             offset=int(self.shards.offset[image_id]))
+        return np.frombuffer(
+            self._maps[number], np.uint8, count=int(self.shards.nbytes[image_id]), offset=int(self.shards.offset[image_id])
+        )
 
     def close(self) -> None:
         for m in self._maps.values():
@@ -128,9 +129,18 @@ class DaliCropLoader(CropLoader):
     per GPU).
     """
 
-    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
-                 device: str = "auto", hw_decoder_load: float | None = None, shard_id: int = 0, num_shards: int = 1,
-                 device_id: int | None = None, prefetch: int = 2):
+    def __init__(
+        self,
+        *args,
+        device: str = "auto",
+        hw_decoder_load: float | None = None,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        device_id: int | None = None,
+        prefetch: int = 2,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
         if device not in DECODE_DEVICES:
             raise ValueError(f"device {device!r}: choose one of {DECODE_DEVICES}")
         if device == "auto":
@@ -139,12 +149,11 @@ class DaliCropLoader(CropLoader):
             raise RuntimeError("GPU decoding needs a DALI with the dynamic executor (exec_dynamic); upgrade DALI")
         if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load {hw_decoder_load}: must be in 0..1")
-        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
-        self.batch_size, self.workers, self.prefetch = int(batch_size), max(1, int(workers)), max(1, int(prefetch))
+        self.workers, self.prefetch = max(1, self.workers), max(1, int(prefetch))
         self.decode_device, self.hw_decoder_load = device, hw_decoder_load
         self.device_id = None if device != "mixed" else (torch.cuda.current_device() if device_id is None else int(device_id))
-        self.rows = shard_rows(len(plan), shard_id, num_shards)
-        self.shards = load_shard_dataset(index.root) if is_shard_dir(index.root) else None
+        self.rows = shard_rows(len(self.plan), shard_id, num_shards)
+        self.shards = load_shard_dataset(self.index.root) if is_shard_dir(self.index.root) else None
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -159,8 +168,10 @@ class DaliCropLoader(CropLoader):
         reader = _ShardBytes(self.shards)
         try:
             rows = [r for r in self.rows if int(r) not in missing]
-            return {**missing, **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True,
-                                                 workers=self.workers)}
+            return {
+                **missing,
+                **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True, workers=self.workers),
+            }
         finally:
             reader.close()
 
@@ -206,9 +217,19 @@ class DaliCropLoader(CropLoader):
             return [reader.get(int(plan.image_ids[r])) for r in rows], anchors, extents, pos
 
         executor = {"exec_dynamic": True} if HAS_DYNAMIC_EXECUTOR else {}
-        pipe = crop_pipeline(feed, files, plan.num_crop, self.crop_size, self.decode_device, self.hw_decoder_load,
-                             batch_size=batch_size, num_threads=self.workers, device_id=self.device_id,
-                             prefetch_queue_depth=self.prefetch, **executor)
+        pipe = crop_pipeline(
+            feed,
+            files,
+            plan.num_crop,
+            self.crop_size,
+            self.decode_device,
+            self.hw_decoder_load,
+            batch_size=batch_size,
+            num_threads=self.workers,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch,
+            **executor,
+        )
         iterator = DALIGenericIterator([pipe], ["crops", "shape", "position", "reader_position"], size=-1)
         try:
             for i, out in enumerate(iterator):
@@ -261,7 +282,9 @@ class DaliCropLoader(CropLoader):
                         for i, row in enumerate(rows):
                             w, h = (int(v) for v in sizes[int(self.plan.image_ids[row])])
                             if (int(shapes[i, 0]), int(shapes[i, 1])) != (h, w):
-                                reasons[row] = f"decoded size {int(shapes[i, 1])}x{int(shapes[i, 0])} differs from indexed {w}x{h}"
+                                reasons[row] = (
+                                    f"decoded size {int(shapes[i, 1])}x{int(shapes[i, 0])} differs from indexed {w}x{h}"
+                                )
                         done += 1
                         yield rows, crops, reasons
                     remaining = []
@@ -290,16 +313,20 @@ class DaliCropLoader(CropLoader):
                 if not pending and not any(r in missing for r in chunk):
                     rows, crops, reasons = next(stream)
                     if rows == chunk and crops is not None and not reasons:  # the usual case: DALI's batch as it is
-                        yield CropBatch(rows=torch.tensor(chunk, dtype=torch.int64), crops=crops,
-                                        ok=torch.ones(len(chunk), dtype=torch.bool))
+                        yield CropBatch(
+                            rows=torch.tensor(chunk, dtype=torch.int64), crops=crops, ok=torch.ones(len(chunk), dtype=torch.bool)
+                        )
                         continue
                     _buffer(pending, rows, crops, reasons)
                 while any(r not in pending and r not in missing for r in chunk):
                     _buffer(pending, *next(stream))
                 items = [missing[r] if r in missing else pending.pop(r) for r in chunk]
-                yield CropBatch(rows=torch.tensor(chunk, dtype=torch.int64), crops=self._assemble(items),
-                                ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool),
-                                reasons={row: item for row, item in zip(chunk, items) if isinstance(item, str)})
+                yield CropBatch(
+                    rows=torch.tensor(chunk, dtype=torch.int64),
+                    crops=self._assemble(items),
+                    ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool),
+                    reasons={row: item for row, item in zip(chunk, items) if isinstance(item, str)},
+                )
         finally:
             stream.close()
 

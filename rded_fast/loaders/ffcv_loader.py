@@ -19,6 +19,7 @@ Sequential order is required (rows must come back in plan order); QUASI_RANDOM o
 random orders without an OS cache, and the process cache would load the whole file for a plan that
 reads a subset. ffcv resets torch's thread count; every ffcv call here restores it.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,11 +35,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex
 from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.resample import cut_boxes
-from rded_fast.plan import CropPlan
 
 with keep_torch_threads():
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -109,8 +108,10 @@ class PlannedCrops(Operation):
     def declare_state_and_memory(self, previous_state: State):
         shape = (self.boxes.shape[1], 3, self.crop_size, self.crop_size)
         u8 = np.dtype("u1")
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                (AllocationQuery(shape, u8), AllocationQuery((1,), u8)))
+        return (
+            replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+            (AllocationQuery(shape, u8), AllocationQuery((1,), u8)),
+        )
 
     def generate_code(self):
         mem_read = self.memory_read
@@ -177,14 +178,14 @@ class FfcvCropLoader(CropLoader):
     `boxes` [M, K, 4] float64 are the boxes actually cut, in stored pixels (the plan's boxes when the
     .beton stores full resolution)."""
 
-    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
-                 batches_ahead: int = 3, reuse_buffers: bool = False):
+    def __init__(self, *args, batches_ahead: int = 3, reuse_buffers: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        index, plan = self.index, self.plan
         self.dataset = load_beton_dataset(index.root)
         if index.paths != self.dataset.index.paths:
-            raise UserError(f"{index.root}: the index given is not the one stored beside this .beton; "
-                            "open it with open_index('ffcv', ...)")
-        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
-        self.batch_size = int(batch_size)
+            raise UserError(
+                f"{index.root}: the index given is not the one stored beside this .beton; open it with open_index('ffcv', ...)"
+            )
         self.batches_ahead, self.reuse_buffers = int(batches_ahead), reuse_buffers
         ids = plan.image_ids
         position = self.dataset.position[ids]
@@ -196,14 +197,20 @@ class FfcvCropLoader(CropLoader):
         rows[position[position >= 0]] = np.flatnonzero(position >= 0)
         self._loader = None
         if len(self._samples):
-            threads = max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS))
+            threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
             decoder = PlannedCrops(self.boxes, rows, self.crop_size)
             with keep_torch_threads():
-                self._loader = Loader(self.dataset.beton, batch_size=self.batch_size, num_workers=threads,
-                                      os_cache=True, order=OrderOption.SEQUENTIAL, indices=self._samples,
-                                      pipelines={IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder),
-                                                 LABEL_FIELD: None},
-                                      drop_last=False, batches_ahead=batches_ahead)
+                self._loader = Loader(
+                    self.dataset.beton,
+                    batch_size=self.batch_size,
+                    num_workers=threads,
+                    os_cache=True,
+                    order=OrderOption.SEQUENTIAL,
+                    indices=self._samples,
+                    pipelines={IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder), LABEL_FIELD: None},
+                    drop_last=False,
+                    batches_ahead=batches_ahead,
+                )
 
     def __len__(self) -> int:
         return math.ceil(len(self.plan) / self.batch_size)
@@ -258,9 +265,11 @@ class FfcvCropLoader(CropLoader):
                 for i, row in enumerate(chunk.tolist()):
                     if not good[i]:
                         out_np[i] = 0
-                        reasons[row] = self.missing.get(row, "ffcv could not decode its stored bytes (corrupt .beton?); "
-                                                             "convert the data again")
-                yield CropBatch(rows=torch.from_numpy(chunk.astype(np.int64)), crops=out,
-                                ok=torch.from_numpy(good), reasons=reasons)
+                        reasons[row] = self.missing.get(
+                            row, "ffcv could not decode its stored bytes (corrupt .beton?); convert the data again"
+                        )
+                yield CropBatch(
+                    rows=torch.from_numpy(chunk.astype(np.int64)), crops=out, ok=torch.from_numpy(good), reasons=reasons
+                )
         finally:
             stream.close()

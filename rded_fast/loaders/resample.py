@@ -13,6 +13,7 @@ RandomResizedCrop boxes: mean |difference| 0.11 grey levels, max 1.
 The box may be fractional (a box in original pixels scaled to a smaller stored image); the filter then
 samples the fractional interval and clamps to the pixels it touches.
 """
+
 from __future__ import annotations
 
 import math

@@ -8,9 +8,9 @@ loader makes from the source tree, plus, per indexed image, where its bytes are 
 length) or, for an image left out at convert time, why. This module is the one place that knows those
 names; the converter writes them and the DALI loader reads them.
 """
+
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, require_class_order
+from rded_fast.loaders.base import read_sidecar
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
@@ -65,16 +66,9 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
     """Read `folder/dataset.json`; UserError naming the file and the fix when it is absent or foreign."""
     folder = Path(folder).resolve()
     path = folder / DATASET_FILE
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror}); make the folder with "
-                        "`rded-fast convert --format dali --data DIR --out FOLDER`") from exc
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); convert the data again") from exc
-    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected "
-                        f"{FORMAT_NAME!r} version {FORMAT_VERSION}; convert the data again with this rded-fast")
+    data = read_sidecar(
+        path, FORMAT_NAME, FORMAT_VERSION, "make the folder with `rded-fast convert --format dali --data DIR --out FOLDER`"
+    )
     index = DatasetIndex.from_json({**data["index"], "root": str(folder)})
     samples = data["samples"]
     missing = {int(k): v for k, v in data.get("missing", {}).items()}
@@ -83,8 +77,10 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
         if tar and not os.path.isfile(tar):
             raise UserError(f"{tar}: listed in {path} but absent; rerun the convert command to rewrite it")
         if tar and os.path.getsize(tar) != shard["bytes"]:
-            raise UserError(f"{tar}: {os.path.getsize(tar)} bytes but {path} records {shard['bytes']} (truncated or "
-                            "changed); rerun the convert command to rewrite it")
+            raise UserError(
+                f"{tar}: {os.path.getsize(tar)} bytes but {path} records {shard['bytes']} (truncated or "
+                "changed); rerun the convert command to rewrite it"
+            )
     return ShardDataset(
         index=index,
         tars=tars,

@@ -3,6 +3,7 @@
 Crops are resized with bilinear interpolation and antialiasing (RDED's RandomResizedCrop setting)
 from the uint8 image, so they come out as uint8 [K, 3, p, p] per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,14 +73,14 @@ class TorchCropLoader(CropLoader):
     buffer per batch), so the scorer's host-to-device copies run asynchronously without a pinned allocation
     per batch. Without CUDA the workers' batches are handed out as they come (nothing to pin)."""
 
-    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4,
-                 prefetch: int = 2, reuse_buffers: bool = False):
-        self.index, self.plan = index, plan
+    def __init__(self, *args, prefetch: int = 2, reuse_buffers: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        workers = self.workers
         pin = torch.cuda.is_available()
         self._ring = BufferRing(prefetch + 2, pin=True) if reuse_buffers and pin else None
         self._loader = DataLoader(
-            _PlanDataset(index, plan, crop_size),
-            batch_size=batch_size,
+            _PlanDataset(self.index, self.plan, self.crop_size),
+            batch_size=self.batch_size,
             shuffle=False,
             num_workers=workers,
             collate_fn=_collate,

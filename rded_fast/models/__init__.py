@@ -7,6 +7,7 @@ path), `resnet18_modified`/`resnet101_modified` (3x3 stride-1 stem, no max-pool)
 outputs than the dataset has classes keeps the rows of the dataset's classes (`models.classes`: the
 first rows, RDED's rule, unless WNIDs or a class map say otherwise); a smaller head is an error.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,29 @@ from rded_fast.models.registry import (
 )
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["BuiltModel", "build", "register", "register_source", "get_entry", "list_entries", "list_models",
-           "model_families", "source_usages", "model_names", "head_name", "slice_head", "select_rows",
-           "load_checkpoint", "clean_state_dict", "state_dict_sha256", "choose_head_rows", "imagenet_wnids",
-           "CONVNET_NAMES", "MODIFIED_RESNETS", "ModelEntry"]
-
+__all__ = [
+    "BuiltModel",
+    "build",
+    "register",
+    "register_source",
+    "get_entry",
+    "list_entries",
+    "list_models",
+    "model_families",
+    "source_usages",
+    "model_names",
+    "head_name",
+    "slice_head",
+    "select_rows",
+    "load_checkpoint",
+    "clean_state_dict",
+    "state_dict_sha256",
+    "choose_head_rows",
+    "imagenet_wnids",
+    "CONVNET_NAMES",
+    "MODIFIED_RESNETS",
+    "ModelEntry",
+]
 
 
 @dataclass
@@ -67,10 +86,18 @@ class BuiltModel:
 
     def manifest(self) -> dict:
         """What the manifest records about this model."""
-        return {"name": self.name, "source": self.source, "family": self.family, "weights": self.weights,
-                "weights_sha256": self.weights_sha256, "head_size": self.head_size, "head_rule": self.head_rule,
-                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "convention": self.convention,
-                **({"factory": self.origin} if self.origin else {})}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "family": self.family,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "head_size": self.head_size,
+            "head_rule": self.head_rule,
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "convention": self.convention,
+            **({"factory": self.origin} if self.origin else {}),
+        }
 
 
 def _load_weights(entry: ModelEntry, weights: str) -> tuple[dict, ModelEntry]:
@@ -99,29 +126,23 @@ def _count_outputs(model: nn.Module, input_size: int, name: str) -> int:
         with torch.inference_mode():
             out = model.eval()(torch.zeros(1, 3, input_size, input_size))
     except Exception as exc:
-        raise UserError(f"model {name}: a 1x3x{input_size}x{input_size} input fails ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); check --input-size") from exc
+        raise UserError(
+            f"model {name}: a 1x3x{input_size}x{input_size} input fails ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check --input-size"
+        ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UserError(f"model {name}: must return logits [batch, classes], returned "
-                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        raise UserError(
+            f"model {name}: must return logits [batch, classes], returned "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
     return int(out.shape[1])
 
 
-def build(name: str, num_classes: int, weights: str | None = None, input_size: int = 224,
-          classes: Sequence[str] | None = None, class_map: Sequence[str] | None = None,
-          what: str = "observer", head_rows: Sequence[int] | None = None) -> BuiltModel:
-    """Build `name` with `weights` (None = random init) for `num_classes` classes, in eval mode.
-
-    The head keeps the rows of the dataset's classes: given the class names `classes` (and the observer's
-    output order `class_map`, which may list more classes), rows are picked by class
-    (`models.classes.choose_head_rows`); without them, the first `num_classes` rows. `what="student"`:
-    a random student; ImageNet families get a 1000-way head sliced to `num_classes`, as the reference
-    builds them (ConvNets and factories get `num_classes`). `head_rows`: explicit rows (e.g. the ones a
-    distilled set's manifest recorded), overriding both rules. The model is returned in eval mode."""
-    entry = get_entry(name)
-    state = None
-    if weights is not None:
-        state, entry = _load_weights(entry, weights)
+def _instantiate(
+    entry, state: dict | None, weights: str | None, num_classes: int, input_size: int, what: str, class_map: Sequence[str] | None
+) -> tuple[nn.Module, str | None]:
+    """The model with its head sized for the checkpoint (or the rules of `build`), the checkpoint loaded; and the
+    name of its head Linear where known."""
     head_size, head = num_classes, None
     if state is not None:
         head_size, head = _head_size(entry, state, weights, num_classes, input_size)
@@ -134,9 +155,52 @@ def build(name: str, num_classes: int, weights: str | None = None, input_size: i
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0:3]
-            raise UserError(f"--weights {weights}: does not fit {entry.name} at input size {input_size}: {' '.join(first)}") from exc
-    head = head if head is not None else find_head(model)
+            first = " ".join(str(exc).splitlines()[0:3])
+            raise UserError(f"--weights {weights}: does not fit {entry.name} at input size {input_size}: {first}") from exc
+    return model, head if head is not None else find_head(model)
+
+
+def _head_rows(
+    head_rows: Sequence[int] | None,
+    classes: Sequence[str] | None,
+    num_classes: int,
+    full: int,
+    class_map: Sequence[str] | None,
+    label_offset: int,
+) -> tuple[list[int], str]:
+    """The head rows kept, and the rule that chose them (see `build`)."""
+    if head_rows is not None:
+        return [int(r) for r in head_rows], "given"
+    if classes is None:
+        return list(range(num_classes)), "first-rows"
+    if len(classes) != num_classes:
+        raise ValueError(f"classes has {len(classes)} names but num_classes is {num_classes}")
+    return choose_head_rows(classes, full, class_map, label_offset)
+
+
+def build(
+    name: str,
+    num_classes: int,
+    weights: str | None = None,
+    input_size: int = 224,
+    classes: Sequence[str] | None = None,
+    class_map: Sequence[str] | None = None,
+    what: str = "observer",
+    head_rows: Sequence[int] | None = None,
+) -> BuiltModel:
+    """Build `name` with `weights` (None = random init) for `num_classes` classes, in eval mode.
+
+    The head keeps the rows of the dataset's classes: given the class names `classes` (and the observer's
+    output order `class_map`, which may list more classes), rows are picked by class
+    (`models.classes.choose_head_rows`); without them, the first `num_classes` rows. `what="student"`:
+    a random student; ImageNet families get a 1000-way head sliced to `num_classes`, as the reference
+    builds them (ConvNets and factories get `num_classes`). `head_rows`: explicit rows (e.g. the ones a
+    distilled set's manifest recorded), overriding both rules. The model is returned in eval mode."""
+    entry = get_entry(name)
+    state = None
+    if weights is not None:
+        state, entry = _load_weights(entry, weights)
+    model, head = _instantiate(entry, state, weights, num_classes, input_size, what, class_map)
     outputs = None
     if entry.source == "factory" or head is None:
         outputs = _count_outputs(model, input_size, entry.name)
@@ -148,18 +212,23 @@ def build(name: str, num_classes: int, weights: str | None = None, input_size: i
     cfg = getattr(model, "pretrained_cfg", None)
     if not convention and isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
         convention = {"mean": list(cfg["mean"]), "std": list(cfg["std"])}
-    if head_rows is not None:
-        rows, rule = [int(r) for r in head_rows], "given"
-    elif classes is not None:
-        if len(classes) != num_classes:
-            raise ValueError(f"classes has {len(classes)} names but num_classes is {num_classes}")
-        rows, rule = choose_head_rows(classes, full, class_map, convention.get("label_offset", 0))
-    else:
-        rows, rule = list(range(num_classes)), "first-rows"
+    rows, rule = _head_rows(head_rows, classes, num_classes, full, class_map, convention.get("label_offset", 0))
     model = select_rows(model, rows, what, head=head, outputs=full)
     model.eval()
     mean = tuple(float(v) for v in convention.get("mean", IMAGENET_MEAN))
     std = tuple(float(v) for v in convention.get("std", IMAGENET_STD))
-    return BuiltModel(model, entry.name, weights, state_dict_sha256(state) if state is not None else None, full,
-                      rows, rule, mean, std, entry.source, entry.family, convention, entry.origin)
-
+    return BuiltModel(
+        model,
+        entry.name,
+        weights,
+        state_dict_sha256(state) if state is not None else None,
+        full,
+        rows,
+        rule,
+        mean,
+        std,
+        entry.source,
+        entry.family,
+        convention,
+        entry.origin,
+    )

@@ -1,4 +1,5 @@
 """The fixed names: ConvNet-D (conv3..conv6), RDED's modified ResNets, and every torchvision classifier."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,5 +47,6 @@ for _depth in range(3, 7):
 for _name in MODIFIED_RESNETS:
     register(_name, "modified", "resnet")(partial(_modified_resnet, _name.split("_")[0]))
 for _name in sorted(torchvision.models.list_models(module=torchvision.models)):
-    register(_name, "torchvision", torchvision_family(_name),
-             fetch_weights=partial(_torchvision_weights, _name))(partial(_torchvision, _name))
+    register(_name, "torchvision", torchvision_family(_name), fetch_weights=partial(_torchvision_weights, _name))(
+        partial(_torchvision, _name)
+    )

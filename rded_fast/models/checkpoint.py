@@ -4,6 +4,7 @@ Layouts read: a bare state dict; one nested under `model`, `state_dict`, `model_
 references, RDED, timm's train.py) or `state_dict_ema`/`model_ema` when that is all there is; keys
 prefixed by `module.` (DataParallel/DDP) and/or `_orig_mod.` (torch.compile); `.safetensors` files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             stripped = False
             for prefix in PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -36,8 +37,10 @@ def _read(path: str) -> object:
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
-            raise UserError(f"--weights {path}: reading .safetensors needs the safetensors package "
-                            "(pip install safetensors, or rded-fast[timm])") from exc
+            raise UserError(
+                f"--weights {path}: reading .safetensors needs the safetensors package "
+                "(pip install safetensors, or rded-fast[timm])"
+            ) from exc
         return load_file(path, device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -52,13 +55,22 @@ def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> 
         raise
     except Exception as exc:  # torch's own text (e.g. its weights_only advice) is not for this user
         text = str(exc)
-        why = ("it holds Python objects besides tensors; save {'model': model.state_dict()} instead"
-               if "weights_only" in text or "Weights only" in text else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+        why = (
+            "it holds Python objects besides tensors; save {'model': model.state_dict()} instead"
+            if "weights_only" in text or "Weights only" in text
+            else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        )
         raise UserError(f"--weights {path}: cannot load checkpoint ({why})") from exc
-    if (isinstance(obj, dict) and expect_arch and isinstance(obj.get("arch"), str)
-            and obj["arch"] not in (expect_arch, expect_arch.split(":")[-1])):  # timm's train.py saves "resnet18"
-        raise UserError(f"--weights {path}: a checkpoint of {obj['arch']}, not of {expect_arch}; pass "
-                        f"--observer/--teacher {obj['arch']} or a {expect_arch} checkpoint")
+    if (
+        isinstance(obj, dict)
+        and expect_arch
+        and isinstance(obj.get("arch"), str)
+        and obj["arch"] not in (expect_arch, expect_arch.split(":")[-1])
+    ):  # timm's train.py saves "resnet18"
+        raise UserError(
+            f"--weights {path}: a checkpoint of {obj['arch']}, not of {expect_arch}; pass "
+            f"--observer/--teacher {obj['arch']} or a {expect_arch} checkpoint"
+        )
     if isinstance(obj, dict):
         for key in NESTED_KEYS:
             if key in obj and isinstance(obj[key], dict):

@@ -6,6 +6,7 @@ folders are WNIDs (ImageNette, ImageWoof, ImageNet-100, ...) scored by a 1000-wa
 their WNIDs. A class map lists the observer's classes in output order and may name classes the data
 lacks; every class folder of the data must be in it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ def imagenet_wnids() -> tuple[str, ...]:
     return tuple(lines)
 
 
-def choose_head_rows(classes: Sequence[str], head_size: int, class_map: Sequence[str] | None = None,
-                     label_offset: int = 0) -> tuple[list[int], str]:
+def choose_head_rows(
+    classes: Sequence[str], head_size: int, class_map: Sequence[str] | None = None, label_offset: int = 0
+) -> tuple[list[int], str]:
     """(row of the head for each class, the rule used: "class-map", "imagenet-wnid" or "first-rows").
 
     `label_offset`: outputs before the first ImageNet class (1 for heads with a background row)."""
@@ -35,11 +37,15 @@ def choose_head_rows(classes: Sequence[str], head_size: int, class_map: Sequence
         position = {c: i for i, c in enumerate(class_map)}
         unnamed = [c for c in classes if c not in position]
         if unnamed:
-            raise UserError(f"--class-map does not name the class folder {unnamed[0]!r} ({len(unnamed)} in all); "
-                            "it must list every class of the data (and may list more)")
+            raise UserError(
+                f"--class-map does not name the class folder {unnamed[0]!r} ({len(unnamed)} in all); "
+                "it must list every class of the data (and may list more)"
+            )
         if len(class_map) > head_size:
-            raise UserError(f"--class-map lists {len(class_map)} classes but the observer head has {head_size} "
-                            "outputs; the map must list the observer's classes in output order")
+            raise UserError(
+                f"--class-map lists {len(class_map)} classes but the observer head has {head_size} "
+                "outputs; the map must list the observer's classes in output order"
+            )
         return [position[c] for c in classes], "class-map"
     wnids = imagenet_wnids()
     if head_size == len(wnids) + label_offset and classes and set(classes) <= set(wnids):
@@ -54,13 +60,18 @@ def restrict_class_map(class_map: Sequence[str], data: str) -> list[str]:
     Every class folder must be named. A `data` that is not a folder of class folders (a .beton, shards)
     gets the map unchanged: its converted class order is checked where it is opened."""
     root = Path(data)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()
-                     and not p.name.startswith(".")) if root.is_dir() else []
+    folders = (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
     present = [c for c in class_map if c in set(folders)]
     if not present:
         return list(class_map)
     unnamed = sorted(set(folders) - set(class_map))
     if unnamed:
-        raise UserError(f"--class-map does not name the class folder {unnamed[0]!r} of {data} ({len(unnamed)} in all); "
-                        "list every class folder (the map may also name classes the data lacks)")
+        raise UserError(
+            f"--class-map does not name the class folder {unnamed[0]!r} of {data} ({len(unnamed)} in all); "
+            "list every class folder (the map may also name classes the data lacks)"
+        )
     return present

@@ -2,6 +2,7 @@
 
 State-dict keys match RDED's released checkpoints: layers.conv.{d}.*, layers.norm.{d}.*, classifier.*.
 """
+
 from __future__ import annotations
 
 import torch

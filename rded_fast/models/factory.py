@@ -5,6 +5,7 @@ The callable gets `num_classes=` when its signature accepts it (by name or `**kw
 called with no arguments and its output size is what it is. The current directory is importable, as
 with `python -m`. The manifest records the factory's name and its module file's sha256.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,10 @@ def _import(module: str, spec: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise UserError(f"model {spec}: cannot import module {module!r} ({exc}); install it or run from the "
-                        "folder that contains it (or add that folder to PYTHONPATH)") from exc
+        raise UserError(
+            f"model {spec}: cannot import module {module!r} ({exc}); install it or run from the "
+            "folder that contains it (or add that folder to PYTHONPATH)"
+        ) from exc
     except Exception as exc:
         raise UserError(f"model {spec}: importing {module!r} failed ({type(exc).__name__}: {exc})") from exc
     finally:
@@ -85,17 +88,22 @@ def resolve(spec: str) -> ModelEntry:
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise UserError(f"model {spec}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no "
-                            f"attribute {attr!r}")
+            raise UserError(
+                f"model {spec}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attr!r}"
+            )
         fn = getattr(fn, part)
     if not callable(fn):
         raise UserError(f"model {spec}: {attr!r} is a {type(fn).__name__}, not a callable that returns a model")
     path = getattr(module, "__file__", None)
     origin = {"factory": spec, "file": path, "file_sha256": file_sha256(path) if path and os.path.isfile(path) else None}
     family = os.path.basename(module_name)[:-3] if module_name.endswith(".py") else module_name
-    return ModelEntry(spec, "factory", family, functools.partial(_build, spec, fn), origin=origin,
-                      student_head_1000=False)
+    return ModelEntry(spec, "factory", family, functools.partial(_build, spec, fn), origin=origin, student_head_1000=False)
 
 
-register_source("*", resolve, lambda: None, "MODULE:FACTORY (any importable callable returning an nn.Module, "
-                "called with num_classes= when it takes it); --weights an optional checkpoint")
+register_source(
+    "*",
+    resolve,
+    lambda: None,
+    "MODULE:FACTORY (any importable callable returning an nn.Module, "
+    "called with num_classes= when it takes it); --weights an optional checkpoint",
+)

@@ -3,6 +3,7 @@
 RDED's rule for a class subset is "the first N rows"; an ImageNet subset scored by a full ImageNet model
 needs the rows *of its classes* instead, so slicing takes explicit rows (`rded_fast.models.classes` picks them).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -62,8 +63,9 @@ def check_head_size(outputs: int, num_classes: int, what: str = "observer") -> N
         )
 
 
-def select_rows(model: nn.Module, rows: Sequence[int], what: str = "observer", head: str | None = None,
-                outputs: int | None = None) -> nn.Module:
+def select_rows(
+    model: nn.Module, rows: Sequence[int], what: str = "observer", head: str | None = None, outputs: int | None = None
+) -> nn.Module:
     """Keep head rows `rows` (row i of the result = output `rows[i]` of the model).
 
     The Linear head `head` (default: `head_name`) is replaced by a smaller one; with `outputs` given and

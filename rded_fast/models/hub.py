@@ -4,6 +4,7 @@ The file torchvision would download lives at `$TORCH_HOME/hub/checkpoints/<file 
 (`torch.hub.get_dir()`); it is read from there when present. Only when it is absent is a download
 tried, and when that fails the error names the exact file and where to put it.
 """
+
 from __future__ import annotations
 
 import os

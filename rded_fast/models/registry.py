@@ -5,6 +5,7 @@ import; sources with open-ended names (`timm:NAME`, `MODULE:FACTORY`) register a
 prefix with `register_source`, which makes an entry on demand. `build`, students and `rded-fast
 models` all read this table.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,12 +23,12 @@ Builder = Callable[[int, int], nn.Module]
 class ModelEntry:
     """One buildable model: its name as users type it, where it comes from, and how to build it.
 
-    `fetch_weights(tag)` turns a weights name that is not a file (torchvision's IMAGENET1K_V1, timm's
-    pretrained tag) into a state dict and the entry those weights belong to; None when the source has
-    no named weights. `student_head_1000`: students get a 1000-way head sliced to the classes, as the
-    RDED reference builds ResNets (ConvNets are built with exactly `num_classes`). `origin`: facts for
-    the manifest (e.g. a factory's file hash). `convention`: the input normalisation (`mean`, `std`, RGB in
-[0, 1]) and size the model's weights expect, when they differ from RDED's ImageNet default or are known.
+        `fetch_weights(tag)` turns a weights name that is not a file (torchvision's IMAGENET1K_V1, timm's
+        pretrained tag) into a state dict and the entry those weights belong to; None when the source has
+        no named weights. `student_head_1000`: students get a 1000-way head sliced to the classes, as the
+        RDED reference builds ResNets (ConvNets are built with exactly `num_classes`). `origin`: facts for
+        the manifest (e.g. a factory's file hash). `convention`: the input normalisation (`mean`, `std`, RGB in
+    [0, 1]) and size the model's weights expect, when they differ from RDED's ImageNet default or are known.
     """
 
     name: str
@@ -45,8 +46,13 @@ _MODELS: dict[str, ModelEntry] = {}
 _SOURCES: dict[str, tuple[Callable[[str], ModelEntry], Callable[[], list[ModelEntry] | None], str]] = {}
 
 
-def register(name: str, source: str = "user", family: str | None = None, student_head_1000: bool = True,
-             fetch_weights: Callable[[str], tuple[dict, ModelEntry]] | None = None) -> Callable[[Builder], Builder]:
+def register(
+    name: str,
+    source: str = "user",
+    family: str | None = None,
+    student_head_1000: bool = True,
+    fetch_weights: Callable[[str], tuple[dict, ModelEntry]] | None = None,
+) -> Callable[[Builder], Builder]:
     """Decorator: add the builder `fn(num_classes, input_size) -> nn.Module` to the table under `name`
     (`family` defaults to `name`); it is then usable as --observer/--student/--teacher NAME."""
 
@@ -59,8 +65,9 @@ def register(name: str, source: str = "user", family: str | None = None, student
     return add
 
 
-def register_source(prefix: str, resolve: Callable[[str], ModelEntry],
-                    lister: Callable[[], list[ModelEntry] | None], usage: str) -> None:
+def register_source(
+    prefix: str, resolve: Callable[[str], ModelEntry], lister: Callable[[], list[ModelEntry] | None], usage: str
+) -> None:
     """Add a source of open-ended names written `PREFIX:REST` (`prefix` "*" = any `MODULE:ATTR`)."""
     _SOURCES[prefix] = (resolve, lister, usage)
 
@@ -75,8 +82,9 @@ def get_entry(name: str) -> ModelEntry:
             return _SOURCES[prefix][0](rest)
         if "*" in _SOURCES:
             return _SOURCES["*"][0](name)
-    raise UserError(f"model {name}: unknown model; run `rded-fast models` for the list "
-                    "(timm models as timm:NAME, your own as MODULE:FACTORY)")
+    raise UserError(
+        f"model {name}: unknown model; run `rded-fast models` for the list (timm models as timm:NAME, your own as MODULE:FACTORY)"
+    )
 
 
 def list_entries(source: str | None = None) -> list[ModelEntry]:

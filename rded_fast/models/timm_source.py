@@ -5,6 +5,7 @@ NAME may carry a pretrained tag (`timm:resnet18.a1_in1k`); the tag chooses timm'
 whose mean, std and input size become the model's input convention (the scorer normalises with them).
 Models with a fixed input size (ViT, Swin, ...) are built for the run's input size when they allow it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,12 @@ def _timm():
 
 
 def _convention(cfg) -> dict:
-    conv = {"mean": list(cfg.mean), "std": list(cfg.std), "input_size": int(cfg.input_size[-1]),
-            "fixed_input_size": bool(cfg.fixed_input_size)}
+    conv = {
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "input_size": int(cfg.input_size[-1]),
+        "fixed_input_size": bool(cfg.fixed_input_size),
+    }
     if cfg.label_offset:
         conv["label_offset"] = int(cfg.label_offset)
     return conv
@@ -66,8 +71,9 @@ def resolve(name: str) -> ModelEntry:
     timm = _timm()
     arch = timm.models.get_arch_name(name)
     if not timm.is_model(arch):
-        raise UserError(f"model timm:{name}: timm {timm.__version__} has no model {arch!r}; "
-                        "`rded-fast models --source timm` lists them")
+        raise UserError(
+            f"model timm:{name}: timm {timm.__version__} has no model {arch!r}; `rded-fast models --source timm` lists them"
+        )
     try:
         cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
     except RuntimeError as exc:
@@ -76,8 +82,7 @@ def resolve(name: str) -> ModelEntry:
     family = entrypoint.__module__.rsplit(".", 1)[-1]
     convention = _convention(cfg) if cfg is not None else {}
     builder = functools.partial(_build, name, bool(convention.get("fixed_input_size")), convention.get("input_size", 224))
-    return ModelEntry(f"timm:{name}", "timm", family, builder, functools.partial(_pretrained, name),
-                      convention=convention)
+    return ModelEntry(f"timm:{name}", "timm", family, builder, functools.partial(_pretrained, name), convention=convention)
 
 
 def _list() -> list[ModelEntry] | None:
@@ -88,5 +93,9 @@ def _list() -> list[ModelEntry] | None:
     return [resolve(name) for name in timm.list_models()]
 
 
-register_source("timm", resolve, _list, "timm:NAME (e.g. timm:resnet18, timm:convnext_atto.d2_in1k); "
-                "--weights a file or a timm pretrained tag")
+register_source(
+    "timm",
+    resolve,
+    _list,
+    "timm:NAME (e.g. timm:resnet18, timm:convnext_atto.d2_in1k); --weights a file or a timm pretrained tag",
+)

@@ -4,6 +4,7 @@ Parameters for a whole epoch are drawn up front from one seeded generator (plain
 sample order, patch-grid permutations, crop boxes, flips, CutMix boxes), then applied batch by batch.
 Online relabeling and stored soft labels use the same parameters, so a replay is exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -113,7 +114,6 @@ def augment_batch(images: torch.Tensor, aug: EpochAug, b: int, factor: int) -> t
     partner = torch.from_numpy(aug.mix_perm[sl]).to(images.device)
     out[:, :, r1:r2, c1:c2] = out[partner][:, :, r1:r2, c1:c2]
     return out
-
 
 
 def mixed_targets(labels: torch.Tensor, aug: EpochAug, b: int, num_classes: int, size: int) -> torch.Tensor:

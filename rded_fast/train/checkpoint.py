@@ -3,6 +3,7 @@
 The state holds the model, optimizer and scheduler, every random generator the loop draws from,
 and the metrics so far; on CPU a resumed run ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,9 +33,15 @@ def load_state(path: str | os.PathLike) -> dict | None:
 
 
 def capture(model, opt, sched, generator: torch.Generator | None, epoch: int, **metrics) -> dict:
-    return {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-            "generator": generator.get_state() if generator is not None else None,
-            "torch_rng": torch.get_rng_state(), **metrics}
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "generator": generator.get_state() if generator is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        **metrics,
+    }
 
 
 def restore(state: dict, model, opt, sched, generator: torch.Generator | None) -> int:

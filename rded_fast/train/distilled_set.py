@@ -1,4 +1,5 @@
 """Read a distilled set (ours: images + manifest.json) into memory for student training."""
+
 from __future__ import annotations
 
 import json

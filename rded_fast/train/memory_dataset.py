@@ -3,6 +3,7 @@
 Observer training and evaluation on CIFAR/Fashion-MNIST-sized data are bound by decoding if done per
 epoch; holding [N, 3, S, S] uint8 in memory (32 px: 3 KB an image) removes that.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,12 @@ def resize_center(image: torch.Tensor, size: int, resize_to: int | None = None) 
 
 
 def load_tensor_dataset(
-    index: DatasetIndex, size: int, resize_to: int | None = None, workers: int = 8, show_progress: bool = True, desc: str = "decode"
+    index: DatasetIndex,
+    size: int,
+    resize_to: int | None = None,
+    workers: int = 8,
+    show_progress: bool = True,
+    desc: str = "decode",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of `index` as ([N, 3, size, size] uint8, [N] int64); undecodable files are dropped, counted
     and logged with the first one's reason."""
@@ -57,8 +63,13 @@ def load_tensor_dataset(
     keep = [i for i, im in enumerate(images) if not isinstance(im, str)]
     dropped = [i for i, im in enumerate(images) if isinstance(im, str)]
     if dropped:
-        log.warning("%s: %d image(s) could not be decoded and were left out, e.g. %s: %s", index.root, len(dropped),
-                    index.paths[dropped[0]], images[dropped[0]])
+        log.warning(
+            "%s: %d image(s) could not be decoded and were left out, e.g. %s: %s",
+            index.root,
+            len(dropped),
+            index.paths[dropped[0]],
+            images[dropped[0]],
+        )
     if not keep:
         raise UserError(f"{index.root}: no image could be decoded")
     return torch.stack([images[i] for i in keep]), torch.from_numpy(np.asarray(index.labels)[keep])

@@ -6,6 +6,7 @@ Saves {"model": state_dict, ...} atomically, the format `--weights` reads; the p
 beside it (`OUT.state`) lets `--resume` continue an interrupted run; it is removed when training completes.
 `OUT` replaces only an earlier checkpoint of ours (rded_fast.outputs), never another file.
 """
+
 from __future__ import annotations
 
 import io
@@ -62,7 +63,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch
     return out
 
 
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
+def accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> float:
     """Top-1 of `model` on uint8 images (eval mode, ImageNet normalisation)."""
     model.eval()
     correct = 0
@@ -84,8 +87,9 @@ def train_observer(cfg: ObserverConfig) -> dict:
     inputs = {"--data": cfg.data, "--val": cfg.val}
     check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs)
     replaced = []
-    with claim_output(cfg.out, "--out", inputs, kind="file", owned=is_checkpoint, overwrite=True, any_flag=None,
-                      on_replace=replaced.append):
+    with claim_output(
+        cfg.out, "--out", inputs, kind="file", owned=is_checkpoint, overwrite=True, any_flag=None, on_replace=replaced.append
+    ):
         summary = _train_observer(cfg)
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
@@ -120,8 +124,17 @@ def _optimizer(cfg: ObserverConfig, model: torch.nn.Module, total_steps: int):
     return opt, sched
 
 
-def train_one_epoch(model: torch.nn.Module, opt, sched, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                    generator: torch.Generator, device: torch.device, on_step=lambda: None) -> float:
+def train_one_epoch(
+    model: torch.nn.Module,
+    opt,
+    sched,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    on_step=lambda: None,
+) -> float:
     """One pass over the data in a seeded order, augmented; returns the mean training loss."""
     model.train()
     pad = max(1, images.shape[-1] // 8)
@@ -144,8 +157,16 @@ def train_one_epoch(model: torch.nn.Module, opt, sched, images: torch.Tensor, la
 def _save(cfg: ObserverConfig, model: torch.nn.Module, classes: list[str], val_acc: float | None) -> None:
     """The checkpoint `--weights` reads, written atomically; then the resume state is no longer needed."""
     buf = io.BytesIO()
-    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": cfg.arch,
-                "input_size": cfg.input_size, "classes": classes, "val_accuracy": val_acc}, buf)
+    torch.save(
+        {
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "arch": cfg.arch,
+            "input_size": cfg.input_size,
+            "classes": classes,
+            "val_accuracy": val_acc,
+        },
+        buf,
+    )
     atomic_write_bytes(cfg.out, buf.getvalue())
     Path(f"{cfg.out}.state").unlink(missing_ok=True)  # training is complete: nothing left to resume
 
@@ -165,15 +186,30 @@ def _train_observer(cfg: ObserverConfig) -> dict:
     if cfg.resume and (state := checkpoint.load_state(state_path)) is not None:
         first = checkpoint.restore(state, model, opt, sched, generator)
         losses = state["losses"]
-    bar = iter(progress(range(cfg.epochs * steps_per_epoch), total=cfg.epochs * steps_per_epoch,
-                        initial=first * steps_per_epoch, desc=f"train {cfg.arch}", disable=not cfg.show_progress))
+    bar = iter(
+        progress(
+            range(cfg.epochs * steps_per_epoch),
+            total=cfg.epochs * steps_per_epoch,
+            initial=first * steps_per_epoch,
+            desc=f"train {cfg.arch}",
+            disable=not cfg.show_progress,
+        )
+    )
     for epoch in range(first, cfg.epochs):
-        losses.append(train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device,
-                                      on_step=lambda: next(bar, None)))
+        losses.append(
+            train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device, on_step=lambda: next(bar, None))
+        )
         checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
     train_acc = accuracy(model, images, labels, device)
     val_acc = accuracy(model, *val, device) if val is not None else None
     _save(cfg, model, index.classes, val_acc)
-    return {"config": asdict(cfg), "classes": index.classes, "train_images": len(images), "epoch_loss": losses,
-            "train_accuracy": train_acc, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0,
-            "checkpoint": cfg.out}
+    return {
+        "config": asdict(cfg),
+        "classes": index.classes,
+        "train_images": len(images),
+        "epoch_loss": losses,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": cfg.out,
+    }

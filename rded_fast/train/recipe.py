@@ -4,6 +4,7 @@ AdamW (betas 0.9/0.999), weight decay on >= 2-D weights only, a per-epoch half-c
 KL at temperature T without the T^2 factor, CutMix Beta(1, 1), RDED's batch-size rule, and the
 evaluation schedule (every 10 epochs in the last 20 %, plus the final epoch).
 """
+
 from __future__ import annotations
 
 import math

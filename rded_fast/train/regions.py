@@ -7,6 +7,7 @@ student's target for an augmented view is the cells its crop covers, weighted by
 ShufflePatches moved them: a crop inside one cell gets exactly that cell's label. `--region image` stores one
 label per image (grid 1), the static image-level control.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,13 +33,16 @@ def cell_views(images: torch.Tensor, grid: int) -> torch.Tensor:
     are: [N, 3, S, S] uint8 -> [N * grid^2, 3, S, S] float (cells of an image consecutive, row-major)."""
     size = images.shape[-1]
     x = images.float() / 255.0
-    cells = [TF.resize(x[:, :, top : top + h, left : left + w], [size, size], antialias=True)
-             for top, left, h, w in cell_boxes(size, grid)]
+    cells = [
+        TF.resize(x[:, :, top : top + h, left : left + w], [size, size], antialias=True)
+        for top, left, h, w in cell_boxes(size, grid)
+    ]
     return normalize(torch.stack(cells, dim=1).flatten(0, 1))
 
 
-def cell_logits(teacher: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, grid: int,
-                batch: int = 256) -> torch.Tensor:
+def cell_logits(
+    teacher: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, grid: int, batch: int = 256
+) -> torch.Tensor:
     """The teacher's logits of every cell: [N, 3, S, S] uint8 -> [N * grid^2, C] float (`teacher(x)` -> logits)."""
     per_batch = max(1, batch // (grid * grid))
     return torch.cat([teacher(cell_views(images[i : i + per_batch], grid)) for i in range(0, len(images), per_batch)])
@@ -83,4 +87,3 @@ def region_targets(cell_probs: torch.Tensor, aug: EpochAug, b: int, size: int, f
     r1, c1, r2, c2 = aug.mix_box[b].tolist()
     pasted = (r2 - r1) * (c2 - c1) / float(size * size)
     return (1.0 - pasted) * own + pasted * own[torch.from_numpy(aug.mix_perm[sl])]
-

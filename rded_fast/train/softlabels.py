@@ -8,6 +8,7 @@ evenly over the other classes (the reference's keep_top_k rule), or (`relabel --
 `region_grid`) one `regions.npz` with the same arrays for every cell of every image. Files are written
 atomically, so an interrupted relabel keeps its finished epochs.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,16 @@ from rded_fast.train.augment import AUG_FIELDS, EpochAug
 FORMAT_VERSION = 1
 REGIONS_FILE = "regions.npz"  # `relabel --region`: one label per cell instead of per-epoch files
 # Storage dtypes of the augmentation parameters (images up to 32767 px, up to 2^31 samples).
-COMPACT_DTYPES = {"order": np.int32, "row_perm": np.int8, "col_perm": np.int8, "boxes": np.int16, "flip": np.bool_,
-                  "mix_perm": np.int32, "mix_box": np.int16, "mix_lam": np.float32}
+COMPACT_DTYPES = {
+    "order": np.int32,
+    "row_perm": np.int8,
+    "col_perm": np.int8,
+    "boxes": np.int16,
+    "flip": np.bool_,
+    "mix_perm": np.int32,
+    "mix_box": np.int16,
+    "mix_lam": np.float32,
+}
 
 
 def epoch_path(folder: Path, epoch: int) -> Path:
@@ -57,7 +66,9 @@ def encode_logits(logits: torch.Tensor, k: int, temperature: float) -> dict[str,
     return {"values": values.half().cpu().numpy(), "indices": indices.cpu().numpy().astype(index_dtype), "lse": lse.cpu().numpy()}
 
 
-def decode_probs(values: np.ndarray, indices: np.ndarray | None, lse: np.ndarray, num_classes: int, temperature: float) -> torch.Tensor:
+def decode_probs(
+    values: np.ndarray, indices: np.ndarray | None, lse: np.ndarray, num_classes: int, temperature: float
+) -> torch.Tensor:
     """Teacher probabilities softmax(logits / T) [B, C] from the compact form (exact on the top k)."""
     v = torch.from_numpy(values.astype(np.float32))
     if indices is None:
@@ -83,8 +94,9 @@ def read_region_probs(folder: Path, header: dict, num_classes: int) -> torch.Ten
     if not path.is_file():
         raise UserError(f"{path}: missing; relabel --region again")
     with np.load(path) as z:
-        probs = decode_probs(z["values"], z["indices"] if "indices" in z.files else None, z["lse"], num_classes,
-                             header["temperature"])
+        probs = decode_probs(
+            z["values"], z["indices"] if "indices" in z.files else None, z["lse"], num_classes, header["temperature"]
+        )
     return probs.view(-1, header["region_grid"] ** 2, num_classes)
 
 
@@ -103,7 +115,9 @@ def read_epoch(folder: Path, epoch: int) -> tuple[EpochAug, dict[str, np.ndarray
     if not path.is_file():
         raise UserError(f"{path}: missing; the labels folder holds fewer epochs than asked for")
     with np.load(path) as z:
-        aug = EpochAug(**{k: z[k].astype(np.float64 if k == "mix_lam" else np.int64) if k != "flip" else z[k]
-                          for k in AUG_FIELDS}, batch_size=int(z["batch_size"]))
+        aug = EpochAug(
+            **{k: z[k].astype(np.float64 if k == "mix_lam" else np.int64) if k != "flip" else z[k] for k in AUG_FIELDS},
+            batch_size=int(z["batch_size"]),
+        )
         encoded = {k: z[k] for k in ("values", "indices", "lse") if k in z.files}
     return aug, encoded

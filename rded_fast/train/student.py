@@ -6,6 +6,7 @@ from region labels (`relabel --region`: one stored label per cell, rded_fast.tra
 hard` trains on one-hot labels. The reference's extra no-grad student forward in train mode (which updates
 BN statistics twice) is kept behind `bn_refresh` (on by default).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,8 +101,14 @@ def _recorded_rows(data: DistilledSet, teacher: str) -> list[int] | None:
 def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> tuple[nn.Module, BuiltModel]:
     """(the teacher in eval mode, frozen, taking the recipe's ImageNet-normalised batches; its BuiltModel:
     head rows and normalisation, for the records)."""
-    built = build(cfg.teacher, len(data.classes), cfg.teacher_weights, _input_size(data), classes=data.classes,
-                  head_rows=_recorded_rows(data, cfg.teacher))
+    built = build(
+        cfg.teacher,
+        len(data.classes),
+        cfg.teacher_weights,
+        _input_size(data),
+        classes=data.classes,
+        head_rows=_recorded_rows(data, cfg.teacher),
+    )
     model = built.model
     if (built.mean, built.std) != (IMAGENET_MEAN, IMAGENET_STD):
         model = nn.Sequential(Renormalize(built.mean, built.std), model)
@@ -120,7 +127,9 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) ->
         return teacher(x.contiguous(memory_format=torch.channels_last)).float()
 
 
-def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 500) -> tuple[float, float]:
+def topk_accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 500
+) -> tuple[float, float]:
     """(top-1, top-5) fractions of `model` on uint8 images (top-5 = top-1 when fewer than 5 classes)."""
     model.eval()
     c1 = c5 = 0
@@ -148,8 +157,10 @@ def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> Non
     if header["files"] != data.files:
         raise UserError(f"--soft-labels {header['distilled']}: made for another distilled set (file lists differ)")
     if header.get("content_sha256") != content_sha256(data):
-        raise UserError(f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
-                        "different images or labels); run `rded-fast relabel` on this --distilled set")
+        raise UserError(
+            f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
+            "different images or labels); run `rded-fast relabel` on this --distilled set"
+        )
     if "region_grid" not in header and header["epochs"] < recipe.epochs:
         raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
 
@@ -171,8 +182,9 @@ def evaluate(cfg: StudentConfig) -> dict:
         check_separate(cfg.checkpoint, "--checkpoint", inputs)
         check_writable_file(cfg.checkpoint, "--checkpoint")
         if os.path.isfile(cfg.checkpoint) and not zipfile.is_zipfile(cfg.checkpoint):
-            raise UserError(f"--checkpoint {cfg.checkpoint}: an existing file that is not a training state of "
-                            "rded-fast; give a new path")
+            raise UserError(
+                f"--checkpoint {cfg.checkpoint}: an existing file that is not a training state of rded-fast; give a new path"
+            )
     if not cfg.json:
         return _evaluate(cfg)
     check_writable_file(cfg.json, "--json")
@@ -234,8 +246,16 @@ def _targets(labels: _Labels, data: DistilledSet, aug, encoded, b: int, x: torch
     return softlabels.decode_probs(encoded["values"][sl], indices, encoded["lse"][sl], n, t).to(device)
 
 
-def train_student_epoch(cfg: StudentConfig, student: nn.Module, opt, labels: _Labels, data: DistilledSet,
-                        images: torch.Tensor, epoch: int, device: torch.device) -> float:
+def train_student_epoch(
+    cfg: StudentConfig,
+    student: nn.Module,
+    opt,
+    labels: _Labels,
+    data: DistilledSet,
+    images: torch.Tensor,
+    epoch: int,
+    device: torch.device,
+) -> float:
     """One epoch of RDED's recipe (or hard labels); returns the mean loss."""
     aug, encoded = _epoch_aug(cfg, labels, data, epoch, images.shape[-1])
     total = 0.0
@@ -244,8 +264,9 @@ def train_student_epoch(cfg: StudentConfig, student: nn.Module, opt, labels: _La
         probs = _targets(labels, data, aug, encoded, b, x, device)
         with _autocast(device):
             logits = student(x.contiguous(memory_format=torch.channels_last))
-        loss = (F.cross_entropy(logits.float(), probs) if labels.kind == "hard"
-                else kd_loss(logits, probs, labels.recipe.temperature))
+        loss = (
+            F.cross_entropy(logits.float(), probs) if labels.kind == "hard" else kd_loss(logits, probs, labels.recipe.temperature)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -254,6 +275,20 @@ def train_student_epoch(cfg: StudentConfig, student: nn.Module, opt, labels: _La
                 student(x.contiguous(memory_format=torch.channels_last))
         total += float(loss.detach())
     return total / aug.num_batches
+
+
+def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: torch.device, label_kind: str) -> dict:
+    """What an evaluation ran with: its arguments and what they resolved to."""
+    return {
+        **{k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+        "factor": data.factor,
+        "ipc": data.ipc,
+        "input_size": _input_size(data),
+        "num_classes": len(data.classes),
+        "recipe": asdict(recipe),
+        "resolved_device": str(device),
+        "soft_label_source": label_kind,
+    }
 
 
 def _evaluate(cfg: StudentConfig) -> dict:
@@ -266,7 +301,11 @@ def _evaluate(cfg: StudentConfig) -> dict:
     vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
     val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
     torch.manual_seed(cfg.seed)
-    student = build(cfg.student, len(data.classes), None, size, what="student").model.to(device, memory_format=torch.channels_last).train()
+    student = (
+        build(cfg.student, len(data.classes), None, size, what="student")
+        .model.to(device, memory_format=torch.channels_last)
+        .train()
+    )
     opt, sched = make_optimizer(student, recipe)
     images = data.images.to(device)
     epoch_loss, evaluations = [], []
@@ -276,23 +315,32 @@ def _evaluate(cfg: StudentConfig) -> dict:
     if cfg.resume and (state := checkpoint.load_state(cfg.checkpoint)) is not None:
         first = checkpoint.restore(state, student, opt, sched, None)
         epoch_loss, evaluations = state["epoch_loss"], state["evaluations"]
-    for epoch in progress(range(first, recipe.epochs), total=recipe.epochs, initial=first, desc=f"train {cfg.student}",
-                          disable=not cfg.show_progress):
+    for epoch in progress(
+        range(first, recipe.epochs),
+        total=recipe.epochs,
+        initial=first,
+        desc=f"train {cfg.student}",
+        disable=not cfg.show_progress,
+    ):
         epoch_loss.append(train_student_epoch(cfg, student, opt, labels, data, images, epoch, device))
         sched.step()
         if evaluates_at(epoch, recipe.epochs) or epoch == recipe.epochs - 1:
             top1, top5 = topk_accuracy(student, val_x, val_y, device)
             evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
         if cfg.checkpoint:
-            checkpoint.save_state(cfg.checkpoint, checkpoint.capture(student, opt, sched, None, epoch,
-                                                                     epoch_loss=epoch_loss, evaluations=evaluations))
+            checkpoint.save_state(
+                cfg.checkpoint,
+                checkpoint.capture(student, opt, sched, None, epoch, epoch_loss=epoch_loss, evaluations=evaluations),
+            )
     result = {
-        "parameters": {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "factor": data.factor, "ipc": data.ipc,
-                       "input_size": size, "num_classes": len(data.classes), "recipe": asdict(recipe),
-                       "resolved_device": str(device), "soft_label_source": labels.kind},
-        "final_top1": evaluations[-1]["top1"], "final_top5": evaluations[-1]["top5"],
-        "best_top1": max(e["top1"] for e in evaluations), "evaluations": evaluations, "epoch_loss": epoch_loss,
-        "train_images": len(images), "val_images": len(val_x),
+        "parameters": _parameters(cfg, data, recipe, device, labels.kind),
+        "final_top1": evaluations[-1]["top1"],
+        "final_top5": evaluations[-1]["top5"],
+        "best_top1": max(e["top1"] for e in evaluations),
+        "evaluations": evaluations,
+        "epoch_loss": epoch_loss,
+        "train_images": len(images),
+        "val_images": len(val_x),
         "val_unused_classes": [s["path"] for s in vindex.skipped if s["reason"] == UNLISTED_CLASS],
         "seconds": time.perf_counter() - t0,
     }
@@ -309,10 +357,35 @@ def relabel(cfg: StudentConfig) -> dict:
     if not cfg.out:
         raise UserError("relabel needs --out DIR")
     replaced = []
-    with claim_output(cfg.out, "--out", _inputs(cfg), owned=is_label_folder, overwrite=True, any_flag=None,
-                      on_replace=replaced.append):
+    with claim_output(
+        cfg.out, "--out", _inputs(cfg), owned=is_label_folder, overwrite=True, any_flag=None, on_replace=replaced.append
+    ):
         result = _relabel(cfg)
     return {**result, "replaced": str(replaced[0]) if replaced else None}
+
+
+RECIPE_TEXT = (
+    "RDED: ShufflePatches(factor) -> RandomResizedCrop(scale (1/factor, 1), ratio (3/4, 4/3)) -> flip -> normalise -> "
+    "CutMix Beta(1,1)"
+)
+
+
+def _label_header(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, built: BuiltModel, k: int) -> dict:
+    """What a labels folder records of the set and the teacher it was made from (checked when it is replayed)."""
+    return {
+        "distilled": str(data.root),
+        "content_sha256": content_sha256(data),
+        "files": data.files,
+        "classes": data.classes,
+        "factor": data.factor,
+        "input_size": _input_size(data),
+        "temperature": recipe.temperature,
+        "top_k": k,
+        "teacher": cfg.teacher,
+        "teacher_weights": cfg.teacher_weights,
+        "teacher_head_rows": dict(zip(data.classes, built.head_rows)),
+        "teacher_normalization": {"mean": list(built.mean), "std": list(built.std)},
+    }
 
 
 def _relabel(cfg: StudentConfig) -> dict:
@@ -329,13 +402,7 @@ def _relabel(cfg: StudentConfig) -> dict:
     teacher, built = _teacher(cfg, data, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = {
-        "distilled": str(data.root), "content_sha256": content_sha256(data), "files": data.files, "classes": data.classes,
-        "factor": data.factor, "input_size": size, "temperature": recipe.temperature, "top_k": k,
-        "teacher": cfg.teacher, "teacher_weights": cfg.teacher_weights,
-        "teacher_head_rows": dict(zip(data.classes, built.head_rows)),
-        "teacher_normalization": {"mean": list(built.mean), "std": list(built.std)},
-    }
+    header = _label_header(cfg, data, recipe, built, k)
     images = data.images.to(device)
     result = {"out": str(out), "top_k": k, "samples": len(images)}
     if cfg.region:
@@ -343,17 +410,20 @@ def _relabel(cfg: StudentConfig) -> dict:
         softlabels.write_header(out, {**header, "region": cfg.region, "region_grid": grid})
         logits = cell_logits(lambda x: teacher_logits(teacher, x, device), images, grid)
         written = softlabels.write_regions(out, softlabels.encode_logits(logits, k, recipe.temperature))
-        return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written,
-                "seconds": time.perf_counter() - t0}
-    softlabels.write_header(out, {
-        **header, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed,
-        "cutmix_beta": recipe.cutmix_beta,
-        "recipe": "RDED: ShufflePatches(factor) -> RandomResizedCrop(scale (1/factor, 1), ratio (3/4, 4/3)) -> flip -> normalise -> CutMix Beta(1,1)",
-    })
+        return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written, "seconds": time.perf_counter() - t0}
+    per_epoch = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed, "cutmix_beta": recipe.cutmix_beta}
+    softlabels.write_header(out, {**header, **per_epoch, "recipe": RECIPE_TEXT})
     sizes = []
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
-        logits = torch.cat([teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device) for b in range(aug.num_batches)])
+        logits = torch.cat(
+            [teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device) for b in range(aug.num_batches)]
+        )
         sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
-    return {**result, "epochs": recipe.epochs, "bytes_per_epoch": float(np.mean(sizes)), "total_bytes": int(np.sum(sizes)),
-            "seconds": time.perf_counter() - t0}
+    return {
+        **result,
+        "epochs": recipe.epochs,
+        "bytes_per_epoch": float(np.mean(sizes)),
+        "total_bytes": int(np.sum(sizes)),
+        "seconds": time.perf_counter() - t0,
+    }
