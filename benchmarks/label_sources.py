@@ -9,7 +9,7 @@ trained on it with each label source:
 - `hard`: the images' own one-hot labels (no teacher).
 Mean +- std of the final top-1 over seeds, as JSON.
 
-Run: python -m rded_fast.benchmarks.label_sources --work W --input-size 64 --ipc 10 --seeds 3 --epochs 80
+Run: python -m rded_fast.benchmarks.label_sources --work W --input-size 32 --ipc 10 --seeds 3 --epochs 80
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--observer-epochs", type=int, default=1)
+    p.add_argument("--observer", help="reuse this Conv3 checkpoint (trained on the train split at --input-size)")
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="output JSON (default benchmarks/results/label_sources_fashion_mnist_<device>.json)")
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         observer_epochs=args.observer_epochs,
         device=args.device,
         sources=tuple(args.sources.split(",")),
+        observer=Path(args.observer) if args.observer else None,
     )
     print(format_result(result))
     out = Path(args.json) if args.json else RESULTS / f"label_sources_fashion_mnist_{result['device'].replace(' ', '_')}.json"

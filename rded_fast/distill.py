@@ -27,7 +27,7 @@ import torchvision
 import rded_fast
 from rded_fast import journal
 from rded_fast.device import available_cores, cpu_has_native_bf16, resolve_device
-from rded_fast.distributed import World, all_ok, assign_classes, barrier, init_world
+from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
@@ -521,20 +521,6 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     return observer, scorer
 
 
-def _collective(world: World, fn, message: str):
-    """Run fn() (None on failure); if any rank failed, every rank stops: the failing one with its error."""
-    error, value = None, None
-    try:
-        value = fn()
-    except BaseException as exc:
-        error = exc
-    if not all_ok(world, error is None):
-        if error is not None:
-            raise error
-        raise UserError(message)
-    return value
-
-
 def distill(cfg: DistillConfig) -> DistillResult:
     """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring.
 
@@ -613,9 +599,9 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds: dict[str, float] = {}
     index = observer = scorer = check = None
     if world.is_main:
-        index, observer, scorer, check = _collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        index, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
     else:
-        _collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
+        collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
         index = load_index(out / "index.npz")
         observer, scorer = _observer(cfg, index, device)
     seconds["compile"] = scorer.compile_seconds
@@ -627,7 +613,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     watch = Stopwatch()
     run = functools.partial(run_classes, cfg, index, scorer, todo, out, device, watch)
-    _collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
+    collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
     seconds.update(watch.seconds)
     barrier(world)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rded_fast.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -67,6 +69,21 @@ def all_ok(world: World, ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1])
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     return int(flag) == 0
+
+
+def collective(world: World, fn, message: str):
+    """Run fn() (None on failure); if any rank failed, every rank stops: the failing one with its error, the others
+    with a UserError saying `message`."""
+    error, value = None, None
+    try:
+        value = fn()
+    except BaseException as exc:
+        error = exc
+    if not all_ok(world, error is None):
+        if error is not None:
+            raise error
+        raise UserError(message)
+    return value
 
 
 def assign_classes(counts: np.ndarray, world_size: int) -> list[list[int]]:

@@ -54,6 +54,31 @@ def fashion_observer(tmp_path_factory) -> Path:
     return ckpt
 
 
+@pytest.fixture(scope="session")
+def factor2_distilled(fashion_tree, fashion_observer, tmp_path_factory):
+    """A small RDED set at factor 2 (Fashion-MNIST, IPC 2, 32 px), made once; tests only read it."""
+    from rded_fast.distill import DistillConfig, distill
+
+    out = tmp_path_factory.mktemp("distilled") / "set"
+    distill(
+        DistillConfig(
+            data=str(fashion_tree),
+            out=str(out),
+            observer="conv3",
+            weights=str(fashion_observer),
+            ipc=2,
+            factor=2,
+            mipc=20,
+            num_crop=2,
+            input_size=32,
+            workers=0,
+            device="cpu",
+            show_progress=False,
+        )
+    )
+    return out
+
+
 def kill_when(cmd: list[str], ready, cwd: Path, timeout: float = 240) -> int:
     """Start `cmd`, SIGKILL it as soon as `ready()` is true, return its exit code (-9 when killed)."""
     import os

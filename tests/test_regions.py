@@ -3,12 +3,10 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from rded_fast.distill import DistillConfig, distill
 from rded_fast.models import build
 from rded_fast.score import normalize
 from rded_fast.train import softlabels
@@ -59,32 +57,10 @@ def test_region_targets_mix_covered_cells_and_cutmix_partner():
     assert torch.allclose(region_targets(same.contiguous(), aug, 0, size=12, factor=2), expect, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def factor2_set(fashion_tree, fashion_observer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("regions") / "set"
-    distill(
-        DistillConfig(
-            data=str(fashion_tree),
-            out=str(out),
-            observer="conv3",
-            weights=str(fashion_observer),
-            ipc=2,
-            factor=2,
-            mipc=20,
-            num_crop=2,
-            input_size=32,
-            workers=0,
-            device="cpu",
-            show_progress=False,
-        )
-    )
-    return out
-
-
-def test_region_labels_line_up_with_the_manifests_cells(factor2_set, fashion_observer, tmp_path):
+def test_region_labels_line_up_with_the_manifests_cells(factor2_distilled, fashion_observer, tmp_path):
     result = relabel(
         StudentConfig(
-            distilled=str(factor2_set),
+            distilled=str(factor2_distilled),
             teacher="conv3",
             teacher_weights=str(fashion_observer),
             device="cpu",
@@ -101,9 +77,9 @@ def test_region_labels_line_up_with_the_manifests_cells(factor2_set, fashion_obs
     with np.load(tmp_path / "cells" / softlabels.REGIONS_FILE) as z:  # all 10 classes kept: the logits themselves
         logits = torch.from_numpy(z["values"].astype(np.float32)).view(-1, 4, 10)
     teacher = build("conv3", 10, str(fashion_observer), 32).model.eval()
-    manifest = json.loads((factor2_set / "manifest.json").read_text())
+    manifest = json.loads((factor2_distilled / "manifest.json").read_text())
     for meta in manifest["images"][:6]:
-        pixels = torch.from_numpy(np.array(Image.open(factor2_set / meta["file"]).convert("RGB"))).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.array(Image.open(factor2_distilled / meta["file"]).convert("RGB"))).permute(2, 0, 1)
         i = header["files"].index(meta["file"])
         for cell in meta["cells"]:
             top, left, h, w = cell["cell_box"]
@@ -115,14 +91,14 @@ def test_region_labels_line_up_with_the_manifests_cells(factor2_set, fashion_obs
             assert all((logits[i, c] - expect).abs().max() > 0.05 for c in others)  # the cells are told apart
 
 
-def test_evaluate_trains_on_region_labels_without_a_teacher(factor2_set, fashion_observer, tmp_path):
+def test_evaluate_trains_on_region_labels_without_a_teacher(factor2_distilled, fashion_observer, tmp_path):
     from rded_fast.data import fashion_mnist
 
     val = fashion_mnist.write_image_folder(tmp_path / "val", "test", per_class=5, show_progress=False)
     for region in ("cells", "image"):
         relabel(
             StudentConfig(
-                distilled=str(factor2_set),
+                distilled=str(factor2_distilled),
                 teacher="conv3",
                 teacher_weights=str(fashion_observer),
                 device="cpu",
@@ -134,7 +110,7 @@ def test_evaluate_trains_on_region_labels_without_a_teacher(factor2_set, fashion
         )
         r = evaluate(
             StudentConfig(
-                distilled=str(factor2_set),
+                distilled=str(factor2_distilled),
                 teacher="no-such-model",
                 val=str(val),
                 student="conv3",

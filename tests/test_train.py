@@ -96,37 +96,15 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
 
 
 @pytest.fixture(scope="module")
-def tiny_distilled(fashion_tree, fashion_observer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("distilled") / "set"
-    distill(
-        DistillConfig(
-            data=str(fashion_tree),
-            out=str(out),
-            observer="conv3",
-            weights=str(fashion_observer),
-            ipc=2,
-            factor=2,
-            mipc=20,
-            num_crop=2,
-            input_size=32,
-            workers=0,
-            device="cpu",
-            show_progress=False,
-        )
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def val_tree(tmp_path_factory):
     from rded_fast.data import fashion_mnist
 
     return fashion_mnist.write_image_folder(tmp_path_factory.mktemp("val") / "test", "test", per_class=20, show_progress=False)
 
 
-def test_replay_of_stored_labels_equals_online(tiny_distilled, val_tree, fashion_observer, tmp_path):
+def test_replay_of_stored_labels_equals_online(factor2_distilled, val_tree, fashion_observer, tmp_path):
     base = dict(
-        distilled=str(tiny_distilled),
+        distilled=str(factor2_distilled),
         teacher="conv3",
         teacher_weights=str(fashion_observer),
         val=str(val_tree),

@@ -28,6 +28,7 @@ from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint
 from rded_fast.train.memory_dataset import load_tensor_dataset
+from rded_fast.train.metrics import topk_accuracy
 
 
 @dataclass
@@ -61,19 +62,6 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch
         crop = padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s]
         out[i] = crop.flip(-1) if flip[i] else crop
     return out
-
-
-def accuracy(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 512
-) -> float:
-    """Top-1 of `model` on uint8 images (eval mode, ImageNet normalisation)."""
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = normalize_uint8(images[i : i + batch_size].to(device))
-            correct += int((model(x).argmax(1).cpu() == labels[i : i + batch_size]).sum())
-    return correct / max(len(images), 1)
 
 
 def train_observer(cfg: ObserverConfig) -> dict:
@@ -200,8 +188,8 @@ def _train_observer(cfg: ObserverConfig) -> dict:
             train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device, on_step=lambda: next(bar, None))
         )
         checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
-    train_acc = accuracy(model, images, labels, device)
-    val_acc = accuracy(model, *val, device) if val is not None else None
+    train_acc = topk_accuracy(model, images, labels, device)[0]
+    val_acc = topk_accuracy(model, *val, device)[0] if val is not None else None
     _save(cfg, model, index.classes, val_acc)
     return {
         "config": asdict(cfg),

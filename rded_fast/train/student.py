@@ -29,11 +29,12 @@ from rded_fast.index import UNLISTED_CLASS, build_index
 from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
-from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import augment_batch, mixed_targets, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.memory_dataset import load_tensor_dataset
+from rded_fast.train.metrics import topk_accuracy
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
 from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of, region_targets
 
@@ -125,23 +126,6 @@ def _autocast(device: torch.device):
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     with torch.no_grad(), _autocast(device):
         return teacher(x.contiguous(memory_format=torch.channels_last)).float()
-
-
-def topk_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch: int = 500
-) -> tuple[float, float]:
-    """(top-1, top-5) fractions of `model` on uint8 images (top-5 = top-1 when fewer than 5 classes)."""
-    model.eval()
-    c1 = c5 = 0
-    with torch.no_grad(), _autocast(device):
-        for i in range(0, len(images), batch):
-            logits = model(normalize_uint8(images[i : i + batch].to(device)).contiguous(memory_format=torch.channels_last))
-            y = labels[i : i + batch].to(device)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            c1 += int((top[:, 0] == y).sum())
-            c5 += int((top == y[:, None]).any(1).sum())
-    model.train()
-    return c1 / len(images), c5 / len(images)
 
 
 def content_sha256(data: DistilledSet) -> str:
@@ -325,7 +309,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
         epoch_loss.append(train_student_epoch(cfg, student, opt, labels, data, images, epoch, device))
         sched.step()
         if evaluates_at(epoch, recipe.epochs) or epoch == recipe.epochs - 1:
-            top1, top5 = topk_accuracy(student, val_x, val_y, device)
+            top1, top5 = topk_accuracy(student, val_x, val_y, device, amp=True)
             evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
         if cfg.checkpoint:
             checkpoint.save_state(
