@@ -498,6 +498,30 @@ def run_bench(args) -> int:
     return 0
 
 
+def add_index(sub) -> None:
+    p = sub.add_parser(
+        "index",
+        help="read every image header once into an index cache for distill --index",
+        description="distill reads only the headers of the images it plans and keeps them in its --index cache; "
+        "this reads all of them once, so that every later seed and mipc plans without reading any.",
+    )
+    p.add_argument("--data", required=True, help="ImageFolder root")
+    p.add_argument("--out", required=True, help="index cache file to write (e.g. imagenet_index.npz)")
+    p.add_argument("--class-map", help="file with the observer's classes in output order (as for distill)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_index)
+
+
+def run_index(args) -> int:
+    from rded_fast.index import read_class_map, write_index_cache
+    from rded_fast.models.classes import restrict_class_map
+
+    class_map = restrict_class_map(read_class_map(args.class_map), args.data) if args.class_map else None  # as distill
+    index = write_index_cache(args.data, args.out, class_map=class_map, show_progress=not args.quiet)
+    print(f"indexed {len(index)} images in {index.num_classes} classes ({len(index.skipped)} files left out) into {args.out}")
+    return 0
+
+
 def add_models(sub) -> None:
     p = sub.add_parser(
         "models",
@@ -530,7 +554,17 @@ def run_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rded-fast", description="Fast, faithful RDED dataset distillation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_distill, add_train_observer, add_evaluate, add_relabel, add_convert, add_bench, add_models):
+    for add in (
+        add_demo,
+        add_distill,
+        add_train_observer,
+        add_evaluate,
+        add_relabel,
+        add_convert,
+        add_bench,
+        add_index,
+        add_models,
+    ):
         add(sub)
     return parser
 

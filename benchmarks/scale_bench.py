@@ -7,6 +7,8 @@ Steps, each a separate process so its peak memory is its own:
   `index_cached_other_seed`: another seed, which reads the headers of its images the cache lacks;
 - `distill`: a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 32 px, random selection: the model is
   not what is measured here), its seconds by stage, the manifest's size and the process's peak memory;
+- `index_all`: `rded-fast index` (every header read once, page cache dropped first), then plans of two new seeds
+  from that cache (they read nothing);
 - `nproc`: the same distill as `distill` in 2 processes (`--nproc 2`), its time and peak memory;
 - `convert`: `convert --format dali` and `--format ffcv` of the whole tree: time, disk, peak memory;
 - `resume`: with mipc 40 (the fewest random selection accepts at IPC 10, factor 2), a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
@@ -112,6 +114,37 @@ def _distill_cmd(data: str, out: Path, mipc: int, index: Path, extra: list[str])
         "--quiet",
         *extra,
     ]
+
+
+def index_all_step(data: str, work: Path) -> dict:
+    cache = work / "index_all.npz"
+    cache.unlink(missing_ok=True)
+    dropped = drop_page_cache()
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "%M",
+        sys.executable,
+        "-m",
+        "rded_fast.cli",
+        "index",
+        "--data",
+        data,
+        "--out",
+        str(cache),
+        "--quiet",
+    ]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    plans = [_python(INDEX_AND_PLAN.format(data=data, cache=str(cache), seed=seed)) for seed in (7, 8)]
+    return {
+        "wall_s": wall,
+        "page_cache_dropped": dropped,
+        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "cache_mib": cache.stat().st_size / 2**20,
+        "plans_of_new_seeds": plans,
+    }
 
 
 def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
@@ -233,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     if "distill" in steps:
         result["distill"] = distill_step(args.data, work)
         print(json.dumps(result["distill"]), flush=True)
+    if "index_all" in steps:
+        result["index_all"] = index_all_step(args.data, work)
+        print(json.dumps(result["index_all"]), flush=True)
     if "nproc" in steps:
         result["distill_nproc2"] = distill_step(args.data, work, nproc=2)
         print(json.dumps(result["distill_nproc2"]), flush=True)

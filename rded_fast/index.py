@@ -346,3 +346,23 @@ def load_or_build_index(
     if cache_path is not None:
         save_index(index, cache_path)
     return index
+
+
+def write_index_cache(
+    root: str | os.PathLike, cache_path: str | os.PathLike, class_map: list[str] | None = None, show_progress: bool = True
+) -> DatasetIndex:
+    """Read every header of `root` once into the index cache `cache_path` (`rded-fast index`), so that a later
+    `distill --index cache_path` plans any seed and mipc without reading a header. The cache is written
+    atomically, never into the data, and replaces only an index cache."""
+    from rded_fast.outputs import check_separate, check_writable_file
+
+    check_separate(cache_path, "--out", {"--data": root})
+    check_writable_file(cache_path, "--out")
+    if Path(cache_path).is_file():
+        try:
+            load_index(cache_path)
+        except UserError:
+            raise UserError(f"--out {cache_path}: exists and is not an index cache of rded-fast; give a new path") from None
+    index = build_index(root, class_map=class_map, show_progress=show_progress)
+    save_index(index, cache_path)
+    return index

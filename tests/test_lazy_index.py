@@ -90,3 +90,47 @@ def test_distill_keeps_the_headers_it_read_in_its_index_cache(tmp_path):
     assert load_index(cache).unread() < first
     seconds = json.loads((tmp_path / "b" / "manifest.json").read_text())["run"]["seconds"]
     assert {"index", "plan", "check", "decode_wait", "score", "select_stitch_encode", "write", "classes"} <= set(seconds)
+
+
+def test_index_command_reads_every_header_once_for_any_later_seed(tmp_path, capsys):
+    tree = write_synthetic_jpegs(tmp_path / "tree", classes=2, per_class=15)
+    (tree / "class_01" / "broken.jpg").write_bytes(b"not a jpeg")
+    cache = tmp_path / "all.npz"
+    assert main(["index", "--data", str(tree), "--out", str(cache), "--quiet"]) == 0
+    assert "indexed 30 images in 2 classes (1 files left out)" in capsys.readouterr().out
+    index = load_index(cache)
+    assert index.unread() == 0 and len(index) == 30
+    stamp = cache.stat().st_mtime_ns
+    argv = [
+        "distill",
+        "--data",
+        str(tree),
+        "--observer",
+        "conv3",
+        "--input-size",
+        "32",
+        "--factor",
+        "1",
+        "--ipc",
+        "1",
+        "--mipc",
+        "3",
+        "--num-crop",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--quiet",
+        "--index",
+        str(cache),
+        "--select",
+        "random-crops",
+    ]
+    for seed in ("0", "5"):
+        assert main([*argv, "--out", str(tmp_path / f"o{seed}"), "--seed", seed]) == 0
+    assert cache.stat().st_mtime_ns == stamp  # nothing left to read: the cache was not rewritten
+    (tmp_path / "foreign.npz").write_text("mine")
+    assert main(["index", "--data", str(tree), "--out", str(tmp_path / "foreign.npz"), "--quiet"]) == 2
+    assert "not an index cache" in capsys.readouterr().err and (tmp_path / "foreign.npz").read_text() == "mine"
+    assert main(["index", "--data", str(tree), "--out", str(tree / "class_00" / "x.npz"), "--quiet"]) == 2
