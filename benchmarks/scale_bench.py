@@ -47,11 +47,9 @@ def drop_page_cache() -> bool:
 
 def _python(code: str) -> dict:
     """Run `code` in a fresh interpreter; it prints one JSON line; add its peak RSS."""
-    proc = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    proc, _ = _timed([sys.executable, "-c", code])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024}
+    return {**result, "peak_rss_mib": _peak_rss_mib(proc)}
 
 
 INDEX_AND_PLAN = """
@@ -116,32 +114,28 @@ def _distill_cmd(data: str, out: Path, mipc: int, index: Path, extra: list[str])
     ]
 
 
+def _timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` (under /usr/bin/time -f %M) from the repository root; (its result, wall seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], cwd=ROOT, capture_output=True, text=True, check=True)
+    return proc, time.perf_counter() - start
+
+
+def _peak_rss_mib(proc: subprocess.CompletedProcess) -> float:
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
 def index_all_step(data: str, work: Path) -> dict:
     cache = work / "index_all.npz"
     cache.unlink(missing_ok=True)
     dropped = drop_page_cache()
-    cmd = [
-        "/usr/bin/time",
-        "-f",
-        "%M",
-        sys.executable,
-        "-m",
-        "rded_fast.cli",
-        "index",
-        "--data",
-        data,
-        "--out",
-        str(cache),
-        "--quiet",
-    ]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t
+    cmd = [sys.executable, "-m", "rded_fast.cli", "index", "--data", data, "--out", str(cache), "--quiet"]
+    proc, wall = _timed(cmd)
     plans = [_python(INDEX_AND_PLAN.format(data=data, cache=str(cache), seed=seed)) for seed in (7, 8)]
     return {
         "wall_s": wall,
         "page_cache_dropped": dropped,
-        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "peak_rss_mib": _peak_rss_mib(proc),
         "cache_mib": cache.stat().st_size / 2**20,
         "plans_of_new_seeds": plans,
     }
@@ -150,10 +144,8 @@ def index_all_step(data: str, work: Path) -> dict:
 def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
     out = work / ("full" if nproc == 1 else f"full-nproc{nproc}")
     extra = ["--overwrite"] + ([f"--nproc={nproc}"] if nproc > 1 else [])
-    cmd = ["/usr/bin/time", "-f", "%M"] + _distill_cmd(data, out, 300, work / "index.npz", extra)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t
+    cmd = _distill_cmd(data, out, 300, work / "index.npz", extra)
+    proc, wall = _timed(cmd)
     manifest = json.loads((out / "manifest.json").read_text())
     seconds = manifest["run"]["seconds"]
     overhead = seconds.get("prologue", 0.0) + seconds.get("compile", 0.0)
@@ -163,7 +155,7 @@ def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
         "stage_seconds": seconds,
         "images_written": len(manifest["images"]),
         "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
-        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "peak_rss_mib": _peak_rss_mib(proc),
         "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall,
     }
 
@@ -173,31 +165,14 @@ def convert_step(data: str, work: Path, fmt: str) -> dict:
     if out.is_dir():
         shutil.rmtree(out)
     out.unlink(missing_ok=True)
-    cmd = [
-        "/usr/bin/time",
-        "-f",
-        "%M",
-        sys.executable,
-        "-m",
-        "rded_fast.cli",
-        "convert",
-        "--format",
-        fmt,
-        "--data",
-        data,
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t
+    cmd = [sys.executable, "-m", "rded_fast.cli", "convert", "--format", fmt, "--data", data, "--out", str(out), "--quiet"]
+    proc, wall = _timed(cmd)
     files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
     return {
         "format": fmt,
         "wall_s": wall,
         "disk_mib": sum(p.stat().st_size for p in files) / 2**20,
-        "peak_rss_mib": int(proc.stderr.strip().splitlines()[-1]) / 1024,
+        "peak_rss_mib": _peak_rss_mib(proc),
         "summary": proc.stdout.strip()[-400:],
     }
 

@@ -10,6 +10,23 @@ from rded_fast.plan import make_center_plan, make_plan, short_classes
 from tests.conftest import write_synthetic_jpegs
 
 
+def _distill_argv(tree, cache, mipc: int, num_crop: int) -> list[str]:
+    """A small random-crops distill (no observer check: it would read a sample of every class) with an index cache."""
+    fixed = "--observer conv3 --input-size 32 --factor 1 --ipc 1 --device cpu --workers 0 --quiet --select random-crops"
+    return [
+        "distill",
+        "--data",
+        str(tree),
+        "--index",
+        str(cache),
+        "--mipc",
+        str(mipc),
+        "--num-crop",
+        str(num_crop),
+        *fixed.split(),
+    ]
+
+
 def test_lazy_plan_reads_only_planned_headers_and_equals_the_full_index(tmp_path):
     tree = write_synthetic_jpegs(tmp_path / "tree", classes=3, per_class=20)
     full = build_index(tree, show_progress=False)
@@ -57,32 +74,7 @@ def test_unusable_files_are_replaced_by_the_next_candidates_and_listed(tmp_path)
 def test_distill_keeps_the_headers_it_read_in_its_index_cache(tmp_path):
     tree = write_synthetic_jpegs(tmp_path / "tree", classes=3, per_class=25)
     cache = tmp_path / "index.npz"
-    argv = [
-        "distill",
-        "--data",
-        str(tree),
-        "--observer",
-        "conv3",
-        "--input-size",
-        "32",
-        "--factor",
-        "1",
-        "--ipc",
-        "1",
-        "--mipc",
-        "4",
-        "--num-crop",
-        "2",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--quiet",
-        "--index",
-        str(cache),
-        "--select",
-        "random-crops",
-    ]  # no observer check: it would read a sample of every class
+    argv = _distill_argv(tree, cache, mipc=4, num_crop=2)
     assert main([*argv, "--out", str(tmp_path / "a"), "--seed", "0"]) == 0
     first = load_index(cache).unread()
     assert 0 < first < 75
@@ -101,32 +93,7 @@ def test_index_command_reads_every_header_once_for_any_later_seed(tmp_path, caps
     index = load_index(cache)
     assert index.unread() == 0 and len(index) == 30
     stamp = cache.stat().st_mtime_ns
-    argv = [
-        "distill",
-        "--data",
-        str(tree),
-        "--observer",
-        "conv3",
-        "--input-size",
-        "32",
-        "--factor",
-        "1",
-        "--ipc",
-        "1",
-        "--mipc",
-        "3",
-        "--num-crop",
-        "1",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--quiet",
-        "--index",
-        str(cache),
-        "--select",
-        "random-crops",
-    ]
+    argv = _distill_argv(tree, cache, mipc=3, num_crop=1)
     for seed in ("0", "5"):
         assert main([*argv, "--out", str(tmp_path / f"o{seed}"), "--seed", seed]) == 0
     assert cache.stat().st_mtime_ns == stamp  # nothing left to read: the cache was not rewritten
