@@ -6,6 +6,7 @@ class and scoring is chunked per class, so any split gives the same bytes as one
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -53,7 +54,13 @@ def init_world(device_type: str) -> World:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("RDED_FAST_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         dist.init_process_group(backend=backend_for(device_type), timeout=timeout)
+        atexit.register(_leave_world)  # a group left alive at exit can abort the process (gloo's threads)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank)
+
+
+def _leave_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
