@@ -468,7 +468,7 @@ def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], sh
 
 def _prologue(
     cfg: DistillConfig, out: Path, device: torch.device, seconds: dict[str, float]
-) -> tuple[DatasetIndex, BuiltModel, object, dict | None]:
+) -> tuple[DatasetIndex, CropPlan, BuiltModel, Scorer, dict | None]:
     """Rank 0's work before any class: index, the plan of every class (which reads the headers it needs from a
     lazy index), observer, its check, then the output folder, journal and index files (`seconds` gets each
     part's time). The folder is created only after the checks pass, so a refused run leaves nothing behind."""
@@ -479,7 +479,8 @@ def _prologue(
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no image files found")
     unread, seconds["index"], t = index.unread(), time.perf_counter() - t, time.perf_counter()
-    if len(plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)) == 0:
+    plan = plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)
+    if len(plan) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device, check=True)
@@ -493,7 +494,7 @@ def _prologue(
     save_index(index, out / "index.npz")
     if cfg.index and index.unread() != unread:  # keep the headers read for the next run
         save_index(index, cfg.index)
-    return index, observer, scorer, check
+    return index, plan, observer, scorer, check
 
 
 def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, check: bool = False) -> tuple[BuiltModel, Scorer]:
@@ -549,11 +550,18 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
 
 def run_classes(
-    cfg: DistillConfig, index: DatasetIndex, scorer: Scorer, todo: list[int], out: Path, device: torch.device, watch: Stopwatch
+    cfg: DistillConfig,
+    index: DatasetIndex,
+    plan: CropPlan,
+    scorer: Scorer,
+    todo: list[int],
+    out: Path,
+    device: torch.device,
+    watch: Stopwatch,
 ) -> None:
-    """Plan, decode, score, select, stitch, write and journal the classes `todo` (this rank's share); `watch`
-    gets the time of each part."""
-    plan = plan_classes(cfg, index, todo)
+    """Decode, score, select, stitch, write and journal the classes `todo` (this rank's share; `plan` holds their
+    rows); `watch` gets the time of each part."""
+    planned = set(np.unique(plan.labels).tolist())
     loader = make_loader(
         cfg.loader,
         index,
@@ -570,13 +578,13 @@ def run_classes(
     with HostStage(watch.timed("write", functools.partial(commit_classes, cfg, out)), default_host_workers(device)) as host:
         classes = watch.waiting("decode_wait", iter_classes(loader, plan, device))
         for label, crops, ok, reasons in progress(
-            classes, total=len(np.unique(plan.labels)), desc="distill classes", disable=not cfg.show_progress
+            classes, total=len(planned), desc="distill classes", disable=not cfg.show_progress
         ):
             scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
             host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scores, reasons, loader.source_extra))
         watch.add("host_wait", host.waited)
     for label in todo:  # classes with no planned image (empty folders) are journaled too
-        if label not in plan.labels:
+        if label not in planned:
             record = {
                 "label": label,
                 "class": index.classes[label],
@@ -597,12 +605,13 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     cfg = resolve_auto(cfg, device)
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
-    index = observer = scorer = check = None
+    index = plan = observer = scorer = check = None
     if world.is_main:
-        index, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        index, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
     else:
         collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
-        index = load_index(out / "index.npz")
+        index = load_index(out / "index.npz")  # with every header rank 0's plan read: this plan reads none
+        plan = plan_classes(cfg, index, list(range(index.num_classes)))
         observer, scorer = _observer(cfg, index, device)
     seconds["compile"] = scorer.compile_seconds
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
@@ -612,7 +621,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     watch = Stopwatch()
-    run = functools.partial(run_classes, cfg, index, scorer, todo, out, device, watch)
+    run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
     collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
     seconds.update(watch.seconds)

@@ -238,32 +238,20 @@ def build_index(
         files.extend((label, rel) for rel in images)
         skipped.extend({"path": rel, "reason": reason} for rel, reason in others)
     skipped = (class_skips + skipped) if class_map is not None else (skipped + class_skips)
-    if not headers:
-        return DatasetIndex(
-            root=str(real_root),
-            classes=classes,
-            paths=[rel for _, rel in files],
-            labels=np.asarray([label for label, _ in files], dtype=np.int64),
-            sizes=np.full((len(files), 2), UNREAD, dtype=np.int64),
-            skipped=skipped,
-        )
-    results = read_sizes(str(root_path), [rel for _, rel in files], workers, show_progress)
-    paths, labels, sizes = [], [], []
-    for (label, rel), res in zip(files, results):
-        if isinstance(res, str):
-            skipped.append({"path": rel, "reason": res})
-            continue
-        paths.append(rel)
-        labels.append(label)
-        sizes.append(res)
-    return DatasetIndex(
+    index = DatasetIndex(
         root=str(real_root),
         classes=classes,
-        paths=paths,
-        labels=np.asarray(labels, dtype=np.int64),
-        sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+        paths=[rel for _, rel in files],
+        labels=np.asarray([label for label, _ in files], dtype=np.int64),
+        sizes=np.full((len(files), 2), UNREAD, dtype=np.int64),
         skipped=skipped,
     )
+    if not headers:
+        return index
+    read_headers(index, np.arange(len(index)), workers, show_progress)
+    keep = index.sizes[:, 0] > 0
+    paths = [rel for rel, kept in zip(index.paths, keep.tolist()) if kept]
+    return DatasetIndex(index.root, classes, paths, index.labels[keep], index.sizes[keep], index.skipped)
 
 
 def require_class_order(index: DatasetIndex, class_map: list[str] | None, source: str | os.PathLike) -> DatasetIndex:

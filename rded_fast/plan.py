@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,11 @@ class CropPlan:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def only(self, classes: list[int]) -> "CropPlan":
+        """The rows of `classes`: what planning them alone gives, since a class's plan does not depend on the others."""
+        keep = np.isin(self.labels, classes)
+        return replace(self, image_ids=self.image_ids[keep], labels=self.labels[keep], boxes=self.boxes[keep])
 
     def class_rows(self, label: int) -> np.ndarray:
         return np.flatnonzero(self.labels == label)

@@ -78,6 +78,8 @@ def test_plan_is_seeded_per_class_and_samples_without_replacement():
     # A class's plan does not depend on which other classes are planned.
     only2 = make_plan(index, 0, 20, 5, classes=[2])
     assert (only2.boxes == a.boxes[a.labels == 2]).all()
+    part, both = a.only([0, 2]), make_plan(index, 0, 20, 5, classes=[0, 2])
+    assert (part.image_ids == both.image_ids).all() and (part.boxes == both.boxes).all() and (part.labels == both.labels).all()
     assert a.boxes.shape == (47, 5, 4)
 
 

@@ -80,12 +80,17 @@ def decode_probs(
     return probs
 
 
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> int:
+    """Write `arrays` as one .npz atomically; returns its size in bytes."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return buf.getbuffer().nbytes
+
+
 def write_regions(folder: Path, encoded: dict[str, np.ndarray]) -> int:
     """Write the per-cell labels of `relabel --region` (rows: image-major, then cell); returns the bytes written."""
-    buf = io.BytesIO()
-    np.savez(buf, **encoded)
-    atomic_write_bytes(Path(folder) / REGIONS_FILE, buf.getvalue())
-    return len(buf.getvalue())
+    return _write_npz(Path(folder) / REGIONS_FILE, encoded)
 
 
 def read_region_probs(folder: Path, header: dict, num_classes: int) -> torch.Tensor:
@@ -103,11 +108,7 @@ def read_region_probs(folder: Path, header: dict, num_classes: int) -> torch.Ten
 def write_epoch(folder: Path, epoch: int, aug: EpochAug, encoded: dict[str, np.ndarray]) -> int:
     """Write one epoch's file; returns its size in bytes."""
     arrays = {k: v.astype(COMPACT_DTYPES[k]) for k, v in aug.arrays().items()}
-    buf = io.BytesIO()
-    np.savez(buf, batch_size=np.int64(aug.batch_size), **arrays, **encoded)
-    data = buf.getvalue()
-    atomic_write_bytes(epoch_path(folder, epoch), data)
-    return len(data)
+    return _write_npz(epoch_path(folder, epoch), {"batch_size": np.int64(aug.batch_size), **arrays, **encoded})
 
 
 def read_epoch(folder: Path, epoch: int) -> tuple[EpochAug, dict[str, np.ndarray]]:

@@ -197,14 +197,14 @@ def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, 
         return _Labels("hard", recipe)
     if cfg.soft_labels:
         header = softlabels.read_header(Path(cfg.soft_labels))
-        if "region_grid" in header:  # static labels: any batch size and number of epochs
-            recipe = Recipe(epochs=cfg.epochs, batch_size=recipe.batch_size, lr=recipe.lr, temperature=header["temperature"])
-            _check_labels_match(header, data, recipe)
-            probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
-            return _Labels("region", recipe, header=header, cell_probs=probs.to(device))
-        recipe = Recipe(epochs=cfg.epochs, batch_size=header["batch_size"], lr=recipe.lr, temperature=header["temperature"])
+        region = "region_grid" in header  # static labels: any batch size and number of epochs
+        batch_size = recipe.batch_size if region else header["batch_size"]
+        recipe = Recipe(epochs=cfg.epochs, batch_size=batch_size, lr=recipe.lr, temperature=header["temperature"])
         _check_labels_match(header, data, recipe)
-        return _Labels("stored", recipe, header=header)
+        if not region:
+            return _Labels("stored", recipe, header=header)
+        probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
+        return _Labels("region", recipe, header=header, cell_probs=probs.to(device))
     return _Labels("online", recipe, teacher=_teacher(cfg, data, device)[0])
 
 
