@@ -101,3 +101,12 @@ def test_index_command_reads_every_header_once_for_any_later_seed(tmp_path, caps
     assert main(["index", "--data", str(tree), "--out", str(tmp_path / "foreign.npz"), "--quiet"]) == 2
     assert "not an index cache" in capsys.readouterr().err and (tmp_path / "foreign.npz").read_text() == "mine"
     assert main(["index", "--data", str(tree), "--out", str(tree / "class_00" / "x.npz"), "--quiet"]) == 2
+
+
+def test_distill_refuses_an_index_cache_inside_the_data(tmp_path, capsys):
+    tree = write_synthetic_jpegs(tmp_path / "tree", classes=2, per_class=4)
+    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    argv = _distill_argv(tree, tree / "class_00" / "cache.npz", mipc=2, num_crop=1)
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "--index" in capsys.readouterr().err
+    assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before
