@@ -162,6 +162,13 @@ def add_train_observer(sub) -> None:
     p.add_argument("--lr", type=float, help="default 0.05 (sgd) or 1e-3 (adamw)")
     p.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd) or 0.01 (adamw)")
     p.add_argument("--per-class", type=int, help="train on at most this many images per class")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help="autocast dtype of the training; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "else fp32; none = fp32 (the reference path)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT.state, the per-epoch state of an interrupted run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -300,11 +307,24 @@ def _student_args(p, student: bool) -> None:
             help="on (the reference's behaviour): an extra no-grad train-mode student forward per step, "
             "which moves BatchNorm's running statistics a second time; off: one forward",
         )
+        p.add_argument(
+            "--final-only",
+            action="store_true",
+            help="test once, after the last epoch (the reference also tests every 10th epoch of the last 20 %%; "
+            "best_top1 is then final_top1)",
+        )
         p.add_argument("--json", help="write the result JSON here")
         p.add_argument("--checkpoint", help="per-epoch training state file (for --resume)")
         p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--batch-size", type=int, help="default: RDED's rule from IPC and class count")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help="autocast dtype of student and teacher; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "else fp32; none = fp32 (the reference path)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -420,6 +440,7 @@ def add_bench(sub) -> None:
     p.add_argument("--work", default="bench-quality", help="quality: working folder")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds")
     p.add_argument("--ipcs", default="1,10", help="quality: comma-separated IPCs")
+    p.add_argument("--factors", default="1", help="quality: comma-separated factors (factor f at 32*f px)")
     p.add_argument("--epochs", type=int, default=300, help="quality: student epochs")
     p.set_defaults(run=run_bench)
 
@@ -439,6 +460,8 @@ def run_bench(args) -> int:
             args.device,
             "--ipcs",
             args.ipcs,
+            "--factors",
+            args.factors,
         ]
         return quality.main(argv + (["--json", args.json] if args.json else []))
     from pathlib import Path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rded_fast.data import fashion_mnist
-from rded_fast.device import device_name, resolve_device
+from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.fileio import atomic_write_bytes, atomic_write_text
 from rded_fast.train.observer import ObserverConfig, train_observer
@@ -109,43 +110,48 @@ def distilled_set(
     return out
 
 
-def _cell(
-    work: Path,
-    row: str,
-    ipc: int,
-    seed: int,
-    labels: str,
-    observer: Path,
-    train_dir: Path,
-    test_dir: Path,
-    epochs: int,
-    device: str,
-    show: bool,
-    mipc: int = 300,
-    num_crop: int = 5,
-) -> dict:
-    """One distilled set (made once per row, IPC and seed) and one student on it."""
-    out = distilled_set(work, row, ipc, seed, observer, train_dir, device, show, mipc, num_crop)
-    result = evaluate(
-        StudentConfig(
-            distilled=str(out),
-            val=str(test_dir),
-            teacher="conv3",
-            teacher_weights=str(observer),
-            student="conv3",
-            epochs=epochs,
-            seed=seed,
-            device=device,
-            labels=labels,
-            json=str(work / f"{row}_ipc{ipc}_seed{seed}_{labels}.evaluate.json"),
-            show_progress=show,
-        )
-    )
-    return run_record(seed, result)
-
-
 def run_record(seed: int, result: dict) -> dict:
     return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
+
+
+def shape_key(factor: int, input_size: int) -> str:
+    return f"f{factor}_{input_size}px"
+
+
+def cell_json(work: Path, row: str, ipc: int, seed: int, labels: str, factor: int, input_size: int) -> Path:
+    shape = "" if (factor, input_size) == (1, 32) else f"_f{factor}_{input_size}px"
+    return work / f"{row}_ipc{ipc}_seed{seed}{shape}_{labels}.evaluate.json"
+
+
+CELL_NAME = re.compile(r"^(?P<row>[a-z-]+)_ipc(?P<ipc>\d+)_seed(?P<seed>\d+)(?:_f(?P<f>\d+)_(?P<size>\d+)px)?_(?P<lab>soft|hard)")
+
+
+def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, factor: int, input_size: int, run: dict) -> None:
+    """One distilled set (made once per row, IPC, seed and shape) and one student on it; a finished cell with
+    the same epochs is kept (an interrupted table goes on where it stopped)."""
+    path = cell_json(work, row, ipc, seed, labels, factor, input_size)
+    if path.is_file() and json.loads(path.read_text())["parameters"]["epochs"] == run["epochs"]:
+        return
+    out = distilled_set(
+        work, row, ipc, seed, run["observer"], run["train_dir"], run["device"], run["show"], run["mipc"], run["num_crop"],
+        factor, input_size,
+    )  # fmt: skip
+    evaluate(
+        StudentConfig(
+            distilled=str(out),
+            val=str(run["test_dir"]),
+            teacher="conv3",
+            teacher_weights=str(run["observer"]),
+            student="conv3",
+            epochs=run["epochs"],
+            seed=seed,
+            device=run["device"],
+            labels=labels,
+            final_only=True,
+            json=str(path),
+            show_progress=run["show"],
+        )
+    )
 
 
 def run_quality(
@@ -161,55 +167,31 @@ def run_quality(
     test_dir: Path | None = None,
     mipc: int = 300,
     num_crop: int = 5,
+    factors: tuple[int, ...] = (1,),
 ) -> dict:
-    """Run every (row, IPC, labels, seed) cell in `work` (distilled sets and the observer are reused if there).
-    Default data: the packaged Fashion-MNIST at 32 px (train_dir/test_dir: another ImageFolder pair)."""
+    """Run every (factor, IPC, seed, row, labels) cell in `work` (the observers, distilled sets and finished cells
+    there are reused), then tabulate the folder. Factor f runs at 32 * f px, so its cells are 32 px as at factor 1;
+    its observer/teacher trains on as many pixels as the 32-px one (observer_epochs * 1024 / size^2 epochs, at
+    least 1). Default data: the packaged Fashion-MNIST (train_dir/test_dir: another ImageFolder pair)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     if train_dir is None or test_dir is None:
         train_dir, test_dir = fashion_mnist.prepare(show_progress=show_progress)
-    observer, observer_acc = observer_for(work, train_dir, test_dir, observer_epochs, device, show_progress, observer)
-    table: dict = {row: {str(ipc): {lab: [] for lab in LABELS} for ipc in ipcs} for row in ROWS}
-    for ipc in ipcs:
-        for seed in seeds:
-            for row in ROWS:
-                for lab in LABELS:
-                    table[row][str(ipc)][lab].append(
-                        _cell(
-                            work,
-                            row,
-                            ipc,
-                            seed,
-                            lab,
-                            observer,
-                            train_dir,
-                            test_dir,
-                            epochs,
-                            device,
-                            show_progress,
-                            mipc,
-                            num_crop,
-                        )
-                    )
-    settings = {
-        "ipcs": list(ipcs),
-        "factor": 1,
-        "mipc": mipc,
-        "num_crop": num_crop,
-        "input_size": 32,
-        "epochs": epochs,
-        "seeds": list(seeds),
-        "observer": "conv3",
-        "observer_epochs": observer_epochs,
-        "student": "conv3",
-        "bn_refresh": True,
-    }
-    return {
-        **summarise(table, settings),
-        "device": device_name(resolve_device(device)),
-        "observer_test_top1": observer_acc,
-        "seconds": time.perf_counter() - t0,
-    }
+    for factor in factors:
+        size = 32 * factor
+        given = observer if size == 32 else None
+        obs_epochs = max(1, observer_epochs * 32 * 32 // (size * size))
+        obs, _ = observer_for(work, train_dir, test_dir, obs_epochs, device, show_progress, given, size)
+        run = {
+            "observer": obs, "train_dir": train_dir, "test_dir": test_dir, "device": device, "show": show_progress,
+            "mipc": mipc, "num_crop": num_crop, "epochs": epochs,
+        }  # fmt: skip
+        for ipc in ipcs:
+            for seed in seeds:
+                for row in ROWS:
+                    for lab in LABELS:
+                        _cell(work, row, ipc, seed, lab, factor, size, run)
+    return {**from_work(work, observer), "device": device_name(resolve_device(device)), "seconds": time.perf_counter() - t0}
 
 
 def summarise(table: dict, settings: dict) -> dict:
@@ -227,53 +209,61 @@ def summarise(table: dict, settings: dict) -> dict:
         for lab in LABELS
         if lab in summary["rded"][str(ipc)] and lab in summary["random-images"][str(ipc)]
     }
+    return {"settings": settings, "final_top1": summary, "rded_vs_random_images": margins, "runs": table}
+
+
+def from_work(work: Path, observer: Path | None = None) -> dict:
+    """The table of every cell finished in `work` (its evaluate JSONs), one block per shape (factor, size)."""
+    tables: dict = {}
+    for path in sorted(work.glob("*_ipc*_seed*_*.evaluate.json")):
+        m = CELL_NAME.match(path.name)
+        if not m:
+            continue
+        factor, size = int(m["f"] or 1), int(m["size"] or 32)
+        result = json.loads(path.read_text())
+        p = result["parameters"]
+        block = tables.setdefault(
+            shape_key(factor, size),
+            {"table": {}, "settings": {"factor": factor, "input_size": size, "observer": "conv3", "student": "conv3"}},
+        )
+        block["settings"].update(
+            {k: p.get(k) for k in ("epochs", "bn_refresh", "final_only")}, amp=p.get("resolved_amp", "float32 (before --amp)")
+        )
+        block["settings"].setdefault("observer_test_top1", _observer_accuracy(p["teacher_weights"]))
+        block["table"].setdefault(m["row"], {}).setdefault(m["ipc"], {name: [] for name in LABELS})[m["lab"]].append(
+            run_record(int(m["seed"]), result)
+        )
+    shapes = {}
+    for key, block in tables.items():
+        table = block["table"]
+        ipcs = sorted({int(i) for by_ipc in table.values() for i in by_ipc})
+        seeds = sorted(
+            {r["seed"] for by_ipc in table.values() for by_lab in by_ipc.values() for rs in by_lab.values() for r in rs}
+        )
+        for row in ROWS:
+            for ipc in ipcs:
+                table.setdefault(row, {}).setdefault(str(ipc), {name: [] for name in LABELS})
+        shapes[key] = summarise(table, {**block["settings"], "ipcs": ipcs, "seeds": seeds})
+    cells = [
+        r
+        for s in shapes.values()
+        for by_ipc in s["runs"].values()
+        for by_lab in by_ipc.values()
+        for rs in by_lab.values()
+        for r in rs
+    ]
     return {
         "benchmark": "quality_fashion_mnist_table",
-        "settings": settings,
-        "final_top1": summary,
-        "rded_vs_random_images": margins,
-        "runs": table,
+        "shapes": shapes,
+        "cell_seconds": sum(r["seconds"] for r in cells),
+        "cpu": cpu_description(),
     }
 
 
-def from_work(work: Path) -> dict:
-    """The table of the cells finished in `work` (an interrupted or partial run): every evaluate JSON there."""
-    table: dict = {}
-    settings: dict = {}
-    for path in sorted(work.glob("*_ipc*_seed*_*.evaluate.json")):
-        row, rest = path.name.split("_ipc", 1)
-        ipc, rest = rest.split("_seed", 1)
-        seed, lab = rest.split(".")[0].split("_")
-        result = json.loads(path.read_text())
-        settings = {"epochs": result["parameters"]["epochs"], "bn_refresh": result["parameters"]["bn_refresh"]}
-        table.setdefault(row, {}).setdefault(ipc, {name: [] for name in LABELS})[lab].append(
-            {
-                "seed": int(seed),
-                "final_top1": result["final_top1"],
-                "best_top1": result["best_top1"],
-                "seconds": result["seconds"],
-            }
-        )
-    ipcs = sorted({int(i) for by_ipc in table.values() for i in by_ipc})
-    seeds = sorted(
-        {r["seed"] for by_ipc in table.values() for by_lab in by_ipc.values() for runs in by_lab.values() for r in runs}
-    )
-    for row in ROWS:
-        for ipc in ipcs:
-            table.setdefault(row, {}).setdefault(str(ipc), {name: [] for name in LABELS})
-    return summarise(
-        table,
-        {
-            **settings,
-            "ipcs": ipcs,
-            "seeds": seeds,
-            "factor": 1,
-            "input_size": 32,
-            "observer": "conv3",
-            "student": "conv3",
-            "partial": True,
-        },
-    )
+def _observer_accuracy(path: str | None) -> float | None:
+    if not path or not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True).get("val_accuracy")
 
 
 def _margin(rded: dict, random: dict) -> dict:
@@ -299,7 +289,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
+def plot(result: dict, width: int = 640, height: int = 420, title: str = "") -> bytes:
     """Accuracy vs IPC (log-spaced positions), one colour per row, solid soft / dashed-marker hard, +-1 std bars."""
     ipcs = result["settings"]["ipcs"]
     colours = {"rded": (200, 40, 40), "random-images": (40, 90, 200), "random-crops": (60, 150, 60)}
@@ -337,7 +327,7 @@ def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
         d.text((right + 10, top + 10 + 30 * k), f"{row}", fill=colours[row])
     d.text((right + 10, top + 110), "filled: soft labels", fill="black")
     d.text((right + 10, top + 125), "open: hard labels", fill="black")
-    d.text((left, 4), "Fashion-MNIST, conv3 students: final top-1 (mean +- std)", fill="black")
+    d.text((left, 4), f"Fashion-MNIST {title}, conv3 students: final top-1 (mean +- std)".replace("  ", " "), fill="black")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -345,25 +335,19 @@ def plot(result: dict, width: int = 640, height: int = 420) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="bench-quality", help="working folder for observer, distilled sets, evaluations")
+    p.add_argument("--work", default="bench-quality", help="working folder for observers, distilled sets, evaluations")
     p.add_argument("--ipcs", default="1,10", help="comma-separated IPCs (the issue's table: 1,10,50)")
+    p.add_argument("--factors", default="1", help="comma-separated factors; factor f runs at 32*f px (the table: 1,2)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--observer-epochs", type=int, default=5)
-    p.add_argument("--observer", help="reuse this Conv3 checkpoint (trained on the train split) instead of training one")
+    p.add_argument("--observer-epochs", type=int, default=5, help="at 32 px; larger sizes train on as many pixels")
+    p.add_argument("--observer", help="reuse this 32-px Conv3 checkpoint (trained on the train split) instead of training one")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="output JSON (default benchmarks/results/quality_table_fashion_mnist_<device>.json)")
     p.add_argument("--summarise", action="store_true", help="only tabulate the cells already finished in --work")
     args = p.parse_args(argv)
     if args.summarise:
-        observer = Path(args.observer) if args.observer else Path(args.work) / "observer_conv3_full.pth"
-        saved = torch.load(observer, map_location="cpu", weights_only=True) if observer.is_file() else {}
-        result = {
-            **from_work(Path(args.work)),
-            "device": device_name(resolve_device(args.device)),
-            "seconds": 0.0,
-            "observer_test_top1": saved.get("val_accuracy"),
-        }
+        result = {**from_work(Path(args.work)), "device": device_name(resolve_device(args.device)), "seconds": 0.0}
         return _write(result, args.json)
     result = run_quality(
         Path(args.work),
@@ -373,15 +357,27 @@ def main(argv: list[str] | None = None) -> int:
         observer_epochs=args.observer_epochs,
         device=args.device,
         observer=Path(args.observer) if args.observer else None,
+        factors=tuple(int(v) for v in args.factors.split(",")),
     )
     return _write(result, args.json)
 
 
 def _write(result: dict, json_path: str | None) -> int:
-    print(format_table(result))
+    """Print each shape's table; write the JSON and one PNG with a plot per shape, stacked."""
+    plots = []
+    for key, shape in result["shapes"].items():
+        print(f"== factor {shape['settings']['factor']}, {shape['settings']['input_size']} px ==")
+        print(format_table(shape))
+        plots.append(Image.open(io.BytesIO(plot(shape, title=f"factor {shape['settings']['factor']}, {key.split('_')[1]}"))))
     out = Path(json_path) if json_path else RESULTS / f"quality_table_fashion_mnist_{result['device'].replace(' ', '_')}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
-    atomic_write_bytes(out.with_suffix(".png"), plot(result))
+    if plots:
+        sheet = Image.new("RGB", (plots[0].width, sum(im.height for im in plots)), "white")
+        for k, im in enumerate(plots):
+            sheet.paste(im, (0, k * plots[0].height))
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        atomic_write_bytes(out.with_suffix(".png"), buf.getvalue())
     print(f"wrote {out} and {out.with_suffix('.png')} ({result['seconds'] / 60:.1f} min)")
     return 0
 

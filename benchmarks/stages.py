@@ -21,8 +21,8 @@ import torch
 
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
-from rded_fast.device import cpu_description, device_name, resolve_device
-from rded_fast.distill import DistillConfig, available_cores, distill, resolve_amp, resolve_compile
+from rded_fast.device import cpu_description, device_name, resolve_amp, resolve_device
+from rded_fast.distill import DistillConfig, available_cores, distill, resolve_compile
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
 from rded_fast.models import build

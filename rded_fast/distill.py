@@ -26,7 +26,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import available_cores, cpu_has_native_bf16, resolve_device
+from rded_fast.device import AMP_CHOICES, available_cores, resolve_amp, resolve_device
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
@@ -59,8 +59,6 @@ SCORE_CHUNK_MAX = 512
 # (the ablation of the observer's ranking); `random-images`: random whole images (their centred square),
 # one per output image at the input size (the literature's "random" row); `random` = `random-crops`.
 SELECT_CHOICES = ("rded", "random-crops", "random-images", "random")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_CHOICES = ("auto", *AMP_DTYPES)
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
 NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index", "prefetch")
 # --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
@@ -151,17 +149,6 @@ def validate(cfg: DistillConfig) -> None:
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
         )
-
-
-def resolve_amp(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """`auto` is bf16 on CUDA, and on a CPU only when it has native bf16 (AVX512-BF16 or AMX): there it was
-    1.8x faster than fp32; on an AVX2-only CPU bf16 is emulated and 4-8x slower, so `auto` is fp32 there.
-    `none` is fp32 (the reference path)."""
-    if name != "auto":
-        return AMP_DTYPES[name]
-    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
 
 
 def resolve_compile(name: str, device: torch.device | str, crops: int) -> bool:

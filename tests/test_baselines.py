@@ -3,12 +3,16 @@ chosen at random (and `random` is that)."""
 
 import io
 import json
+import os
+import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from rded_fast.distill import distill
+from rded_fast.errors import UserError
 from rded_fast.loaders.torch_loader import cut_crops, decode_rgb
 from tests.test_distill import fashion_config, random_observer
 
@@ -115,3 +119,36 @@ def test_quality_table_formats_and_plots():
     png = plot(result)
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG" and im.size == (640, 420)
+
+
+def test_evaluate_amp_final_only_and_one_decode_of_the_val_split(jpeg_tree, tmp_path, monkeypatch):
+    from rded_fast.train import student as student_mod
+
+    weights = random_observer(tmp_path, 3)
+    distill(fashion_config(jpeg_tree, weights, tmp_path / "ri", select="random-images", ipc=2, mipc=8))
+    decoded = []
+    load = student_mod.load_tensor_dataset
+    monkeypatch.setattr(student_mod, "load_tensor_dataset", lambda *a, **k: decoded.append(1) or load(*a, **k))
+    val = shutil.copytree(jpeg_tree, tmp_path / "val")
+    base = dict(distilled=str(tmp_path / "ri"), teacher="-", val=str(val), student="conv3", device="cpu", show_progress=False)
+    runs = {
+        (amp, final): student_mod.evaluate(
+            student_mod.StudentConfig(**base, epochs=100, labels="hard", amp=amp, final_only=final)
+        )
+        for amp, final in (("none", False), ("bf16", False), ("none", True))
+    }
+    assert [e["epoch"] for e in runs["none", False]["evaluations"]] == [89, 99]  # the reference's: > 80 %, every 10th
+    assert [e["epoch"] for e in runs["none", True]["evaluations"]] == [99]
+    assert (
+        runs["none", False]["parameters"]["resolved_amp"] == "fp32"
+        and runs["bf16", False]["parameters"]["resolved_amp"] == "bf16"
+    )
+    assert runs["none", False]["epoch_loss"] != runs["bf16", False]["epoch_loss"]  # autocast really ran
+    assert runs["none", True]["epoch_loss"] == runs["none", False]["epoch_loss"]  # the schedule of tests changes no training
+    assert len(decoded) == 1  # one decode of the val split for three students
+    some = sorted(val.rglob("*.jpg"))[0]
+    os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
+    student_mod.evaluate(student_mod.StudentConfig(**base, labels="hard", epochs=1))
+    assert len(decoded) == 2  # a changed file is decoded again
+    with pytest.raises(UserError, match="--amp fp16"):
+        student_mod.evaluate(student_mod.StudentConfig(**base, labels="hard", amp="fp16"))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_many
 from rded_fast.host import HostStage
 from rded_fast.loaders.base import BufferRing, CropBatch
@@ -197,12 +198,16 @@ def test_auto_defaults(monkeypatch, tmp_path):
 
     distill_mod = importlib.import_module("rded_fast.distill")  # the package re-exports a function of this name
 
-    monkeypatch.setattr(distill_mod, "cpu_has_native_bf16", lambda: False)
-    assert distill_mod.resolve_amp("auto", "cpu") is None  # emulated bf16 is slower than fp32
-    assert distill_mod.resolve_amp("auto", "cuda") is torch.bfloat16
-    monkeypatch.setattr(distill_mod, "cpu_has_native_bf16", lambda: True)
-    assert distill_mod.resolve_amp("auto", "cpu") is torch.bfloat16
-    assert distill_mod.resolve_amp("none", "cuda") is None
+    from rded_fast import device as device_mod
+
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
+    assert device_mod.resolve_amp("auto", "cpu") is None  # emulated bf16 is slower than fp32
+    assert device_mod.resolve_amp("auto", "cuda") is torch.bfloat16
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
+    assert device_mod.resolve_amp("auto", "cpu") is torch.bfloat16
+    assert device_mod.resolve_amp("none", "cuda") is None
+    with pytest.raises(UserError, match="--amp fp16: choose auto, none, bf16"):
+        device_mod.resolve_amp("fp16", "cpu", device_mod.TRAIN_AMP_CHOICES)
     small, large = distill_mod.COMPILE_MIN_CROPS_CPU - 1, distill_mod.COMPILE_MIN_CROPS_CPU
     assert not distill_mod.resolve_compile("auto", "cpu", small) and distill_mod.resolve_compile("auto", "cpu", large)
     assert distill_mod.resolve_compile("auto", "cuda", 1) and not distill_mod.resolve_compile("off", "cuda", large)

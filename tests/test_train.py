@@ -173,6 +173,8 @@ def test_short_quality_run(fashion_tree, fashion_observer, val_tree, tmp_path):
         device="cpu",
         show_progress=False,
     )
+    assert set(result["shapes"]) == {"f1_32px"}
+    result = result["shapes"]["f1_32px"]
     for row in ROWS:
         for lab in LABELS:
             runs = result["final_top1"][row]["2"][lab]["runs"]

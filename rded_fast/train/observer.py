@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rded_fast.device import resolve_device
+from rded_fast.device import TRAIN_AMP_CHOICES, autocast, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
 from rded_fast.index import build_index
@@ -46,6 +46,7 @@ class ObserverConfig:
     device: str = "auto"
     val: str | None = None
     per_class: int | None = None
+    amp: str = "auto"  # autocast: auto (bf16 on CUDA and native-bf16 CPUs), none (fp32), bf16
     resume: bool = False
     show_progress: bool = True
 
@@ -122,6 +123,7 @@ def train_one_epoch(
     generator: torch.Generator,
     device: torch.device,
     on_step=lambda: None,
+    amp: torch.dtype | None = None,
 ) -> float:
     """One pass over the data in a seeded order, augmented; returns the mean training loss."""
     model.train()
@@ -132,7 +134,9 @@ def train_one_epoch(
     for step in range(steps):
         idx = order[step * batch_size : (step + 1) * batch_size]
         x = normalize_uint8(augment(images[idx], generator, pad).to(device)).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), labels[idx].to(device))
+        with autocast(device, amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,6 +165,7 @@ def _save(cfg: ObserverConfig, model: torch.nn.Module, classes: list[str], val_a
 
 def _train_observer(cfg: ObserverConfig) -> dict:
     device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -185,11 +190,11 @@ def _train_observer(cfg: ObserverConfig) -> dict:
     )
     for epoch in range(first, cfg.epochs):
         losses.append(
-            train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device, on_step=lambda: next(bar, None))
+            train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device, lambda: next(bar, None), amp)
         )
         checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
-    train_acc = topk_accuracy(model, images, labels, device)[0]
-    val_acc = topk_accuracy(model, *val, device)[0] if val is not None else None
+    train_acc = topk_accuracy(model, images, labels, device, amp=amp)[0]
+    val_acc = topk_accuracy(model, *val, device, amp=amp)[0] if val is not None else None
     _save(cfg, model, index.classes, val_acc)
     return {
         "config": asdict(cfg),

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rded_fast.device import resolve_device
+from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, autocast, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
-from rded_fast.index import UNLISTED_CLASS, build_index
+from rded_fast.index import UNLISTED_CLASS, DatasetIndex, build_index
 from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
 from rded_fast.progress import progress
@@ -56,6 +56,8 @@ class StudentConfig:
     soft_labels: str | None = None
     labels: str = "soft"  # "hard": one-hot labels (CutMix-mixed), no teacher: what the images alone carry
     bn_refresh: bool = True  # the reference's extra no-grad train-mode forward per step (BN statistics updated twice)
+    amp: str = "auto"  # student and teacher autocast: auto (bf16 on CUDA and native-bf16 CPUs), none (fp32), bf16
+    final_only: bool = False  # test once after the last epoch (the reference also tests every 10th in the last 20 %)
     top_k: int | None = None
     region: str | None = None  # relabel: "cells" (one label per cell of the factor grid) or "image" (one per image)
     out: str | None = None
@@ -119,12 +121,8 @@ def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> tu
     return model, built
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.no_grad(), _autocast(device):
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    with torch.no_grad(), autocast(device, amp):
         return teacher(x.contiguous(memory_format=torch.channels_last)).float()
 
 
@@ -184,6 +182,7 @@ class _Labels:
     kind: str  # "hard", "stored", "region" or "online"
     recipe: Recipe
     header: dict | None = None
+    amp: torch.dtype | None = None  # the autocast dtype of student and teacher
     teacher: nn.Module | None = None
     cell_probs: torch.Tensor | None = None  # region labels [N, grid^2, C]
 
@@ -191,10 +190,11 @@ class _Labels:
 def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> _Labels:
     if cfg.labels not in ("soft", "hard"):
         raise UserError(f"--labels {cfg.labels}: choose soft or hard")
+    amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
     if cfg.labels == "hard":
         if cfg.soft_labels:
             raise UserError("--labels hard trains on the images' own labels; leave out --soft-labels")
-        return _Labels("hard", recipe)
+        return _Labels("hard", recipe, amp=amp)
     if cfg.soft_labels:
         header = softlabels.read_header(Path(cfg.soft_labels))
         region = "region_grid" in header  # static labels: any batch size and number of epochs
@@ -202,10 +202,10 @@ def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, 
         recipe = Recipe(epochs=cfg.epochs, batch_size=batch_size, lr=recipe.lr, temperature=header["temperature"])
         _check_labels_match(header, data, recipe)
         if not region:
-            return _Labels("stored", recipe, header=header)
+            return _Labels("stored", recipe, amp=amp, header=header)
         probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
-        return _Labels("region", recipe, header=header, cell_probs=probs.to(device))
-    return _Labels("online", recipe, teacher=_teacher(cfg, data, device)[0])
+        return _Labels("region", recipe, amp=amp, header=header, cell_probs=probs.to(device))
+    return _Labels("online", recipe, amp=amp, teacher=_teacher(cfg, data, device)[0])
 
 
 def _epoch_aug(cfg: StudentConfig, labels: _Labels, data: DistilledSet, epoch: int, size: int):
@@ -222,7 +222,7 @@ def _targets(labels: _Labels, data: DistilledSet, aug, encoded, b: int, x: torch
     if labels.kind == "hard":
         return mixed_targets(data.labels, aug, b, n, x.shape[-1]).to(device)
     if labels.kind == "online":
-        return torch.softmax(teacher_logits(labels.teacher, x, device) / t, dim=1)
+        return torch.softmax(teacher_logits(labels.teacher, x, device, labels.amp) / t, dim=1)
     if labels.kind == "region":
         return region_targets(labels.cell_probs, aug, b, x.shape[-1], data.factor)
     sl = aug.batch_slice(b)
@@ -246,7 +246,7 @@ def train_student_epoch(
     for b in range(aug.num_batches):
         x = augment_batch(images, aug, b, data.factor)
         probs = _targets(labels, data, aug, encoded, b, x, device)
-        with _autocast(device):
+        with autocast(device, labels.amp):
             logits = student(x.contiguous(memory_format=torch.channels_last))
         loss = (
             F.cross_entropy(logits.float(), probs) if labels.kind == "hard" else kd_loss(logits, probs, labels.recipe.temperature)
@@ -255,13 +255,13 @@ def train_student_epoch(
         loss.backward()
         opt.step()
         if cfg.bn_refresh:  # the reference's logging forward: train mode, so BatchNorm's running stats move again
-            with torch.no_grad(), _autocast(device):
+            with torch.no_grad(), autocast(device, labels.amp):
                 student(x.contiguous(memory_format=torch.channels_last))
         total += float(loss.detach())
     return total / aug.num_batches
 
 
-def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: torch.device, label_kind: str) -> dict:
+def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: torch.device, labels: _Labels) -> dict:
     """What an evaluation ran with: its arguments and what they resolved to."""
     return {
         **{k: v for k, v in asdict(cfg).items() if k != "show_progress"},
@@ -271,8 +271,23 @@ def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: 
         "num_classes": len(data.classes),
         "recipe": asdict(recipe),
         "resolved_device": str(device),
-        "soft_label_source": label_kind,
+        "resolved_amp": amp_name(labels.amp),
+        "soft_label_source": labels.kind,
     }
+
+
+_VAL_CACHE: dict = {}
+
+
+def _val_tensors(vindex: DatasetIndex, size: int, show: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images at `size` (resized to size * 8/7, centre-cropped) and labels, decoded once per
+    process for one listing (paths and modification times): a benchmark's many students share one test split."""
+    stamps = tuple(os.stat(os.path.join(vindex.root, p)).st_mtime_ns for p in vindex.paths)
+    key = (size, str(vindex.root), tuple(vindex.paths), tuple(vindex.labels.tolist()), stamps)
+    if key not in _VAL_CACHE:
+        _VAL_CACHE.clear()
+        _VAL_CACHE[key] = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=show, desc="load val")
+    return _VAL_CACHE[key]
 
 
 def _evaluate(cfg: StudentConfig) -> dict:
@@ -283,7 +298,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
     labels = _label_source(cfg, data, device, _recipe(cfg, data, cfg.student))
     recipe = labels.recipe
     vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
-    val_x, val_y = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=cfg.show_progress, desc="load val")
+    val_x, val_y = _val_tensors(vindex, size, cfg.show_progress)
     torch.manual_seed(cfg.seed)
     student = (
         build(cfg.student, len(data.classes), None, size, what="student")
@@ -308,8 +323,8 @@ def _evaluate(cfg: StudentConfig) -> dict:
     ):
         epoch_loss.append(train_student_epoch(cfg, student, opt, labels, data, images, epoch, device))
         sched.step()
-        if evaluates_at(epoch, recipe.epochs) or epoch == recipe.epochs - 1:
-            top1, top5 = topk_accuracy(student, val_x, val_y, device, amp=True)
+        if epoch == recipe.epochs - 1 or (evaluates_at(epoch, recipe.epochs) and not cfg.final_only):
+            top1, top5 = topk_accuracy(student, val_x, val_y, device, amp=labels.amp)
             evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
         if cfg.checkpoint:
             checkpoint.save_state(
@@ -317,7 +332,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
                 checkpoint.capture(student, opt, sched, None, epoch, epoch_loss=epoch_loss, evaluations=evaluations),
             )
     result = {
-        "parameters": _parameters(cfg, data, recipe, device, labels.kind),
+        "parameters": _parameters(cfg, data, recipe, device, labels),
         "final_top1": evaluations[-1]["top1"],
         "final_top5": evaluations[-1]["top5"],
         "best_top1": max(e["top1"] for e in evaluations),
@@ -383,16 +398,17 @@ def _relabel(cfg: StudentConfig) -> dict:
         raise UserError(f"--top-k {cfg.top_k}: must be >= 1 (or omit it for all classes)")
     if cfg.region is not None and cfg.region not in REGION_GRIDS:
         raise UserError(f"--region {cfg.region}: choose {' or '.join(REGION_GRIDS)}")
+    amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
     teacher, built = _teacher(cfg, data, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = _label_header(cfg, data, recipe, built, k)
+    header = {**_label_header(cfg, data, recipe, built, k), "teacher_amp": amp_name(amp)}
     images = data.images.to(device)
     result = {"out": str(out), "top_k": k, "samples": len(images)}
     if cfg.region:
         grid = grid_of(cfg.region, data.factor)
         softlabels.write_header(out, {**header, "region": cfg.region, "region_grid": grid})
-        logits = cell_logits(lambda x: teacher_logits(teacher, x, device), images, grid)
+        logits = cell_logits(lambda x: teacher_logits(teacher, x, device, amp), images, grid)
         written = softlabels.write_regions(out, softlabels.encode_logits(logits, k, recipe.temperature))
         return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written, "seconds": time.perf_counter() - t0}
     per_epoch = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed, "cutmix_beta": recipe.cutmix_beta}
@@ -401,7 +417,7 @@ def _relabel(cfg: StudentConfig) -> dict:
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
         logits = torch.cat(
-            [teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device) for b in range(aug.num_batches)]
+            [teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device, amp) for b in range(aug.num_batches)]
         )
         sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
     return {
