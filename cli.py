@@ -16,6 +16,17 @@ def _fields(args, *drop: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "run", "quiet", "argv", *drop)}
 
 
+def add_train_amp(p, what: str) -> None:
+    """--amp of a training command (rded_fast.device.TRAIN_AMP_CHOICES; fp16 would need a loss scaler)."""
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16"],
+        help=f"autocast dtype of {what}; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "else fp32; none = fp32 (the reference path)",
+    )
+
+
 def without_option(argv: list[str], name: str) -> list[str]:
     """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings)."""
     out, skip = [], False
@@ -162,13 +173,7 @@ def add_train_observer(sub) -> None:
     p.add_argument("--lr", type=float, help="default 0.05 (sgd) or 1e-3 (adamw)")
     p.add_argument("--weight-decay", type=float, help="default 5e-4 (sgd) or 0.01 (adamw)")
     p.add_argument("--per-class", type=int, help="train on at most this many images per class")
-    p.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "none", "bf16"],
-        help="autocast dtype of the training; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
-        "else fp32; none = fp32 (the reference path)",
-    )
+    add_train_amp(p, "the training")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state, the per-epoch state of an interrupted run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -318,13 +323,7 @@ def _student_args(p, student: bool) -> None:
         p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--batch-size", type=int, help="default: RDED's rule from IPC and class count")
-    p.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "none", "bf16"],
-        help="autocast dtype of student and teacher; auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
-        "else fp32; none = fp32 (the reference path)",
-    )
+    add_train_amp(p, "student and teacher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
