@@ -152,3 +152,18 @@ def test_evaluate_amp_final_only_and_one_decode_of_the_val_split(jpeg_tree, tmp_
     assert len(decoded) == 2  # a changed file is decoded again
     with pytest.raises(UserError, match="--amp fp16"):
         student_mod.evaluate(student_mod.StudentConfig(**base, labels="hard", amp="fp16"))
+
+
+def test_selection_diagnostic_measures():
+    from rded_fast.benchmarks.selection_diagnostic import diagnose, features
+    from rded_fast.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(3, 4, 32).eval()
+    test_x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    test_y = torch.arange(12) % 4
+    test = (features(model, test_x)[0], test_y)
+    whole = diagnose(test_x, test_y, test, model)  # the set is the test split itself: every test image is in it
+    assert whole["nearest_top1"] == 1.0 and abs(whole["test_to_set"]) < 1e-5 and whole["spread"] > 0
+    twins = diagnose(test_x[:4].repeat(2, 1, 1, 1), test_y[:4].repeat(2), test, model)  # two copies per class
+    assert abs(twins["spread"]) < 1e-5 and twins["test_to_set"] > 1e-3 and 0.0 <= twins["confidence"] <= 1.0

@@ -1,0 +1,116 @@
+"""Why a selection trains better or worse students: what the chosen images are, seen through the observer.
+
+For each factor-1 distilled set of a quality work folder (RDED, random-images, random-crops; every IPC and seed
+there), with the observer that chose them, on the real test split:
+- `confidence`: the observer's mean probability of each image's own class (RDED keeps the crops it finds most
+  typical, so this is high by design);
+- `nearest_top1`: each test image takes the class of its nearest distilled image in the observer's feature
+  space (cosine): how well the set covers the class as it is met at test time, without training anything;
+- `test_to_set`: the mean cosine distance from a test image to the nearest distilled image of its own class;
+- `spread`: the mean cosine distance between two distilled images of one class (how varied a class's images are).
+
+Run: python -m rded_fast.benchmarks.selection_diagnostic --work W --json benchmarks/results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rded_fast.data import fashion_mnist
+from rded_fast.device import cpu_description
+from rded_fast.fileio import atomic_write_text
+from rded_fast.index import build_index
+from rded_fast.models import build
+from rded_fast.score import normalize_uint8
+from rded_fast.train.distilled_set import load_distilled
+from rded_fast.train.memory_dataset import load_tensor_dataset
+
+MEASURES = ("confidence", "nearest_top1", "test_to_set", "spread")
+SET_NAME = re.compile(r"^(?P<row>[a-z-]+)_ipc(?P<ipc>\d+)_seed(?P<seed>\d+)$")
+
+
+def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised inputs of the classifier, softmax outputs) of a ConvNet for uint8 images."""
+    seen: list[torch.Tensor] = []
+    hook = model.classifier.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    probs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            probs.append(torch.softmax(model(normalize_uint8(images[i : i + batch])), 1))
+    hook.remove()
+    return F.normalize(torch.cat(seen), dim=1), torch.cat(probs)
+
+
+def diagnose(set_x: torch.Tensor, set_y: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor], model) -> dict:
+    """The three measures above for one distilled set (images uint8 [N, 3, S, S], labels [N])."""
+    test_feat, test_y = test
+    feat, probs = features(model, set_x)
+    sim = test_feat @ feat.T  # [T, N] cosine similarity
+    nearest = set_y[sim.argmax(1)]
+    own = torch.where(set_y[None, :] == test_y[:, None], sim, torch.full_like(sim, -2.0)).amax(1)
+    return {
+        "confidence": float(probs.gather(1, set_y[:, None]).mean()),
+        "nearest_top1": float((nearest == test_y).float().mean()),
+        "test_to_set": float((1 - own).mean()),
+        "spread": _spread(feat, set_y),
+    }
+
+
+def _spread(feat: torch.Tensor, labels: torch.Tensor) -> float | None:
+    same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
+    return float((1 - feat @ feat.T)[same].mean()) if same.any() else None
+
+
+def run(work: Path, observer: Path, test_dir: Path) -> dict:
+    model = build("conv3", 10, str(observer), 32).model.eval()
+    vindex = build_index(str(test_dir), show_progress=False)
+    test_x, test_y = load_tensor_dataset(vindex, 32, resize_to=36, show_progress=False)
+    test = (features(model, test_x)[0], test_y)
+    rows: dict = {}
+    for folder in sorted(p for p in work.iterdir() if p.is_dir() and SET_NAME.match(p.name)):
+        m = SET_NAME.match(folder.name)
+        data = load_distilled(folder)
+        rows.setdefault(m["row"], {}).setdefault(m["ipc"], []).append(
+            {"seed": int(m["seed"]), **diagnose(data.images, data.labels, test, model)}
+        )
+    summary = {
+        row: {
+            ipc: {k: statistics.fmean(r[k] for r in runs) for k in MEASURES if all(r[k] is not None for r in runs)}
+            for ipc, runs in by_ipc.items()
+        }
+        for row, by_ipc in rows.items()
+    }
+    return {
+        "benchmark": "selection_diagnostic",
+        "mean": summary,
+        "runs": rows,
+        "observer": str(observer),
+        "cpu": cpu_description(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True, help="a quality benchmark's working folder (its factor-1 sets are read)")
+    p.add_argument("--observer", help="default: WORK/observer_conv3_full.pth")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    _, test_dir = fashion_mnist.prepare(show_progress=False)
+    result = run(work, Path(args.observer) if args.observer else work / "observer_conv3_full.pth", test_dir)
+    for row, by_ipc in result["mean"].items():
+        for ipc, m in sorted(by_ipc.items(), key=lambda kv: int(kv[0])):
+            print(f"{row:<14} IPC {ipc:>3}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+    atomic_write_text(args.json, json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
