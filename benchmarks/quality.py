@@ -191,7 +191,7 @@ def run_quality(
                 for row in ROWS:
                     for lab in LABELS:
                         _cell(work, row, ipc, seed, lab, factor, size, run)
-    return {**from_work(work, observer), "device": device_name(resolve_device(device)), "seconds": time.perf_counter() - t0}
+    return {**from_work(work), "device": device_name(resolve_device(device)), "seconds": time.perf_counter() - t0}
 
 
 def summarise(table: dict, settings: dict) -> dict:
@@ -212,7 +212,7 @@ def summarise(table: dict, settings: dict) -> dict:
     return {"settings": settings, "final_top1": summary, "rded_vs_random_images": margins, "runs": table}
 
 
-def from_work(work: Path, observer: Path | None = None) -> dict:
+def from_work(work: Path) -> dict:
     """The table of every cell finished in `work` (its evaluate JSONs), one block per shape (factor, size)."""
     tables: dict = {}
     for path in sorted(work.glob("*_ipc*_seed*_*.evaluate.json")):
