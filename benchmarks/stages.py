@@ -21,7 +21,7 @@ import torch
 
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
-from rded_fast.device import cpu_description, device_name, resolve_amp, resolve_device
+from rded_fast.device import autocast, cpu_description, device_name, resolve_amp, resolve_device
 from rded_fast.distill import DistillConfig, available_cores, distill, resolve_compile
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
@@ -102,7 +102,7 @@ def bench_score_and_model(
     forward = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None) if compile_on else net
 
     def run_model():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.inference_mode(), autocast(device, amp):
             for _ in range(reps):
                 forward(x)
 
