@@ -118,7 +118,11 @@ def add_distill(sub) -> None:
         choices=["faithful", "native"],
         help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier distill output in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier distill output in --out (files in it that distill did not write are kept)",
+    )
     p.add_argument(
         "--overwrite-any",
         action="store_true",
@@ -177,7 +181,8 @@ def add_train_observer(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.state, the per-epoch state of an interrupted run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="checkpoint path")
+    p.add_argument("--out", required=True, help="checkpoint path (refused when a checkpoint is there, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier checkpoint of train-observer at --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_train_observer)
 
@@ -254,7 +259,11 @@ def add_convert(sub) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90, help="ffcv: JPEG quality of stored images (default 90)")
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion"], help="ffcv: image storage mode")
     p.add_argument("--shard-size", default="1GB", help="dali: target shard size, e.g. 1GB, 256MB (default 1GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier conversion at --out (dali: files in the folder that convert did not write are kept)",
+    )
     p.add_argument(
         "--overwrite-any",
         action="store_true",
@@ -383,7 +392,12 @@ def add_relabel(sub) -> None:
         help="static labels: 'cells' (the default of a bare --region: one per cell of the factor x factor "
         "grid; a crop gets the cells it covers, by area) or 'image' (one per whole image)",
     )
-    p.add_argument("--out", required=True, help="labels folder")
+    p.add_argument("--out", required=True, help="labels folder (refused when it exists and is not empty)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier labels folder of relabel at --out (files in it that relabel did not write are kept)",
+    )
     p.set_defaults(run=run_relabel)
 
 
@@ -445,6 +459,12 @@ def add_bench(sub) -> None:
 
 
 def run_bench(args) -> int:
+    from rded_fast.outputs import check_place, check_result_file
+
+    if args.json:  # checked before the work: the result is written at the end
+        check_result_file(args.json, "--json", {"device"})
+    elif args.stage != "quality":
+        check_place("benchmarks/results/bench.json", "--json (default: benchmarks/results/bench_DEVICE.json)")
     if args.stage == "quality":
         from rded_fast.benchmarks import quality
 
@@ -637,16 +657,23 @@ def check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: must be <= {hi}")
 
 
-# What to do after an OS error (disk full, permission), per command: finished work and how to continue.
-OS_ERROR_FIX = {
-    "distill": "finished classes are kept; fix it and rerun with --resume",
-    "train-observer": "the per-epoch state OUT.state is kept; fix it and rerun with --resume",
-    "evaluate": "fix it and rerun (with --checkpoint FILE, --resume continues from the last epoch)",
-    "relabel": "fix it and rerun relabel",
-    "convert": "fix it and rerun convert (dali: complete shards are kept)",
-    "demo": "fix it and rerun the demo",
-    "bench": "fix it and rerun",
-}
+def os_error_fix(args, exc: OSError) -> str:
+    """What to do after an OS error (disk full, permission): continue with --resume only where finished work was
+    kept; a replacing run that failed has put the earlier output back."""
+    from pathlib import Path
+
+    if getattr(exc, "put_back", None):
+        return f"the earlier output {exc.put_back} was put back as it was; fix it and rerun"
+    out = getattr(args, "out", None) or ""
+    if args.command == "distill" and out and any(Path(out, ".rded-journal").glob("class_*.json")):
+        return "finished classes are kept; fix it and rerun with --resume"
+    if args.command == "train-observer" and Path(f"{out}.state").is_file():
+        return "the per-epoch state OUT.state is kept; fix it and rerun with --resume"
+    if args.command == "evaluate" and args.checkpoint and Path(args.checkpoint).is_file():
+        return "fix it and rerun with --resume (--checkpoint holds the last finished epoch)"
+    if args.command == "convert" and args.format == "dali" and out and any(Path(out).glob("shard-*.meta.json")):
+        return "fix it and rerun convert (complete shards are kept)"
+    return f"fix it and rerun {args.command}"
 
 
 def os_error_message(args, exc: OSError) -> str:
@@ -668,7 +695,7 @@ def os_error_message(args, exc: OSError) -> str:
                     flag = f"--{dest.replace('_', '-')} {value}"
                     break
     head = f"{flag}: " if flag else ""
-    return f"{head}{exc.strerror or exc}{where}; {OS_ERROR_FIX.get(args.command, 'fix it and rerun')}"
+    return f"{head}{exc.strerror or exc}{where}; {os_error_fix(args, exc)}"
 
 
 def usable_inductor_cache() -> None:
@@ -707,9 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions, vanished files: name the argument and the fix
         print(f"rded-fast {args.command}: error: {os_error_message(args, exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP while an output is claimed (rded_fast.outputs)
+        signum = getattr(exc, "signum", 2)
+        back = f"; the earlier output {exc.put_back} was put back as it was" if getattr(exc, "put_back", None) else ""
+        print(f"interrupted{f' ({exc})' if signum != 2 else ''}{back}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

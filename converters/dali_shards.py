@@ -9,9 +9,10 @@ format DALI's own `wds2idx` tool writes (`v1.2 <samples>`, then per sample `<ext
 <member name>` for each component; DALI rejects v1.2 lines without the member names).
 
 Shards are planned up front from the source file sizes (so a rerun assigns the same images to the same
-shard), each is written under a temporary name and renamed when complete, and a rerun keeps every
-shard whose record still matches the source. Tar headers carry no time, owner or permissions from the
-source, so the same input gives byte-identical shards.
+shard), each is written under a temporary name and renamed when complete, and a rerun from the same
+source folder keeps every shard whose record still matches it (same files, sizes and modification times).
+A folder holding another source's shards is another dataset: it is replaced only with `--overwrite`. Tar
+headers carry no time, owner or permissions from the source, so the same input gives byte-identical shards.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rded_fast.converters.sanitize import BadImage, jpeg_bytes
 from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
-from rded_fast.index import DatasetIndex
+from rded_fast.index import DatasetIndex, files_fingerprint
 from rded_fast.jpeg_check import jpeg_problem
 from rded_fast.loaders.shards import (
     DATASET_FILE,
@@ -43,7 +44,7 @@ from rded_fast.loaders.shards import (
     sample_key,
     shard_stem,
 )
-from rded_fast.outputs import claim_output, is_shard_folder, resolve
+from rded_fast.outputs import SHARD_FOLDER, claim_output, is_shard_folder, resolve
 from rded_fast.progress import progress
 
 TAR_BLOCK = 512
@@ -124,7 +125,28 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
 
 
 def _expected_record(number: int, ids: list[int], index: DatasetIndex) -> dict:
-    return {"shard": number, "ids": ids, "paths": [index.paths[i] for i in ids], "labels": [int(index.labels[i]) for i in ids]}
+    paths = [index.paths[i] for i in ids]
+    return {
+        "shard": number,
+        "source_root": index.root,
+        "ids": ids,
+        "paths": paths,
+        "labels": [int(index.labels[i]) for i in ids],
+        "sources": files_fingerprint(index.root, paths),
+    }
+
+
+def source_of(out: Path) -> str | None:
+    """The source folder (resolved) the shards in `out` were converted from: dataset.json's, or else an earlier
+    run's shard records'; None when no record names one."""
+    for path in [out / DATASET_FILE, *sorted(out.glob("shard-[0-9][0-9][0-9][0-9][0-9].meta.json"))]:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("source_root"), str):
+            return record["source_root"]
+    return None
 
 
 def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> dict | None:
@@ -293,13 +315,19 @@ def convert_dali(
     limit = parse_size(shard_size)
     out_dir = Path(out)
     target = resolve(out)
-    reuse = not (overwrite or overwrite_any) and target.is_dir() and is_shard_folder(target)
+    earlier = target.is_dir() and is_shard_folder(target)
+    if earlier and not (overwrite or overwrite_any) and (source := source_of(target)) != str(Path(data).resolve()):
+        raise UserError(
+            f"--out {out}: holds the shards of another source ({source or 'not recorded'}), not of --data {data}; "
+            "give another folder, or pass --overwrite to replace them"
+        )
+    reuse = earlier and not (overwrite or overwrite_any)
     replaced = []
     with claim_output(
         out,
         "--out",
         {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-        owned=is_shard_folder,
+        SHARD_FOLDER,
         overwrite=overwrite,
         overwrite_any=overwrite_any,
         resume=reuse,

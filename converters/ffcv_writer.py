@@ -35,7 +35,7 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex
 from rded_fast.loaders.beton import FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path
-from rded_fast.outputs import claim_output, is_beton
+from rded_fast.outputs import BETON, claim_output, is_beton
 from rded_fast.progress import progress
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -240,8 +240,7 @@ def convert_ffcv(
         out,
         "--out",
         {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-        kind="file",
-        owned=is_beton,
+        BETON,
         overwrite=overwrite,
         overwrite_any=overwrite_any,
         replace_hint="pass --overwrite to replace it",

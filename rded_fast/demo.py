@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rded_fast.data import fashion_mnist
 from rded_fast.distill import DistillConfig, DistillResult, distill
-from rded_fast.outputs import claim_output, is_demo_folder
+from rded_fast.outputs import DEMO_FOLDER, claim_output
 from rded_fast.train.observer import ObserverConfig, train_observer
 from rded_fast.train.student import StudentConfig, evaluate
 
@@ -41,12 +41,7 @@ def run_demo(
     """Run the demo into `out`, which is checked first (before any data preparation): a new or empty
     folder, or an earlier demo output (replaced), never inside or around `data_dir`."""
     with claim_output(
-        out,
-        "--out",
-        {"--data-dir": data_dir or fashion_mnist.default_data_dir()},
-        owned=is_demo_folder,
-        overwrite=True,
-        any_flag=None,
+        out, "--out", {"--data-dir": data_dir or fashion_mnist.default_data_dir()}, DEMO_FOLDER, overwrite=True, any_flag=None
     ):
         return _run_demo(out, data_dir, epochs, per_class, ipc, student_epochs, device, show_progress)
 

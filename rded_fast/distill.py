@@ -26,16 +26,16 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import AMP_CHOICES, available_cores, resolve_amp, resolve_device
+from rded_fast.device import AMP_CHOICES, amp_name, available_cores, resolve_amp, resolve_device
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
-from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
+from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.manifest import build_manifest
 from rded_fast.models import BuiltModel, build
 from rded_fast.models.classes import restrict_class_map
-from rded_fast.outputs import check_separate, claim_output
+from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
@@ -138,7 +138,11 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
-        (not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)), "--resume and --overwrite exclude each other"),
+        (
+            not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)),
+            f"--resume and {'--overwrite-any' if cfg.overwrite_any else '--overwrite'} exclude each other: --resume "
+            "continues the run in --out, the other replaces it; give one",
+        ),
         (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
     for ok, message in checks:
@@ -446,6 +450,23 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
+def _journal_run(cfg: DistillConfig, observer: BuiltModel, device: torch.device) -> dict:
+    """Everything that decides the output besides the source images (whose changes the class records catch): the
+    parameters, the observer's weights, factory code and class rows (the --class-map's effect), the library
+    versions, and where and in which precision it scores. A --resume must match all of it."""
+    versions = {k: v for k, v in _versions().items() if k != "python"}
+    return {
+        **_run_parameters(cfg),
+        "observer": {
+            "weights_sha256": observer.weights_sha256,
+            "factory_sha256": observer.origin.get("file_sha256"),
+            "head_rows": list(observer.head_rows),
+        },
+        "versions": versions,
+        "scored_on": {"device": device.type, "amp": amp_name(resolve_amp(cfg.amp, device))},
+    }
+
+
 def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], show_progress: bool = False) -> CropPlan:
     """The plan of `classes`: crops for RDED and random-crops, whole images for random-images."""
     if cfg.select == "random-images":
@@ -465,7 +486,8 @@ def _prologue(
     index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no image files found")
-    unread, seconds["index"], t = index.unread(), time.perf_counter() - t, time.perf_counter()
+    stamps = None if index.stamps is None else index.stamps.copy()
+    seconds["index"], t = time.perf_counter() - t, time.perf_counter()
     plan = plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)
     if len(plan) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
@@ -474,12 +496,13 @@ def _prologue(
     check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    run = _journal_run(cfg, observer, device)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
-        journal.check_run(out, _run_parameters(cfg))
+        journal.check_run(out, run)
     else:
-        journal.write_run(out, _run_parameters(cfg))
+        journal.write_run(out, run)
     save_index(index, out / "index.npz")
-    if cfg.index and index.unread() != unread:  # keep the headers read for the next run
+    if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
         save_index(index, cfg.index)
     return index, plan, observer, scorer, check
 
@@ -509,6 +532,21 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     return observer, scorer
 
 
+def check_index_path(cfg: DistillConfig) -> None:
+    """The --index cache is read and written: a file name outside the data and outside --out (an output folder is
+    replaced as a whole), in a writable folder, and, when it exists, an index cache of ours."""
+    where, out = resolve(cfg.index), resolve(cfg.out)
+    if str(cfg.index) and where.is_relative_to(out):
+        raise UserError(
+            f"--index {cfg.index} lies in --out {cfg.out} ({where} is inside {out}); keep the index cache outside the "
+            f"output folder, e.g. {out.parent / where.name}"
+        )
+    check_writable_file(cfg.index, "--index")
+    check_separate(cfg.index, "--index", {"--data": cfg.data}, "file")
+    if where.is_file() and not is_index_cache(where):
+        raise UserError(f"--index {cfg.index}: not an index cache of rded-fast (rded-fast did not write it); give another path")
+
+
 def distill(cfg: DistillConfig) -> DistillResult:
     """Distill `cfg.data` into `cfg.ipc` images per class under `cfg.out`; see the module docstring.
 
@@ -522,12 +560,13 @@ def distill(cfg: DistillConfig) -> DistillResult:
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
         "--class-map": cfg.class_map,
     }
-    if cfg.index:  # the index cache is written too: never into the data
-        check_separate(cfg.index, "--index", {"--data": cfg.data})
+    if cfg.index is not None:
+        check_index_path(cfg)
     with claim_output(
         cfg.out,
         "--out",
         inputs,
+        DISTILLED_SET,
         overwrite=cfg.overwrite,
         overwrite_any=cfg.overwrite_any,
         resume=cfg.resume,

@@ -1,11 +1,13 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
 A reader never sees a half-written file, and a crash leaves the previous version intact. The file gets
-the permissions a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's private 0600.
+the permissions a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's private 0600. An OS
+error (disk full, quota) names the file being written, and no temporary file is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -47,6 +49,15 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def _unnamed(exc: BaseException) -> bool:
+    """An OS error without the file it concerns: a failed write() or close() (ENOSPC, EDQUOT) names none."""
+    return isinstance(exc, OSError) and exc.filename is None
+
+
+def _named(exc: OSError, path: str | os.PathLike) -> OSError:
+    return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename `tmp_path` over `path`; the temp file is removed on error."""
     path = Path(path)
@@ -59,9 +70,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _unnamed(exc):
+            raise _named(exc, path) from exc
         raise
 
 
@@ -83,16 +96,20 @@ def atomic_write_many(items: list[tuple[Path, bytes]]) -> None:
     complete and durable (name included); on error none of the temporary files is left behind."""
     tmps: list[str] = []
     files = []
+    mode = file_mode()
+    current = None
     try:
         for path, data in items:
-            path = Path(path)
+            current = path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             tmps.append(tmp)
+            os.fchmod(fd, mode)
             f = os.fdopen(fd, "wb")
             files.append(f)
             f.write(data)
             f.flush()
+        current = None
         _fsync_all([f.fileno() for f in files])
         for f in files:
             f.close()
@@ -106,10 +123,13 @@ def atomic_write_many(items: list[tuple[Path, bytes]]) -> None:
         finally:
             for fd in dir_fds:
                 os.close(fd)
-    except BaseException:
+    except BaseException as exc:
         for f in files:
-            f.close()
+            with contextlib.suppress(OSError):  # close() flushes again and fails again on a full disk
+                f.close()
         for tmp in tmps:
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if _unnamed(exc):
+            raise _named(exc, current if current is not None else items[0][0]) from exc
         raise

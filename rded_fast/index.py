@@ -7,11 +7,14 @@ plan can draw crop boxes without decoding anything. It is saved compactly (.npz)
 Headers are read eagerly (`build_index(..., headers=True)`: every size known, unusable files dropped) for
 the commands that use every image (convert, training), or lazily for `distill`, whose plan uses `mipc` of
 each class's images: the listing holds every file with its size UNREAD, `read_headers` fills in the planned
-ones (marking a file whose header fails UNUSABLE), and the cache keeps what was read for the next run.
+ones (marking a file whose header fails UNUSABLE), and the cache keeps what was read for the next run. Each
+read size is stamped with the file's byte size and modification time, so a file changed since (an image
+saved again at another size) is read again, not planned from its old size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,7 +46,8 @@ class DatasetIndex:
     `paths` are relative to `root`; `labels[i]` indexes `classes`; `sizes[i]` is (width, height) in
     stored pixels (EXIF orientation is not applied anywhere in rded-fast), or (UNREAD, UNREAD) in a lazy
     index until `read_headers` reads it, or (UNUSABLE, UNUSABLE) once its header failed. `skipped` lists
-    files that were left out, each `{"path", "reason"}`.
+    files that were left out, each `{"path", "reason"}`. `stamps[i]` is (bytes, mtime in ns) of the file
+    when its size was read ((0, 0): not known); None for a converted source, whose index is all there is.
     """
 
     root: str
@@ -52,6 +56,7 @@ class DatasetIndex:
     labels: np.ndarray  # [N] int64
     sizes: np.ndarray  # [N, 2] int64, (width, height)
     skipped: list[dict] = field(default_factory=list)
+    stamps: np.ndarray | None = None  # [N, 2] int64
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,6 +186,35 @@ def _sizes_of(root: str, paths: list[str]) -> list[tuple[int, int] | str]:
     return [image_size(os.path.join(root, rel)) for rel in paths]
 
 
+def file_stamp(path: str) -> tuple[int, int]:
+    """(bytes, modification time in ns) of a file; (0, 0) when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def files_fingerprint(root: str, paths: list[str], fallback: np.ndarray | None = None) -> str:
+    """A hash of files as they are now: each path (relative to `root`) with its byte size and modification time,
+    or `fallback[i]` for a path that is not a file there (a converted source, whose index is all there is)."""
+    h = hashlib.sha256()
+    for i, path in enumerate(paths):
+        stamp = file_stamp(os.path.join(root, path))
+        h.update(json.dumps([path, fallback[i].tolist() if stamp == (0, 0) and fallback is not None else list(stamp)]).encode())
+    return h.hexdigest()
+
+
+def _forget_changed(index: DatasetIndex, ids: np.ndarray) -> None:
+    """Mark UNREAD the read images among `ids` whose file changed since (or whose stamp is not known)."""
+    known = ids[index.sizes[ids, 0] != UNREAD]
+    changed = [i for i in known.tolist() if file_stamp(os.path.join(index.root, index.paths[i])) != tuple(index.stamps[i])]
+    if changed:
+        paths = {index.paths[i] for i in changed if index.sizes[i, 0] == UNUSABLE}
+        index.skipped = [s for s in index.skipped if s["path"] not in paths]
+        index.sizes[changed] = UNREAD
+
+
 def read_sizes(
     root: str, paths: list[str], workers: int = 8, show_progress: bool = False, chunk: int = 4096, desc: str = "index"
 ) -> list[tuple[int, int] | str]:
@@ -198,12 +232,16 @@ def read_sizes(
 
 
 def read_headers(index: DatasetIndex, ids: np.ndarray, workers: int = 8, show_progress: bool = False) -> int:
-    """Fill in the sizes of images `ids` not read yet (in place); a file whose header fails becomes UNUSABLE
-    and is listed in `skipped`. Returns how many headers were read."""
-    ids = np.asarray(ids, dtype=np.int64)
-    ids = np.unique(ids[index.sizes[ids, 0] == UNREAD])
+    """Fill in the sizes of images `ids` not read yet, or changed since they were read (in place); a file whose
+    header fails becomes UNUSABLE and is listed in `skipped`. Returns how many headers were read."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    if index.stamps is not None:
+        _forget_changed(index, ids)
+    ids = ids[index.sizes[ids, 0] == UNREAD]
     if len(ids) == 0:
         return 0
+    if index.stamps is not None:  # stamped before the read: a file changed meanwhile is read again next time
+        index.stamps[ids] = [file_stamp(os.path.join(index.root, index.paths[i])) for i in ids.tolist()]
     results = read_sizes(index.root, [index.paths[i] for i in ids], workers, show_progress, desc="headers")
     for i, res in zip(ids.tolist(), results):
         if isinstance(res, str):
@@ -245,13 +283,14 @@ def build_index(
         labels=np.asarray([label for label, _ in files], dtype=np.int64),
         sizes=np.full((len(files), 2), UNREAD, dtype=np.int64),
         skipped=skipped,
+        stamps=np.zeros((len(files), 2), dtype=np.int64),
     )
     if not headers:
         return index
     read_headers(index, np.arange(len(index)), workers, show_progress)
     keep = index.sizes[:, 0] > 0
     paths = [rel for rel, kept in zip(index.paths, keep.tolist()) if kept]
-    return DatasetIndex(index.root, classes, paths, index.labels[keep], index.sizes[keep], index.skipped)
+    return DatasetIndex(index.root, classes, paths, index.labels[keep], index.sizes[keep], index.skipped, index.stamps[keep])
 
 
 def require_class_order(index: DatasetIndex, class_map: list[str] | None, source: str | os.PathLike) -> DatasetIndex:
@@ -277,6 +316,7 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     """Write the index compactly (numpy .npz: names as one NUL-separated UTF-8 blob, int32 labels and sizes):
     ImageNet-1K's 1.28 M entries load in about a second, where a JSON of them took several."""
     buf = io.BytesIO()
+    stamps = {} if index.stamps is None else {"stamps": index.stamps.astype(np.int64)}
     np.savez(
         buf,
         version=np.int64(INDEX_VERSION),
@@ -286,21 +326,44 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
         labels=index.labels.astype(np.int32),
         sizes=index.sizes.astype(np.int32),
         skipped=np.frombuffer(json.dumps(index.skipped).encode("utf-8", "surrogateescape"), np.uint8),
+        **stamps,
     )
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_index(path: str | os.PathLike) -> DatasetIndex:
-    """Read an index written by `save_index` (or the JSON of earlier versions)."""
+def is_index_cache(path: str | os.PathLike) -> bool:
+    """Whether `path` is an index written by `save_index` (any version): an .npz with its arrays, or the JSON
+    of version 1. An unreadable file raises OSError."""
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head == b"{":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError:
+            return False
+        return isinstance(data, dict) and {"version", "paths", "sizes"} <= set(data)
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {"version.npy", "paths.npy", "sizes.npy"} <= set(z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_index(path: str | os.PathLike, flag: str = "index") -> DatasetIndex:
+    """Read an index written by `save_index` (or the JSON of earlier versions). A file that is not one is
+    refused in one line that never suggests deleting it: rded-fast did not write it."""
+    if not is_index_cache(path):
+        raise UserError(f"{flag} {path}: not an index cache of rded-fast (rded-fast did not write it); give another path")
+    rebuild = "give another path, or delete it (rded-fast wrote it) to rebuild"
     try:
         with open(path, "rb") as f:
             if f.read(1) == b"{":
                 f.seek(0)
-                return _load_json_index(path, json.loads(f.read()))
+                return _load_json_index(path, json.loads(f.read()), flag)
         with np.load(path, allow_pickle=False) as data:
             version = int(data["version"])
             if version not in READABLE_VERSIONS:
-                raise UserError(f"index {path} has version {version}, expected {INDEX_VERSION}; delete it to rebuild")
+                raise UserError(f"{flag} {path}: an index cache of another rded-fast version ({version}); {rebuild}")
             return DatasetIndex(
                 root=_unblob(data["root"])[0],
                 classes=_unblob(data["classes"]),
@@ -308,27 +371,38 @@ def load_index(path: str | os.PathLike) -> DatasetIndex:
                 labels=data["labels"].astype(np.int64),
                 sizes=data["sizes"].astype(np.int64).reshape(-1, 2),
                 skipped=json.loads(data["skipped"].tobytes().decode("utf-8", "surrogateescape")),
+                stamps=data["stamps"].astype(np.int64).reshape(-1, 2) if "stamps" in data.files else None,
             )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read index {path}: {exc}; delete it to rebuild") from exc
+    except (ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{flag} {path}: a damaged index cache ({type(exc).__name__}); {rebuild}") from exc
 
 
-def _load_json_index(path: str | os.PathLike, data: dict) -> DatasetIndex:
+def _load_json_index(path: str | os.PathLike, data: dict, flag: str) -> DatasetIndex:
     if data.get("version") != JSON_INDEX_VERSION:
-        raise UserError(f"index {path} has version {data.get('version')}, expected {INDEX_VERSION}; delete it to rebuild")
+        raise UserError(
+            f"{flag} {path}: an index cache of another rded-fast version ({data.get('version')}); give another path, "
+            "or delete it (rded-fast wrote it) to rebuild"
+        )
     return DatasetIndex.from_json(data)
 
 
 def load_or_build_index(
-    root: str | os.PathLike, cache_path: str | os.PathLike | None, class_map: list[str] | None = None, show_progress: bool = True
+    root: str | os.PathLike,
+    cache_path: str | os.PathLike | None,
+    class_map: list[str] | None = None,
+    show_progress: bool = True,
+    flag: str = "--index",
 ) -> DatasetIndex:
-    """Reuse `cache_path` when it indexes the same root and class order; otherwise list the tree (sizes UNREAD:
-    the plan reads the headers it needs) and save the listing there."""
+    """Reuse `cache_path` when it indexes the same root and class order (a cached size is used only while its
+    file is unchanged: `read_headers`); otherwise list the tree (sizes UNREAD: the plan reads the headers it
+    needs) and save the listing there."""
     if cache_path is not None and Path(cache_path).is_file():
-        index = load_index(cache_path)
+        index = load_index(cache_path, flag)
         same_root = index.root == str(Path(root).resolve())
         same_classes = class_map is None or index.classes == list(class_map)
         if same_root and same_classes:
+            if index.stamps is None:  # a cache from before stamps: each planned size is read again, once
+                index.stamps = np.zeros((len(index), 2), dtype=np.int64)
             return index
     index = build_index(root, class_map=class_map, show_progress=show_progress, headers=False)
     if cache_path is not None:
@@ -344,13 +418,10 @@ def write_index_cache(
     atomically, never into the data, and replaces only an index cache."""
     from rded_fast.outputs import check_separate, check_writable_file
 
-    check_separate(cache_path, "--out", {"--data": root})
+    check_separate(cache_path, "--out", {"--data": root}, "file")
     check_writable_file(cache_path, "--out")
-    if Path(cache_path).is_file():
-        try:
-            load_index(cache_path)
-        except UserError:
-            raise UserError(f"--out {cache_path}: exists and is not an index cache of rded-fast; give a new path") from None
+    if Path(cache_path).is_file() and not is_index_cache(cache_path):
+        raise UserError(f"--out {cache_path}: exists and is not an index cache of rded-fast; give a new path")
     index = build_index(root, class_map=class_map, show_progress=show_progress)
     save_index(index, cache_path)
     return index

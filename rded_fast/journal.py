@@ -7,7 +7,6 @@ the same bytes. Ranks of a torchrun job each write their classes' records; rank 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_many, atomic_write_text
+from rded_fast.index import files_fingerprint
 
 JOURNAL_DIR = ".rded-journal"
 
@@ -30,19 +30,40 @@ def write_run(out: str | Path, run: dict) -> None:
 
 
 def check_run(out: str | Path, run: dict) -> None:
+    """Refuse a --resume whose run record (parameters, observer, versions, device) differs from the interrupted
+    run's: one line naming what changed and the fix."""
     path = journal_dir(out) / "run.json"
     if not path.is_file():
         raise UserError(
             f"--resume: {out} holds no interrupted rded-fast run ({path} is missing); use an empty --out or --overwrite"
         )
     before = json.loads(path.read_text())
-    changed = sorted(k for k in set(before) | set(run) if _same_value(k, before.get(k), run.get(k)) is False)
-    if changed:
-        k = changed[0]
+    changed = _difference(before, run)
+    if changed is None:
+        return
+    key, was, now = changed
+    fix = "resume with what the interrupted run used, or start a new --out (or replace it with --overwrite)"
+    if key == "observer.weights_sha256":
         raise UserError(
-            f"--resume: {k} was {before.get(k)!r} in the interrupted run, now {run.get(k)!r}; "
-            "resume with the same arguments or start a new --out"
+            f"--resume: the observer's weights changed since the interrupted run (sha256 {str(was)[:12]} then, "
+            f"{str(now)[:12]} now: --weights {run.get('weights')} was retrained or replaced); {fix}"
         )
+    if was is None and isinstance(now, dict):
+        raise UserError(f"--resume: the interrupted run recorded no {key} (an older rded-fast made it); {fix}")
+    raise UserError(f"--resume: {key} was {was!r} in the interrupted run, now {now!r}; {fix}")
+
+
+def _difference(before: dict, now: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first key (dotted into nested records) whose value differs, with both values; None when equal."""
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _difference(a, b, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+        elif not _same_value(key, a, b):
+            return f"{prefix}{key}", a, b
+    return None
 
 
 PATH_KEYS = ("data", "weights", "class_map")
@@ -62,16 +83,8 @@ def sources_fingerprint(index, label: int) -> str:
     (or, for converted sources, .beton and shards, whose index is all there is: the indexed size; a lazy index's
     sizes change as headers are read, so they are not part of a file's print). A resume redoes a finished class
     whose sources changed."""
-    h = hashlib.sha256()
-    for i in np.flatnonzero(index.labels == label):
-        path = index.paths[i]
-        try:
-            st = os.stat(os.path.join(index.root, path))
-            stamp = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            stamp = index.sizes[i].tolist()
-        h.update(json.dumps([path, stamp]).encode())
-    return h.hexdigest()
+    ids = np.flatnonzero(index.labels == label)
+    return files_fingerprint(index.root, [index.paths[i] for i in ids], index.sizes[ids])
 
 
 def write_class(out: str | Path, label: int, record: dict, index=None) -> None:

@@ -3,32 +3,45 @@
 Every command that writes (distill, convert, relabel, evaluate --json, train-observer, demo) claims its
 output with `claim_output` before it writes anything:
 
-1. Overlap: the output (symlinks and `..` resolved) may not be an input, contain one, or lie inside one;
-   otherwise `--overwrite` could delete the data or `--resume` write into its class folders.
-2. Ownership: an existing non-empty target is replaced only when it is a previous rded-fast output of
-   this kind (its journal, manifest, sidecar, header...) and the command's replace flag is given;
-   anything else needs `--overwrite-any`.
-3. Replacing moves the old target aside (a hidden sibling) and deletes it only after the new run
-   succeeded; a failed run puts it back. A killed run leaves it as `.NAME.rded-old-PID`, never deleted.
-4. Lock: `.NAME.rded-lock` beside the target, created atomically (a hard link) holding pid and host, is
-   held for the whole run; a second process is refused in one line. A lock whose pid is dead on this
-   host is stale and taken over.
+1. Place: the output (symlinks and `..` resolved) may not be an input, contain one, or lie inside one
+   (otherwise `--overwrite` could delete the data or `--resume` write into its class folders); it is made
+   only inside an existing, writable folder (rded-fast creates the output itself, never the folders above it).
+2. Ownership: an existing non-empty target is replaced only when it is an earlier output of the same
+   command (its `Layout` recognises it: journal, manifest, sidecar, header...) and the command's replace
+   flag (`--overwrite`) is given; anything else needs `--overwrite-any` where a command offers it.
+3. What a replace removes: only the entries a run of ours wrote (each layout names them). Anything else
+   inside an earlier output of ours (the user's NOTES.txt, a folder of their own) is kept: it is moved into
+   the new output at the same place, and listed in a note. Only `--overwrite-any` on a target rded-fast
+   does not recognise replaces all of it.
+4. Replacing moves the old target aside (a hidden sibling `.NAME.rded-old-PID`) and deletes what was ours
+   in it only after the new run succeeded; a failed or interrupted run (Ctrl-C, SIGTERM, SIGHUP) puts it
+   back as it was. A killed run (SIGKILL, power loss) leaves it aside, never deleted, and every later
+   claim of the same output names it in a note until the user moves it back or deletes it.
+5. Lock: `.NAME.rded-lock` beside the target (rded_fast.lock) is held for the whole run; a second process
+   is refused in one line before anything else is judged.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
+import signal
+import sys
+import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from rded_fast.errors import UserError
+from rded_fast.errors import Terminated, UserError
+from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
 
-LOCK_SUFFIX = ".rded-lock"
+__all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
+
 ASIDE_TAG = ".rded-old-"
 
 
@@ -37,27 +50,39 @@ def resolve(path: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(os.fspath(path))).resolve()
 
 
-def check_separate(out: str | os.PathLike, out_flag: str, inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse an output that is an input, contains one (parent) or lies inside one; `inputs`: flag -> path."""
+def _elsewhere(o: Path, i: Path, kind: str) -> Path:
+    """An example output path outside input `i` for the output `o`: a sibling folder, or the same file name."""
+    if kind == "dir":
+        base = o if i.is_relative_to(o) else i
+        return base.parent / (base.name + "-out")
+    if i.is_relative_to(o):  # the "file" is a folder holding the input
+        return o.parent / (o.stem + "-out" + o.suffix)
+    example = i.parent / o.name
+    return example if example != i else i.with_name(f"{i.stem}-out{i.suffix}")
+
+
+def check_separate(out: str | os.PathLike, out_flag: str, inputs: dict[str, str | os.PathLike | None], kind: str = "dir") -> None:
+    """Refuse an output that is an input, contains one (parent) or lies inside one; `inputs`: flag -> path.
+    The example fix is a folder for a folder output (`kind` "dir") and a file name for a file output."""
     o = resolve(out)
     for flag, path in inputs.items():
         if path is None or str(path) == "":
             continue
         i = resolve(path)
+        example = _elsewhere(o, i, kind)
         if o == i:
             raise UserError(
                 f"{out_flag} {out} is the same path as {flag} {path} ({i}); an output must be a new path "
-                f"outside every input, e.g. {i.parent / (i.name + '-out')}"
+                f"outside every input, e.g. {example}"
             )
         if i.is_relative_to(o):
             raise UserError(
-                f"{out_flag} {out} contains {flag} {path} ({i} is inside {o}); write the output to a "
-                f"folder outside the inputs, e.g. {o.parent / (o.name + '-out')}"
+                f"{out_flag} {out} contains {flag} {path} ({i} is inside {o}); write the output outside "
+                f"the inputs, e.g. {example}"
             )
         if o.is_relative_to(i):
             raise UserError(
-                f"{out_flag} {out} lies inside {flag} {path} ({o} is inside {i}); write the output "
-                f"outside it, e.g. {i.parent / (i.name + '-out')}"
+                f"{out_flag} {out} lies inside {flag} {path} ({o} is inside {i}); write the output outside it, e.g. {example}"
             )
 
 
@@ -93,10 +118,10 @@ def is_shard_folder(path: Path) -> bool:
 
 
 def is_demo_folder(path: Path) -> bool:
-    """A folder written by `demo`: only the names the demo writes, its distilled set one of ours."""
-    names = {p.name for p in path.iterdir()}
-    known = {"observer_conv3.pth", "observer_conv3.pth.state", "distilled", "train_index.npz", "evaluate.json"}
-    return names <= known and (not (path / "distilled").exists() or is_distilled_set(path / "distilled"))
+    """A folder written by `demo`: its distilled set, or else its observer checkpoint, is one of ours."""
+    if (path / "distilled").exists():
+        return (path / "distilled").is_dir() and is_distilled_set(path / "distilled")
+    return (path / "observer_conv3.pth").is_file() and is_checkpoint(path / "observer_conv3.pth")
 
 
 def is_beton(path: Path) -> bool:
@@ -126,81 +151,181 @@ def is_result_json(path: Path) -> bool:
     return record is not None and "final_top1" in record and "evaluations" in record
 
 
-# ---- the lock ----------------------------------------------------------------------------------------
+# The names a run of ours writes inside each folder it makes (paths relative to the folder; each module that
+# writes them is named). tests/test_safety.py checks that a real output of every command holds nothing else.
+_DISTILLED_NAMES = (
+    r"manifest\.json|contact_sheet\.png|index\.npz",  # rded_fast.write, rded_fast.distill
+    r"\.rded-journal/(run|redone|class_\d{6})\.json",  # rded_fast.journal
+    r"[^/]+/class\d{5}_id\d{5}\.(png|jpg)",  # rded_fast.write.image_name
+)
+_LABEL_NAMES = (r"header\.json|epoch_\d{4}\.npz|regions\.npz",)  # rded_fast.train.softlabels
+_SHARD_NAMES = (r"dataset\.json|shard-\d{5}\.(tar|idx|meta\.json)",)  # converters.dali_shards
+_DEMO_NAMES = (  # rded_fast.demo: the observer and its state, the index cache, the result, a distilled set
+    r"observer_conv3\.pth(\.state)?|train_index\.npz|evaluate\.json",
+    *(rf"distilled/(?:{p})" for p in _DISTILLED_NAMES),
+)
+# fileio's temporary names (.NAME.XXXXXXXX.tmp) and the lock files of nested outputs are ours too
+_TEMPORARY = re.compile(r"(?P<dir>(?:.*/)?)\.(?P<name>[^/]+)\.[a-z0-9_]{8}\.tmp")
+_LOCK = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(LOCK_SUFFIX)}(\.[^/]+)?")
 
 
-def lock_path(target: Path) -> Path:
-    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+def _names_rule(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """relative path -> written by a run of ours (it matches `patterns`, or is a temporary or lock file of it)."""
+    names = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def written(rel: str) -> bool:
+        if _LOCK.fullmatch(rel):
+            return True
+        tmp = _TEMPORARY.fullmatch(rel)
+        return names.fullmatch(tmp["dir"] + tmp["name"] if tmp else rel) is not None
+
+    return written
 
 
-def _holder(path: Path) -> tuple[int, str] | None:
-    try:
-        pid, host = path.read_text().split()[:2]
-        return int(pid), host
-    except (OSError, ValueError):
-        return None
+@dataclass(frozen=True)
+class Layout:
+    """One kind of output: a folder (`kind` "dir") or a file, how an earlier one of ours is recognised, and,
+    for folders, which entries (relative paths) a run of ours writes there; everything else is the user's."""
+
+    kind: str
+    recognise: Callable[[Path], bool]
+    written: Callable[[str], bool] = lambda rel: True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+DISTILLED_SET = Layout("dir", is_distilled_set, _names_rule(_DISTILLED_NAMES))
+LABEL_FOLDER = Layout("dir", is_label_folder, _names_rule(_LABEL_NAMES))
+SHARD_FOLDER = Layout("dir", is_shard_folder, _names_rule(_SHARD_NAMES))
+DEMO_FOLDER = Layout("dir", is_demo_folder, _names_rule(_DEMO_NAMES))
+BETON = Layout("file", is_beton)
+CHECKPOINT = Layout("file", is_checkpoint)
+RESULT_JSON = Layout("file", is_result_json)
 
 
-def acquire_lock(target: Path, flag: str) -> Path:
-    """Create the lock of `target` exclusively; refuse when a live process holds it. Returns the lock path."""
-    path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written in full under a private name, then hard-linked into place: link() fails when the lock exists,
-    # and a lock is never seen without its holder (an O_EXCL file would be empty for a moment)
-    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
-        return _link_lock(mine, path, target, flag)
-    finally:
-        mine.unlink(missing_ok=True)
+def foreign_entries(folder: Path, written: Callable[[str], bool]) -> list[str]:
+    """The entries of `folder` a run of ours did not write, as relative paths; a sub-folder holding nothing of
+    ours is one entry (written with a trailing `/`). Symlinks are entries, never followed."""
+    return _foreign(folder, written, "")[0]
 
 
-def _link_lock(mine: Path, path: Path, target: Path, flag: str) -> Path:
-    for _ in range(3):
+def _foreign(folder: Path, written: Callable[[str], bool], rel: str) -> tuple[list[str], bool]:
+    """(foreign entries below `folder`, whether anything below it is ours)."""
+    found, ours = [], False
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = rel + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            inner, inner_ours = _foreign(Path(entry.path), written, path + "/")
+            found.extend(inner if inner_ours else [path + "/"])
+            ours = ours or inner_ours
+        elif written(path):
+            ours = True
+        else:
+            found.append(path)
+    return found, ours
+
+
+def _put_back(aside: Path, target: Path, entries: list[str]) -> list[str]:
+    """Move the user's `entries` from the moved-aside old output into the new one at the same place; returns
+    those that could not be moved (the new output has that name)."""
+    stuck = []
+    for rel in entries:
+        src, dst = aside / rel.rstrip("/"), target / rel.rstrip("/")
         try:
-            os.link(mine, path)
-        except FileExistsError:
-            holder = _holder(path)
-            if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
-                raise UserError(
-                    f"{flag} {target}: in use by another rded-fast process (pid {holder[0]} on {holder[1]}, "
-                    f"lock {path}); wait for it to finish, or delete the lock if no such process runs"
-                ) from None
-            _break_stale(path, holder)
-            continue
-        return path
-    raise UserError(f"{flag} {target}: could not take the lock {path}; delete it if no rded-fast process runs")
+            if dst.exists() or dst.is_symlink():
+                raise FileExistsError
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+        except OSError:
+            stuck.append(rel)
+    return stuck
 
 
-def _break_stale(path: Path, holder: tuple[int, str] | None) -> None:
-    """Remove a stale lock; rename first so that a fresh lock another process just made is not removed."""
-    grab = path.with_name(f"{path.name}.stale-{os.getpid()}")
+def _listed(entries: list[str], most: int = 5) -> str:
+    return ", ".join(entries[:most]) + (f" and {len(entries) - most} more" if len(entries) > most else "")
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (the command's results stay on stdout)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# ---- moved aside -------------------------------------------------------------------------------------
+
+
+def _aside_path(target: Path) -> Path:
+    """A free hidden sibling name for the old target (a pid can be reused: never rename over an earlier one)."""
+    base = target.parent / f".{target.name}{ASIDE_TAG}{os.getpid()}"
+    path, n = base, 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def leftovers(target: Path) -> list[Path]:
+    """What killed runs left moved aside beside `target` (`.NAME.rded-old-*`)."""
+    prefix = f".{target.name}{ASIDE_TAG}"
     try:
-        os.rename(path, grab)
-    except FileNotFoundError:
-        return
-    if _holder(grab) != holder and not os.path.exists(path):
-        os.rename(grab, path)  # not the stale lock we read: it belongs to a live process, put it back
-        return
-    os.unlink(grab)
-
-
-def release_lock(path: Path) -> None:
-    try:
-        if _holder(path) == (os.getpid(), socket.gethostname()):
-            os.unlink(path)
+        return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
     except OSError:
-        pass
+        return []
+
+
+def _note_leftovers(target: Path, flag: str) -> None:
+    found = leftovers(target)
+    if found:
+        note(
+            f"{flag} {target}: {_listed([p.name for p in found])} beside it hold(s) what an interrupted run had moved "
+            "aside (the output it was replacing); look inside, then move it back or delete it"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) in this process while the block runs, so that
+    they clean up as Ctrl-C does; signals set to be ignored (nohup) stay ignored, a forked child dies as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked worker: the default action, as if no handler were set
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for s, h in old.items():
+        if h == signal.SIG_DFL:
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h == signal.SIG_DFL:
+                signal.signal(s, h)
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP while an old output is put back (a second signal must not stop it halfway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # ---- claiming an output ------------------------------------------------------------------------------
@@ -212,22 +337,10 @@ def _non_empty(target: Path) -> bool:
     return target.exists() or target.is_symlink()
 
 
-def _aside_path(target: Path) -> Path:
-    return target.parent / f".{target.name}{ASIDE_TAG}{os.getpid()}"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def decide(
     target: Path,
     flag: str,
-    kind: str,
-    owned: Callable[[Path], bool],
+    layout: Layout,
     *,
     overwrite: bool,
     overwrite_any: bool,
@@ -236,24 +349,24 @@ def decide(
     any_flag: str | None = "--overwrite-any",
 ) -> str:
     """What to do with `target`: `new` (absent or empty folder), `keep` (resume / reuse in place),
-    `replace` (move aside, delete after success). Raises UserError with the fix otherwise."""
-    if kind == "dir" and target.exists() and not target.is_dir():
+    `replace` (move aside, delete what was ours after success). Raises UserError with the fix otherwise."""
+    if layout.kind == "dir" and target.exists() and not target.is_dir():
         raise UserError(f"{flag} {target}: exists and is a file; give a folder")
-    if kind == "file" and target.is_dir():
+    if layout.kind == "file" and target.is_dir():
         raise UserError(f"{flag} {target}: is a folder; give a file name, e.g. {target / 'out'}")
     if not _non_empty(target):
         return "new"
-    ours = owned(target)
+    ours = layout.recognise(target)
     if resume:
         if not ours:
             raise UserError(f"{flag} {target}: not an output of rded-fast, nothing to resume; give a new or empty path")
         return "keep"
     if overwrite_any or (ours and overwrite):
         return "replace"
-    what = "a folder" if kind == "dir" else "a file"
+    what = "a folder" if layout.kind == "dir" else "a file"
     if ours:
         raise UserError(f"{flag} {target}: holds an earlier rded-fast output; {replace_hint}, or give another path")
-    more = " and is not empty" if kind == "dir" else ""
+    more = " and is not empty" if layout.kind == "dir" else ""
     fix = (
         f", or {any_flag} to replace it (it is moved aside and deleted only when the new run succeeds)"
         if any_flag
@@ -262,14 +375,50 @@ def decide(
     raise UserError(f"{flag} {target}: {what} that rded-fast did not write exists there{more}; give a new path{fix}")
 
 
+def check_place(path: str | os.PathLike, flag: str) -> None:
+    """An output is made only inside an existing folder that this process can write in (checked by writing a
+    temporary file there: permission bits do not show a read-only file system, nor stop root)."""
+    p = resolve(path)
+    parent = p.parent
+    if not parent.is_dir():
+        missing = parent
+        while not missing.parent.exists():
+            missing = missing.parent
+        raise UserError(
+            f"{flag} {path}: the folder {missing} does not exist; create it first, or give a path inside an existing folder"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({exc.strerror}); give a path in a writable folder") from None
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> None:
+    """Early check of an output file (before hours of work): a file name, inside an existing writable folder."""
+    if str(path) == "":
+        raise UserError(f"{flag} '': an empty path; give a file name")
+    if resolve(path).is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {Path(path) / 'result.json'}")
+    check_place(path, flag)
+
+
+def check_result_file(path: str | os.PathLike, flag: str, keys: set[str]) -> None:
+    """Early check of a JSON result rded-fast rewrites on every run (bench): a writable place, and a file already
+    there must be such a result (its `keys` present), never a file of the user's."""
+    check_writable_file(path, flag)
+    if resolve(path).exists() and not keys <= set(_json(resolve(path)) or {}):
+        raise UserError(f"{flag} {path}: a file that rded-fast did not write exists there; give a new path")
+
+
 @contextmanager
 def claim_output(
     out: str | os.PathLike,
     flag: str,
     inputs: dict[str, str | os.PathLike | None],
+    layout: Layout = DISTILLED_SET,
     *,
-    kind: str = "dir",
-    owned: Callable[[Path], bool] = is_distilled_set,
     overwrite: bool = False,
     overwrite_any: bool = False,
     resume: bool = False,
@@ -277,45 +426,57 @@ def claim_output(
     any_flag: str | None = "--overwrite-any",
     on_replace: Callable[[Path], None] | None = None,
 ) -> Iterator[str]:
-    """Check, lock and (when replacing) move aside the output `out` for the duration of the block.
+    """Check, lock and (when replacing) move aside the output `out` for the duration of the block (module
+    docstring: rules 1-5).
 
-    Yields the action taken (`new`, `keep`, `replace`). On success a moved-aside target is deleted; on any
-    failure (an exception, Ctrl-C) this run's new output is removed and the old target is put back.
+    Yields the action taken (`new`, `keep`, `replace`). On success the old target's own entries are deleted
+    and the user's are moved into the new output (a note lists them); on any failure (an exception, Ctrl-C,
+    SIGTERM, SIGHUP) a replacing run's new output is removed and the old target put back as it was.
     `on_replace(target)` is called once a replacement is decided (e.g. to say so on the console)."""
+    if str(out) == "":
+        raise UserError(f"{flag} '': an empty path; give a {'folder' if layout.kind == 'dir' else 'file name'}")
     target = resolve(out)
-    check_separate(out, flag, inputs)
+    check_separate(out, flag, inputs, layout.kind)
+    check_not_held(target, flag)  # a run in progress is named as such, whatever its output holds so far
+    _note_leftovers(target, flag)
     rules = dict(overwrite=overwrite, overwrite_any=overwrite_any, resume=resume, replace_hint=replace_hint, any_flag=any_flag)
-    decide(target, flag, kind, owned, **rules)  # refuse before creating the lock or any folder
-    lock = acquire_lock(target, flag)
-    aside = None
-    try:
-        # decided again under the lock: another process may have written meanwhile
-        action = decide(target, flag, kind, owned, **rules)
-        if action == "replace":
-            if on_replace is not None:
-                on_replace(target)
-            aside = _aside_path(target)
-            os.rename(target, aside)
+    decide(target, flag, layout, **rules)  # refuse before creating the lock or any folder
+    check_place(target, flag)
+    with _signals_raise():
+        lock = acquire_lock(target, flag)
         try:
-            yield action
-        except BaseException:
-            if aside is not None:
-                _remove(target)
-                os.rename(aside, target)
-            raise
-        if aside is not None:
-            _remove(aside)
-    finally:
-        release_lock(lock)
+            # decided again under the lock: another process may have written meanwhile
+            action = decide(target, flag, layout, **rules)
+            with _replacing(target, flag, layout, action == "replace", on_replace):
+                yield action
+        finally:
+            release_lock(lock)
 
 
-def check_writable_file(path: str | os.PathLike, flag: str) -> None:
-    """Early check of an output file (before hours of work): not a folder, and its folder can be made and written."""
-    p = resolve(path)
-    if p.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {Path(path) / 'result.json'}")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write in {parent} (permission denied); give a writable path")
+@contextmanager
+def _replacing(target: Path, flag: str, layout: Layout, replace: bool, on_replace) -> Iterator[None]:
+    """Move `target` aside for the block when `replace`; afterwards keep the user's entries, or put it all back."""
+    if not replace:
+        yield
+        return
+    keep = foreign_entries(target, layout.written) if layout.kind == "dir" and layout.recognise(target) else []
+    if on_replace is not None:
+        on_replace(target)
+    aside = _aside_path(target)
+    os.rename(target, aside)
+    try:
+        yield
+    except BaseException as exc:
+        with _uninterrupted():
+            _remove(target)
+            os.rename(aside, target)
+        exc.put_back = str(target)  # for the error message: this run's partial output is gone, the old one is back
+        raise
+    stuck = _put_back(aside, target, keep)
+    kept = [e for e in keep if e not in stuck]
+    if kept:
+        note(f"{flag} {target}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} rded-fast did not write: {_listed(kept)}")
+    if stuck:
+        note(f"{flag} {target}: {_listed(stuck)} could not be put back (the new output has that name); they are in {aside}")
+    else:
+        _remove(aside)

@@ -79,6 +79,21 @@ def factor2_distilled(fashion_tree, fashion_observer, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def small(tmp_path):
+    """2 classes x 4 JPEGs in `tmp_path/data` and a random conv3 checkpoint `tmp_path/w.pth` (runs that use it
+    skip the observer check)."""
+    import torch
+
+    from rded_fast.models import build
+
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=4)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build("conv3", 2, None, 32).model.state_dict()}, weights)
+    return data, weights
+
+
 def kill_when(cmd: list[str], ready, cwd: Path, timeout: float = 240) -> int:
     """Start `cmd`, SIGKILL it as soon as `ready()` is true, return its exit code (-9 when killed)."""
     import os

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from rded_fast.distill import DistillConfig, distill, near_chance_threshold
 from rded_fast.errors import UserError
 from rded_fast.index import UNLISTED_CLASS, build_index, read_class_map
 from rded_fast.jpeg_check import jpeg_problem
+from rded_fast.lock import lock_record
 from rded_fast.outputs import acquire_lock, lock_path, release_lock
 from tests.conftest import write_synthetic_jpegs
 
@@ -28,17 +28,6 @@ from tests.conftest import write_synthetic_jpegs
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file below `root` (links not followed) -> sha256 of its bytes: to prove nothing changed."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def small(tmp_path):
-    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=4)
-    torch.manual_seed(0)
-    from rded_fast.models import build
-
-    weights = tmp_path / "w.pth"
-    torch.save({"model": build("conv3", 2, None, 32).model.state_dict()}, weights)
-    return data, weights
 
 
 def _distill_argv(data, weights, out, *extra):
@@ -189,7 +178,7 @@ def test_second_process_is_refused_and_stale_locks_are_taken_over(small, tmp_pat
     out = tmp_path / "o"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock_path(out).write_text(f"{holder.pid} {socket.gethostname()}\n")
+        lock_path(out).write_text(lock_record(holder.pid))  # as the live process would have written it
         assert main(_distill_argv(data, weights, out)) == 2
         err = _one_line_error(capsys)
         assert "in use by another rded-fast process" in err and str(holder.pid) in err
@@ -396,7 +385,10 @@ def test_os_errors_name_the_argument_and_the_fix(tmp_path):
     args = build_parser().parse_args(["distill", "--data", "d", "--observer", "conv3", "--out", str(tmp_path / "o")])
     exc = OSError(28, "No space left on device", str(tmp_path / "o" / "class_00" / ".x.png.abc.tmp"))
     msg = os_error_message(args, exc)
-    assert msg.startswith(f"--out {tmp_path / 'o'}: No space left on device") and "--resume" in msg
+    assert msg.startswith(f"--out {tmp_path / 'o'}: No space left on device") and "--resume" not in msg  # no class ran
+    (tmp_path / "o" / ".rded-journal").mkdir(parents=True)
+    (tmp_path / "o" / ".rded-journal" / "class_000000.json").write_text("{}")
+    assert "finished classes are kept; fix it and rerun with --resume" in os_error_message(args, exc)
     args = build_parser().parse_args(
         ["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--json", str(tmp_path / "e.json")]
     )
@@ -424,7 +416,9 @@ def test_observer_training_removes_its_state_and_replaces_only_checkpoints(small
     out = tmp_path / "obs.pth"
     train_observer(ObserverConfig(out=str(out), **cfg))
     assert out.is_file() and not Path(f"{out}.state").exists()
-    assert train_observer(ObserverConfig(out=str(out), **cfg))["replaced"] == str(out)
+    with pytest.raises(UserError, match="pass --overwrite"):  # a trained checkpoint is replaced only on request
+        train_observer(ObserverConfig(out=str(out), **cfg))
+    assert train_observer(ObserverConfig(out=str(out), overwrite=True, **cfg))["replaced"] == str(out)
     (tmp_path / "x.pth").write_text("someone else's file")
     with pytest.raises(UserError, match="did not write"):
         train_observer(ObserverConfig(out=str(tmp_path / "x.pth"), **cfg))

@@ -4,7 +4,8 @@ Standard recipe: random crop with padding size/8 and horizontal flip, ImageNet n
 same the scorer uses), SGD with Nesterov momentum (or AdamW), cosine schedule to zero, cross-entropy.
 Saves {"model": state_dict, ...} atomically, the format `--weights` reads; the per-epoch training state
 beside it (`OUT.state`) lets `--resume` continue an interrupted run; it is removed when training completes.
-`OUT` replaces only an earlier checkpoint of ours (rded_fast.outputs), never another file.
+An existing `OUT` is replaced only when it is a checkpoint of ours and `overwrite` is given (a trained
+checkpoint can cost hours; rded_fast.outputs), never another file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
 from rded_fast.index import build_index
 from rded_fast.models import build
-from rded_fast.outputs import check_separate, claim_output, is_checkpoint
+from rded_fast.outputs import CHECKPOINT, check_separate, claim_output
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint
@@ -48,6 +49,7 @@ class ObserverConfig:
     per_class: int | None = None
     amp: str = "auto"  # autocast: auto (bf16 on CUDA and native-bf16 CPUs), none (fp32), bf16
     resume: bool = False
+    overwrite: bool = False  # replace an earlier checkpoint of ours at `out`
     show_progress: bool = True
 
 
@@ -74,10 +76,22 @@ def train_observer(cfg: ObserverConfig) -> dict:
     if cfg.batch_size < 1 or (cfg.per_class is not None and cfg.per_class < 1) or not 0 <= cfg.seed < 2**63:
         raise UserError("--batch-size and --per-class must be >= 1, --seed in 0..2^63-1")
     inputs = {"--data": cfg.data, "--val": cfg.val}
-    check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs)
+    check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs, "file")
+    if cfg.resume and not Path(f"{cfg.out}.state").is_file():
+        raise UserError(
+            f"--resume: no {cfg.out}.state beside --out {cfg.out} (the per-epoch state of an interrupted run); "
+            "run without --resume to train from the start"
+        )
     replaced = []
     with claim_output(
-        cfg.out, "--out", inputs, kind="file", owned=is_checkpoint, overwrite=True, any_flag=None, on_replace=replaced.append
+        cfg.out,
+        "--out",
+        inputs,
+        CHECKPOINT,
+        overwrite=cfg.overwrite,
+        replace_hint="pass --overwrite to replace it (training it again may take as long)",
+        any_flag=None,
+        on_replace=replaced.append,
     ):
         summary = _train_observer(cfg)
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
@@ -92,7 +106,7 @@ def _load_data(cfg: ObserverConfig):
 
         keep = make_plan(index, cfg.seed, cfg.per_class, 1).image_ids
         index.paths = [index.paths[i] for i in keep]
-        index.labels, index.sizes = index.labels[keep], index.sizes[keep]
+        index.labels, index.sizes, index.stamps = index.labels[keep], index.sizes[keep], index.stamps[keep]
     train = load_tensor_dataset(index, cfg.input_size, show_progress=cfg.show_progress, desc="load train")
     val = None
     if cfg.val:

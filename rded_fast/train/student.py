@@ -27,7 +27,7 @@ from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.index import UNLISTED_CLASS, DatasetIndex, build_index
 from rded_fast.models import BuiltModel, build
-from rded_fast.outputs import check_separate, check_writable_file, claim_output, is_label_folder, is_result_json
+from rded_fast.outputs import LABEL_FOLDER, RESULT_JSON, check_separate, check_writable_file, claim_output
 from rded_fast.progress import progress
 from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 from rded_fast.train import checkpoint, softlabels
@@ -64,6 +64,7 @@ class StudentConfig:
     json: str | None = None
     checkpoint: str | None = None
     resume: bool = False
+    overwrite: bool = False  # relabel: replace an earlier labels folder of ours at `out`
     show_progress: bool = True
 
 
@@ -161,7 +162,7 @@ def evaluate(cfg: StudentConfig) -> dict:
         raise UserError("evaluate needs --val DIR and --student NAME")
     inputs = _inputs(cfg)
     if cfg.checkpoint:
-        check_separate(cfg.checkpoint, "--checkpoint", inputs)
+        check_separate(cfg.checkpoint, "--checkpoint", inputs, "file")
         check_writable_file(cfg.checkpoint, "--checkpoint")
         if os.path.isfile(cfg.checkpoint) and not zipfile.is_zipfile(cfg.checkpoint):
             raise UserError(
@@ -171,7 +172,7 @@ def evaluate(cfg: StudentConfig) -> dict:
         return _evaluate(cfg)
     check_writable_file(cfg.json, "--json")
     out_inputs = {**inputs, "--checkpoint": cfg.checkpoint}
-    with claim_output(cfg.json, "--json", out_inputs, kind="file", owned=is_result_json, overwrite=True, any_flag=None):
+    with claim_output(cfg.json, "--json", out_inputs, RESULT_JSON, overwrite=True, any_flag=None):
         return _evaluate(cfg)
 
 
@@ -351,13 +352,14 @@ def _evaluate(cfg: StudentConfig) -> dict:
 def relabel(cfg: StudentConfig) -> dict:
     """Store every epoch's augmentation parameters and the teacher's top-k logits under `cfg.out`.
 
-    An earlier labels folder of ours at `cfg.out` is replaced (kept aside until this run succeeds;
-    `replaced` in the result says so); any other non-empty folder is refused."""
+    An earlier labels folder of ours at `cfg.out` is replaced only with `overwrite` (kept aside until this run
+    succeeds; files in it that relabel did not write are kept; `replaced` in the result says so); any other
+    non-empty folder is refused."""
     if not cfg.out:
         raise UserError("relabel needs --out DIR")
     replaced = []
     with claim_output(
-        cfg.out, "--out", _inputs(cfg), owned=is_label_folder, overwrite=True, any_flag=None, on_replace=replaced.append
+        cfg.out, "--out", _inputs(cfg), LABEL_FOLDER, overwrite=cfg.overwrite, any_flag=None, on_replace=replaced.append
     ):
         result = _relabel(cfg)
     return {**result, "replaced": str(replaced[0]) if replaced else None}
