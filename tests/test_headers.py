@@ -73,9 +73,14 @@ def test_compact_cache_round_trips_and_reads_the_old_json(tmp_path):
     assert back.skipped == index.skipped
     (tmp_path / "old.json").write_text(json.dumps(index.to_json()))  # an index cache of an earlier version
     assert load_index(tmp_path / "old.json").paths == index.paths
-    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04broken")
-    with pytest.raises(index_mod.UserError, match="delete it to rebuild"):
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04broken")  # not recognisably ours: never "delete it"
+    with pytest.raises(index_mod.UserError, match="not an index cache of rded-fast .*give another path$"):
         load_index(tmp_path / "bad.npz")
+    np.savez(tmp_path / "v9.npz", version=np.int64(9), paths=np.zeros(0, np.uint8), sizes=np.zeros(0, np.int32))
+    with pytest.raises(
+        index_mod.UserError, match=r"another rded-fast version \(9\).*delete it \(rded-fast wrote it\) to rebuild"
+    ):
+        load_index(tmp_path / "v9.npz")
 
 
 def test_process_pool_gives_the_thread_pools_answer(tmp_path, monkeypatch):
