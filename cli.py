@@ -142,6 +142,8 @@ def run_distill(args) -> int:
     result = distill(DistillConfig(**fields, show_progress=not args.quiet))
     if result.is_main:
         print_distill(result)
+        if result.num_images == 0:  # every class was skipped: the notes above say why
+            raise UserError(f"--out {result.out}: no class got an image (see the notes above and {result.manifest.name})")
     return 0
 
 
@@ -154,7 +156,8 @@ def print_distill(result) -> None:
         print(f"observer top-1 on a sample of training images: {result.observer_accuracy:.1%}")
     print(f"wrote {result.num_images} images to {result.out} in {result.seconds['total']:.1f} s")
     print(f"manifest: {result.manifest}")
-    print(f"contact sheet: {result.contact_sheet}")
+    if result.contact_sheet is not None:
+        print(f"contact sheet: {result.contact_sheet}")
 
 
 def add_train_observer(sub) -> None:
@@ -635,6 +638,10 @@ def check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: must be {'>' if dest in POSITIVE else '>='} {lo}")
         if hi is not None and value > hi:
             raise UserError(f"{flag} {value}: must be <= {hi}")
+    if getattr(args, "workers", None) is not None:  # every command that takes --workers: one rule (device.py)
+        from rded_fast.device import check_workers
+
+        check_workers(args.workers)
 
 
 # What to do after an OS error (disk full, permission), per command: finished work and how to continue.
