@@ -8,7 +8,7 @@ import os
 import sys
 
 from rded_fast import recipe
-from rded_fast.errors import UserError
+from rded_fast.errors import PeerFailed, UserError
 
 
 def _fields(args, *drop: str) -> dict:
@@ -283,6 +283,15 @@ def run_convert(args) -> int:
         extra = {"shard_size": args.shard_size}
     summary = convert(args.format, args.data, args.out, **common, **extra)
     print(json.dumps(summary, indent=1))
+    if args.class_map:  # on stderr, like every note here: stdout stays one JSON document
+        from rded_fast.index import read_class_map
+        from rded_fast.models.classes import unlisted_folders
+
+        if left := unlisted_folders(read_class_map(args.class_map), args.data):
+            shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+            print(
+                f"note: --class-map does not name {len(left)} class folder(s) of --data; NOT converted: {shown}", file=sys.stderr
+            )
     if summary.get("replaced"):  # on stderr: stdout stays one JSON document
         print(f"note: replaced the earlier output {summary['replaced']}", file=sys.stderr)
     elif summary.get("reused_shards"):
@@ -292,7 +301,12 @@ def run_convert(args) -> int:
 
 def _student_args(p, student: bool) -> None:
     p.add_argument("--distilled", required=True, help="a distilled set made by `rded-fast distill`")
-    p.add_argument("--teacher", required=True, help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY")
+    p.add_argument(
+        "--teacher",
+        required=not student,
+        help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY"
+        + ("; not needed with --labels hard or --soft-labels" if student else ""),
+    )
     p.add_argument("--teacher-weights", help="checkpoint path, torchvision weights name or timm pretrained tag")
     if student:
         p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
@@ -355,7 +369,7 @@ def run_evaluate(args) -> int:
         )
     print(
         f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
-        f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s"
+        f"({labels_line(r['parameters'])}), {r['seconds']:.1f} s"
     )
     print(
         f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
@@ -364,6 +378,13 @@ def run_evaluate(args) -> int:
     if args.json:
         print(f"json: {args.json}")
     return 0
+
+
+def labels_line(parameters: dict) -> str:
+    """What the student learnt from, for the summary line: hard labels (no teacher) or whose soft labels."""
+    if parameters["teacher_used"] is None:
+        return "hard labels, no teacher"
+    return f"{parameters['soft_label_source']} soft labels of {parameters['teacher_used']}"
 
 
 def add_relabel(sub) -> None:
@@ -544,6 +565,8 @@ def run_index(args) -> int:
     class_map = restrict_class_map(read_class_map(args.class_map), args.data) if args.class_map else None  # as distill
     index = write_index_cache(args.data, args.out, class_map=class_map, show_progress=not args.quiet)
     print(f"indexed {len(index)} images in {index.num_classes} classes ({len(index.skipped)} files left out) into {args.out}")
+    if index.empty_note():
+        print(f"note: {index.empty_note()}")
     return 0
 
 
@@ -564,7 +587,8 @@ def run_models(args) -> int:
     rows = model_families(args.source, args.family)
     if args.source or args.family:
         if not rows:
-            raise UserError(f"no models with --source {args.source} --family {args.family}; run `rded-fast models`")
+            given = " ".join(f"--{k} {v}" for k, v in (("source", args.source), ("family", args.family)) if v)
+            raise UserError(f"no models with {given}; run `rded-fast models` for the sources and families")
         print("\n".join(name for _, _, names in rows for name in names))
         return 0
     print(f"{'source':<12} {'family':<26} {'models':>6}  examples")
@@ -708,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         check_numbers(args)
         usable_inductor_cache()
         return args.run(args)
+    except PeerFailed:  # another torchrun rank failed and prints the error itself
+        return 1
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,17 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import AMP_CHOICES, available_cores, check_fits, check_workers, resolve_amp, resolve_device
+from rded_fast.device import (
+    AMP_CHOICES,
+    amp_name,
+    available_cores,
+    check_fits,
+    check_workers,
+    cpu_description,
+    device_name,
+    resolve_amp,
+    resolve_device,
+)
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
@@ -35,6 +45,7 @@ from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_inde
 from rded_fast.manifest import build_manifest
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
+from rded_fast.models.heads import HeadTooSmall
 from rded_fast.outputs import check_separate, claim_output
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
@@ -488,6 +499,12 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
+def scoring_choices(scorer: Scorer) -> dict:
+    """What `--amp auto` and `--compile auto` resolved to: both decide the scores (a CPU with native bf16 picks
+    other cells than fp32), so a resume must match them and the manifest records them."""
+    return {"amp": amp_name(scorer.amp_dtype), "compile": scorer.compiled}
+
+
 def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], show_progress: bool = False) -> CropPlan:
     """The plan of `classes`: crops for RDED and random-crops, whole images for random-images."""
     if cfg.select == "random-images":
@@ -518,9 +535,9 @@ def _prologue(
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
-        journal.check_run(out, _run_parameters(cfg))
+        journal.check_run(out, {**_run_parameters(cfg), "scoring": scoring_choices(scorer)})
     else:
-        journal.write_run(out, _run_parameters(cfg))
+        journal.write_run(out, {**_run_parameters(cfg), "scoring": scoring_choices(scorer)})
     save_index(index, out / "index.npz")
     if cfg.index and index.unread() != unread:  # keep the headers read for the next run
         save_index(index, cfg.index)
@@ -531,7 +548,11 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
     classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
+    try:
+        observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
+    except HeadTooSmall as exc:  # empty class folders count as classes: say so when they are why the head is short
+        note = index.empty_note()
+        raise UserError(f"{exc}" + (f"; {note}" if note else "")) from exc
     check_observer_input(observer, cfg, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = Scorer(
@@ -657,7 +678,8 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     barrier(world)
     if not world.is_main:
         return DistillResult(out, out / "manifest.json", None, 0, None, 0, seconds, is_main=False)
-    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done))
+    scoring = {**scoring_choices(scorer), "device": device_name(device), "cpu": cpu_description()}
+    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done), scoring=scoring)
 
 
 def _finish(
@@ -670,8 +692,10 @@ def _finish(
     t0: float,
     world: World,
     resumed: list[int],
+    scoring: dict,
 ) -> DistillResult:
-    """Rank 0: merge the class records into manifest.json and draw the contact sheet."""
+    """Rank 0: merge the class records into manifest.json and draw the contact sheet; `scoring` says how the observer
+    scored (resolved amp and compile, the device, the CPU)."""
     records = journal.read_classes(out)
     missing = [index.classes[c] for c in range(index.num_classes) if c not in records]
     if missing:
@@ -682,7 +706,12 @@ def _finish(
     if sheet_rows:
         write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     seconds["total"] = time.perf_counter() - t0
-    observer_facts = {**observer.manifest(), "check": check, "head_rows": dict(zip(index.classes, observer.head_rows))}
+    observer_facts = {
+        **observer.manifest(),
+        "check": check,
+        "head_rows": dict(zip(index.classes, observer.head_rows)),
+        "scoring": scoring,
+    }
     manifest = build_manifest(
         _run_parameters(cfg),
         _versions(),

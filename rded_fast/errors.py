@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A problem with the user's input or arguments; the message names what is wrong and the fix."""
+
+
+class PeerFailed(Exception):
+    """Another torchrun rank failed and prints its own error: this rank stops without a message of its own, so
+    the user reads one line per real error (the command exits 1, below any real error's code)."""

@@ -126,6 +126,10 @@ def _construct(entry: ModelEntry, num_classes: int, input_size: int) -> nn.Modul
 
 
 def _load_weights(entry: ModelEntry, weights: str) -> tuple[dict, ModelEntry]:
+    if os.path.isdir(weights):
+        inside = sorted(n for n in os.listdir(weights) if n.endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt")))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise UserError(f"--weights {weights}: is a folder, not a checkpoint file; give the checkpoint file itself{hint}")
     if os.path.isfile(weights):
         return load_checkpoint(weights, expect_arch=entry.name), entry
     if entry.fetch_weights is not None:
