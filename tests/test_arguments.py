@@ -404,3 +404,14 @@ def test_manifest_and_journal_record_how_the_observer_scored(jpeg_tree, tmp_path
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # the same command on a CPU with native bf16
     with pytest.raises(UserError, match="--resume: scoring was .*'fp32'.* now .*'bf16'"):
         distill(DistillConfig(**base, resume=True))
+
+
+def test_one_version_and_a_changelog_entry_for_it():
+    import re
+
+    import rded_fast
+
+    root = Path(__file__).resolve().parent.parent
+    assert "version=VERSION" in (root / "setup.py").read_text()  # read from rded_fast/__init__.py, not written twice
+    assert not re.search(r'version="\d', (root / "setup.py").read_text())
+    assert f"## {rded_fast.__version__} (" in (root / "CHANGELOG.md").read_text()
