@@ -565,8 +565,8 @@ def run_index(args) -> int:
     class_map = restrict_class_map(read_class_map(args.class_map), args.data) if args.class_map else None  # as distill
     index = write_index_cache(args.data, args.out, class_map=class_map, show_progress=not args.quiet)
     print(f"indexed {len(index)} images in {index.num_classes} classes ({len(index.skipped)} files left out) into {args.out}")
-    if index.empty_note():
-        print(f"note: {index.empty_note()}")
+    if note := index.empty_note():
+        print(f"note: {note}")
     return 0
 
 

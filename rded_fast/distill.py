@@ -534,10 +534,11 @@ def _prologue(
     check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    run = {**_run_parameters(cfg), "scoring": scoring_choices(scorer)}
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
-        journal.check_run(out, {**_run_parameters(cfg), "scoring": scoring_choices(scorer)})
+        journal.check_run(out, run)
     else:
-        journal.write_run(out, {**_run_parameters(cfg), "scoring": scoring_choices(scorer)})
+        journal.write_run(out, run)
     save_index(index, out / "index.npz")
     if cfg.index and index.unread() != unread:  # keep the headers read for the next run
         save_index(index, cfg.index)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rded_fast.cli import main
+from tests.test_safety import _one_line_error as _error
 
 
 def max_workers() -> int:
@@ -16,39 +17,11 @@ def max_workers() -> int:
     return 4 * len(os.sched_getaffinity(0))
 
 
-def _distill(data, out, *extra, observer="conv3"):
-    return [
-        "distill",
-        "--data",
-        str(data),
-        "--observer",
-        observer,
-        "--out",
-        str(out),
-        "--input-size",
-        "32",
-        "--factor",
-        "1",
-        "--ipc",
-        "1",
-        "--mipc",
-        "4",
-        "--num-crop",
-        "2",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--quiet",
-        *extra,
-    ]
-
-
-def _error(capsys) -> str:
-    """The one stderr line of a refused command (no traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
+def _distill(data, out, *extra, **flags) -> list[str]:
+    """A small distill command line; `flags` (observer=..., factor=2, input_size=7, ...) replace the defaults."""
+    values = dict(observer="conv3", input_size=32, factor=1, ipc=1, mipc=4, num_crop=2, device="cpu", workers=0) | flags
+    pairs = [("--data", data), ("--out", out)] + [("--" + k.replace("_", "-"), v) for k, v in values.items()]
+    return ["distill", *(str(x) for pair in pairs for x in pair), "--quiet", *extra]
 
 
 # ---- 8: non-finite scores are an error naming the observer; nothing written is not a success ----------------
@@ -65,27 +38,23 @@ def test_nan_logits_are_an_error_naming_the_observer(jpeg_tree, tmp_path, capsys
 def test_nan_scores_of_the_class_crops_are_caught_on_the_host_stage(jpeg_tree, tmp_path, capsys):
     """Whole images score finitely (the check passes); the padded cell crops give NaN: caught per class."""
     name = "tests.observer_factories:nan_when_padded"
-    argv = _distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", observer=name)
-    argv[argv.index("--factor") + 1] = "2"
-    assert main(argv) == 2
+    assert main(_distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", observer=name, factor=2)) == 2
     assert f"observer {name} gives NaN or infinite scores for 8 of 8 crops of class class_0" in _error(capsys)
 
 
 def test_fp16_overflow_suggests_another_amp(jpeg_tree, tmp_path, capsys):
     name = "tests.observer_factories:huge_logits"
-    assert main(_distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", "--amp", "fp16", observer=name)) == 2
+    assert main(_distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", observer=name, amp="fp16")) == 2
     assert "use --amp bf16 or --amp none" in _error(capsys)
-    assert main(_distill(jpeg_tree, tmp_path / "o32", "--skip-observer-check", "--amp", "none", observer=name)) == 0
+    assert main(_distill(jpeg_tree, tmp_path / "o32", "--skip-observer-check", observer=name, amp="none")) == 0
 
 
 def test_a_run_that_writes_no_image_does_not_succeed(tmp_path, capsys):
     from tests.conftest import write_synthetic_jpegs
 
     data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=3)
-    argv = _distill(data, tmp_path / "o", "--skip-observer-check")
-    argv[argv.index("--ipc") + 1] = "4"  # 4 cells, 3 images of one crop each: every class is skipped
-    argv[argv.index("--num-crop") + 1] = "1"
-    assert main(argv) == 2
+    # 4 cells, 3 images of one crop each: every class is skipped
+    assert main(_distill(data, tmp_path / "o", "--skip-observer-check", ipc=4, num_crop=1)) == 2
     out, err = capsys.readouterr()
     assert "no class got an image" in err and "class_00 has only 3 usable crops" in out
     assert "contact sheet" not in out and not (tmp_path / "o" / "contact_sheet.png").exists()
@@ -128,9 +97,7 @@ def test_too_many_workers_are_refused_by_the_library_and_the_scripts(tmp_path):
 
 @pytest.mark.parametrize("size, nearest", [(1, "8"), (7, "8"), (31, "24 or 32")])
 def test_input_size_a_convnet_cannot_take_is_one_line(jpeg_tree, tmp_path, capsys, size, nearest):
-    argv = _distill(jpeg_tree, tmp_path / "o")
-    argv[argv.index("--input-size") + 1] = str(size)
-    assert main(argv) == 2
+    assert main(_distill(jpeg_tree, tmp_path / "o", input_size=size)) == 2
     assert f"--input-size {size}: conv3 takes only multiples of 8 (8, 16, 24, ...); the nearest: {nearest}" in _error(capsys)
     assert main(["train-observer", "--data", str(jpeg_tree), "--out", str(tmp_path / "c.pth"), "--input-size", str(size)]) == 2
     assert f"--input-size {size}: conv3 takes only multiples of 8" in _error(capsys)
@@ -139,9 +106,7 @@ def test_input_size_a_convnet_cannot_take_is_one_line(jpeg_tree, tmp_path, capsy
 
 @pytest.mark.parametrize("observer", ["conv3", "resnet18"])
 def test_input_size_that_cannot_fit_is_refused_up_front(jpeg_tree, tmp_path, capsys, observer):
-    argv = _distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", observer=observer)
-    argv[argv.index("--input-size") + 1] = "100000"
-    assert main(argv) == 2
+    assert main(_distill(jpeg_tree, tmp_path / "o", "--skip-observer-check", observer=observer, input_size=100000)) == 2
     err = _error(capsys)
     assert "--input-size 100000: scoring 8 crops at a time at 100000x100000 px needs at least" in err and "GiB free" in err
     assert not (tmp_path / "o").exists()
@@ -220,8 +185,7 @@ def test_damaged_beton_is_one_line(small_beton, tmp_path, capsys, where):
     data = bytearray(beton.read_bytes())
     data[offset] ^= 0x5A
     beton.write_bytes(bytes(data))
-    argv = _distill(beton, tmp_path / "o", "--skip-observer-check", "--loader", "ffcv")
-    assert main(argv) == 2
+    assert main(_distill(beton, tmp_path / "o", "--skip-observer-check", loader="ffcv")) == 2
     assert f"--data {beton}: damaged" in _error(capsys) and not (tmp_path / "o").exists()
 
 
@@ -293,7 +257,7 @@ def test_empty_class_folders_are_counted_and_named(tmp_path, capsys):
     assert main(["index", "--data", str(data), "--out", str(tmp_path / "i.npz"), "--quiet"]) == 0
     assert "note: 5 of the 7 class folders hold no image (zz_empty_0, zz_empty_1, zz_empty_2, ...)" in capsys.readouterr().out
     weights = _saved_conv3(tmp_path / "w.pth", 2)
-    assert main(_distill(data, tmp_path / "o", "--weights", str(weights))) == 2
+    assert main(_distill(data, tmp_path / "o", weights=weights)) == 2
     err = _error(capsys)
     assert "head has 2 outputs but the dataset has 7 classes" in err and "5 of the 7 class folders hold no image" in err
 
@@ -303,7 +267,7 @@ def test_shards_without_their_dataset_file_are_named(tmp_path, capsys, loader):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "shard-00000.tar").write_bytes(b"\0" * 1024)
     (tmp_path / "shards" / "shard-00000.idx").write_text("")
-    assert main(_distill(tmp_path / "shards", tmp_path / "o", "--loader", loader)) == 2
+    assert main(_distill(tmp_path / "shards", tmp_path / "o", loader=loader)) == 2
     assert "holds tar shards (shard-00000.tar, ...) but no dataset.json" in _error(capsys)
 
 
@@ -337,7 +301,7 @@ def test_weights_that_are_not_a_checkpoint_say_what_they_are(jpeg_tree, tmp_path
         (tmp_path / "folder", "is a folder, not a checkpoint file; give the checkpoint file itself (it holds model.pth)"),
     ):
         for observer in ("conv3", "resnet18"):
-            assert main(_distill(jpeg_tree, tmp_path / "o", "--weights", str(weights), observer=observer)) == 2
+            assert main(_distill(jpeg_tree, tmp_path / "o", weights=weights, observer=observer)) == 2
             err = _error(capsys)
             assert says in err and "Python objects" not in err and "no such file" not in err
 
