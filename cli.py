@@ -8,7 +8,7 @@ import os
 import sys
 
 from rded_fast import recipe
-from rded_fast.errors import UserError
+from rded_fast.errors import PeerFailed, UserError
 
 
 def _fields(args, *drop: str) -> dict:
@@ -146,6 +146,8 @@ def run_distill(args) -> int:
     result = distill(DistillConfig(**fields, show_progress=not args.quiet))
     if result.is_main:
         print_distill(result)
+        if result.num_images == 0:  # every class was skipped: the notes above say why
+            raise UserError(f"--out {result.out}: no class got an image (see the notes above and {result.manifest.name})")
     return 0
 
 
@@ -158,7 +160,8 @@ def print_distill(result) -> None:
         print(f"observer top-1 on a sample of training images: {result.observer_accuracy:.1%}")
     print(f"wrote {result.num_images} images to {result.out} in {result.seconds['total']:.1f} s")
     print(f"manifest: {result.manifest}")
-    print(f"contact sheet: {result.contact_sheet}")
+    if result.contact_sheet is not None:
+        print(f"contact sheet: {result.contact_sheet}")
 
 
 def add_train_observer(sub) -> None:
@@ -289,6 +292,15 @@ def run_convert(args) -> int:
         extra = {"shard_size": args.shard_size}
     summary = convert(args.format, args.data, args.out, **common, **extra)
     print(json.dumps(summary, indent=1))
+    if args.class_map:  # on stderr, like every note here: stdout stays one JSON document
+        from rded_fast.index import read_class_map
+        from rded_fast.models.classes import unlisted_folders
+
+        if left := unlisted_folders(read_class_map(args.class_map), args.data):
+            shown = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+            print(
+                f"note: --class-map does not name {len(left)} class folder(s) of --data; NOT converted: {shown}", file=sys.stderr
+            )
     if summary.get("replaced"):  # on stderr: stdout stays one JSON document
         print(f"note: replaced the earlier output {summary['replaced']}", file=sys.stderr)
     elif summary.get("reused_shards"):
@@ -298,7 +310,12 @@ def run_convert(args) -> int:
 
 def _student_args(p, student: bool) -> None:
     p.add_argument("--distilled", required=True, help="a distilled set made by `rded-fast distill`")
-    p.add_argument("--teacher", required=True, help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY")
+    p.add_argument(
+        "--teacher",
+        required=not student,
+        help="teacher model name (the observer), e.g. resnet18, timm:NAME, MODULE:FACTORY"
+        + ("; not needed with --labels hard or --soft-labels" if student else ""),
+    )
     p.add_argument("--teacher-weights", help="checkpoint path, torchvision weights name or timm pretrained tag")
     if student:
         p.add_argument("--val", required=True, help="real validation ImageFolder (same class folders)")
@@ -361,7 +378,7 @@ def run_evaluate(args) -> int:
         )
     print(
         f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
-        f"({r['parameters']['soft_label_source']} soft labels), {r['seconds']:.1f} s"
+        f"({labels_line(r['parameters'])}), {r['seconds']:.1f} s"
     )
     print(
         f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
@@ -370,6 +387,13 @@ def run_evaluate(args) -> int:
     if args.json:
         print(f"json: {args.json}")
     return 0
+
+
+def labels_line(parameters: dict) -> str:
+    """What the student learnt from, for the summary line: hard labels (no teacher) or whose soft labels."""
+    if parameters["teacher_used"] is None:
+        return "hard labels, no teacher"
+    return f"{parameters['soft_label_source']} soft labels of {parameters['teacher_used']}"
 
 
 def add_relabel(sub) -> None:
@@ -561,6 +585,8 @@ def run_index(args) -> int:
     class_map = restrict_class_map(read_class_map(args.class_map), args.data) if args.class_map else None  # as distill
     index = write_index_cache(args.data, args.out, class_map=class_map, show_progress=not args.quiet)
     print(f"indexed {len(index)} images in {index.num_classes} classes ({len(index.skipped)} files left out) into {args.out}")
+    if note := index.empty_note():
+        print(f"note: {note}")
     return 0
 
 
@@ -581,7 +607,8 @@ def run_models(args) -> int:
     rows = model_families(args.source, args.family)
     if args.source or args.family:
         if not rows:
-            raise UserError(f"no models with --source {args.source} --family {args.family}; run `rded-fast models`")
+            given = " ".join(f"--{k} {v}" for k, v in (("source", args.source), ("family", args.family)) if v)
+            raise UserError(f"no models with {given}; run `rded-fast models` for the sources and families")
         print("\n".join(name for _, _, names in rows for name in names))
         return 0
     print(f"{'source':<12} {'family':<26} {'models':>6}  examples")
@@ -655,6 +682,10 @@ def check_numbers(args) -> None:
             raise UserError(f"{flag} {value}: must be {'>' if dest in POSITIVE else '>='} {lo}")
         if hi is not None and value > hi:
             raise UserError(f"{flag} {value}: must be <= {hi}")
+    if getattr(args, "workers", None) is not None:  # every command that takes --workers: one rule (device.py)
+        from rded_fast.device import check_workers
+
+        check_workers(args.workers)
 
 
 def os_error_fix(args, exc: OSError) -> str:
@@ -728,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         check_numbers(args)
         usable_inductor_cache()
         return args.run(args)
+    except PeerFailed:  # another torchrun rank failed and prints the error itself
+        return 1
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

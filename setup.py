@@ -5,8 +5,14 @@ The repository keeps them at its top level (`converters/`, `benchmarks/`, `cli.p
 package's own name so that pip does not claim the generic names `cli`, `converters` or `benchmarks`.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
+
+# The one place the version is written is rded_fast/__init__.py (CHANGELOG.md says when it changes).
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (Path(__file__).parent / "rded_fast" / "__init__.py").read_text(), re.M)[1]
 
 MAPPED = {"rded_fast.converters": "converters", "rded_fast.benchmarks": "benchmarks"}
 
@@ -21,7 +27,7 @@ class BuildPy(build_py):
 
 setup(
     name="rded-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, faithful RDED dataset distillation: decode, crop, score, select, stitch.",
     python_requires=">=3.10",
     packages=find_packages(include=["rded_fast", "rded_fast.*"]) + list(MAPPED),

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rded_fast.benchmarks.make_imagenet_like import make_tree
+from rded_fast.device import worker_count
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.plan import CropPlan, make_plan
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-crop", type=int, default=5)
     p.add_argument("--crop-size", type=int, default=112, help="p = input_size // factor (224 // 2 by default)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=worker_count, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device-name", default="cpu-2core")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from rded_fast.benchmarks.make_imagenet_like import natural_image
+from rded_fast.device import worker_count
 
 TRAIN_IMAGES = 1_281_167
 SHORT_CLASSES = 100  # ImageNet's train split: most classes have 1,300 images, some down to 732
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=worker_count)
     p.add_argument("--classes", type=int, default=1000, help="first N classes only (for a quick look)")
     args = p.parse_args(argv)
     r = make_tree(args.out, args.seed, args.workers, args.classes)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rded_fast.device import worker_count
+
 SIZES = [(500, 375), (375, 500), (500, 333), (500, 400), (480, 360)]
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=worker_count)
     args = p.parse_args(argv)
     r = make_tree(args.out, args.classes, args.per_class, args.seed, args.quality, args.workers)
     print(f"wrote {r['images']} JPEGs to {r['out']}: mean {r['mean_kb']:.0f} KB, {r['images'] / r['seconds']:.0f} img/s")

@@ -13,6 +13,8 @@ import shutil
 
 import torch
 
+from rded_fast.device import worker_count
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--mipc", int, 300),
         ("--num-crop", int, 5),
         ("--seed", int, 0),
-        ("--workers", int, 4),
+        ("--workers", worker_count, 4),
         ("--out", str, "reference-out"),
     ):
         p.add_argument(name, type=kind, default=default)

@@ -22,7 +22,7 @@ import torch
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
 from rded_fast.device import autocast, cpu_description, device_name, resolve_amp, resolve_device
-from rded_fast.distill import DistillConfig, available_cores, distill, resolve_compile
+from rded_fast.distill import DistillConfig, available_cores, check_memory, distill, resolve_compile
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
 from rded_fast.models import build
@@ -167,6 +167,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     crop_size = job.input_size // job.factor
     index = open_index(job.loader, job.data, show_progress=job.show_progress)
     plan = make_plan(index, job.seed, job.mipc, job.num_crop)
+    check_memory(job, plan, index.num_classes, device)
     observer = build(job.observer, index.num_classes, job.weights, job.input_size)
     result: dict = {
         "device": device_name(device),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from rded_fast.device import check_workers
 from rded_fast.errors import UserError
 
 FORMATS = ("ffcv", "dali")
@@ -12,6 +13,7 @@ FORMATS = ("ffcv", "dali")
 
 def convert(fmt: str, data: str, out: str, **options) -> dict:
     """Convert the ImageFolder `data` into format `fmt` at `out`; returns a summary (counts, skips, seconds)."""
+    check_workers(options.get("workers"))
     if fmt == "ffcv":
         from rded_fast.converters.ffcv_writer import convert_ffcv
 

@@ -34,7 +34,16 @@ from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.beton import FORMAT_NAME, FORMAT_VERSION, IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, sidecar_path
+from rded_fast.loaders.beton import (
+    FFCV_HEADER,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_FIELD,
+    LABEL_FIELD,
+    bookkeeping_sha256,
+    keep_torch_threads,
+    sidecar_path,
+)
 from rded_fast.outputs import BETON, claim_output, is_beton
 from rded_fast.progress import progress
 
@@ -144,8 +153,9 @@ def _write_beton(
             raise
 
 
-def _read_back(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels [n] int64, stored sizes [n, 2] (width, height)) of a written .beton, by ffcv's own Reader."""
+def _read_back(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(labels [n] int64, stored sizes [n, 2] (width, height), the bookkeeping record of the sidecar) of a written
+    .beton, by ffcv's own Reader."""
     with keep_torch_threads():
         from ffcv.reader import Reader
 
@@ -154,7 +164,10 @@ def _read_back(path: str) -> tuple[np.ndarray, np.ndarray]:
     names = reader.field_names
     image, label = meta[f"f{names.index(IMAGE_FIELD)}"], meta[f"f{names.index(LABEL_FIELD)}"]
     sizes = np.stack([image["width"].astype(np.int64), image["height"].astype(np.int64)], axis=1)
-    return np.asarray(label, dtype=np.int64).reshape(-1), sizes
+    head = FFCV_HEADER.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    ptr = int(reader.header["alloc_table_ptr"])
+    book = {"head_bytes": int(head), "alloc_table_ptr": ptr, "sha256": bookkeeping_sha256(path, head, ptr)}
+    return np.asarray(label, dtype=np.int64).reshape(-1), sizes, book
 
 
 def _check_args(out: Path, write_mode: str, max_resolution: int, jpeg_quality: int) -> None:
@@ -287,16 +300,17 @@ def _convert_ffcv(
         """Write, read back, and (rarely) write again without the images ffcv could not store."""
         ids = np.arange(len(index), dtype=np.int64)
         _write_beton(tmp, index, ids, **write)
-        labels, sizes = _read_back(tmp)
+        labels, sizes, book = _read_back(tmp)
         bad = ids[labels < 0]
         missing = {int(i): _why_bad(os.path.join(index.root, index.paths[i])) for i in bad}
         if len(bad):
             ids = ids[labels >= 0]
             _write_beton(tmp, index, ids, **write)
-            labels, sizes = _read_back(tmp)
+            labels, sizes, book = _read_back(tmp)
         if len(labels) != len(ids) or not np.array_equal(labels, index.labels[ids]):
             raise UserError(f"--data {data}: images changed while converting (labels read back differ); convert again")
-        written.update(ids=ids, sizes=sizes, record=sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), options))
+        record = sidecar_record(index, ids, sizes, missing, os.path.getsize(tmp), {**options, "bookkeeping": book})
+        written.update(ids=ids, sizes=sizes, record=record)
 
     atomic_write(out_path, write_checked)
     ids, sizes, record = written["ids"], written["sizes"], written["record"]

@@ -108,3 +108,89 @@ def cpu_description() -> dict:
         "native_bf16": cpu_has_native_bf16(),
         **({"isa_caps": caps} if caps else {}),
     }
+
+
+# --workers: at most this many decoding workers (processes or threads) per usable core. Decoding is CPU-bound:
+# workers beyond the cores only hide I/O waits (slow disks, network file systems), which 4 per core covers;
+# more only contend for the cores and memory (10000 forked decoders made no progress at all on 2 cores).
+WORKERS_PER_CORE = 4
+
+
+def max_workers() -> int:
+    """The most decoding workers any command accepts: WORKERS_PER_CORE per usable core."""
+    return WORKERS_PER_CORE * available_cores()
+
+
+def check_workers(workers: int | None, flag: str = "--workers") -> None:
+    """The one rule for every command's worker count: refuse more than `max_workers()` (None: the default)."""
+    if workers is not None and workers > max_workers():
+        raise UserError(
+            f"{flag} {workers}: more than {WORKERS_PER_CORE} per usable core ({available_cores()} here) only makes "
+            f"them contend; use at most {max_workers()}, or leave it out for the default"
+        )
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_free() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2, else v1); None without a limit."""
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit) as f:
+                cap = f.read().strip()
+            with open(usage) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 2**60:  # v1 writes a huge number for "no limit"
+            return max(0, int(cap) - used)
+    return None
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes a new allocation on `device` can get: free memory of the GPU; on a CPU the kernel's MemAvailable plus
+    free swap, capped by the cgroup's limit. None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    ram, swap = _meminfo("MemAvailable"), _meminfo("SwapFree") or 0
+    known = [v for v in (None if ram is None else ram + swap, _cgroup_free()) if v is not None]
+    return min(known) if known else None
+
+
+def check_fits(need: int, device: torch.device | str, what: str, fix: str) -> None:
+    """Refuse, before the work, a run whose `need` bytes on `device` exceed what is available; the message says
+    `what` needs them and `fix` (the argument to change)."""
+    have = available_memory(device)
+    if have is not None and need > have:
+        where = "the GPU" if torch.device(device).type == "cuda" else "this machine"
+        raise UserError(f"{what} needs at least {need / 2**30:,.1f} GiB but {where} has {have / 2**30:,.1f} GiB free; {fix}")
+
+
+def worker_count(text: str) -> int:
+    """argparse `type` of the benchmark scripts' --workers: a whole number >= 0 within `check_workers`' rule."""
+    import argparse
+
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"{workers}: must be >= 0")
+    try:
+        check_workers(workers)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return workers

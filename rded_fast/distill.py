@@ -26,15 +26,26 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
-from rded_fast.device import AMP_CHOICES, amp_name, available_cores, resolve_amp, resolve_device
+from rded_fast.device import (
+    AMP_CHOICES,
+    amp_name,
+    available_cores,
+    check_fits,
+    check_workers,
+    cpu_description,
+    device_name,
+    resolve_amp,
+    resolve_device,
+)
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
 from rded_fast.manifest import build_manifest
-from rded_fast.models import BuiltModel, build
+from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
+from rded_fast.models.heads import HeadTooSmall
 from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
@@ -109,7 +120,7 @@ class DistillConfig:
 class DistillResult:
     out: Path
     manifest: Path
-    contact_sheet: Path
+    contact_sheet: Path | None  # None when no class got an image (no sheet is drawn) and on ranks other than 0
     num_images: int
     observer_accuracy: float | None
     decode_failures: int
@@ -148,6 +159,8 @@ def validate(cfg: DistillConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_workers(cfg.workers)
+    check_input_size(cfg.observer, cfg.input_size)
     if cfg.ipc * cfg.factor**2 > cfg.mipc * cfg.num_crop:
         raise UserError(
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
@@ -180,6 +193,25 @@ def score_chunk(mipc: int, num_crop: int) -> int:
     kernels, and so the last bits of each score, depend on the batch shape, and the selection must not."""
     crops = mipc * num_crop
     return -(-crops // -(-crops // SCORE_CHUNK_MAX))
+
+
+def check_memory(cfg: DistillConfig, plan: CropPlan, num_classes: int, device: torch.device) -> None:
+    """Refuse, before any decoding, an --input-size whose smallest working set cannot fit on `device`: the float
+    input of one scoring chunk beside the larger of the observer check's uint8 crops and the largest class's uint8
+    crops (a random baseline: that class's crops and its stitched images). Counted from `plan` (usable images
+    only), without the observer and its activations: a lower bound, so what it refuses could never run."""
+    s, p = cfg.input_size, cfg.input_size // cfg.factor
+    per_class = np.bincount(plan.labels, minlength=num_classes)
+    class_crops = int(per_class.max(initial=0)) * plan.num_crop
+    if cfg.select != "rded":
+        need, what = class_crops * 3 * p * p + cfg.ipc * 3 * s * s, f"holding a class's {class_crops} crops"
+    else:
+        size = p if cfg.score_mode == "native" else s
+        chunk = min(score_chunk(cfg.mipc, cfg.num_crop), class_crops)
+        check = int(np.minimum(per_class, math.ceil(CHECK_IMAGES / num_classes)).sum())
+        need = 12 * chunk * size * size + max(class_crops * 3 * p * p, check * 3 * s * s)
+        what = f"scoring {chunk} crops at a time at {size}x{size} px"
+    check_fits(need, device, f"--input-size {s}: {what}", "lower --input-size (or --mipc, --num-crop)")
 
 
 def near_chance_threshold(num_classes: int, n: int) -> float:
@@ -265,8 +297,11 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     if decoded:
         labels = torch.from_numpy(plan.labels[keep])
         rows = torch.from_numpy(keep)
-        _, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device))
+        scores, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device))
         correct = int((preds == labels.to(preds.device)).sum())
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad:
+            raise nonfinite_scores(cfg, bad, decoded, "training images in the observer check")
     accuracy = correct / decoded if decoded else 0.0
     chance = 1.0 / index.num_classes
     threshold = near_chance_threshold(index.num_classes, decoded)
@@ -286,16 +321,30 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     return report
 
 
-def check_native_input(observer: BuiltModel, crop_size: int, device: torch.device) -> None:
-    """--score-mode native feeds p x p crops; observers with a fixed-size head (ConvNets) cannot take them."""
+def check_observer_input(observer: BuiltModel, cfg: DistillConfig, device: torch.device) -> None:
+    """One image of the size the scorer will feed (--input-size; --score-mode native: the p x p crop) through the
+    observer, so that a size it cannot take is one line naming the argument, not a traceback mid-run."""
+    size = cfg.input_size // cfg.factor if cfg.score_mode == "native" else cfg.input_size
     try:
         with torch.inference_mode():
-            observer.model.to(device)(torch.zeros(1, 3, crop_size, crop_size, device=device))
-    except RuntimeError as exc:
-        raise UserError(
-            f"--score-mode native: observer {observer.name} cannot take {crop_size}x{crop_size} inputs "
-            f"({str(exc).splitlines()[0]}); use --score-mode faithful"
-        ) from exc
+            observer.model.to(device)(torch.zeros(1, 3, size, size, device=device))
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if cfg.score_mode == "native":
+            raise UserError(
+                f"--score-mode native: observer {observer.name} cannot take {size}x{size} inputs ({first}); use --score-mode faithful"
+            ) from exc
+        raise UserError(f"--input-size {size}: observer {observer.name} cannot take {size}x{size} inputs ({first})") from exc
+
+
+def nonfinite_scores(cfg: DistillConfig, bad: int, total: int, where: str) -> UserError:
+    """The error for observer scores that are NaN or infinite (NaN logits, or an fp16 overflow)."""
+    fix = (
+        "--amp fp16 overflows in this observer: use --amp bf16 or --amp none"
+        if cfg.amp == "fp16"
+        else "check the observer and its --weights"
+    )
+    return UserError(f"observer {cfg.observer} gives NaN or infinite scores for {bad} of {total} {where}; {fix}")
 
 
 def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> torch.Tensor | None:
@@ -336,7 +385,11 @@ def select_cells(
     n = cfg.ipc * cfg.factor**2
     if scores is None:
         return select_random(ok.numpy(), label, num_crop, n, cfg.seed, name)
-    scores = np.where(ok.numpy()[:, None], scores, np.inf)
+    usable = ok.numpy()
+    bad = int((~np.isfinite(scores[usable])).sum())
+    if bad:  # checked here, where the scores are on the host already: no sync in the scoring loop
+        raise nonfinite_scores(cfg, bad, scores[usable].size, f"crops of class {name}")
+    scores = np.where(usable[:, None], scores, np.inf)
     return select_class(scores, np.arange(len(scores)), label, n, name)
 
 
@@ -450,7 +503,7 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
-def _journal_run(cfg: DistillConfig, observer: BuiltModel, device: torch.device) -> dict:
+def _journal_run(cfg: DistillConfig, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
     """Everything that decides the output besides the source images (whose changes the class records catch): the
     parameters, the observer's weights, factory code and class rows (the --class-map's effect), the library
     versions, and where and in which precision it scores. A --resume must match all of it."""
@@ -463,8 +516,14 @@ def _journal_run(cfg: DistillConfig, observer: BuiltModel, device: torch.device)
             "head_rows": list(observer.head_rows),
         },
         "versions": versions,
-        "scored_on": {"device": device.type, "amp": amp_name(resolve_amp(cfg.amp, device))},
+        "scored_on": {"device": device.type, **scoring_choices(scorer)},
     }
+
+
+def scoring_choices(scorer: Scorer) -> dict:
+    """What `--amp auto` and `--compile auto` resolved to: both decide the scores (a CPU with native bf16 picks
+    other cells than fp32), so a resume must match them and the manifest records them."""
+    return {"amp": amp_name(scorer.amp_dtype), "compile": scorer.compiled}
 
 
 def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], show_progress: bool = False) -> CropPlan:
@@ -491,12 +550,13 @@ def _prologue(
     plan = plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)
     if len(plan) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
+    check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device, check=True)
     check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
-    run = _journal_run(cfg, observer, device)
+    run = _journal_run(cfg, observer, scorer, device)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
         journal.check_run(out, run)
     else:
@@ -511,9 +571,12 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
     classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
-    observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
-    if cfg.score_mode == "native":
-        check_native_input(observer, cfg.input_size // cfg.factor, device)
+    try:
+        observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
+    except HeadTooSmall as exc:  # empty class folders count as classes: say so when they are why the head is short
+        note = index.empty_note()
+        raise UserError(f"{exc}" + (f"; {note}" if note else "")) from exc
+    check_observer_input(observer, cfg, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = Scorer(
         observer.model,
@@ -653,8 +716,9 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds.update(watch.seconds)
     barrier(world)
     if not world.is_main:
-        return DistillResult(out, out / "manifest.json", out / "contact_sheet.png", 0, None, 0, seconds, is_main=False)
-    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done))
+        return DistillResult(out, out / "manifest.json", None, 0, None, 0, seconds, is_main=False)
+    scoring = {**scoring_choices(scorer), "device": device_name(device), "cpu": cpu_description()}
+    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done), scoring=scoring)
 
 
 def _finish(
@@ -667,8 +731,10 @@ def _finish(
     t0: float,
     world: World,
     resumed: list[int],
+    scoring: dict,
 ) -> DistillResult:
-    """Rank 0: merge the class records into manifest.json and draw the contact sheet."""
+    """Rank 0: merge the class records into manifest.json and draw the contact sheet; `scoring` says how the observer
+    scored (resolved amp and compile, the device, the CPU)."""
     records = journal.read_classes(out)
     missing = [index.classes[c] for c in range(index.num_classes) if c not in records]
     if missing:
@@ -679,7 +745,12 @@ def _finish(
     if sheet_rows:
         write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     seconds["total"] = time.perf_counter() - t0
-    observer_facts = {**observer.manifest(), "check": check, "head_rows": dict(zip(index.classes, observer.head_rows))}
+    observer_facts = {
+        **observer.manifest(),
+        "check": check,
+        "head_rows": dict(zip(index.classes, observer.head_rows)),
+        "scoring": scoring,
+    }
     manifest = build_manifest(
         _run_parameters(cfg),
         _versions(),
@@ -697,7 +768,7 @@ def _finish(
     return DistillResult(
         out=out,
         manifest=out / "manifest.json",
-        contact_sheet=out / "contact_sheet.png",
+        contact_sheet=out / "contact_sheet.png" if sheet_rows else None,
         num_images=len(manifest["images"]),
         observer_accuracy=None if check is None else check["accuracy"],
         decode_failures=len(manifest["decode_failures"]),

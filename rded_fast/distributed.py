@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rded_fast.errors import UserError
+from rded_fast.errors import PeerFailed
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def all_ok(world: World, ok: bool) -> bool:
 
 def collective(world: World, fn, message: str):
     """Run fn() (None on failure); if any rank failed, every rank stops: the failing one with its error, the others
-    with a UserError saying `message`."""
+    with PeerFailed(`message`), which the command does not print (the failing rank prints the real error)."""
     error, value = None, None
     try:
         value = fn()
@@ -89,7 +89,7 @@ def collective(world: World, fn, message: str):
     if not all_ok(world, error is None):
         if error is not None:
             raise error
-        raise UserError(message)
+        raise PeerFailed(message)
     return value
 
 
@@ -107,7 +107,8 @@ def assign_classes(counts: np.ndarray, world_size: int) -> list[list[int]]:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `rded-fast <argv>` in `nproc` processes on this node (torchrun's standalone launcher); returns its exit code.
 
-    Each rank prints its own error; a failed rank ends the run with its exit code, not with the launcher's traceback.
+    Each failing rank prints its own error (ranks stopped by another's failure print nothing); a failed rank ends the
+    run with its exit code, not with the launcher's traceback.
     """
     import logging
     import uuid
@@ -129,5 +130,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "rded_fast.cli", *argv)
     except ChildFailedError as failed:
+        for rank, failure in sorted(failed.failures.items()):
+            if failure.exitcode < 0:  # killed: it printed nothing itself
+                print(f"rded-fast: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
         return max([f.exitcode for f in failed.failures.values() if f.exitcode > 0], default=1)
     return 0

@@ -13,3 +13,8 @@ class Terminated(KeyboardInterrupt):
 
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class PeerFailed(Exception):
+    """Another torchrun rank failed and prints its own error: this rank stops without a message of its own, so
+    the user reads one line per real error (the command exits 1, below any real error's code)."""

@@ -69,6 +69,21 @@ class DatasetIndex:
         """Images per class, less those known to be unusable (a lazy index may still hold some unread ones)."""
         return np.bincount(self.labels[self.sizes[:, 0] != UNUSABLE], minlength=self.num_classes)
 
+    def empty_classes(self) -> list[str]:
+        """Class folders that hold no image file at all."""
+        return [self.classes[c] for c in np.flatnonzero(np.bincount(self.labels, minlength=self.num_classes) == 0)]
+
+    def empty_note(self) -> str | None:
+        """One line on the class folders that hold no image (they count as classes), or None when every one holds some."""
+        empty = self.empty_classes()
+        if not empty:
+            return None
+        shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
+        return (
+            f"{len(empty)} of the {self.num_classes} class folders hold no image ({shown}): remove them, or list the "
+            "real classes in --class-map"
+        )
+
     def usable(self, ids: np.ndarray) -> np.ndarray:
         """Which of the (read) images `ids` have a size."""
         return self.sizes[ids, 0] > 0
@@ -102,9 +117,14 @@ class DatasetIndex:
 def read_class_map(path: str | os.PathLike) -> list[str]:
     """Folder names, one per line, in the observer's output order (blank lines and # comments ignored)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: a BOM is not part of a name
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read class map {path}: {exc.strerror}") from exc
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()  # utf-8-sig: a BOM is not part of a name
+    except UnicodeDecodeError as exc:
+        what = "UTF-16 text" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else f"byte {exc.start} is 0x{raw[exc.start]:02x}"
+        raise UserError(f"--class-map {path}: not UTF-8 ({what}); save it as UTF-8, one folder name per line") from None
     names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not names:
         raise UserError(f"class map {path} names no classes; give one folder name per line")

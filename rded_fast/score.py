@@ -112,6 +112,7 @@ class Scorer:
         self.batch_size, self.input_size, self.native = int(batch_size), int(input_size), native
         self.fixed_shape = compile if fixed_shape is None else fixed_shape
         self.compiled = compile
+        self.amp_dtype = amp_dtype
         self.compile_seconds = 0.0
         self.cudagraph_skips = 0
         self._warmed: set[int] = set()

@@ -46,3 +46,51 @@ def raises(num_classes: int = 10):
 
 
 NOT_CALLABLE = 42
+
+
+class _NanLogits(nn.Module):
+    """A working CNN whose logits are all NaN (what an fp16 overflow gives)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = tiny_observer(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * float("nan")
+
+
+def nan_logits(num_classes: int = 10) -> nn.Module:
+    return _NanLogits(num_classes)
+
+
+class _NanWhenPadded(nn.Module):
+    """Finite logits for whole images, NaN for padded crops (zero corners): passes the observer check, then
+    gives NaN scores only inside the class loop."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = tiny_observer(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = (x[:, :, 0, 0] == 0).all(dim=1, keepdim=True)
+        return torch.where(padded, float("nan"), self.body(x))
+
+
+def nan_when_padded(num_classes: int = 10) -> nn.Module:
+    return _NanWhenPadded(num_classes)
+
+
+class _Huge(nn.Module):
+    """Logits near 1e6: finite in fp32 and bf16, infinite in fp16 (its largest value is 65504)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = tiny_observer(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.body(x)
+        return logits * 1e6 + 1e6
+
+
+def huge_logits(num_classes: int = 10) -> nn.Module:
+    return _Huge(num_classes)

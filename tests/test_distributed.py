@@ -69,3 +69,4 @@ def test_a_failing_rank_ends_nproc_with_its_error_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # the real error alone: the other rank says nothing

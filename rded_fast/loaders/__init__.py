@@ -51,15 +51,15 @@ def open_index(
 ) -> DatasetIndex:
     """The index of `data` as loader `name` reads it (class order, relative paths, original sizes)."""
     _check_name(name)
-    if name == "dali":
-        from rded_fast.loaders.shards import is_shard_dir, open_shard_index
+    from rded_fast.loaders.shards import check_not_bare_shards, is_shard_dir, open_shard_index
 
-        if is_shard_dir(data):  # converted shards carry the source tree's index (original paths and sizes)
-            return open_shard_index(data, class_map)
+    if name == "dali" and is_shard_dir(data):  # converted shards carry the source tree's index (original paths and sizes)
+        return open_shard_index(data, class_map)
     if name == "ffcv":  # a .beton's sidecar carries the source tree's index (original paths and sizes)
         from rded_fast.loaders.beton import open_beton_index
 
         return open_beton_index(data, class_map)
+    check_not_bare_shards(data)
     return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
 
 

@@ -14,6 +14,7 @@ every later torch op in the process; `keep_torch_threads` guards every ffcv impo
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,12 @@ FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
+# ffcv's file header (ffcv.types.HeaderType) at offset 0, and the only version its Reader accepts.
+FFCV_HEADER = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")],
+    align=True,
+)
+FFCV_VERSION = 2
 
 
 def sidecar_path(beton: str | os.PathLike) -> Path:
@@ -49,6 +56,43 @@ def keep_torch_threads() -> Iterator[None]:
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+def bookkeeping_sha256(beton: str | os.PathLike, head_bytes: int, alloc_table_ptr: int) -> str:
+    """sha256 of ffcv's bookkeeping in `beton`: the header, field descriptors and per-sample metadata (its first
+    `head_bytes`) and the allocation table (from `alloc_table_ptr` to the end). The sidecar records it, so that
+    damage there is named before ffcv's reader trips over it; damaged image bytes fail as they decode."""
+    h = hashlib.sha256()
+    with open(beton, "rb") as f:
+        h.update(f.read(head_bytes))
+        f.seek(alloc_table_ptr)
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def check_intact(beton: Path, size: int, data: dict, side: Path) -> None:
+    """Refuse a .beton whose ffcv header does not say what its sidecar does, or, where the sidecar records it,
+    whose bookkeeping hash differs (the same size passed the size check)."""
+    with open(beton, "rb") as f:
+        raw = f.read(FFCV_HEADER.itemsize)
+    book = data.get("bookkeeping")
+    damaged = len(raw) < FFCV_HEADER.itemsize
+    if not damaged:
+        header = np.frombuffer(raw, FFCV_HEADER)[0]
+        damaged = (
+            int(header["version"]) != FFCV_VERSION
+            or int(header["num_fields"]) != 2
+            or int(header["num_samples"]) != int(data["num_samples"])
+            or not int(header["alloc_table_ptr"]) < size
+            or (book is not None and int(header["alloc_table_ptr"]) != book["alloc_table_ptr"])
+        )
+    if not damaged and book is not None:
+        damaged = bookkeeping_sha256(beton, book["head_bytes"], book["alloc_table_ptr"]) != book["sha256"]
+    if damaged:
+        raise UserError(
+            f"--data {beton}: damaged (its ffcv header or sample tables differ from what {side.name} recorded); "
+            "convert the data again with `rded-fast convert --format ffcv`"
+        )
 
 
 @dataclass
@@ -86,6 +130,7 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
             f"{beton}: {size} bytes but {side.name} records {data['beton_bytes']} (truncated, changed, "
             "or from another conversion); convert the data again"
         )
+    check_intact(beton, size, data, side)
     index = DatasetIndex.from_json({**data["index"], "root": str(beton)})
     position = np.asarray(data["position"], dtype=np.int64)
     stored = np.asarray(data["stored_sizes"], dtype=np.int64).reshape(-1, 2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import queue
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numba
@@ -155,6 +156,17 @@ def stored_boxes(boxes: np.ndarray, original: np.ndarray, stored: np.ndarray) ->
     return np.stack([top, left, bottom - top, right - left], axis=-1).astype(np.float64)
 
 
+@contextmanager
+def damaged_beton(beton: str) -> Iterator[None]:
+    """ffcv's reader asserts and indexes its way through a file's header; when the header passed our checks and it
+    still fails there, the file is damaged in a way they did not see: one line, not ffcv's traceback."""
+    try:
+        yield
+    except (AssertionError, ValueError, IndexError, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--data {beton}: damaged (ffcv cannot read it: {first}); convert the data again") from exc
+
+
 def _next_result(epoch):
     """The next result of an ffcv EpochIterator, or None at the end. ffcv's own `next` waits forever when
     its thread dies (e.g. on an error); this polls its queue and raises instead."""
@@ -199,7 +211,7 @@ class FfcvCropLoader(CropLoader):
         if len(self._samples):
             threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
             decoder = PlannedCrops(self.boxes, rows, self.crop_size)
-            with keep_torch_threads():
+            with keep_torch_threads(), damaged_beton(self.dataset.beton):
                 self._loader = Loader(
                     self.dataset.beton,
                     batch_size=self.batch_size,

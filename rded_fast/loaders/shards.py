@@ -44,6 +44,22 @@ def is_shard_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / DATASET_FILE).is_file()
 
 
+def check_not_bare_shards(path: str | os.PathLike) -> None:
+    """Refuse a folder of tar shards or DALI index files without `dataset.json` (read as an ImageFolder it would
+    have no class folders): name the missing file."""
+    if not os.path.isdir(path) or is_shard_dir(path):
+        return
+    with os.scandir(path) as it:
+        shards = sorted(
+            (e.name for e in it if e.is_file() and e.name.endswith((".tar", ".idx"))), key=lambda n: (not n.endswith(".tar"), n)
+        )
+    if shards:
+        raise UserError(
+            f"--data {path}: holds tar shards ({shards[0]}{', ...' if len(shards) > 1 else ''}) but no {DATASET_FILE}, "
+            "which rded-fast reads them by; convert the ImageFolder again with `rded-fast convert --format dali`"
+        )
+
+
 @dataclass
 class ShardDataset:
     """A converted shard folder: its index and where each indexed image's JPEG bytes are.

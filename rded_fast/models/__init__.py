@@ -39,6 +39,7 @@ from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "BuiltModel",
     "build",
+    "check_input_size",
     "register",
     "register_source",
     "get_entry",
@@ -100,7 +101,35 @@ class BuiltModel:
         }
 
 
+def check_input_size(name: str, input_size: int, flag: str = "--input-size") -> None:
+    """Refuse an input size model `name` cannot take (ConvNet-D halves it D times: a multiple of 2^D), naming
+    `flag`, the argument that set it, and the nearest sizes that work."""
+    step = get_entry(name).input_multiple
+    if input_size % step:
+        below = input_size // step * step
+        nearest = " or ".join(str(v) for v in (below, below + step) if v >= step)
+        raise UserError(
+            f"{flag} {input_size}: {name} takes only multiples of {step} ({step}, {2 * step}, {3 * step}, ...); "
+            f"the nearest: {nearest}"
+        )
+
+
+def _construct(entry: ModelEntry, num_classes: int, input_size: int) -> nn.Module:
+    """`entry`'s builder; a model too large for memory at this input size (ConvNet-D's head grows with its
+    square) is a one-line error, not an allocator traceback."""
+    try:
+        return entry.builder(num_classes, input_size)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(exc):
+            raise
+        raise UserError(f"model {entry.name} at input size {input_size} does not fit in memory; lower --input-size") from exc
+
+
 def _load_weights(entry: ModelEntry, weights: str) -> tuple[dict, ModelEntry]:
+    if os.path.isdir(weights):
+        inside = sorted(n for n in os.listdir(weights) if n.endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt")))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise UserError(f"--weights {weights}: is a folder, not a checkpoint file; give the checkpoint file itself{hint}")
     if os.path.isfile(weights):
         return load_checkpoint(weights, expect_arch=entry.name), entry
     if entry.fetch_weights is not None:
@@ -110,7 +139,7 @@ def _load_weights(entry: ModelEntry, weights: str) -> tuple[dict, ModelEntry]:
 
 def _head_size(entry: ModelEntry, state: dict, weights: str, num_classes: int, input_size: int) -> tuple[int, str | None]:
     """Outputs of the head the weights were saved with, and the head's name (None: not a Linear)."""
-    probe = entry.builder(num_classes, input_size)
+    probe = _construct(entry, num_classes, input_size)
     name = find_head(probe)
     if name is None:
         return num_classes, None
@@ -150,7 +179,7 @@ def _instantiate(
         head_size = max(1000, num_classes)  # as the reference builds ResNet students: a 1000-way head, sliced
     if class_map is not None and state is None:  # a class map may name more classes than the data has
         head_size = max(head_size, len(class_map))
-    model = entry.builder(head_size, input_size)
+    model = _construct(entry, head_size, input_size)
     if state is not None:
         try:
             model.load_state_dict(state, strict=True)
@@ -197,6 +226,7 @@ def build(
     builds them (ConvNets and factories get `num_classes`). `head_rows`: explicit rows (e.g. the ones a
     distilled set's manifest recorded), overriding both rules. The model is returned in eval mode."""
     entry = get_entry(name)
+    check_input_size(name, input_size, "input size")
     state = None
     if weights is not None:
         state, entry = _load_weights(entry, weights)

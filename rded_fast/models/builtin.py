@@ -43,7 +43,7 @@ def torchvision_family(name: str) -> str:
 
 
 for _depth in range(3, 7):
-    register(f"conv{_depth}", "conv", "convnet", student_head_1000=False)(partial(_convnet, _depth))
+    register(f"conv{_depth}", "conv", "convnet", student_head_1000=False, input_multiple=2**_depth)(partial(_convnet, _depth))
 for _name in MODIFIED_RESNETS:
     register(_name, "modified", "resnet")(partial(_modified_resnet, _name.split("_")[0]))
 for _name in sorted(torchvision.models.list_models(module=torchvision.models)):

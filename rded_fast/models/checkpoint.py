@@ -16,6 +16,7 @@ from rded_fast.errors import UserError
 
 NESTED_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema", "model_ema")
 PREFIXES = ("module.", "_orig_mod.")
+ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"  # how torch.save's files start (zip archive; legacy: a pickle)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,6 +50,14 @@ def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> 
     """A clean state dict from a checkpoint file in any of the layouts in the module docstring. A checkpoint
     that records its architecture (an `arch` entry, as train-observer writes) must be of `expect_arch`."""
     path = str(path)
+    if not path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(ZIP_MAGIC) or head[:1] == PICKLE_PROTO):
+            raise UserError(
+                f"--weights {path}: not a checkpoint (torch.save writes a zip archive or a pickle; this file is "
+                "neither); give the .pth/.pt file that torch.save or `rded-fast train-observer` wrote"
+            )
     try:
         obj = _read(path)
     except UserError:
@@ -57,7 +66,11 @@ def load_checkpoint(path: str | os.PathLike, expect_arch: str | None = None) -> 
         text = str(exc)
         why = (
             "it holds Python objects besides tensors; save {'model': model.state_dict()} instead"
-            if "weights_only" in text or "Weights only" in text
+            if "Unsupported global" in text
+            else "damaged: torch cannot unpickle it"
+            if "Weights only" in text or "weights_only" in text
+            else "damaged: its zip archive cannot be read"
+            if "PytorchStreamReader" in text
             else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
         )
         raise UserError(f"--weights {path}: cannot load checkpoint ({why})") from exc

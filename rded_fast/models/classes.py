@@ -54,21 +54,28 @@ def choose_head_rows(
     return list(range(len(classes))), "first-rows"
 
 
+def _class_folders(data: str) -> list[str]:
+    root = Path(data)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+
+
+def unlisted_folders(class_map: Sequence[str], data: str) -> list[str]:
+    """The class folders of the ImageFolder `data` that `class_map` does not name, sorted."""
+    return sorted(set(_class_folders(data)) - set(class_map))
+
+
 def restrict_class_map(class_map: Sequence[str], data: str) -> list[str]:
     """The class map's names that are class folders of the ImageFolder `data`, in map order.
 
     Every class folder must be named. A `data` that is not a folder of class folders (a .beton, shards)
     gets the map unchanged: its converted class order is checked where it is opened."""
-    root = Path(data)
-    folders = (
-        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-        if root.is_dir()
-        else []
-    )
+    folders = _class_folders(data)
     present = [c for c in class_map if c in set(folders)]
     if not present:
         return list(class_map)
-    unnamed = sorted(set(folders) - set(class_map))
+    unnamed = unlisted_folders(class_map, data)
     if unnamed:
         raise UserError(
             f"--class-map does not name the class folder {unnamed[0]!r} of {data} ({len(unnamed)} in all); "

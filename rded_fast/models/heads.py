@@ -55,9 +55,13 @@ class SelectOutputs(nn.Module):
         return self.model(x).index_select(1, self.rows)
 
 
+class HeadTooSmall(UserError):
+    """The model has fewer outputs than the dataset has classes."""
+
+
 def check_head_size(outputs: int, num_classes: int, what: str = "observer") -> None:
     if outputs < num_classes:
-        raise UserError(
+        raise HeadTooSmall(
             f"{what} head has {outputs} outputs but the dataset has {num_classes} classes; "
             "use an observer trained on (a superset of) these classes"
         )

@@ -8,6 +8,7 @@ tried, and when that fails the error names the exact file and where to put it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torchvision
@@ -30,12 +31,46 @@ def cache_path(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether `url`'s host answers on its port within `timeout` seconds: one short probe, so that a machine without
+    network fails at once instead of after a library's retries. True behind a proxy (the proxy decides)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
+        return True
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _unusable_cache(folder: str) -> str | None:
+    """Why the cache `folder` cannot exist (an existing file in its path), or None."""
+    for parent in [folder, *map(str, Path(folder).parents)]:
+        if os.path.exists(parent):
+            return None if os.path.isdir(parent) else f"{parent} is a file"
+    return None
+
+
 def torchvision_state_dict(name: str, weights: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, input convention {mean, std}) of torchvision weights `weights` of model `name`."""
     w = weights_enum(name, weights)
     path = cache_path(w.url)
+    problem = _unusable_cache(os.path.dirname(path))
+    if problem:
+        home = os.environ.get("TORCH_HOME")
+        what = f"TORCH_HOME {home} is a file" if home and os.path.isfile(home) else problem
+        raise UserError(
+            f"--weights {weights}: the torch hub cache cannot be used: {what}; set TORCH_HOME to a folder (weights are "
+            "read from TORCH_HOME/hub/checkpoints), or pass the checkpoint's path as --weights"
+        )
     if not os.path.isfile(path):
         try:
+            if not reachable(w.url):
+                raise ConnectionError(f"{w.url.split('/')[2]} is unreachable")
             torch.hub.load_state_dict_from_url(w.url, progress=False)
         except Exception as exc:
             raise UserError(

@@ -39,6 +39,7 @@ class ModelEntry:
     student_head_1000: bool = True
     origin: dict = field(default_factory=dict)
     convention: dict = field(default_factory=dict)  # input mean/std/size the weights expect, when known
+    input_multiple: int = 1  # the input side must be a multiple of this (ConvNet-D: 2^D, its D poolings)
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -52,6 +53,7 @@ def register(
     family: str | None = None,
     student_head_1000: bool = True,
     fetch_weights: Callable[[str], tuple[dict, ModelEntry]] | None = None,
+    input_multiple: int = 1,
 ) -> Callable[[Builder], Builder]:
     """Decorator: add the builder `fn(num_classes, input_size) -> nn.Module` to the table under `name`
     (`family` defaults to `name`); it is then usable as --observer/--student/--teacher NAME."""
@@ -59,7 +61,9 @@ def register(
     def add(fn: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelEntry(name, source, family or name, fn, fetch_weights, student_head_1000)
+        _MODELS[name] = ModelEntry(
+            name, source, family or name, fn, fetch_weights, student_head_1000, input_multiple=input_multiple
+        )
         return fn
 
     return add

@@ -8,11 +8,14 @@ Models with a fixed input size (ViT, Swin, ...) are built for the run's input si
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 from torch import nn
 
 from rded_fast.errors import UserError
+from rded_fast.models.hub import reachable
 from rded_fast.models.registry import ModelEntry, register_source
 
 INSTALL = "pip install 'rded-fast[timm]' (or pip install timm)"
@@ -48,6 +51,23 @@ def _build(name: str, fixed: bool, native: int, num_classes: int, input_size: in
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
+@contextlib.contextmanager
+def offline_unless_reachable() -> Iterator[None]:
+    """Hugging Face's hub in offline mode (its local cache only) while its endpoint does not answer one short probe:
+    without network, huggingface_hub otherwise retries each file for ~30 s before failing."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm then reads only its own URLs (torch hub)
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not reachable(constants.ENDPOINT)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _pretrained(name: str, tag: str) -> tuple[dict, ModelEntry]:
     """timm's pretrained weights `tag` of `name` (downloaded by timm, or read from its cache)."""
     timm = _timm()
@@ -55,7 +75,8 @@ def _pretrained(name: str, tag: str) -> tuple[dict, ModelEntry]:
     full = f"{arch}.{tag}"
     entry = resolve(full)
     try:
-        model = timm.create_model(full, pretrained=True)
+        with offline_unless_reachable():
+            model = timm.create_model(full, pretrained=True)
     except Exception as exc:
         raise UserError(
             f"--weights {tag}: timm could not load the pretrained weights of {full} ({type(exc).__name__}: "

@@ -28,18 +28,32 @@ class DistilledSet:
     manifest: dict | None
 
 
+def _read_manifest(path: Path) -> dict:
+    """A distilled set's manifest.json, with the fields a student needs; one line when it is not ours or damaged."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise UserError(f"--distilled {path.parent}: {path.name} is damaged ({exc}); distill again") from None
+    if not isinstance(manifest, dict) or not {"data", "images", "parameters"} <= manifest.keys():
+        raise UserError(f"--distilled {path.parent}: {path.name} is not a manifest of `rded-fast distill`; distill again")
+    return manifest
+
+
 def load_distilled(root: str | Path, factor: int | None = None) -> DistilledSet:
     """Load `root`; class order and factor come from its manifest.json (or sorted folders and `factor`)."""
     root = Path(root)
     manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
     if manifest is not None:
         classes = manifest["data"]["classes"]
         present = sorted({m["class"] for m in manifest["images"]}, key=classes.index)
         factor = factor or int(manifest["parameters"]["factor"])
     else:
-        if factor is None:
-            raise UserError(f"{root}: no manifest.json; pass --factor to say how the images were stitched")
+        if factor is None:  # the factor decides ShufflePatches and the soft labels' regions: it cannot be guessed
+            raise UserError(
+                f"--distilled {root}: no manifest.json, which says how its images were stitched; give a folder "
+                "written by `rded-fast distill` (with its manifest.json), or distill again"
+            )
         present = classes = None
     index = build_index(root, class_map=present, show_progress=False)
     if len(index) == 0:

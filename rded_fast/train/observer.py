@@ -23,7 +23,7 @@ from rded_fast.device import TRAIN_AMP_CHOICES, autocast, resolve_amp, resolve_d
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
 from rded_fast.index import build_index
-from rded_fast.models import build
+from rded_fast.models import build, check_input_size
 from rded_fast.outputs import CHECKPOINT, check_separate, claim_output
 from rded_fast.progress import progress
 from rded_fast.score import normalize_uint8
@@ -75,6 +75,7 @@ def train_observer(cfg: ObserverConfig) -> dict:
         raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
     if cfg.batch_size < 1 or (cfg.per_class is not None and cfg.per_class < 1) or not 0 <= cfg.seed < 2**63:
         raise UserError("--batch-size and --per-class must be >= 1, --seed in 0..2^63-1")
+    check_input_size(cfg.arch, cfg.input_size)
     inputs = {"--data": cfg.data, "--val": cfg.val}
     check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs, "file")
     if cfg.resume and not Path(f"{cfg.out}.state").is_file():

@@ -44,7 +44,7 @@ class StudentConfig:
     """`evaluate` and `relabel` arguments (relabel ignores val/student/lr; `out` is its labels folder)."""
 
     distilled: str
-    teacher: str
+    teacher: str | None = None  # evaluate: only for --labels soft without --soft-labels (online labels); relabel: needed
     teacher_weights: str | None = None
     val: str | None = None
     student: str | None = None
@@ -206,6 +206,11 @@ def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, 
             return _Labels("stored", recipe, amp=amp, header=header)
         probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
         return _Labels("region", recipe, amp=amp, header=header, cell_probs=probs.to(device))
+    if not cfg.teacher:
+        raise UserError(
+            "--labels soft (the default) needs the teacher that labels each batch: give --teacher NAME, or "
+            "--soft-labels DIR (from `rded-fast relabel`), or --labels hard (no teacher)"
+        )
     return _Labels("online", recipe, amp=amp, teacher=_teacher(cfg, data, device)[0])
 
 
@@ -274,7 +279,15 @@ def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: 
         "resolved_device": str(device),
         "resolved_amp": amp_name(labels.amp),
         "soft_label_source": labels.kind,
+        "teacher_used": _teacher_used(cfg, labels),
     }
+
+
+def _teacher_used(cfg: StudentConfig, labels: _Labels) -> str | None:
+    """The teacher whose outputs the student learnt from: none for hard labels, the labels folder's for stored ones."""
+    if labels.kind == "hard":
+        return None
+    return cfg.teacher if labels.kind == "online" else labels.header.get("teacher")
 
 
 _VAL_CACHE: dict = {}
@@ -355,8 +368,8 @@ def relabel(cfg: StudentConfig) -> dict:
     An earlier labels folder of ours at `cfg.out` is replaced only with `overwrite` (kept aside until this run
     succeeds; files in it that relabel did not write are kept; `replaced` in the result says so); any other
     non-empty folder is refused."""
-    if not cfg.out:
-        raise UserError("relabel needs --out DIR")
+    if not cfg.out or not cfg.teacher:
+        raise UserError("relabel needs --teacher NAME and --out DIR")
     replaced = []
     with claim_output(
         cfg.out, "--out", _inputs(cfg), LABEL_FOLDER, overwrite=cfg.overwrite, any_flag=None, on_replace=replaced.append
