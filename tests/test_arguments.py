@@ -366,7 +366,7 @@ def test_manifest_and_journal_record_how_the_observer_scored(jpeg_tree, tmp_path
     assert scoring["amp"] == "fp32" and scoring["compile"] is False and scoring["device"].startswith("cpu")
     assert {"model", "native_bf16", "flags", "cores"} <= set(scoring["cpu"])
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # the same command on a CPU with native bf16
-    with pytest.raises(UserError, match="--resume: scoring was .*'fp32'.* now .*'bf16'"):
+    with pytest.raises(UserError, match="--resume: scored_on.amp was 'fp32'.* now 'bf16'"):
         distill(DistillConfig(**base, resume=True))
 
 
