@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import rded_fast
@@ -300,8 +301,9 @@ def check_native_input(observer: BuiltModel, crop_size: int, device: torch.devic
 
 def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> dict[str, torch.Tensor] | None:
     """Score one class's crops [m, K, 3, p, p] on the scorer's device -> {"scores": [m, K] float32} (None for a
-    random baseline); a scorer with features adds "features": [m, D], those of each row's best crop (argmin of
-    its scores), gathered on the device. Queues device work only: no host sync."""
+    random baseline); a scorer with features adds "similarity": [m, m], the cosine similarity of the features of
+    each row's best crop (argmin of its scores), computed on the device so the host gets m^2 numbers instead of
+    m x D. Queues device work only: no host sync."""
     if cfg.select not in SCORED_SELECTIONS:
         return None
     m, k = crops.shape[:2]
@@ -311,8 +313,8 @@ def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Sco
         return {"scores": scorer(flat, labels)[0].view(m, k)}
     scores, _, feats = scorer.with_features(flat, labels)
     scores = scores.view(m, k)
-    best = scores.argmin(1) + torch.arange(m, device=scores.device) * k
-    return {"scores": scores, "features": feats[best]}
+    best = F.normalize(feats[scores.argmin(1) + torch.arange(m, device=scores.device) * k], dim=1)
+    return {"scores": scores, "similarity": best @ best.T}
 
 
 def to_host(scored: dict[str, torch.Tensor] | None) -> Callable[[], dict[str, np.ndarray] | None]:
@@ -347,7 +349,7 @@ def select_cells(
         return select_random(ok.numpy(), label, num_crop, n, cfg.seed, name)
     scores = np.where(ok.numpy()[:, None], scored["scores"], np.inf)
     if cfg.select == "rded-cover":
-        return select_covering(scores, scored["features"], np.arange(len(scores)), label, n, cfg.seed, name)
+        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name)
     return select_class(scores, np.arange(len(scores)), label, n, name)
 
 

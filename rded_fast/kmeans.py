@@ -1,8 +1,13 @@
-"""Seeded k-means: split points into k groups that cover them (each point near its group's centre).
+"""Seeded k-means on a similarity matrix: split points into k groups that cover them (each point near its
+group's centre).
 
-k-means++ seeding from a numpy generator, then Lloyd's iterations in float64 until no point changes group. Every
-group is kept non-empty (a group left empty takes the point farthest from its own centre among groups of two or
-more), so k groups come back whenever there are at least k points. Same points and generator: same groups.
+The points are given by their inner products S = X X^T (cosine similarities for L2-normalised features), so the
+work per iteration is O(n^2 k) whatever the features' width, and S can be computed where the features are (the
+scoring device). Squared distances follow from S alone: |x_i - x_j|^2 = S_ii + S_jj - 2 S_ij, and to the mean of
+a group C: S_ii - 2 mean_{j in C} S_ij + mean_{j,l in C} S_jl. k-means++ seeding from a numpy generator, then
+Lloyd's iterations in float64 until no point changes group. Every group is kept non-empty (a group left empty
+takes the point farthest from its own centre among groups of two or more), so k groups come back whenever there
+are at least k points. Same matrix and generator: same groups.
 """
 
 from __future__ import annotations
@@ -12,23 +17,25 @@ import numpy as np
 MAX_ITERATIONS = 30
 
 
-def _sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """[n, k] squared Euclidean distances (clipped at 0 against rounding)."""
-    d = (x * x).sum(1)[:, None] - 2.0 * (x @ centres.T) + (centres * centres).sum(1)[None, :]
-    return np.maximum(d, 0.0)
+def cosine_similarity(features: np.ndarray) -> np.ndarray:
+    """[n, d] features -> [n, n] float64 cosine similarities (rows L2-normalised; a zero row stays zero)."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x @ x.T
 
 
-def seed_centres(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def seed_centres(sim: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
     """k-means++: the first centre uniformly at random, each next one with probability proportional to the squared
-    distance to the nearest centre so far (a uniform pick when every point sits on a centre)."""
-    chosen = [int(rng.integers(len(x)))]
-    nearest = _sq_dist(x, x[chosen])[:, 0]
+    distance to the nearest centre so far (a uniform pick when every point sits on a centre). Returns point indices."""
+    diag = np.diag(sim)
+    chosen = [int(rng.integers(len(sim)))]
+    nearest = np.maximum(diag + diag[chosen[0]] - 2 * sim[:, chosen[0]], 0.0)
     for _ in range(1, k):
         total = nearest.sum()
-        p = nearest / total if total > 0 else np.full(len(x), 1.0 / len(x))
-        chosen.append(int(rng.choice(len(x), p=p)))
-        nearest = np.minimum(nearest, _sq_dist(x, x[chosen[-1:]])[:, 0])
-    return x[chosen].copy()
+        p = nearest / total if total > 0 else np.full(len(sim), 1.0 / len(sim))
+        chosen.append(int(rng.choice(len(sim), p=p)))
+        nearest = np.minimum(nearest, np.maximum(diag + diag[chosen[-1]] - 2 * sim[:, chosen[-1]], 0.0))
+    return chosen
 
 
 def _fill_empty(assign: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
@@ -41,20 +48,30 @@ def _fill_empty(assign: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
     return assign
 
 
-def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, max_iterations: int = MAX_ITERATIONS) -> np.ndarray:
-    """Group the rows of `x` [n, d] (n >= k >= 1) into k non-empty groups; returns each row's group [n] int64."""
-    x = np.asarray(x, dtype=np.float64)
-    if not 1 <= k <= len(x):
-        raise ValueError(f"kmeans: k={k} groups need 1..{len(x)} points")
-    centres = seed_centres(x, k, rng)
-    assign = np.full(len(x), -1, dtype=np.int64)
+def _to_means(sim: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """[n, k] squared distances from each point to the mean of each group of `assign` (every group non-empty)."""
+    members = np.zeros((len(sim), k))
+    members[np.arange(len(sim)), assign] = 1.0
+    counts = members.sum(0)
+    to_members = sim @ members  # [n, k]: sum of S_ij over j in the group
+    within = (members * to_members).sum(0) / counts**2
+    return np.maximum(np.diag(sim)[:, None] - 2 * to_members / counts + within[None, :], 0.0)
+
+
+def kmeans(sim: np.ndarray, k: int, rng: np.random.Generator, max_iterations: int = MAX_ITERATIONS) -> np.ndarray:
+    """Group n points given by their similarity matrix `sim` [n, n] (n >= k >= 1) into k non-empty groups;
+    returns each point's group [n] int64."""
+    sim = np.asarray(sim, dtype=np.float64)
+    if not 1 <= k <= len(sim):
+        raise ValueError(f"kmeans: k={k} groups need 1..{len(sim)} points")
+    centres = seed_centres(sim, k, rng)
+    diag = np.diag(sim)
+    dist = np.maximum(diag[:, None] + diag[centres][None, :] - 2 * sim[:, centres], 0.0)
+    assign = _fill_empty(np.argmin(dist, axis=1), dist, k)
     for _ in range(max_iterations):
-        dist = _sq_dist(x, centres)
+        dist = _to_means(sim, assign, k)
         new = _fill_empty(np.argmin(dist, axis=1), dist, k)
         if np.array_equal(new, assign):
             break
         assign = new
-        members = np.zeros((len(x), k))
-        members[np.arange(len(x)), assign] = 1.0
-        centres = (members.T @ x) / members.sum(0)[:, None]
     return assign

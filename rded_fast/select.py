@@ -74,15 +74,15 @@ def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, 
 
 
 def select_covering(
-    scores: np.ndarray, features: np.ndarray, rows: np.ndarray, label: int, n: int, seed: int, class_name: str = ""
+    scores: np.ndarray, similarity: np.ndarray, rows: np.ndarray, label: int, n: int, seed: int, class_name: str = ""
 ) -> ClassSelection | str:
     """RDED's realism score, spread over the class: each usable image is a candidate with its best crop (RDED's
-    first step), the candidates are split into n groups by seeded k-means on their observer features (cosine:
-    L2-normalised), and each group gives its best-scored candidate. So the n cells are the most realistic crops
-    of n different regions of the class instead of the n most realistic overall (which the selection diagnostic
-    found to be near-duplicate prototypes). `features` [m, D]: the features of each row's best crop (argmin of
-    its scores). Cells are in score order, best first. With at most n usable images there is nothing to choose
-    and the result is RDED's (`select_class`), each cell its own group."""
+    first step), the candidates are split into n groups by seeded k-means on their observer features, and each
+    group gives its best-scored candidate. So the n cells are the most realistic crops of n different regions of
+    the class instead of the n most realistic overall (which the selection diagnostic found to be near-duplicate
+    prototypes). `similarity` [m, m]: the cosine similarity of the rows' best crops' features (argmin of each
+    row's scores; `rded_fast.kmeans.cosine_similarity`). Cells are in score order, best first. With at most n
+    usable images there is nothing to choose and the result is RDED's (`select_class`), each cell its own group."""
     scores = np.asarray(scores, dtype=np.float64)
     best_crop = np.argmin(scores, axis=1)
     best = scores[np.arange(len(scores)), best_crop]
@@ -90,9 +90,8 @@ def select_covering(
     if len(usable) <= n:
         sel = select_class(scores, rows, label, n, class_name)
         return sel if isinstance(sel, str) else replace(sel, groups=np.arange(n), group_sizes=np.ones(n, np.int64))
-    feats = np.asarray(features, dtype=np.float64)[usable]
-    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    groups = kmeans(feats, n, class_generator(seed, label, purpose=3))
+    sim = np.asarray(similarity, dtype=np.float64)[np.ix_(usable, usable)]
+    groups = kmeans(sim, n, class_generator(seed, label, purpose=3))
     by_score = np.argsort(best[usable], kind="stable")  # candidates, best first
     first = np.unique(groups[by_score], return_index=True)[1]  # each group's best candidate, in by_score positions
     picked = by_score[np.sort(first)]  # one per group, best first

