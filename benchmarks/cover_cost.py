@@ -19,28 +19,15 @@ import time
 
 import torch
 
-from rded_fast.device import cpu_description, device_name, resolve_amp, resolve_device
-from rded_fast.distill import DistillConfig, score_chunk, score_class, select_cells, to_host
+from rded_fast.device import cpu_description, device_name, resolve_device
+from rded_fast.distill import DistillConfig, make_scorer, score_class, select_cells, to_host
 from rded_fast.fileio import atomic_write_text
 from rded_fast.models import build
-from rded_fast.models.heads import split_head
 from rded_fast.score import Scorer
 
 
-def _scorer(cfg: DistillConfig, device: torch.device, features: bool) -> Scorer:
-    model = build(cfg.observer, 10, None, cfg.input_size).model
-    head = None
-    if features:
-        model, head = split_head(model, cfg.input_size)
-    scorer = Scorer(
-        model,
-        cfg.input_size,
-        device,
-        amp_dtype=resolve_amp(cfg.amp, device),
-        compile=cfg.compile == "on",
-        batch_size=score_chunk(cfg.mipc, cfg.num_crop),
-        head=head,
-    )
+def _scorer(cfg: DistillConfig, device: torch.device) -> Scorer:
+    scorer = make_scorer(cfg, build(cfg.observer, 10, None, cfg.input_size), device, crops=0)
     scorer.warm(cfg.input_size // cfg.factor)
     return scorer
 
@@ -75,7 +62,7 @@ def measure(
         )  # fmt: skip
         for sel in ("rded", "rded-cover")
     }
-    scorers = {sel: _scorer(cfg, dev, sel == "rded-cover") for sel, cfg in cfgs.items()}
+    scorers = {sel: _scorer(cfg, dev) for sel, cfg in cfgs.items()}
     p = input_size // factor
     g = torch.Generator().manual_seed(0)
     crops = torch.randint(0, 256, (mipc, num_crop, 3, p, p), dtype=torch.uint8, generator=g).to(dev)

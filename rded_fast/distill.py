@@ -512,10 +512,20 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     if cfg.score_mode == "native":
         check_native_input(observer, cfg.input_size // cfg.factor, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
+    scorer = make_scorer(cfg, observer, device, crops)
+    if cfg.select in SCORED_SELECTIONS:
+        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
+            scorer.warm(size)
+    return observer, scorer
+
+
+def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, crops: int) -> Scorer:
+    """The run's scorer for `observer` (not warmed); `crops`: how many the run scores (for --compile auto).
+    For rded-cover the observer is split at its head, so the pass that scores a crop also gives its features."""
     model, head = observer.model, None
-    if cfg.select == "rded-cover":  # the same pass that scores a crop gives its features
+    if cfg.select == "rded-cover":
         model, head = split_head(model, cfg.input_size)
-    scorer = Scorer(
+    return Scorer(
         model,
         cfg.input_size,
         device,
@@ -527,10 +537,6 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
         std=observer.std,
         head=head,
     )
-    if cfg.select in SCORED_SELECTIONS:
-        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
-            scorer.warm(size)
-    return observer, scorer
 
 
 def distill(cfg: DistillConfig) -> DistillResult:
