@@ -95,9 +95,11 @@ def add_distill(sub) -> None:
     p.add_argument(
         "--select",
         default="rded",
-        choices=["rded", "random-crops", "random-images", "random"],
-        help="rded, or a baseline: random-crops (random crops stitched like RDED's cells), random-images "
-        "(random whole images, the literature's 'random'); random = random-crops",
+        choices=["rded", "rded-cover", "random-crops", "random-images", "random"],
+        help="rded; rded-cover (RDED's score, the best crop of each of ipc*factor^2 groups of a class's images, "
+        "grouped by the observer's features: covers the class instead of its prototypes); or a baseline: "
+        "random-crops (random crops stitched like RDED's cells), random-images (random whole images, the "
+        "literature's 'random'); random = random-crops",
     )
     p.add_argument(
         "--amp",

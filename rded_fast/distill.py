@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import rded_fast
@@ -45,13 +46,13 @@ from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_inde
 from rded_fast.manifest import build_manifest
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
-from rded_fast.models.heads import HeadTooSmall
+from rded_fast.models.heads import HeadTooSmall, split_head
 from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.score import Scorer
-from rded_fast.select import ClassSelection, select_class, select_random
+from rded_fast.select import ClassSelection, select_class, select_covering, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.timing import Stopwatch
 from rded_fast.write import (
@@ -66,10 +67,13 @@ from rded_fast.write import (
 
 CHECK_IMAGES = 300
 SCORE_CHUNK_MAX = 512
-# --select: RDED, or a baseline. `random-crops`: random crops of random images, stitched like RDED's cells
-# (the ablation of the observer's ranking); `random-images`: random whole images (their centred square),
-# one per output image at the input size (the literature's "random" row); `random` = `random-crops`.
-SELECT_CHOICES = ("rded", "random-crops", "random-images", "random")
+# --select: RDED, RDED that covers the class, or a baseline. `rded-cover`: RDED's score, one cell from each of n
+# groups of the class's images (k-means on the observer's features; rded_fast.select.select_covering);
+# `random-crops`: random crops of random images, stitched like RDED's cells (the ablation of the observer's
+# ranking); `random-images`: random whole images (their centred square), one per output image at the input size
+# (the literature's "random" row); `random` = `random-crops`.
+SELECT_CHOICES = ("rded", "rded-cover", "random-crops", "random-images", "random")
+SCORED_SELECTIONS = ("rded", "rded-cover")  # the selections that run the observer over the crops
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
 NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index", "prefetch")
 # --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
@@ -347,49 +351,62 @@ def nonfinite_scores(cfg: DistillConfig, bad: int, total: int, where: str) -> Us
     return UserError(f"observer {cfg.observer} gives NaN or infinite scores for {bad} of {total} {where}; {fix}")
 
 
-def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> torch.Tensor | None:
-    """Score one class's crops [m, K, 3, p, p] on the scorer's device -> [m, K] float32 (None for a random
-    baseline). Queues device work only: no host sync."""
-    if cfg.select != "rded":
+def score_class(cfg: DistillConfig, label: int, crops: torch.Tensor, scorer: Scorer) -> dict[str, torch.Tensor] | None:
+    """Score one class's crops [m, K, 3, p, p] on the scorer's device -> {"scores": [m, K] float32} (None for a
+    random baseline); a scorer with features adds "similarity": [m, m], the cosine similarity of the features of
+    each row's best crop (argmin of its scores), computed on the device so the host gets m^2 numbers instead of
+    m x D. Queues device work only: no host sync."""
+    if cfg.select not in SCORED_SELECTIONS:
         return None
     m, k = crops.shape[:2]
     labels = torch.full((m * k,), label, dtype=torch.int64, device=scorer.device)
-    scores, _ = scorer(crops.reshape(m * k, *crops.shape[2:]), labels)
-    return scores.view(m, k)
+    flat = crops.reshape(m * k, *crops.shape[2:])
+    if not scorer.features:
+        return {"scores": scorer(flat, labels)[0].view(m, k)}
+    scores, _, feats = scorer.with_features(flat, labels)
+    scores = scores.view(m, k)
+    best = F.normalize(feats[scores.argmin(1) + torch.arange(m, device=scores.device) * k], dim=1)
+    return {"scores": scores, "similarity": best @ best.T}
 
 
-def to_host(scores: torch.Tensor | None) -> Callable[[], np.ndarray | None]:
-    """Start copying `scores` to the host (asynchronously from a CUDA device); returns a function that waits
-    for that copy alone and gives the numpy array. Called on the scoring thread, waited for on the host stage."""
-    if scores is None:
+def to_host(scored: dict[str, torch.Tensor] | None) -> Callable[[], dict[str, np.ndarray] | None]:
+    """Start copying a class's scores (and features) to the host (asynchronously from a CUDA device); returns a
+    function that waits for that copy alone and gives numpy arrays. Called on the scoring thread, waited for on
+    the host stage."""
+    if scored is None:
         return lambda: None
-    if scores.device.type != "cuda":
-        return scores.numpy
-    host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
-    host.copy_(scores, non_blocking=True)
+    if next(iter(scored.values())).device.type != "cuda":
+        return lambda: {name: t.numpy() for name, t in scored.items()}
+    host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in scored.items()}
+    for name, t in scored.items():
+        host[name].copy_(t, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
 
-    def wait() -> np.ndarray:
+    def wait() -> dict[str, np.ndarray]:
         done.synchronize()
-        return host.numpy()
+        return {name: t.numpy() for name, t in host.items()}
 
     return wait
 
 
 def select_cells(
-    cfg: DistillConfig, label: int, scores: np.ndarray | None, ok: torch.Tensor, num_crop: int, name: str
+    cfg: DistillConfig, label: int, scored: dict[str, np.ndarray] | None, ok: torch.Tensor, num_crop: int, name: str
 ) -> ClassSelection | str:
-    """Rank one class's crops (by the observer's scores [m, K], or randomly for a baseline); rows are class-local.
-    A string is the reason the class gets no selection."""
+    """Rank one class's crops (by the observer's scores [m, K], spread over groups of its features for
+    rded-cover, or randomly for a baseline); rows are class-local. A string is the reason the class gets no
+    selection."""
     n = cfg.ipc * cfg.factor**2
-    if scores is None:
+    if scored is None:
         return select_random(ok.numpy(), label, num_crop, n, cfg.seed, name)
     usable = ok.numpy()
+    scores = scored["scores"]
     bad = int((~np.isfinite(scores[usable])).sum())
     if bad:  # checked here, where the scores are on the host already: no sync in the scoring loop
         raise nonfinite_scores(cfg, bad, scores[usable].size, f"crops of class {name}")
     scores = np.where(usable[:, None], scores, np.inf)
+    if cfg.select == "rded-cover":
+        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name)
     return select_class(scores, np.arange(len(scores)), label, n, name)
 
 
@@ -414,7 +431,8 @@ def image_records(
     source_extra: Callable[[int], dict],
 ) -> list[dict]:
     """The manifest's record of each of a class's `count` output images: its file and, per cell, where the cell
-    sits, which source and box it was cut from, and its score."""
+    sits, which source and box it was cut from, its score, and (rded-cover) its group of the class's images and
+    that group's size."""
     name = index.classes[label]
     records = []
     for j in range(count):
@@ -424,6 +442,7 @@ def image_records(
             row, crop = int(rows[sel.rows[rank]]), int(sel.crops[rank])
             image_id = int(plan.image_ids[row])
             score = None if np.isnan(sel.scores[rank]) else float(sel.scores[rank])
+            group = {} if sel.groups is None else {"group": int(sel.groups[rank]), "group_size": int(sel.group_sizes[rank])}
             cells.append(
                 {
                     "cell": c,
@@ -434,6 +453,7 @@ def image_records(
                     "box": plan.boxes[row, crop].tolist(),
                     "crop": crop,
                     "score": score,
+                    **group,
                     **source_extra(image_id),
                 }
             )
@@ -448,11 +468,11 @@ def prepare_class(
     label: int,
     crops: torch.Tensor,
     ok: torch.Tensor,
-    scores: Callable[[], np.ndarray | None],
+    scored: Callable[[], dict[str, np.ndarray] | None],
     reasons: dict[int, str],
     source_extra: Callable[[int], dict] = lambda image_id: {},
 ) -> PreparedClass:
-    """Select, stitch and encode one class (host stage). `scores()` waits for the class's scores; `reasons`:
+    """Select, stitch and encode one class (host stage). `scored()` waits for the class's scores (`score_class`); `reasons`:
     plan row -> decode error; `source_extra(image_id) -> dict`: the loader's extra per-source facts for each
     cell (e.g. ffcv's stored size)."""
     name = index.classes[label]
@@ -470,7 +490,7 @@ def prepare_class(
         "failures": failures,
         "sources": journal.sources_fingerprint(index, label),
     }
-    sel = select_cells(cfg, label, scores(), ok, crops.shape[1], name)
+    sel = select_cells(cfg, label, scored(), ok, crops.shape[1], name)
     if isinstance(sel, str):  # too few usable images: this class gets no output, the run goes on
         return PreparedClass(label, name, {**record, "images": [], "fallback": 0, "skipped": sel}, [])
     device_rows = torch.from_numpy(sel.rows).to(crops.device)
@@ -553,7 +573,7 @@ def _prologue(
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device, check=True)
-    check = check_observer(index, cfg, scorer, device) if cfg.select == "rded" else None
+    check = check_observer(index, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     run = _journal_run(cfg, observer, scorer, device)
@@ -578,8 +598,21 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
         raise UserError(f"{exc}" + (f"; {note}" if note else "")) from exc
     check_observer_input(observer, cfg, device)
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
-    scorer = Scorer(
-        observer.model,
+    scorer = make_scorer(cfg, observer, device, crops)
+    if cfg.select in SCORED_SELECTIONS:
+        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
+            scorer.warm(size)
+    return observer, scorer
+
+
+def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, crops: int) -> Scorer:
+    """The run's scorer for `observer` (not warmed); `crops`: how many the run scores (for --compile auto).
+    For rded-cover the observer is split at its head, so the pass that scores a crop also gives its features."""
+    model, head = observer.model, None
+    if cfg.select == "rded-cover":
+        model, head = split_head(model, cfg.input_size)
+    return Scorer(
+        model,
         cfg.input_size,
         device,
         amp_dtype=resolve_amp(cfg.amp, device),
@@ -588,11 +621,8 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
         native=cfg.score_mode == "native",
         mean=observer.mean,
         std=observer.std,
+        head=head,
     )
-    if cfg.select == "rded":
-        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
-            scorer.warm(size)
-    return observer, scorer
 
 
 def check_index_path(cfg: DistillConfig) -> None:
@@ -669,8 +699,8 @@ def run_classes(
         for label, crops, ok, reasons in progress(
             classes, total=len(planned), desc="distill classes", disable=not cfg.show_progress
         ):
-            scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
-            host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scores, reasons, loader.source_extra))
+            scored = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
+            host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scored, reasons, loader.source_extra))
         watch.add("host_wait", host.waited)
     for label in todo:  # classes with no planned image (empty folders) are journaled too
         if label not in planned:

@@ -91,7 +91,9 @@ class Scorer:
     so it compiles once per crop size (CUDA graphs on CUDA via mode "reduce-overhead"); `warm(p)` does that
     compile ahead of time and adds its seconds to `compile_seconds`. `fixed_shape` (default: `compile`)
     controls the padding. `mean`/`std` are the observer's normalisation (ImageNet's by default), built
-    once on the device.
+    once on the device. With `head` (the observer split by rded_fast.models.heads.split_head: `model` is then
+    its body, whose output is the penultimate features, and `head` its Linear head), the same forward pass
+    also keeps the features, and `with_features` returns them.
     """
 
     def __init__(
@@ -107,11 +109,12 @@ class Scorer:
         fixed_shape: bool | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        head: nn.Module | None = None,
     ):
         self.device = torch.device(device)
         self.batch_size, self.input_size, self.native = int(batch_size), int(input_size), native
         self.fixed_shape = compile if fixed_shape is None else fixed_shape
-        self.compiled = compile
+        self.compiled, self.features = compile, head is not None
         self.amp_dtype = amp_dtype
         self.compile_seconds = 0.0
         self.cudagraph_skips = 0
@@ -122,14 +125,21 @@ class Scorer:
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
-        def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def prepare(crops: torch.Tensor) -> torch.Tensor:
             x = normalize_uint8(crops, torch.float32, mean_t, std_t)
             if not native:
                 x = center_pad(x, input_size)
-            x = x.contiguous(memory_format=memory_format)
+            return x.contiguous(memory_format=memory_format)
+
+        if head is not None:
+            head = head.to(self.device).eval()
+
+        def fused(crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            return crop_cross_entropy(logits, labels), logits.argmax(1)
+                out = model(prepare(crops))  # the logits, or with a head the features it reads
+                logits = out if head is None else head(out)
+            scored = (crop_cross_entropy(logits, labels), logits.argmax(1))
+            return scored if head is None else (*scored, out.flatten(1).float())
 
         self._step = fused
         # cudnn.benchmark stays off: it picks kernels by timing them, so two runs may round differently and
@@ -168,9 +178,19 @@ class Scorer:
         return seconds
 
     def __call__(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [N] float32, top-1 [N] int64) on the scorer's device."""
+        scores, preds, *_ = self._run(crops, labels)
+        return scores, preds
+
+    def with_features(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores [N], top-1 [N], penultimate features [N, D] float32) from one forward pass; needs `head`."""
+        if not self.features:
+            raise ValueError("this Scorer was built without a head: it has no features to return")
+        return self._run(crops, labels)
+
+    def _run(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n, bs = len(crops), self.batch_size
-        scores = torch.empty(n, dtype=torch.float32, device=self.device)
-        preds = torch.empty(n, dtype=torch.int64, device=self.device)
+        outs: list[torch.Tensor] = []
         with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
             for start in range(0, n, bs):
                 chunk = crops[start : start + bs].to(self.device, non_blocking=True)
@@ -179,7 +199,15 @@ class Scorer:
                 if self.fixed_shape and m < bs:  # fixed shapes: pad with zero crops, drop their results
                     chunk = torch.cat([chunk, chunk.new_zeros((bs - m, *chunk.shape[1:]))])
                     y = torch.cat([y, y.new_zeros(bs - m)])
-                s, p = self._step(chunk, y)
-                scores[start : start + m] = s[:m]
-                preds[start : start + m] = p[:m]
-        return scores, preds
+                step = self._step(chunk, y)
+                if not outs:  # allocated once the first chunk tells the features' width
+                    outs = [torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in step]
+                for out, t in zip(outs, step):
+                    out[start : start + m] = t[:m]
+        if not outs:  # no crops: empty results of the step's dtypes
+            outs = [
+                torch.empty(0, dtype=torch.float32, device=self.device),
+                torch.empty(0, dtype=torch.int64, device=self.device),
+            ]
+            outs += [torch.empty((0, 0), dtype=torch.float32, device=self.device)] if self.features else []
+        return tuple(outs)

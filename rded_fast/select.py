@@ -8,9 +8,12 @@ return the reason (a string) instead, and the run skips that class and records w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from rded_fast.kmeans import kmeans
+from rded_fast.plan import class_generator
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class ClassSelection:
     crops: np.ndarray  # [n] int64 crop index within the row
     scores: np.ndarray  # [n] float32 cross-entropy (nan for random selection)
     fallback: int = 0
+    groups: np.ndarray | None = None  # [n] int64 group of each cell (covering selection only)
+    group_sizes: np.ndarray | None = None  # [n] int64 candidates in that group
 
 
 def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "") -> ClassSelection | str:
@@ -59,8 +64,6 @@ def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, 
     """The random baseline for one class: a seeded random order of its decodable images (class-local rows)
     and a random crop of each. Same shapes and stitching as RDED's selection, so the only difference is
     the observer's ranking. Returns the selection, or why there is none (fewer than n usable images)."""
-    from rded_fast.plan import class_generator
-
     rng = class_generator(seed, label, purpose=2)
     rows = np.flatnonzero(ok)
     if len(rows) < n:
@@ -68,3 +71,36 @@ def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, 
     chosen = rows[rng.permutation(len(rows))[:n]]
     crops = rng.integers(0, num_crop, size=n)
     return ClassSelection(int(label), chosen, crops, np.full(n, np.nan, np.float32))
+
+
+def select_covering(
+    scores: np.ndarray, similarity: np.ndarray, rows: np.ndarray, label: int, n: int, seed: int, class_name: str = ""
+) -> ClassSelection | str:
+    """RDED's realism score, spread over the class: each usable image is a candidate with its best crop (RDED's
+    first step), the candidates are split into n groups by seeded k-means on their observer features, and each
+    group gives its best-scored candidate. So the n cells are the most realistic crops of n different regions of
+    the class instead of the n most realistic overall (which the selection diagnostic found to be near-duplicate
+    prototypes). `similarity` [m, m]: the cosine similarity of the rows' best crops' features (argmin of each
+    row's scores; `rded_fast.kmeans.cosine_similarity`). Cells are in score order, best first. With at most n
+    usable images there is nothing to choose and the result is RDED's (`select_class`), each cell its own group."""
+    scores = np.asarray(scores, dtype=np.float64)
+    best_crop = np.argmin(scores, axis=1)
+    best = scores[np.arange(len(scores)), best_crop]
+    usable = np.flatnonzero(np.isfinite(best))
+    if len(usable) <= n:
+        sel = select_class(scores, rows, label, n, class_name)
+        return sel if isinstance(sel, str) else replace(sel, groups=np.arange(n), group_sizes=np.ones(n, np.int64))
+    sim = np.asarray(similarity, dtype=np.float64)[np.ix_(usable, usable)]
+    groups = kmeans(sim, n, class_generator(seed, label, purpose=3))
+    by_score = np.argsort(best[usable], kind="stable")  # candidates, best first
+    first = np.unique(groups[by_score], return_index=True)[1]  # each group's best candidate, in by_score positions
+    picked = by_score[np.sort(first)]  # one per group, best first
+    chosen = usable[picked]
+    return ClassSelection(
+        label,
+        rows[chosen],
+        best_crop[chosen].astype(np.int64),
+        best[chosen].astype(np.float32),
+        groups=groups[picked],
+        group_sizes=np.bincount(groups, minlength=n)[groups[picked]],
+    )

@@ -112,13 +112,24 @@ def test_quality_table_formats_and_plots():
         row: {str(i): {lab: {"mean": 0.5 + 0.01 * k + 0.02 * i, "std": 0.01, "runs": []} for lab in LABELS} for i in (1, 10)}
         for k, row in enumerate(ROWS)
     }
-    margins = {f"ipc{i}_{lab}": {"points": 2.0, "in_random_std": 2.0} for i in (1, 10) for lab in LABELS}
-    result = {"settings": {"ipcs": [1, 10]}, "final_top1": stats, "rded_vs_random_images": margins}
+    margins = {f"ipc{i}_{lab}": {"points": 2.0, "in_base_std": 2.0} for i in (1, 10) for lab in LABELS}
+    settings = {
+        "ipcs": [1, 10],
+        "factor": 1,
+        "input_size": 32,
+        "observer": "conv3",
+        "student": "conv3",
+        "observer_test_top1": 0.9,
+    }
+    result = {"settings": settings, "final_top1": stats, "rded_vs_random_images": margins}
     text = format_table(result)
-    assert "random-images" in text and "IPC 10 hard" in text and "+2.00 points" in text
-    png = plot(result)
+    assert "random-images" in text and "rded-cover" in text and "IPC 10 hard" in text and "+2.00 points" in text
+    png = plot({"f1_32px": result, "f2_64px": result}, "fashion-mnist: cpu, 2026-12-04")
     with Image.open(io.BytesIO(png)) as im:
-        assert im.format == "PNG" and im.size == (640, 420)
+        assert im.format == "PNG" and im.size == (640, 840)  # one 640 x 420 panel per shape
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    purple = np.abs(pixels.astype(int) - [148, 103, 189]).sum(1) < 30  # matplotlib's tab:purple: the rded-cover line
+    assert purple.sum() > 200
 
 
 def test_evaluate_amp_final_only_and_one_decode_of_the_val_split(jpeg_tree, tmp_path, monkeypatch):

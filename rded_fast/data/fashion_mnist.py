@@ -93,14 +93,22 @@ def write_image_folder(
     if per_class is not None:
         keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))])
         keep.sort()
-    rgb = to_rgb32(images[keep])
+    names = [f"{split}_{idx:05d}.png" for idx in keep]
+    return write_rgb_folder(out, to_rgb32(images[keep]), labels[keep], CLASSES, names, f"fashion-mnist {split}", show_progress)
+
+
+def write_rgb_folder(
+    out: Path, rgb: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str], desc: str, show_progress: bool
+) -> Path:
+    """Write images [N, H, W, 3] uint8 as out/<classes[label]>/<name> PNGs, all at once: built in a hidden folder
+    beside `out` and renamed into place with a `.complete` marker (a cut-short write is started again)."""
     stage = out.parent / f".{out.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
-    for name in CLASSES:
+    for name in classes:
         (stage / name).mkdir(parents=True)
-    for img, idx in progress(zip(rgb, keep), total=len(keep), desc=f"fashion-mnist {split}", disable=not show_progress):
-        Image.fromarray(img).save(stage / CLASSES[labels[idx]] / f"{split}_{idx:05d}.png", compress_level=1)
+    for img, label, name in progress(zip(rgb, labels, names), total=len(names), desc=desc, disable=not show_progress):
+        Image.fromarray(img).save(stage / classes[label] / name, compress_level=1)
     (stage / ".complete").write_text("ok\n")
     if out.exists():
         shutil.rmtree(out)

@@ -6,6 +6,7 @@ needs the rows *of its classes* instead, so slicing takes explicit rows (`rded_f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -98,3 +99,35 @@ def select_rows(
 def slice_head(model: nn.Module, num_classes: int, what: str = "observer") -> nn.Module:
     """Keep the head's first `num_classes` outputs (RDED's rule for class subsets)."""
     return select_rows(model, range(num_classes), what)
+
+
+def split_head(model: nn.Module, input_size: int | None = None) -> tuple[nn.Module, nn.Linear]:
+    """(body, head): the model with its Linear head (`head_name`) replaced by an identity, and that head, so that
+    `head(body(x))` is `model(x)` and `body(x)` is the penultimate features the head reads. The body shares every
+    parameter and buffer with `model`; `model` itself is left as it was (only the modules on the head's path are
+    shallow-copied). With `input_size`, two seeded random inputs of that size check the split: a model whose
+    output is not its head's (something runs after the head) is refused."""
+    name = head_name(model)
+    head = model.get_submodule(name)
+    parts = name.split(".")
+    body = copy.copy(model)
+    body._modules = dict(model._modules)
+    parent = body
+    for part in parts[:-1]:
+        child = copy.copy(parent._modules[part])
+        child._modules = dict(child._modules)
+        parent._modules[part] = child
+        parent = child
+    parent._modules[parts[-1]] = nn.Identity()
+    if input_size is not None:
+        probe = torch.randn((2, 3, input_size, input_size), generator=torch.Generator().manual_seed(0)).to(head.weight.device)
+        training = model.training
+        with torch.no_grad():  # in eval mode: a probe must not move BatchNorm's running statistics
+            whole, split = model.eval()(probe), head(body.eval()(probe))
+        model.train(training), body.train(training)
+        if whole.shape != split.shape or not torch.allclose(whole.float(), split.float(), rtol=1e-4, atol=1e-5):
+            raise UserError(
+                f"{type(model).__name__}: its output is not its Linear head {name!r}'s (a step runs after the head), "
+                "so its penultimate features cannot be read; use --select rded with this observer"
+            )
+    return body, head
