@@ -207,7 +207,7 @@ def check_memory(cfg: DistillConfig, plan: CropPlan, num_classes: int, device: t
     s, p = cfg.input_size, cfg.input_size // cfg.factor
     per_class = np.bincount(plan.labels, minlength=num_classes)
     class_crops = int(per_class.max(initial=0)) * plan.num_crop
-    if cfg.select != "rded":
+    if cfg.select not in SCORED_SELECTIONS:
         need, what = class_crops * 3 * p * p + cfg.ipc * 3 * s * s, f"holding a class's {class_crops} crops"
     else:
         size = p if cfg.score_mode == "native" else s
