@@ -74,7 +74,7 @@ def observer_for(
             input_size=input_size,
             epochs=epochs,
             device=device,
-            resume=True,
+            resume=Path(f"{path}.state").is_file(),  # go on only from an interrupted training's state
             show_progress=show,
         )
     )
