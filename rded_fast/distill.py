@@ -570,6 +570,8 @@ def run_classes(
             scores = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
             host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scores, reasons, loader.source_extra))
         watch.add("host_wait", host.waited)
+    for key, value in loader.timings().items():  # the loader's side work (DALI: its JPEG check, and the wait for it)
+        watch.add(key, value)
     for label in todo:  # classes with no planned image (empty folders) are journaled too
         if label not in planned:
             record = {
