@@ -31,7 +31,7 @@ system-deps:
 $(STAMP): setup.py | system-deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[ffcv,dali,timm,dev]'
+	$(PY) -m pip install -q -e '.[ffcv,dali,timm,dev,plots]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

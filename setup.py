@@ -41,6 +41,7 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.30"],
         "timm": ["timm>=1.0", "safetensors>=0.4"],
         "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
+        "plots": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["rded-fast=rded_fast.cli:main"]},
 )
