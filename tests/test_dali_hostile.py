@@ -28,6 +28,7 @@ from rded_fast.loaders.jpeg_gate import JpegGate
 from rded_fast.plan import make_plan
 from tests.conftest import write_synthetic_jpegs
 from tests.test_dali import MAX_DIFF, MEAN_DIFF, P99_DIFF, _crop_diff, _run_loader
+from tests.test_safety import _distill_argv
 
 NON_UTF8 = b"img_\xff\xfe.jpg"
 
@@ -131,8 +132,9 @@ def test_jpeg_gate_waits_only_for_the_rows_asked(tmp_path):
     files = sorted(str(p) for p in (root / "class_00").iterdir())
     Path(files[4]).write_bytes(b"\xff\xd8\xff")
     rows = np.arange(10, 16)
+    source = dict(zip(rows.tolist(), files)).__getitem__
     for processes in (False, True):
-        gate = JpegGate(rows, files, cores=2, processes=processes)
+        gate = JpegGate(rows, source, cores=2, processes=processes)
         try:
             assert gate.verdicts([10, 11, 99]) == {}
             found = gate.verdicts(rows)
@@ -140,43 +142,9 @@ def test_jpeg_gate_waits_only_for_the_rows_asked(tmp_path):
             assert gate.known() == found and gate.pool_error is None
         finally:
             gate.close()
-    gate = JpegGate(np.arange(3), files[:3], cores=2)
+    gate = JpegGate(np.arange(3), files.__getitem__, cores=2)
     gate.close()  # closing early never hangs, and leaves no verdict pending
     assert gate.verdicts(np.arange(3)) == {}
-
-
-def _distill_argv(data: Path, weights: Path, out: Path) -> list[str]:
-    return [
-        "distill",
-        "--data",
-        str(data),
-        "--loader",
-        "dali",
-        "--observer",
-        "conv3",
-        "--weights",
-        str(weights),
-        "--out",
-        str(out),
-        "--input-size",
-        "32",
-        "--factor",
-        "1",
-        "--ipc",
-        "2",
-        "--mipc",
-        "7",
-        "--num-crop",
-        "2",
-        "--workers",
-        "1",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--skip-observer-check",
-        "--quiet",
-    ]
 
 
 def test_one_non_utf8_file_name_costs_one_file(tmp_path):
@@ -188,7 +156,8 @@ def test_one_non_utf8_file_name_costs_one_file(tmp_path):
     shutil.copyfile(data / "class_03" / "img_000.jpg", os.path.join(os.fsencode(data / "class_03"), NON_UTF8))
     torch.manual_seed(0)
     torch.save(build("conv3", 4, None, 32).model.state_dict(), tmp_path / "w.pth")
-    assert main(_distill_argv(data, tmp_path / "w.pth", tmp_path / "o")) == 0
+    more = ("--loader", "dali", "--ipc", "2", "--mipc", "7", "--num-crop", "2", "--batch-size", "4", "--workers", "1")
+    assert main(_distill_argv(data, tmp_path / "w.pth", tmp_path / "o", *more)) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert len(manifest["images"]) == 4 * 2  # every class has its output
     failures = manifest["decode_failures"]
@@ -197,18 +166,22 @@ def test_one_non_utf8_file_name_costs_one_file(tmp_path):
     assert {"jpeg_check", "jpeg_check_wait"} <= set(manifest["run"]["seconds"])
 
 
-def test_gif_under_a_jpeg_name_is_named_from_a_dali_run_of_its_own(tmp_path):
+def test_gif_under_a_jpeg_name_is_found_by_halving_the_batch(tmp_path, monkeypatch):
     """DALI's error for an image it cannot decode does not always name the sample (a GIF: "nvImageCodec failure");
-    the loader then tries each row of the batch alone and names the one that fails."""
-    root = write_synthetic_jpegs(tmp_path / "t", classes=1, per_class=6)
+    the loader then halves the batch until the failing row is alone: a few DALI runs, not one per row."""
+    root = write_synthetic_jpegs(tmp_path / "t", classes=1, per_class=16)
     index = build_index(root, show_progress=False)
-    plan = make_plan(index, seed=0, mipc=6, num_crop=1)
-    target = root / index.paths[int(plan.image_ids[3])]
+    plan = make_plan(index, seed=0, mipc=16, num_crop=1)
+    target = root / index.paths[int(plan.image_ids[11])]
     with Image.open(target) as im:
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="GIF")
     target.write_bytes(buf.getvalue())
+    runs = []
+    real = DaliCropLoader._run
+    monkeypatch.setattr(DaliCropLoader, "_run", lambda self, batches, *a: runs.append(len(batches[0])) or real(self, batches, *a))
     reasons: dict[int, str] = {}
-    _, _, ok = _run_loader(DaliCropLoader(index, plan, 16, batch_size=6, workers=1, device="cpu"), len(plan), 6, reasons)
-    assert list(reasons) == [3] and ok.sum() == 5
-    assert reasons[3].startswith("DALI: ") and "Critical error" not in reasons[3], reasons[3]
+    rows, _, ok = _run_loader(DaliCropLoader(index, plan, 16, batch_size=16, workers=1, device="cpu"), 16, 16, reasons)
+    assert rows == list(range(16)) and list(reasons) == [11] and ok.sum() == 15
+    assert reasons[11].startswith("DALI: ") and "Critical error" not in reasons[11], reasons[11]
+    assert runs[0] == 16 and len(runs) <= 1 + 2 * 4 + 1, runs  # the batch, halving (log2 16 = 4 levels), the rerun

@@ -18,6 +18,8 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -37,7 +39,8 @@ def checker_processes(cores: int) -> int:
 
 
 class JpegGate:
-    """Verdicts for `rows` (plan rows, ascending) whose bytes are `sources[i]` (a path, or (tar, offset, length));
+    """Verdicts for `rows` (plan rows, ascending) whose bytes are at `source_of(row)` (a path, or (tar, offset,
+    length)), asked in the background thread so that making 300k paths does not delay the first batch;
     `require_jpeg` as in `rded_fast.jpeg_check.source_problem`. Checking starts at construction.
 
     `processes`: True/False forces worker processes or threads; None picks by plan size (PROCESS_MIN_FILES).
@@ -45,12 +48,16 @@ class JpegGate:
     `close()` stops the workers. `seconds()`: the check's wall time so far and the time callers waited."""
 
     def __init__(
-        self, rows: np.ndarray, sources: list, require_jpeg: bool = False, cores: int = 1, processes: bool | None = None
+        self,
+        rows: np.ndarray,
+        source_of: Callable[[int], str | tuple[str, int, int]],
+        require_jpeg: bool = False,
+        cores: int = 1,
+        processes: bool | None = None,
     ):
         self.rows = np.asarray(rows, dtype=np.int64)
-        if len(self.rows) != len(sources):
-            raise ValueError(f"{len(self.rows)} rows but {len(sources)} sources")
-        self._chunks = [(self.rows[i : i + CHUNK], sources[i : i + CHUNK]) for i in range(0, len(self.rows), CHUNK)]
+        self.source_of = source_of
+        self._chunks = [self.rows[i : i + CHUNK] for i in range(0, len(self.rows), CHUNK)]
         self._done: list[Future] = [Future() for _ in self._chunks]
         self.require_jpeg = require_jpeg
         use_processes = len(self.rows) >= PROCESS_MIN_FILES if processes is None else processes
@@ -78,7 +85,7 @@ class JpegGate:
             for i in range(done, len(self._chunks)):
                 if self._stop.is_set():
                     break
-                self._deliver(i, sources_problems(self._chunks[i][1], self.require_jpeg))
+                self._deliver(i, sources_problems(self._sources(i), self.require_jpeg))
         except BaseException as exc:
             for future in self._done:
                 if not future.done():
@@ -90,21 +97,26 @@ class JpegGate:
                     future.set_result({})
 
     def _run_pool(self) -> int:
-        """Check the chunks in worker processes; returns how many were delivered (all, unless stopped)."""
+        """Check the chunks in worker processes, a few per worker in flight and submitted in plan order (so the
+        first verdicts come at once, not after every chunk is queued); returns how many were delivered."""
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            results = pool.map(sources_problems, [s for _, s in self._chunks], [self.require_jpeg] * len(self._chunks))
-            done = 0
-            for problems in results:
-                self._deliver(done, problems)
+            pending: deque = deque()
+            submitted = done = 0
+            while done < len(self._chunks) and not self._stop.is_set():
+                while submitted < len(self._chunks) and len(pending) < 4 * self.workers:
+                    pending.append(pool.submit(sources_problems, self._sources(submitted), self.require_jpeg))
+                    submitted += 1
+                self._deliver(done, pending.popleft().result())
                 done += 1
-                if self._stop.is_set():
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    break
+            pool.shutdown(wait=True, cancel_futures=True)
         return done
 
+    def _sources(self, i: int) -> list:
+        return [self.source_of(row) for row in self._chunks[i].tolist()]
+
     def _deliver(self, i: int, problems: list[str | None]) -> None:
-        rows = self._chunks[i][0].tolist()
+        rows = self._chunks[i].tolist()
         self._done[i].set_result({row: why for row, why in zip(rows, problems) if why is not None})
 
     def verdicts(self, rows) -> dict[int, str]:
