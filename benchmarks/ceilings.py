@@ -93,7 +93,7 @@ def dali_graph(index, plan, crop_size: int, device: str, batch_size: int, thread
 
     mixed = "mixed" if device != "cpu" else "cpu"
     sizes = index.sizes[plan.image_ids]
-    options = decoder_options(mixed, decoder.get("hw_decoder_load"), tuple(int(v) for v in sizes.max(axis=0)))
+    options = decoder_options(mixed, decoder.get("hw_decoder_load"), tuple(int(v) for v in np.percentile(sizes, 90, axis=0)))
     pipe = crop_pipeline(
         feed,
         files,

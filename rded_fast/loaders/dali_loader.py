@@ -103,17 +103,17 @@ def crop_pipeline(
     return stacked, image.shape(), position, reader_position
 
 
-def decoder_options(decode_device: str, hw_decoder_load: float | None, max_size: tuple[int, int]) -> dict:
+def decoder_options(decode_device: str, hw_decoder_load: float | None, size_hint: tuple[int, int]) -> dict:
     """`fn.decoders.image` options: on the GPU, the CPU decoders' chroma upsampling (jpeg_fancy_upsampling, what
-    PIL does too), the decoder split, and the largest planned image (width, height) as the hardware decoder's
-    preallocation hint, so it allocates once instead of growing."""
+    PIL does too), the decoder split, and a typical planned image size `size_hint` (width, height) as the hardware
+    decoder's preallocation hint, so it allocates once for most images instead of growing."""
     if decode_device != "mixed":
         return {}
     options = {"jpeg_fancy_upsampling": True}
     if hw_decoder_load is not None:
         options["hw_decoder_load"] = hw_decoder_load
-    if max_size[0] > 0 and max_size[1] > 0:
-        options["preallocate_width_hint"], options["preallocate_height_hint"] = int(max_size[0]), int(max_size[1])
+    if size_hint[0] > 0 and size_hint[1] > 0:
+        options["preallocate_width_hint"], options["preallocate_height_hint"] = int(size_hint[0]), int(size_hint[1])
     return options
 
 
@@ -194,7 +194,8 @@ class DaliCropLoader(CropLoader):
         sizes = self.index.sizes[self.plan.image_ids]  # [M, 2] (width, height) by plan row
         self._expected_hw = torch.from_numpy(np.ascontiguousarray(sizes[:, ::-1]))  # what DALI's shape reports
         self._boxes = np.ascontiguousarray(self.plan.boxes, dtype=np.int32)
-        self._max_size = tuple(int(v) for v in sizes[self.rows].max(axis=0)) if len(self.rows) else (0, 0)
+        # the 90th percentile, not the largest: one huge image must not make the decoder preallocate for it per sample
+        self._size_hint = tuple(int(v) for v in np.percentile(sizes[self.rows], 90, axis=0)) if len(self.rows) else (0, 0)
         self._out_device = torch.device("cuda", self.device_id) if device == "mixed" else torch.device("cpu")
         self._seconds: dict[str, float] = {}
 
@@ -323,7 +324,7 @@ class DaliCropLoader(CropLoader):
             self.plan.num_crop,
             self.crop_size,
             self.decode_device,
-            decoder_options(self.decode_device, self.hw_decoder_load, self._max_size),
+            decoder_options(self.decode_device, self.hw_decoder_load, self._size_hint),
             batch_size=size,
             num_threads=self.workers,
             device_id=self.device_id,
