@@ -1,18 +1,28 @@
-"""The GPU suite: everything only a GPU can show, measured in one process and written as JSON.
+"""The GPU suite: everything only a GPU can show, measured in one process per call and written as JSON.
 
 Steps (each recorded as soon as it ends, so a run cut short still leaves its numbers):
-  tree     an ImageNet-like JPEG tree (benchmarks/make_imagenet_like.py; 100 classes x 300, about 500x375)
-  convert  the tree as DALI shards and as an FFCV .beton (seconds, bytes)
-  model    ResNet-18 @ 224 alone, bf16, compiled (CUDA graphs) and eager: crops/s and compile seconds
-  decode   DALI mixed decode + 5 crops at 112 px over the whole plan, hw_decoder_load 0 and 1: img/s
-  e2e      a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 224 px, observer check skipped:
-           the observer is a random-init ResNet-18) with each loader; crops/s and its fraction of model-only
-  host     the host critical path per class (`bench --stage host`, where this version has it)
-  tests    `pytest -m gpu tests/test_gpu.py`: passed / failed / skipped
-Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts; use small sizes).
+  tree      an ImageNet-like JPEG tree (benchmarks/make_imagenet_like.py; 100 classes x 300, about 500x375,
+            every 4th image generated and the others shifted copies: 30k distinct JPEGs)
+  tree1k    the ImageNet-1K shape: 1000 WNID folders x 300 hard links to the tree's 30k files (seconds)
+  convert   the tree as DALI shards and as an FFCV .beton (seconds, bytes)
+  model     the observer alone (ResNet-18 @ 224, bf16, channels-last): eager and compiled (CUDA graphs),
+            crops/s and compile seconds: the ceiling of the class stage
+  ceilings  every loader's own ceiling over one plan of the tree (mipc 300, 5 crops at 112 px): the DALI
+            loader's graph alone (folder and shards), DALI's random_resized_crop graph, torchvision's batched
+            decode_jpeg, PIL decode + crops in worker processes, ffcv's stock decoder (benchmarks/ceilings.py)
+  decode    each loader present over the same plan: img/s, time to the first batch, and its fraction of its
+            own ceiling (DALI also at hw_decoder_load 0.0 and DALI's default split)
+  e2e       a whole `rded-fast distill` (IPC 10, factor 2, mipc 300, 5 crops, 224 px, random-init observer,
+            check skipped) per loader on the tree, as a process of its own: wall, run.seconds, class-stage
+            crops/s and its fraction of model-only
+  e2e1k     the same on the 1000-class tree (300k images, 1.5 M crops): wall incl. start-up and cold compile
+  host      the host critical path per class (`bench --stage host`)
+  tests     `pytest -m gpu tests/test_gpu.py` (or `--tests-k EXPR`): passed / failed / skipped
+Without CUDA the steps run on the CPU with `--device cpu` (DALI decodes on the CPU, the model is not compiled);
+with small sizes that is how tests/test_gpu_suite.py exercises the GPU path on a CPU machine.
 
-Run: python -m rded_fast.benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
-(benchmarks/gpu_suite.sh wraps it, installing the DALI/ffcv payload first; see benchmarks/GPU_SETUP.md)
+Run: python -m rded_fast.benchmarks.gpu_suite OUT_DIR --steps tree,tree1k,convert [--work DIR ...]
+(benchmarks/gpu_session.sh runs the whole session; see benchmarks/GPU_SETUP.md)
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +44,29 @@ import torch
 from rded_fast.device import available_cores, cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("tree", "tree1k", "convert", "model", "ceilings", "decode", "e2e", "e2e1k", "host", "tests")
+E2E_SOURCES = {"dali-shards": "shards", "dali-folder": "tree", "ffcv-beton": "train.beton", "torch-folder": "tree"}
+E2E1K_SOURCES = {"dali-folder": "tree1k", "torch-folder": "tree1k", "ffcv-beton": "train1k.beton"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the steps run on and with: one plain record made from the command line."""
+
+    work: Path
+    device: str  # "cuda" or "cpu"
+    classes: int
+    per_class: int
+    classes_1k: int
+    per_class_1k: int
+    observer: str
+    input_size: int
+    ipc: int
+    mipc: int
+    num_crop: int
+    crop: int
+    batch: int
+    workers: int
 
 
 def _versions() -> dict:
@@ -43,6 +77,14 @@ def _versions() -> dict:
         except Exception as exc:  # an optional package that is absent or broken: recorded, not fatal
             versions[name] = f"unavailable: {type(exc).__name__}: {exc}"
     return versions
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
 
 
 class Recorder:
@@ -69,32 +111,51 @@ class Recorder:
         self.flush()
         return value
 
+    def part(self, step: str, name: str, fn, *args, **kwargs):
+        """One part of a step, recorded (and flushed) as soon as it ends: a failing part keeps the others."""
+        t = time.perf_counter()
+        try:
+            value = dict(fn(*args, **kwargs))
+        except Exception as exc:
+            value = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        value["part_seconds"] = round(time.perf_counter() - t, 2)
+        self.result["steps"].setdefault(step, {})[name] = value
+        print(f"   {step}/{name}: {json.dumps(value)[:600]}", flush=True)
+        self.flush()
+        return value
+
     def flush(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.result, indent=1))
         os.replace(tmp, self.path)
 
 
-def make_tree(work: Path, classes: int, per_class: int) -> dict:
+def make_tree(s: Settings) -> dict:
     from rded_fast.benchmarks.make_imagenet_like import make_tree as write
 
-    return write(work / "tree", classes, per_class)
+    return write(s.work / "tree", s.classes, s.per_class, variants=4)
+
+
+def make_tree1k(s: Settings) -> dict:
+    from rded_fast.benchmarks.make_imagenet1k_tree import link_tree
+
+    return link_tree(s.work / "tree", s.work / "tree1k", s.per_class_1k, s.classes_1k)
 
 
 def _disk_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def convert_formats(work: Path, formats: list[str]) -> dict:
+def convert_formats(s: Settings, formats: list[str]) -> dict:
     from rded_fast.converters import convert
 
     result = {}
-    jobs = {"dali": (work / "shards", {}), "ffcv": (work / "train.beton", {"max_resolution": 512, "write_mode": "jpg"})}
+    jobs = {"dali": (s.work / "shards", {}), "ffcv": (s.work / "train.beton", {"max_resolution": 512, "write_mode": "jpg"})}
     for fmt in formats:
         out, options = jobs[fmt]
         t = time.perf_counter()
         try:
-            summary = convert(fmt, str(work / "tree"), str(out), show_progress=False, workers=available_cores(), **options)
+            summary = convert(fmt, str(s.work / "tree"), str(out), show_progress=False, workers=s.workers, **options)
             result[fmt] = {
                 "seconds": time.perf_counter() - t,
                 "bytes": _disk_bytes(out),
@@ -106,49 +167,57 @@ def convert_formats(work: Path, formats: list[str]) -> dict:
     return result
 
 
-def _observer(num_classes: int):
+def _observer(s: Settings, num_classes: int):
     from rded_fast.models import build
 
     torch.manual_seed(0)
-    return build("resnet18", num_classes, None, 224).model
+    return build(s.observer, num_classes, None, s.input_size).model
 
 
-def _rate(forward, x: torch.Tensor, reps: int = 20) -> tuple[float, float]:
-    """(crops/s in steady state, seconds of the first call) of forward(x) under bf16 autocast."""
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        torch.cuda.synchronize()
+def _rate(forward, x: torch.Tensor, device: str, reps: int = 20) -> tuple[float, float]:
+    """(crops/s in steady state, seconds of the first call) of forward(x), under bf16 autocast on CUDA."""
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        sync()
         t = time.perf_counter()
         forward(x)
-        torch.cuda.synchronize()
+        sync()
         first = time.perf_counter() - t
         for _ in range(3):
             forward(x)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
             forward(x)
-        torch.cuda.synchronize()
+        sync()
         return reps * len(x) / (time.perf_counter() - t), first
 
 
-def model_only(num_classes: int, batch: int = 500) -> dict:
-    """ResNet-18 @ 224 on ready normalised bf16 channels-last tensors: eager and compiled (CUDA graphs), with
+def model_only(s: Settings, batch: int = 500) -> dict:
+    """The observer on ready normalised channels-last tensors: eager and (on CUDA) compiled with CUDA graphs, with
     cuDNN's heuristics (what distill uses) and, for comparison, with cudnn.benchmark autotuning."""
-    device = torch.device("cuda")
-    model = _observer(num_classes).to(device, memory_format=torch.channels_last).eval()
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    result = {"batch": batch, "dtype": "bf16", "channels_last": True}
-    rate, first = _rate(model, x)
+    cuda = s.device == "cuda"
+    batch = batch if cuda else 16
+    model = _observer(s, s.classes).to(s.device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, 3, s.input_size, s.input_size, device=s.device).contiguous(memory_format=torch.channels_last)
+    result = {"batch": batch, "dtype": "bf16" if cuda else "fp32", "channels_last": True, "observer": s.observer}
+    rate, first = _rate(model, x, s.device, 20 if cuda else 2)
     result["eager"] = {"crops_per_s": rate, "first_call_s": first}
-    rate, first = _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x)
+    if not cuda:  # compiling on a CPU is not what the ceiling is about (and takes minutes)
+        result["compiled"] = {"crops_per_s": rate, "first_call_s": first, "note": "CPU: eager stands in"}
+        return result
+    rate, first = _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x, s.device)
     result["compiled"] = {"crops_per_s": rate, "first_call_s": first}
     result["compile_seconds"] = result["compiled"]["first_call_s"] - result["eager"]["first_call_s"]
     torch.backends.cudnn.benchmark = True
     try:
         torch._dynamo.reset()
-        result["eager_cudnn_benchmark"] = {"crops_per_s": _rate(model, x)[0]}
         result["compiled_cudnn_benchmark"] = {
-            "crops_per_s": _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x)[0]
+            "crops_per_s": _rate(torch.compile(model, dynamic=False, mode="reduce-overhead"), x, s.device)[0]
         }
     finally:
         torch.backends.cudnn.benchmark = False
@@ -156,97 +225,141 @@ def model_only(num_classes: int, batch: int = 500) -> dict:
     return result
 
 
-def dali_decode(work: Path, loads: tuple[float | None, ...] = (0.0, 1.0, None)) -> dict:
-    """DALI mixed decode + 5 crops at 112 px of the whole plan (mipc 300) from the shards: img/s per split."""
+def _plan(s: Settings, source: str):
+    """The suite's plan (mipc, num_crop) over `source` ("tree", "shards", "train.beton") as its loader indexes it."""
     from rded_fast.loaders import open_index
-    from rded_fast.loaders.dali_loader import DaliCropLoader
     from rded_fast.plan import make_plan
 
-    index = open_index("dali", str(work / "shards"), show_progress=False)
-    plan = make_plan(index, 0, 300, 5)
-    result = {"images": len(plan), "crop": 112, "num_crop": 5}
-    for load in loads:
-        loader = DaliCropLoader(
-            index,
-            plan,
-            112,
-            batch_size=256,
-            workers=available_cores(),
-            device="mixed",
-            hw_decoder_load=load,
-            device_id=0,
-            prefetch=2,
-        )
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = failed = 0
-        for batch in loader:
-            n, failed = n + len(batch.rows), failed + len(batch.reasons)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-        result[f"hw_decoder_load_{load}"] = {"img_per_s": n / seconds, "seconds": seconds, "failures": failed}
-    return result
+    name = {"tree": "torch", "shards": "dali", "train.beton": "ffcv"}[source]
+    index = open_index(name, str(s.work / source), show_progress=False)
+    return index, make_plan(index, 0, s.mipc, s.num_crop)
 
 
-def e2e(work: Path, model_rate: float | None, loaders: list[tuple[str, str]]) -> dict:
-    """A whole distill per (loader, data) pair on CUDA; crops/s over the class stage, and vs model-only."""
-    from rded_fast.distill import DistillConfig, distill
+def ceilings(rec: Recorder, s: Settings) -> None:
+    """Each loader's ceiling over the suite's plan of the tree (benchmarks/ceilings.py), one part at a time."""
+    from rded_fast.benchmarks import ceilings as c
 
-    ckpt = work / "resnet18-random.pth"
-    if not ckpt.exists():
-        torch.save({"model": _observer(100).state_dict()}, ckpt)
-    result = {}
-    for name, data in loaders:
-        loader = name.split("-")[0]
-        out = work / f"out-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        torch.cuda.reset_peak_memory_stats()
-        cfg = DistillConfig(
-            data=data,
-            out=str(out),
-            observer="resnet18",
-            weights=str(ckpt),
-            ipc=10,
-            factor=2,
-            mipc=300,
-            num_crop=5,
-            input_size=224,
-            batch_size=100,
-            workers=available_cores(),
-            device="cuda",
-            loader=loader,
-            skip_observer_check=True,
-            show_progress=False,
-        )
-        try:
-            t = time.perf_counter()
-            run = distill(cfg)
-            wall = time.perf_counter() - t
-            manifest = json.loads(run.manifest.read_text())
-            crops = sum(min(c, 300) for c in manifest["data"]["class_counts"]) * 5
-            rate = crops / run.seconds["classes"]
-            result[name] = {
-                "wall_s": wall,
-                "stage_seconds": run.seconds,
-                "images_written": run.num_images,
-                "crops": crops,
-                "crops_per_s": rate,
-                "fraction_of_model_only": rate / model_rate if model_rate else None,
-                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20,
-            }
-        except Exception as exc:
-            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    return result
+    index, plan = _plan(s, "tree")
+    files = [os.path.join(index.root, index.paths[i]) for i in plan.image_ids.tolist()]
+    prefetch = 4 if s.device == "cuda" else 2
+    if _have("nvidia.dali"):
+        for load in (1.0,) if s.device == "cuda" else (None,):
+            rec.part("ceilings", "dali_graph_folder", c.dali_graph, index, plan, s.crop, s.device, s.batch, s.workers, prefetch,
+                     hw_decoder_load=load)  # fmt: skip
+        if (s.work / "shards").is_dir():
+            shard_index, shard_plan = _plan(s, "shards")
+            rec.part("ceilings", "dali_graph_shards", c.dali_graph, shard_index, shard_plan, s.crop, s.device, s.batch,
+                     s.workers, prefetch, hw_decoder_load=1.0 if s.device == "cuda" else None)  # fmt: skip
+        rec.part("ceilings", "dali_rrc", c.dali_rrc, files, s.crop, s.num_crop, s.device, s.batch, s.workers, prefetch)
+    rec.part("ceilings", "tv_decode", c.tv_decode, files, s.device, s.batch)
+    rec.part("ceilings", "pil_processes", c.pil_processes, index, plan, s.crop, s.workers, limit=PIL_IMAGES)
+    if _have("ffcv") and (s.work / "train.beton").is_file():
+        rec.part("ceilings", "ffcv_stock", c.ffcv_stock, str(s.work / "train.beton"), s.crop, s.batch, s.workers)
 
 
-def host_path(work: Path) -> dict:
+PIL_IMAGES = 8000  # the PIL ceiling and the torch loader run on the plan's first rows only: ~3 s each on 16 cores
+LOADER_CEILING = {
+    "dali-folder": "dali_graph_folder",
+    "dali-shards": "dali_graph_shards",
+    "torch-folder": "pil_processes",
+    "ffcv-beton": "ffcv_stock",
+}
+
+
+def decode(rec: Recorder, s: Settings) -> None:
+    """Each loader present over the suite's plan; its rate against its own ceiling (step `ceilings`, same call)."""
+    from rded_fast.benchmarks import ceilings as c
+
+    jobs = [("torch-folder", "tree", {})]
+    if _have("nvidia.dali"):
+        load = {"hw_decoder_load": 1.0} if s.device == "cuda" else {}
+        jobs = [("dali-folder", "tree", load), ("dali-shards", "shards", load), *jobs]
+        if s.device == "cuda":
+            jobs += [("dali-folder-load0", "tree", {"hw_decoder_load": 0.0}), ("dali-folder-default", "tree", {})]
+    if _have("ffcv"):
+        jobs.append(("ffcv-beton", "train.beton", {}))
+    prefetch = 4 if s.device == "cuda" else 2
+    for name, source, options in jobs:
+        if not (s.work / source).exists():
+            continue
+        index, plan = _plan(s, source)
+        if name.startswith("torch"):
+            plan = plan.only(sorted(set(plan.labels[:PIL_IMAGES].tolist())))
+        value = rec.part("decode", name, c.loader_rate, name.split("-")[0], index, plan, s.crop, s.device, s.batch, s.workers,
+                         prefetch=prefetch, **options)  # fmt: skip
+        ceiling = rec.result["steps"].get("ceilings", {}).get(LOADER_CEILING.get(name, ""), {})
+        for key in ("img_per_s", "whole_img_per_s"):
+            if value.get(key) and ceiling.get(key):
+                value[f"fraction_of_ceiling_{key}"] = value[key] / ceiling[key]
+        rec.flush()
+
+
+def _checkpoint(s: Settings, num_classes: int) -> Path:
+    path = s.work / f"{s.observer}-{s.input_size}-random-{num_classes}.pth"
+    if not path.exists():
+        torch.save({"model": _observer(s, num_classes).state_dict()}, path)
+    return path
+
+
+def distill_run(s: Settings, name: str, data: Path, num_classes: int, model_rate: float | None) -> dict:
+    """`rded-fast distill` as a process of its own (start-up, cold compile and manifest included in `wall_s`), with
+    an empty compile cache of its own."""
+    out = s.work / f"out-{data.name}-{name}"
+    argv = [
+        sys.executable, "-m", "rded_fast.cli", "distill", "--data", str(data), "--out", str(out), "--overwrite",
+        "--observer", s.observer, "--weights", str(_checkpoint(s, num_classes)), "--ipc", str(s.ipc), "--factor", "2",
+        "--mipc", str(s.mipc), "--num-crop", str(s.num_crop), "--input-size", str(s.input_size), "--batch-size", "100",
+        "--workers", str(s.workers), "--device", s.device, "--loader", name.split("-")[0], "--skip-observer-check", "--quiet",
+    ]  # fmt: skip
+    cache = tempfile.mkdtemp(prefix="inductor-", dir=s.work)  # a cold compile, as a first run anywhere has
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    t = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        return {"error": f"rc {proc.returncode}: {proc.stderr[-2000:]}", "wall_s": wall}
+    manifest = json.loads((out / "manifest.json").read_text())
+    seconds = manifest["run"]["seconds"]
+    crops = sum(min(c, s.mipc) for c in manifest["data"]["class_counts"]) * s.num_crop
+    rate = crops / seconds["classes"]
+    return {
+        "classes": num_classes,
+        "wall_s": wall,
+        "outside_run_s": wall - seconds["total"],  # interpreter start-up, imports, claiming --out, the manifest
+        "run_seconds": seconds,
+        "images_written": len(manifest["images"]),
+        "decode_failures": len(manifest["decode_failures"]),
+        "crops": crops,
+        "crops_per_s": rate,
+        "model_only_crops_per_s": model_rate,
+        "fraction_of_model_only": rate / model_rate if model_rate else None,
+    }
+
+
+def e2e(rec: Recorder, s: Settings, step: str, sources: dict[str, str], names: list[str], num_classes: int) -> None:
+    model = rec.result["steps"].get("model")
+    if not model and (s.work / "model.json").is_file():
+        model = json.loads((s.work / "model.json").read_text())  # from an earlier call of the suite
+    rate = (model or {}).get("compiled", {}).get("crops_per_s")
+    for name in names:
+        data = s.work / sources[name]
+        if (
+            not data.exists()
+            or (name.startswith("dali") and not _have("nvidia.dali"))
+            or (name.startswith("ffcv") and not _have("ffcv"))
+        ):
+            continue
+        rec.part(step, name, distill_run, s, name, data, num_classes, rate)
+
+
+def host_path(s: Settings) -> dict:
     """The host critical path per class, where `rded-fast bench` has a `host` stage."""
     from rded_fast.benchmarks import stages as bench
 
     if "host" not in getattr(bench, "STAGES", ()):
         return {"unavailable": "this version's bench has no host stage"}
     proc = subprocess.run(
-        [sys.executable, "-m", "rded_fast.cli", "bench", "--stage", "host", "--json", str(work / "host.json")],
+        [sys.executable, "-m", "rded_fast.cli", "bench", "--stage", "host", "--json", str(s.work / "host.json")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -254,76 +367,85 @@ def host_path(work: Path) -> dict:
     )
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
-    return json.loads((work / "host.json").read_text())
+    return json.loads((s.work / "host.json").read_text())
 
 
-def gpu_tests(out_dir: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def gpu_tests(out_dir: Path, select: str | None) -> dict:
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"]
+    proc = subprocess.run(argv + (["-k", select] if select else []), cwd=ROOT, capture_output=True, text=True, timeout=900)
     (out_dir / "gpu_tests.log").write_text(proc.stdout[-200_000:] + "\n" + proc.stderr[-50_000:])
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
-    return {"returncode": proc.returncode, "summary": summary, **counts}
+    return {"returncode": proc.returncode, "summary": summary, "select": select, **counts}
 
 
-STEPS = ("tree", "convert", "model", "decode", "e2e", "host", "tests")
-E2E_SOURCES = {"dali-shards": "shards", "dali-folder": "tree", "ffcv-beton": "train.beton", "torch-folder": "tree"}
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--per-class", type=int, default=300)
-    p.add_argument("--work", default="/tmp/rded-gpu-suite", help="tree, converted data and outputs (kept between runs)")
+    p.add_argument("--classes-1k", type=int, default=1000, help="tree1k: class folders")
+    p.add_argument("--per-class-1k", type=int, default=300, help="tree1k: links per class")
+    p.add_argument("--work", default="/tmp/rded-gpu-suite", help="trees, converted data and outputs (kept between calls)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--e2e", default=",".join(E2E_SOURCES), help=f"e2e runs: subset of {','.join(E2E_SOURCES)}")
+    p.add_argument("--e2e1k", default="dali-folder,torch-folder", help=f"e2e1k runs: subset of {','.join(E2E1K_SOURCES)}")
     p.add_argument("--convert", default="dali,ffcv", help="formats to convert to")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--observer", default="resnet18")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--mipc", type=int, default=300)
+    p.add_argument("--num-crop", type=int, default=5)
+    p.add_argument("--crop", type=int, default=112, help="ceilings/decode: crop side")
+    p.add_argument("--batch", type=int, default=256, help="ceilings/decode: images per batch")
+    p.add_argument("--workers", type=int, default=available_cores())
+    p.add_argument("--tests-k", help="tests: a pytest -k expression (default: every GPU test)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     out_dir, work = Path(args.out_dir), Path(args.work)
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    steps = [s for s in args.steps.split(",") if s]
-    unknown = set(steps) - set(STEPS)
-    if unknown:
+    steps = [x for x in args.steps.split(",") if x]
+    if unknown := set(steps) - set(STEPS):
         p.error(f"--steps: unknown {sorted(unknown)}; choose from {','.join(STEPS)}")
-    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; pass --device cpu to run the steps on the CPU")
+    s = Settings(work, args.device, args.classes, args.per_class, args.classes_1k, args.per_class_1k, args.observer,
+                 args.input_size, args.ipc, args.mipc, args.num_crop, args.crop, args.batch, args.workers)  # fmt: skip
     header = {
-        "device": torch.cuda.get_device_name(0) if cuda else "no CUDA device",
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "cpu": cpu_description(),
         "versions": _versions(),
-        "tree": {"classes": args.classes, "per_class": args.per_class},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "steps_asked": steps,
     }
     rec = Recorder(out_dir, header)
     if "tree" in steps:
-        rec.step("tree", make_tree, work, args.classes, args.per_class)
+        rec.step("tree", make_tree, s)
+    if "tree1k" in steps:
+        rec.step("tree1k", make_tree1k, s)
     if "convert" in steps:
-        rec.step("convert", convert_formats, work, args.convert.split(","))
-    if not cuda:
-        print("no CUDA device: the GPU steps are left out")
-        return 0
-    model = rec.step("model", model_only, args.classes) if "model" in steps else None
-    if model is None and (work / "model.json").is_file():
-        model = json.loads((work / "model.json").read_text())  # from an earlier call of the suite
-    elif model is not None:
+        rec.step("convert", convert_formats, s, args.convert.split(","))
+    if "model" in steps and (model := rec.step("model", model_only, s)) is not None:
         (work / "model.json").write_text(json.dumps(model))
+    if "ceilings" in steps:
+        ceilings(rec, s)
     if "decode" in steps:
-        rec.step("decode", dali_decode, work)
+        decode(rec, s)
     if "e2e" in steps:
-        rate = model["compiled"]["crops_per_s"] if model else None
-        pairs = [(name, str(work / E2E_SOURCES[name])) for name in args.e2e.split(",") if name]
-        rec.step("e2e", e2e, work, rate, pairs)
+        e2e(rec, s, "e2e", E2E_SOURCES, [x for x in args.e2e.split(",") if x], s.classes)
+    if "e2e1k" in steps:
+        e2e(rec, s, "e2e1k", E2E1K_SOURCES, [x for x in args.e2e1k.split(",") if x], s.classes_1k)
     if "host" in steps:
-        rec.step("host", host_path, work)
+        rec.step("host", host_path, s)
     if "tests" in steps:
-        rec.step("tests", gpu_tests, out_dir)
+        rec.step("tests", gpu_tests, out_dir, args.tests_k)
     return 0
 
 

@@ -8,7 +8,13 @@ fits in a few GB; a pool of distinct JPEGs is encoded once and written under eve
 files take a few minutes on 2 cores. Planted like ImageNet's: one PNG named .JPEG (n02105855_2933.JPEG),
 22 CMYK JPEGs, some grayscale JPEGs, and one truncated JPEG.
 
+`link_tree` makes the other ImageNet-1K shape, for throughput at full image size: the 1000 WNID folders with
+`per_class` hard links each to the JPEGs of a smaller tree (e.g. 30k ImageNet-like ~500x375 files from
+benchmarks/make_imagenet_like.py). Decoding costs per file, not per distinct content, so 1000 x 300 links to
+30k files decode like 300k files, and the tree takes seconds to make.
+
 Run: python -m rded_fast.benchmarks.make_imagenet1k_tree --out /work/scale-data/imagenet1k
+     python -m rded_fast.benchmarks.make_imagenet1k_tree --out /tmp/in1k --link-from /tmp/inlike --per-class 300
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -140,13 +147,54 @@ def make_tree(out: str | os.PathLike, seed: int = 0, workers: int | None = None,
     }
 
 
+def link_tree(pool: str | os.PathLike, out: str | os.PathLike, per_class: int = 300, classes: int = 1000) -> dict:
+    """`classes` WNID folders under `out`, each with `per_class` hard links (copies where the file system cannot
+    link) to the files of the ImageFolder `pool`, taken in turn in sorted order; files already there are kept,
+    so a second call finishes an interrupted one. Returns counts, distinct files and seconds."""
+    t0 = time.perf_counter()
+    sources = sorted(str(p) for p in Path(pool).glob("*/*") if p.is_file())
+    if not sources:
+        raise SystemExit(f"--link-from {pool}: no files in its class folders")
+    linked = 0
+    for c, wnid in enumerate(wnids()[:classes]):
+        folder = os.path.join(out, wnid)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            source = sources[(c * per_class + i) % len(sources)]
+            target = os.path.join(folder, f"{wnid}_{i}{os.path.splitext(source)[1]}")
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                continue
+            except OSError:
+                shutil.copyfile(source, target)
+            linked += 1
+    files = classes * per_class
+    return {
+        "out": str(out),
+        "classes": classes,
+        "files": files,
+        "distinct": min(files, len(sources)),
+        "new": linked,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=worker_count)
     p.add_argument("--classes", type=int, default=1000, help="first N classes only (for a quick look)")
+    p.add_argument("--link-from", help="an ImageFolder whose files the classes link to (see link_tree)")
+    p.add_argument("--per-class", type=int, default=300, help="with --link-from: files per class")
     args = p.parse_args(argv)
+    if args.link_from:
+        r = link_tree(args.link_from, args.out, args.per_class, args.classes)
+        print(
+            f"linked {r['files']} files ({r['distinct']} distinct) in {r['classes']} classes under {r['out']} in {r['seconds']:.1f} s"
+        )
+        return 0
     r = make_tree(args.out, args.seed, args.workers, args.classes)
     print(f"wrote {r['files']} files ({r['bytes'] / 1e9:.2f} GB) in {r['classes']} classes to {r['out']} in {r['seconds']:.0f} s")
     return 0

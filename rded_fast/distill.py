@@ -42,7 +42,7 @@ from rded_fast.distributed import World, assign_classes, barrier, collective, in
 from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
-from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, resolve_loader
+from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
 from rded_fast.manifest import build_manifest
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
@@ -702,6 +702,8 @@ def run_classes(
             scored = to_host(watch.timed("score", score_class)(cfg, label, crops, scorer))
             host.submit(functools.partial(prepare, cfg, index, plan, label, crops, ok, scored, reasons, loader.source_extra))
         watch.add("host_wait", host.waited)
+    for key, value in loader.timings().items():  # the loader's side work (DALI: its JPEG check, and the wait for it)
+        watch.add(key, value)
     for label in todo:  # classes with no planned image (empty folders) are journaled too
         if label not in planned:
             record = {
@@ -722,6 +724,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     world = init_world(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
     cfg = resolve_auto(cfg, device)
+    preload(cfg.loader)  # its import overlaps the prologue
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
     index = plan = observer = scorer = check = None

@@ -348,3 +348,24 @@ def test_distill_dali_selects_the_torch_cells(fashion_tree, fashion_observer, tm
     assert len(ref) == len(folder) == len(shards) == 100
     assert agree_folder >= 0.9
     assert agree_shards >= 0.9
+
+
+def test_gpu_decoder_options_and_size_hint(jpeg_tree):
+    """What the GPU decoder is given (checked here, where only the CPU decoder runs): the CPU decoders' chroma
+    upsampling, the pinned split, and a typical planned size as the preallocation hint, not the largest."""
+    from rded_fast.loaders.dali_loader import decoder_options
+
+    assert decoder_options("cpu", 1.0, (500, 375)) == {}
+    assert decoder_options("mixed", 1.0, (500, 375)) == {
+        "jpeg_fancy_upsampling": True,
+        "hw_decoder_load": 1.0,
+        "preallocate_width_hint": 500,
+        "preallocate_height_hint": 375,
+    }
+    assert decoder_options("mixed", None, (0, 0)) == {"jpeg_fancy_upsampling": True}
+    index = open_index("dali", str(jpeg_tree), show_progress=False)
+    plan = make_plan(index, seed=0, mipc=8, num_crop=1)
+    hint = DaliCropLoader(index, plan, 16, device="cpu")._size_hint
+    sizes = index.sizes[plan.image_ids]
+    assert all(lo <= h <= hi for lo, h, hi in zip(sizes.min(axis=0), hint, sizes.max(axis=0))), (hint, sizes)
+    assert hint != tuple(sizes.max(axis=0)) or len(set(map(tuple, sizes))) == 1

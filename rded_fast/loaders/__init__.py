@@ -8,8 +8,11 @@ branches on the loader name.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import sys
+import threading
 
 import torch
 
@@ -26,6 +29,30 @@ def default_prefetch(device: str) -> int:
     """Batches each loader keeps in flight: deeper beside a GPU (it consumes fast), shallow on a CPU (the
     cores are shared with scoring, and every batch ahead is memory)."""
     return 4 if str(device).startswith("cuda") else 2
+
+
+LOADER_MODULES = {
+    "torch": "rded_fast.loaders.torch_loader",
+    "dali": "rded_fast.loaders.dali_loader",
+    "ffcv": "rded_fast.loaders.ffcv_loader",
+}
+
+
+def preload(name: str) -> None:
+    """Start importing loader `name`'s module, and with it its library (DALI: 1-3 s, most of the observer check's
+    set-up at 100 classes), in a background thread: the import overlaps the index, the plan and the observer's
+    compile instead of delaying the observer check, the loader's first user. A failing import is left to the
+    place the loader is made, which imports the module again and says what is wrong."""
+    module = LOADER_MODULES.get(name)
+    if module is not None and module not in sys.modules:
+        threading.Thread(target=_import_quietly, args=(module,), name=f"preload-{name}").start()
+
+
+def _import_quietly(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except BaseException:  # noqa: BLE001 - reported where the loader is made
+        pass
 
 
 def resolve_loader(name: str, data: str, device: torch.device | str) -> str:
@@ -124,6 +151,7 @@ __all__ = [
     "LOADER_NAMES",
     "default_prefetch",
     "make_loader",
+    "preload",
     "open_index",
     "resolve_loader",
 ]

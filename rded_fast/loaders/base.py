@@ -56,6 +56,11 @@ class CropLoader:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def timings(self) -> dict[str, float]:
+        """Seconds of the loader's own side work in its last pass, by name (the DALI loader's JPEG check: its wall
+        time and the part the loader waited for), for the run's `seconds`; none by default."""
+        return {}
+
     def source_extra(self, image_id: int) -> dict:
         """Extra facts about a source image that the manifest records beside each of its cells (the ffcv loader
         gives the size its .beton stores the image at); none by default."""

@@ -3,17 +3,29 @@
 Sources: a shard folder from `rded-fast convert --format dali` (the planned samples' JPEG bytes are read
 from the tars at the offsets in `dataset.json` and fed in through an external source, since DALI's
 webdataset reader can only stream every sample in stored order, and a plan wants a subset, in plan
-order), or a plain ImageFolder (DALI's file reader over the planned files, in plan order). Either
-way the planned boxes come in through an external source beside the bytes, so DALI cuts exactly the
-plan's boxes: per image one decode (`device="mixed"`: nvJPEG and the hardware JPEG decoder on CUDA,
-`hw_decoder_load` settable; `device="cpu"`: libjpeg-turbo), then per crop an integer slice of the box
-and a bilinear antialiased resize to p x p, which is torchvision's `resized_crop` up to DALI's
-antialias filter (the two differ by a few grey levels on large downscales; tests/test_dali.py
-measures it). Crops reach torch through DALIGenericIterator on the decoding device, uint8.
+order), or a plain ImageFolder (DALI's file reader over the planned files, in plan order). Either way the
+planned boxes come in through an external source beside the bytes, one contiguous [B, K, 4] array per
+batch, so DALI cuts exactly the plan's boxes: per image one decode (`device="mixed"`: nvJPEG and the
+hardware JPEG decoder on CUDA, `hw_decoder_load` settable; `device="cpu"`: libjpeg-turbo), then per crop
+an integer slice of the box and a bilinear antialiased resize to p x p, which is torchvision's
+`resized_crop` up to DALI's antialias filter (the two differ by a few grey levels on large downscales;
+tests/test_dali.py measures it). A fused `resize` with a region of interest was measured and left out: it
+reads pixels outside the box, 18 grey levels from torchvision's crop at worst on 500x375 -> 112 px
+(p99 3), outside the documented tolerance; the slice keeps the crop's edges the crop's own. Shard bytes go
+in as a list of memory-mapped views: measured on the CPU (256 x 106 KB JPEGs per batch) at 17-27 ms a batch,
+against 126-138 ms for one zero-padded array sliced in the graph and 70-89 ms for a parallel external source
+(2 worker processes); `no_copy` made no difference.
 
-DALI stops a whole pipeline on one undecodable file; this loader then finds the culprit in the
-failing batch (PIL, then one-image DALI runs), reports it as a failed row, and restarts after it.
-All DALI types stay inside this module.
+Every DALI batch is one batch of the loader (plan rows [i*B, (i+1)*B)), so crops reach torch as DALI made
+them (DALIGenericIterator, on the decoding device, uint8) with no regrouping and no Python per sample.
+A row DALI must not see (a broken JPEG, a file left out at convert time, a file name DALI cannot open)
+keeps its place: a good row of the same batch is decoded in its stead and its crops are zeroed.
+
+Broken JPEGs are found by rded_fast.loaders.jpeg_gate while DALI decodes earlier batches; the feed of a
+batch waits for its rows' verdicts. A broken row found that way, or an image DALI fails on at run time
+(its error names the sample; else each row is tried alone), ends the pipeline before that batch, and a
+new one starts there with the row left out: every failure is a named, counted skip. All DALI types stay
+inside this module.
 """
 
 from __future__ import annotations
@@ -24,8 +36,7 @@ import math
 import mmap
 import os
 import re
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -33,14 +44,16 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
-from rded_fast.jpeg_check import is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
+from rded_fast.loaders.jpeg_gate import JpegGate
 from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 # `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
 HAS_DYNAMIC_EXECUTOR = "exec_dynamic" in inspect.signature(Pipeline.__init__).parameters
 _SAMPLE_IN_ERROR = re.compile(r"sample #(\d+)")
+OUTPUTS = ["crops", "shape", "position", "reader_position"]
+UNOPENABLE_NAME = "file name is not valid UTF-8, which DALI cannot open; rename the file or use --loader torch"
 
 
 def failing_sample(message: str) -> int | None:
@@ -56,31 +69,52 @@ def shard_rows(num_rows: int, shard_id: int, num_shards: int) -> np.ndarray:
     return np.arange(num_rows * shard_id // num_shards, num_rows * (shard_id + 1) // num_shards, dtype=np.int64)
 
 
+def dali_can_open(name: str) -> bool:
+    """Whether DALI's file reader can take this path: its arguments are UTF-8 strings, and a name that is not
+    (undecodable bytes, kept by Python as surrogates) makes it refuse the whole file list."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @pipeline_def(seed=0)
 def crop_pipeline(
-    feed: Callable, files: list[str] | None, num_crop: int, crop_size: int, decode_device: str, hw_decoder_load: float | None
+    feed: Callable, files: list[str] | None, root: str | None, num_crop: int, crop_size: int, decode_device: str, decoder: dict
 ):
-    """One decode per image, then `num_crop` slice+resize crops: outputs crops [K, 3, p, p] uint8, the
-    decoded shape [3] (H, W, C), the position in the segment fed by `feed`, and the position the file
-    reader reports (equal to the former; the loader checks that both streams stay in step)."""
+    """One decode per image, then `num_crop` slice+resize crops. `feed(info)` gives per batch the sample positions
+    [B, 1] int32 and the boxes [B, K, 4] int32 (top, left, height, width), and first the encoded bytes when
+    `files` is None; else DALI's file reader reads `files` (relative to `root`). Outputs: crops [K, 3, p, p]
+    uint8, the decoded shape [3] (H, W, C), the fed position and the position the file reader reports (the
+    same node when bytes are fed; the loader checks that the two streams stay in step)."""
     if files is None:
-        encoded, anchors, extents, position = fn.external_source(source=feed, num_outputs=4, batch=True, batch_info=True)
+        encoded, position, boxes = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
         reader_position = position
     else:
-        encoded, reader_position = fn.readers.file(files=files, random_shuffle=False, pad_last_batch=True, name="files")
-        anchors, extents, position = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
-    options = {}
-    if decode_device == "mixed":
-        options["jpeg_fancy_upsampling"] = True  # the CPU decoders' (and PIL's) chroma upsampling
-        if hw_decoder_load is not None:
-            options["hw_decoder_load"] = hw_decoder_load
-    image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False, **options)
+        encoded, reader_position = fn.readers.file(file_root=root, files=files, random_shuffle=False, name="files")
+        position, boxes = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True)
+    image = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False, **decoder)
     crops = []
     for k in range(num_crop):
-        patch = fn.slice(image, anchors[k], extents[k], axis_names="HW", out_of_bounds_policy="pad")
+        patch = fn.slice(image, boxes[k, 0:2], boxes[k, 2:4], axis_names="HW", out_of_bounds_policy="pad")
         crops.append(fn.resize(patch, size=[crop_size, crop_size], antialias=True, interp_type=types.INTERP_LINEAR))
     stacked = fn.transpose(fn.stack(*crops), perm=[0, 3, 1, 2])
     return stacked, image.shape(), position, reader_position
+
+
+def decoder_options(decode_device: str, hw_decoder_load: float | None, size_hint: tuple[int, int]) -> dict:
+    """`fn.decoders.image` options: on the GPU, the CPU decoders' chroma upsampling (jpeg_fancy_upsampling, what
+    PIL does too), the decoder split, and a typical planned image size `size_hint` (width, height) as the hardware
+    decoder's preallocation hint, so it allocates once for most images instead of growing."""
+    if decode_device != "mixed":
+        return {}
+    options = {"jpeg_fancy_upsampling": True}
+    if hw_decoder_load is not None:
+        options["hw_decoder_load"] = hw_decoder_load
+    if size_hint[0] > 0 and size_hint[1] > 0:
+        options["preallocate_width_hint"], options["preallocate_height_hint"] = int(size_hint[0]), int(size_hint[1])
+    return options
 
 
 class _ShardBytes:
@@ -126,7 +160,8 @@ class DaliCropLoader(CropLoader):
     can differ, and which one an image gets depends on its position in the batch unless the split is
     pinned to 0 or 1, so only a pinned split gives the same bytes across batch sizes and resumes.
     `shard_id`/`num_shards` restrict the loader to one contiguous block of plan rows (for one process
-    per GPU).
+    per GPU). `check_processes`: force (True) or forbid (False) worker processes for the JPEG check
+    (rded_fast.loaders.jpeg_gate; None: by plan size). After a pass, `timings()` has the check's seconds.
     """
 
     def __init__(
@@ -138,6 +173,7 @@ class DaliCropLoader(CropLoader):
         num_shards: int = 1,
         device_id: int | None = None,
         prefetch: int = 2,
+        check_processes: bool | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -154,237 +190,244 @@ class DaliCropLoader(CropLoader):
         self.device_id = None if device != "mixed" else (torch.cuda.current_device() if device_id is None else int(device_id))
         self.rows = shard_rows(len(self.plan), shard_id, num_shards)
         self.shards = load_shard_dataset(self.index.root) if is_shard_dir(self.index.root) else None
+        self.check_processes = check_processes
+        sizes = self.index.sizes[self.plan.image_ids]  # [M, 2] (width, height) by plan row
+        self._expected_hw = torch.from_numpy(np.ascontiguousarray(sizes[:, ::-1]))  # what DALI's shape reports
+        self._boxes = np.ascontiguousarray(self.plan.boxes, dtype=np.int32)
+        # the 90th percentile, not the largest: one huge image must not make the decoder preallocate for it per sample
+        self._size_hint = tuple(int(v) for v in np.percentile(sizes[self.rows], 90, axis=0)) if len(self.rows) else (0, 0)
+        self._out_device = torch.device("cuda", self.device_id) if device == "mixed" else torch.device("cpu")
+        self._seconds: dict[str, float] = {}
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
 
-    def _missing(self) -> dict[int, str]:
-        """Rows that cannot be read at all (left out at convert time), or whose JPEG structure is broken
-        (rded_fast.jpeg_check; DALI's parser fails, or crashes, on those), with the reason."""
+    def timings(self) -> dict[str, float]:
+        return dict(self._seconds)
+
+    def _image_id(self, row: int) -> int:
+        return int(self.plan.image_ids[row])
+
+    def _source(self, row: int) -> str | tuple[str, int, int]:
+        """Where a row's bytes are: its file, or (tar, offset, length) in a shard."""
+        image_id = self._image_id(row)
         if self.shards is None:
-            return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)), workers=self.workers)
+            return os.path.join(self.index.root, self.index.paths[image_id])
+        shards = self.shards
+        return shards.tars[int(shards.shard[image_id])], int(shards.offset[image_id]), int(shards.nbytes[image_id])
+
+    def _never_decoded(self) -> dict[int, str]:
+        """Rows DALI is never given, with the reason: images left out at convert time (shards), file names DALI
+        cannot open (folder)."""
         ids = self.plan.image_ids[self.rows]
-        missing = left_out_rows(self.rows, ids, self.shards.shard[ids] >= 0, self.shards.missing)
-        reader = _ShardBytes(self.shards)
-        try:
-            rows = [r for r in self.rows if int(r) not in missing]
-            return {
-                **missing,
-                **broken_jpeg_rows(rows, lambda r: reader.get(int(self.plan.image_ids[r])), require=True, workers=self.workers),
-            }
-        finally:
-            reader.close()
+        if self.shards is not None:
+            return left_out_rows(self.rows, ids, self.shards.shard[ids] >= 0, self.shards.missing)
+        paths = self.index.paths  # an ASCII name always opens: only the others are encoded (0.45 s at 300k names)
+        rows = zip(self.rows.tolist(), ids.tolist())
+        return {r: UNOPENABLE_NAME for r, i in rows if not paths[i].isascii() and not dali_can_open(paths[i])}
 
-    def _path(self, row: int) -> str:
-        return os.path.join(self.index.root, self.index.paths[int(self.plan.image_ids[row])])
-
-    def _groups(self, remaining: list[int]) -> list[list[int]]:
-        """DALI batches over `remaining` rows. Bytes fed from shards: one batch per plan chunk, so
-        batches line up with the chunks the loader yields (no regrouping copy). The file reader always
-        fills `batch_size`: consecutive blocks."""
+    def __iter__(self) -> Iterator[CropBatch]:
+        bad = self._never_decoded()
+        todo = np.asarray([r for r in self.rows.tolist() if r not in bad], dtype=np.int64)
+        gate = JpegGate(todo, self._source, self.shards is not None, self.workers, self.check_processes)
+        reader = _ShardBytes(self.shards) if self.shards is not None else None
         b = self.batch_size
-        if self.shards is None:
-            return [remaining[i : i + b] for i in range(0, len(remaining), b)]
-        first, groups = int(self.rows[0]), {}
-        for r in remaining:
-            groups.setdefault((r - first) // b, []).append(r)
-        return list(groups.values())
+        chunks = [self.rows[i : i + b] for i in range(0, len(self.rows), b)]
+        try:
+            start = 0
+            while start < len(chunks):
+                start = yield from self._segment(chunks, start, bad, gate, reader)
+        finally:
+            gate.close()
+            if reader is not None:
+                reader.close()
+            self._seconds = gate.seconds()
 
-    def _segment(self, groups: list[list[int]], reader: _ShardBytes | None) -> Iterator[tuple]:
-        """Run one DALI pipeline, one batch per group; yields (rows, crops [n, K, 3, p, p], shapes [n, 3])."""
-        plan = self.plan
-        batch_size = max(len(g) for g in groups)
-        boxes = plan.boxes.astype(np.int32)  # [M, K, 4] (top, left, height, width)
+    def _decoded_rows(self, chunk: np.ndarray, bad: dict[int, str], size: int) -> np.ndarray | None:
+        """The `size` rows DALI decodes for one loader batch: the chunk's own, with a good row of the chunk in place
+        of each bad one and as padding; None when no row of the chunk can be decoded."""
+        if not bad:
+            return np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))])
+        rows = chunk.tolist()
+        good = [r for r in rows if r not in bad]
+        if not good:
+            return None
+        stand_in = good[0]
+        return np.asarray([stand_in if r in bad else r for r in rows] + [stand_in] * (size - len(rows)), dtype=np.int64)
+
+    def _segment(
+        self, chunks: list[np.ndarray], start: int, bad: dict[int, str], gate: JpegGate, reader: _ShardBytes | None
+    ) -> Generator[CropBatch, None, int]:
+        """Yield the batches of chunks[start:] from one DALI pipeline. Returns the chunk at which a new pipeline
+        must start (a failure found there was added to `bad`), or len(chunks) when all are done."""
+        bad.update(gate.known())
+        decoded = {c: self._decoded_rows(chunks[c], bad, self.batch_size) for c in range(start, len(chunks))}
+        batches = [rows for rows in decoded.values() if rows is not None]
+        at = [c for c, rows in decoded.items() if rows is not None]
+
+        def admit(j: int) -> bool:  # the feed's gate: batch j goes to DALI only once its rows are known good
+            found = {r: why for r, why in gate.verdicts(chunks[at[j]]).items() if r not in bad}
+            bad.update(found)
+            return not found
+
+        before = len(bad)
+
+        outputs = self._run(batches, reader, admit)
+        try:
+            for c in range(start, len(chunks)):
+                if decoded[c] is None:
+                    yield self._failed_batch(chunks[c], bad)
+                    continue
+                try:
+                    out = next(outputs)
+                except StopIteration:  # the feed stopped here: the check found a broken row in this batch
+                    if len(bad) == before:
+                        raise _OutOfStep(f"DALI stopped before batch {c} of {len(chunks)} with no failure found") from None
+                    return c
+                except _OutOfStep:
+                    raise
+                except Exception as exc:  # DALI failed on an image of this batch: find it; go on from here
+                    outputs.close()
+                    self._blame(chunks[c], decoded[c], str(exc), reader, bad)
+                    return c
+                yield self._batch(chunks[c], decoded[c], out, bad)
+            return len(chunks)
+        finally:
+            outputs.close()
+
+    def _run(self, batches: list[np.ndarray], reader: _ShardBytes | None, admit: Callable[[int], bool]) -> Iterator[dict]:
+        """One DALI pipeline over `batches` (rows to decode, each of one size); yields DALIGenericIterator's
+        outputs per batch. It stops before batch j when `admit(j)` is False."""
+        size = len(batches[0]) if batches else 1
+        positions = np.arange(size * len(batches), dtype=np.int32).reshape(-1, size, 1)
         files = None
         if reader is None:
-            files = [os.path.join(self.index.root, self.index.paths[int(plan.image_ids[r])]) for g in groups for r in g]
-        starts = np.cumsum([0] + [len(g) for g in groups])
+            paths, ids = self.index.paths, self.plan.image_ids
+            files = [paths[i] for i in ids[np.concatenate(batches)].tolist()] if batches else []
 
         def feed(info):
-            i = info.iteration
-            if i >= len(groups):
+            j = info.iteration
+            if j >= len(batches) or not admit(j):
                 raise StopIteration
-            rows = list(groups[i])
-            positions = list(range(int(starts[i]), int(starts[i + 1])))
-            if files is not None:  # the file reader repeats its last file to fill the last batch; so do we
-                rows += [rows[-1]] * (batch_size - len(rows))
-                positions += [positions[-1]] * (batch_size - len(positions))
-            anchors = [np.ascontiguousarray(boxes[r, :, 0:2]) for r in rows]
-            extents = [np.ascontiguousarray(boxes[r, :, 2:4]) for r in rows]
-            pos = [np.array([p], dtype=np.int32) for p in positions]
+            rows = batches[j]
             if reader is None:
-                return anchors, extents, pos
-            return [reader.get(int(plan.image_ids[r])) for r in rows], anchors, extents, pos
+                return positions[j], self._boxes[rows]
+            return [reader.get(self._image_id(r)) for r in rows.tolist()], positions[j], self._boxes[rows]
 
+        if not batches:
+            return
         executor = {"exec_dynamic": True} if HAS_DYNAMIC_EXECUTOR else {}
         pipe = crop_pipeline(
             feed,
             files,
-            plan.num_crop,
+            self.index.root if files is not None else None,
+            self.plan.num_crop,
             self.crop_size,
             self.decode_device,
-            self.hw_decoder_load,
-            batch_size=batch_size,
+            decoder_options(self.decode_device, self.hw_decoder_load, self._size_hint),
+            batch_size=size,
             num_threads=self.workers,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch,
             **executor,
         )
-        iterator = DALIGenericIterator([pipe], ["crops", "shape", "position", "reader_position"], size=-1)
+        iterator = DALIGenericIterator([pipe], OUTPUTS, size=-1, prepare_first_batch=False)
         try:
-            for i, out in enumerate(iterator):
-                out = out[0]
-                n = len(groups[i])
-                if not torch.equal(out["position"][:n].view(-1), out["reader_position"][:n].view(-1).to(torch.int32)):
-                    raise _OutOfStep("DALI file reader and box feed out of step")  # never expected; fail loudly
-                yield groups[i], out["crops"][:n], out["shape"][:n].cpu()
+            for out in iterator:
+                yield out[0]
         finally:
             del iterator, pipe
 
-    def _probe(self, row: int, reader: _ShardBytes | None) -> str | None:
-        """Why one row fails: PIL's reason, else the error of a one-image DALI run, else None."""
-        image_id = int(self.plan.image_ids[row])
+    def _batch(self, chunk: np.ndarray, decoded: np.ndarray, out: dict, bad: dict[int, str]) -> CropBatch:
+        """The loader batch of `chunk` from DALI's outputs for `decoded` (its rows with stand-ins): crops as DALI
+        made them, a row's crops zeroed where it is bad or decoded to another size than indexed."""
+        n = len(chunk)
+        if not torch.equal(out["position"][:n].view(-1), out["reader_position"][:n].view(-1).to(torch.int32)):
+            raise _OutOfStep("DALI file reader and box feed out of step")  # never expected; fail loudly
+        crops = out["crops"][:n]
+        shape = out["shape"][:n, :2].cpu()  # a CPU output already (shape metadata): no copy, no sync
+        differs = (shape != self._expected_hw[torch.from_numpy(decoded[:n])]).any(1)
+        reasons = {int(r): bad[int(r)] for r in chunk.tolist() if int(r) in bad} if bad else {}
+        for i in torch.nonzero(differs).view(-1).tolist():
+            row = int(chunk[i])
+            if row not in reasons:
+                h, w = (int(v) for v in shape[i])
+                eh, ew = (int(v) for v in self._expected_hw[row])
+                reasons[row] = f"decoded size {w}x{h} differs from indexed {ew}x{eh}"
+        ok = torch.ones(n, dtype=torch.bool)
+        if reasons:
+            failed = torch.from_numpy(np.flatnonzero(np.isin(chunk, list(reasons))))
+            ok[failed] = False
+            crops[failed.to(crops.device)] = 0
+        return CropBatch(rows=torch.from_numpy(chunk.copy()), crops=crops, ok=ok, reasons=reasons)
+
+    def _failed_batch(self, chunk: np.ndarray, bad: dict[int, str]) -> CropBatch:
+        k, p = self.plan.num_crop, self.crop_size
+        return CropBatch(
+            rows=torch.from_numpy(chunk.copy()),
+            crops=torch.zeros((len(chunk), k, 3, p, p), dtype=torch.uint8, device=self._out_device),
+            ok=torch.zeros(len(chunk), dtype=torch.bool),
+            reasons={int(r): bad[int(r)] for r in chunk.tolist()},
+        )
+
+    def _blame(self, chunk: np.ndarray, decoded: np.ndarray, message: str, reader: _ShardBytes | None, bad: dict) -> None:
+        """Add to `bad` the rows of `chunk` that made DALI fail with `message`: the sample DALI's error names, else
+        those found by halving the batch (at most 2 log2(B) runs for one bad row, not B), else every row of the
+        chunk, so the run always moves on."""
+        position = failing_sample(message)
+        if position is not None and position < len(decoded) and int(decoded[position]) not in bad:
+            row = int(decoded[position])
+            bad[row] = self._pil_reason(row, reader) or "DALI: " + _decode_error_line(message)
+            return
+        found = self._failing(sorted(set(decoded.tolist()) - set(bad)), reader, message)
+        bad.update(found)
+        if not found:
+            bad.update({int(r): "DALI: " + _decode_error_line(message) for r in chunk.tolist() if int(r) not in bad})
+
+    def _pil_reason(self, row: int, reader: _ShardBytes | None) -> str | None:
+        image_id = self._image_id(row)
         data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
-        reason = _pil_reason(data)
-        if reason is not None:
-            return reason
+        return _pil_reason(data)
+
+    def _failing(self, rows: list[int], reader: _ShardBytes | None, message: str | None) -> dict[int, str]:
+        """{row: reason} for the rows of `rows` a DALI run fails on, by halving. `message`: the error of a run of
+        these rows when it is known to fail (None: not known yet, so they are run); a half that decodes clears
+        the other half of doubt, so one bad row costs one or two runs per halving."""
+        if not rows:
+            return {}
+        if message is None:
+            message = self._error(rows, reader)
+            if message is None:
+                return {}
+        if len(rows) == 1:
+            return {rows[0]: self._pil_reason(rows[0], reader) or "DALI: " + _decode_error_line(message)}
+        half = len(rows) // 2
+        left = self._failing(rows[:half], reader, None)
+        return {**left, **self._failing(rows[half:], reader, None if left else message)}
+
+    def _error(self, rows: list[int], reader: _ShardBytes | None) -> str | None:
+        """The error of one DALI run over `rows`, or None when they all decode."""
         try:
-            for _ in self._segment([[row]], reader):
+            for _ in self._run([np.asarray(rows, dtype=np.int64)], reader, lambda j: True):
                 pass
         except _OutOfStep:
             raise
         except Exception as exc:
-            return "DALI: " + str(exc).strip().splitlines()[0]
+            return str(exc)
         return None
-
-    def _named_failure(self, rows: list[int], message: str, reader: _ShardBytes | None) -> dict[int, str]:
-        """{row: reason} for the sample DALI's error names, when it names one of `rows`: no probing needed."""
-        position = failing_sample(message)
-        if position is None or position >= len(rows):
-            return {}
-        row = rows[position]
-        image_id = int(self.plan.image_ids[row])
-        data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
-        return {row: _pil_reason(data) or "DALI: " + _decode_error_line(message)}
-
-    def _stream(self, good: list[int]) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
-        """DALI results over `good` rows, in pieces (rows, crops or None, {row: failure reason})."""
-        reader = _ShardBytes(self.shards) if self.shards is not None else None
-        sizes = self.index.sizes
-        remaining = good
-        try:
-            while remaining:
-                groups = self._groups(remaining)
-                done = 0
-                try:
-                    for rows, crops, shapes in self._segment(groups, reader):
-                        reasons = {}
-                        for i, row in enumerate(rows):
-                            w, h = (int(v) for v in sizes[int(self.plan.image_ids[row])])
-                            if (int(shapes[i, 0]), int(shapes[i, 1])) != (h, w):
-                                reasons[row] = (
-                                    f"decoded size {int(shapes[i, 1])}x{int(shapes[i, 0])} differs from indexed {w}x{h}"
-                                )
-                        done += 1
-                        yield rows, crops, reasons
-                    remaining = []
-                except _OutOfStep:
-                    raise
-                except Exception as exc:  # one undecodable image stops a DALI pipeline: find it, go on
-                    failed = groups[done]
-                    bad = self._named_failure(failed, str(exc), reader)
-                    bad = bad or {r: reason for r in failed if (reason := self._probe(r, reader))}
-                    if not bad:  # nothing fails alone: give up on this batch rather than loop
-                        bad = {r: "DALI: " + str(exc).strip().splitlines()[0] for r in failed}
-                    yield sorted(bad), None, bad
-                    finished = {r for g in groups[:done] for r in g} | set(bad)
-                    remaining = [r for r in remaining if r not in finished]
-        finally:
-            if reader is not None:
-                reader.close()
-
-    def __iter__(self) -> Iterator[CropBatch]:
-        missing = self._missing()
-        stream = self._stream([int(r) for r in self.rows if int(r) not in missing])
-        pending: dict[int, torch.Tensor | str] = {}  # DALI results not yet handed out
-        try:
-            for start in range(0, len(self.rows), self.batch_size):
-                chunk = self.rows[start : start + self.batch_size].tolist()
-                if not pending and not any(r in missing for r in chunk):
-                    rows, crops, reasons = next(stream)
-                    if rows == chunk and crops is not None and not reasons:  # the usual case: DALI's batch as it is
-                        yield CropBatch(
-                            rows=torch.tensor(chunk, dtype=torch.int64), crops=crops, ok=torch.ones(len(chunk), dtype=torch.bool)
-                        )
-                        continue
-                    _buffer(pending, rows, crops, reasons)
-                while any(r not in pending and r not in missing for r in chunk):
-                    _buffer(pending, *next(stream))
-                items = [missing[r] if r in missing else pending.pop(r) for r in chunk]
-                yield CropBatch(
-                    rows=torch.tensor(chunk, dtype=torch.int64),
-                    crops=self._assemble(items),
-                    ok=torch.tensor([not isinstance(x, str) for x in items], dtype=torch.bool),
-                    reasons={row: item for row, item in zip(chunk, items) if isinstance(item, str)},
-                )
-        finally:
-            stream.close()
-
-    def _assemble(self, items: list) -> torch.Tensor:
-        """[n, K, 3, p, p] uint8 from per-row crops, zeros for failed rows. On the CPU through numpy:
-        a torch copy here would compete with DALI's threads for the cores (measured 100x slower)."""
-        k, p = self.plan.num_crop, self.crop_size
-        device = next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        if device.type == "cpu":
-            out = np.zeros((len(items), k, 3, p, p), dtype=np.uint8)
-            for i, x in enumerate(items):
-                if isinstance(x, torch.Tensor):
-                    out[i] = x.numpy()
-            return torch.from_numpy(out)
-        crops = torch.zeros((len(items), k, 3, p, p), dtype=torch.uint8, device=device)
-        for i, x in enumerate(items):
-            if isinstance(x, torch.Tensor):
-                crops[i] = x
-        return crops
 
 
 def _decode_error_line(message: str) -> str:
-    """The line of a DALI pipeline error that says what failed (not its traceback of our code)."""
+    """The line of a DALI pipeline error that says what failed (not its traceback of our code): the one naming
+    the sample, else the first after DALI's "encountered:", else the first line."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return next((line for line in lines if _SAMPLE_IN_ERROR.search(line)), lines[0] if lines else "decode failed")
-
-
-def _file_bytes(path: str) -> bytes | str:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return f"cannot read ({exc.strerror})"
-
-
-def broken_jpeg_rows(rows, read: Callable, require: bool = False, workers: int = 1) -> dict[int, str]:
-    """{row: reason} for rows whose bytes (`read(row)`: bytes, or a reason string) are a broken JPEG;
-    other formats pass unless `require` (shards hold only JPEG). Checked in `workers` threads (file reads
-    and numpy release the GIL), since every planned file is checked before DALI starts."""
-
-    def problem(row: int) -> str | None:
-        data = read(int(row))
-        if isinstance(data, str):
-            return data
-        if require or is_jpeg(data):
-            found = jpeg_problem(data)
-            return None if found is None else f"corrupt JPEG structure: {found}"
-        return None
-
-    rows = [int(r) for r in rows]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return {row: reason for row, reason in zip(rows, pool.map(problem, rows, chunksize=64)) if reason is not None}
+    named = next((line for line in lines if _SAMPLE_IN_ERROR.search(line)), None)
+    if named is not None:
+        return named
+    after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else []
+    cause = next((line for line in after if not line.startswith("Current pipeline object")), None)
+    return cause or (lines[0] if lines else "decode failed")
 
 
 class _OutOfStep(RuntimeError):
     """The file reader's and the box feed's sample positions differ: a bug, never an image problem."""
-
-
-def _buffer(pending: dict, rows: list[int], crops: torch.Tensor | None, reasons: dict[int, str]) -> None:
-    for i, row in enumerate(rows):
-        pending[row] = reasons[row] if row in reasons else crops[i]
