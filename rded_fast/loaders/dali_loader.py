@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import mmap
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from PIL import Image
 
 from rded_fast.jpeg_check import is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
-from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
+from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 # `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
@@ -81,28 +80,6 @@ def crop_pipeline(
         crops.append(fn.resize(patch, size=[crop_size, crop_size], antialias=True, interp_type=types.INTERP_LINEAR))
     stacked = fn.transpose(fn.stack(*crops), perm=[0, 3, 1, 2])
     return stacked, image.shape(), position, reader_position
-
-
-class _ShardBytes:
-    """JPEG bytes of index entries, sliced from memory-mapped tars at the offsets of dataset.json."""
-
-    def __init__(self, shards: ShardDataset):
-        self.shards = shards
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def get(self, image_id: int) -> np.ndarray:
-        number = int(self.shards.shard[image_id])
-        if number not in self._maps:
-            with open(self.shards.tars[number], "rb") as f:
-                self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(
-            self._maps[number], np.uint8, count=int(self.shards.nbytes[image_id]), offset=int(self.shards.offset[image_id])
-        )
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
 
 
 def _pil_reason(data: bytes | str) -> str | None:
@@ -165,7 +142,7 @@ class DaliCropLoader(CropLoader):
             return broken_jpeg_rows(self.rows, lambda r: _file_bytes(self._path(r)), workers=self.workers)
         ids = self.plan.image_ids[self.rows]
         missing = left_out_rows(self.rows, ids, self.shards.shard[ids] >= 0, self.shards.missing)
-        reader = _ShardBytes(self.shards)
+        reader = ShardBytes(self.shards)
         try:
             rows = [r for r in self.rows if int(r) not in missing]
             return {
@@ -190,7 +167,7 @@ class DaliCropLoader(CropLoader):
             groups.setdefault((r - first) // b, []).append(r)
         return list(groups.values())
 
-    def _segment(self, groups: list[list[int]], reader: _ShardBytes | None) -> Iterator[tuple]:
+    def _segment(self, groups: list[list[int]], reader: ShardBytes | None) -> Iterator[tuple]:
         """Run one DALI pipeline, one batch per group; yields (rows, crops [n, K, 3, p, p], shapes [n, 3])."""
         plan = self.plan
         batch_size = max(len(g) for g in groups)
@@ -241,7 +218,7 @@ class DaliCropLoader(CropLoader):
         finally:
             del iterator, pipe
 
-    def _probe(self, row: int, reader: _ShardBytes | None) -> str | None:
+    def _probe(self, row: int, reader: ShardBytes | None) -> str | None:
         """Why one row fails: PIL's reason, else the error of a one-image DALI run, else None."""
         image_id = int(self.plan.image_ids[row])
         data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
@@ -257,7 +234,7 @@ class DaliCropLoader(CropLoader):
             return "DALI: " + str(exc).strip().splitlines()[0]
         return None
 
-    def _named_failure(self, rows: list[int], message: str, reader: _ShardBytes | None) -> dict[int, str]:
+    def _named_failure(self, rows: list[int], message: str, reader: ShardBytes | None) -> dict[int, str]:
         """{row: reason} for the sample DALI's error names, when it names one of `rows`: no probing needed."""
         position = failing_sample(message)
         if position is None or position >= len(rows):
@@ -269,7 +246,7 @@ class DaliCropLoader(CropLoader):
 
     def _stream(self, good: list[int]) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
         """DALI results over `good` rows, in pieces (rows, crops or None, {row: failure reason})."""
-        reader = _ShardBytes(self.shards) if self.shards is not None else None
+        reader = ShardBytes(self.shards) if self.shards is not None else None
         sizes = self.index.sizes
         remaining = good
         try:
