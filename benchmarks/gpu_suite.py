@@ -5,10 +5,12 @@ Steps (each recorded as soon as it ends, so a run cut short still leaves its num
   convert  the tree as DALI shards and as an FFCV .beton (seconds, bytes)
   model    ResNet-18 @ 224 alone, bf16, compiled (CUDA graphs) and eager: crops/s and compile seconds
   decode   DALI mixed decode + 5 crops at 112 px over the whole plan, hw_decoder_load 0 and 1: img/s
+  tvjpeg   torchvision's nvJPEG path: decode alone, decode + crops, the tvjpeg loader (tree, shards) and the
+           DALI loader on the same plan (benchmarks/tv_decode.py)
   e2e      a whole `distill` (IPC 10, factor 2, mipc 300, 5 crops, 224 px, observer check skipped:
            the observer is a random-init ResNet-18) with each loader; crops/s and its fraction of model-only
   host     the host critical path per class (`bench --stage host`, where this version has it)
-  tests    `pytest -m gpu tests/test_gpu.py`: passed / failed / skipped
+  tests    `pytest -m gpu tests/test_gpu.py tests/test_tvjpeg.py`: passed / failed / skipped
 Where CUDA is absent, only `tree` and `convert` run (the suite's CPU-side parts; use small sizes).
 
 Run: python -m rded_fast.benchmarks.gpu_suite OUT_DIR [--classes 100 --per-class 300 --work DIR --steps tree,convert,...]
@@ -259,7 +261,7 @@ def host_path(work: Path) -> dict:
 
 def gpu_tests(out_dir: Path) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"],
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py", "tests/test_tvjpeg.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -271,8 +273,15 @@ def gpu_tests(out_dir: Path) -> dict:
     return {"returncode": proc.returncode, "summary": summary, **counts}
 
 
-STEPS = ("tree", "convert", "model", "decode", "e2e", "host", "tests")
-E2E_SOURCES = {"dali-shards": "shards", "dali-folder": "tree", "ffcv-beton": "train.beton", "torch-folder": "tree"}
+STEPS = ("tree", "convert", "model", "decode", "tvjpeg", "e2e", "host", "tests")
+E2E_SOURCES = {
+    "dali-shards": "shards",
+    "dali-folder": "tree",
+    "ffcv-beton": "train.beton",
+    "torch-folder": "tree",
+    "tvjpeg-folder": "tree",
+    "tvjpeg-shards": "shards",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         (work / "model.json").write_text(json.dumps(model))
     if "decode" in steps:
         rec.step("decode", dali_decode, work)
+    if "tvjpeg" in steps:  # torchvision's nvJPEG path beside its ceilings and DALI (benchmarks/tv_decode.py)
+        from rded_fast.benchmarks.tv_decode import tv_decode
+
+        rec.step("tvjpeg", tv_decode, work)
     if "e2e" in steps:
         rate = model["compiled"]["crops_per_s"] if model else None
         pairs = [(name, str(work / E2E_SOURCES[name])) for name in args.e2e.split(",") if name]
