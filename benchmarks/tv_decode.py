@@ -6,9 +6,11 @@ the whole plan:
   decode_only    `torchvision.io.decode_jpeg(list, device=...)` in batches, bytes already in memory: the ceiling
                  of the loader's decoder;
   decode_crop    the same plus the loader's crop arithmetic (`resize_boxes`) per batch: its compute ceiling;
-  tvjpeg_folder  the tvjpeg loader over the ImageFolder, and tvjpeg_shards over `work/shards` when converted;
+  tvjpeg_folder  the tvjpeg loader over the ImageFolder (also at batch 64, distill's default: tvjpeg_folder_batch64),
+                 and tvjpeg_shards over `work/shards` when converted;
   dali_folder    the DALI loader (GPU decoding, hw_decoder_load 1) over the same tree, when DALI is installed;
-each loader with its fraction of decode_only, its rows by decode path, and its peak memory on the device.
+each loader with its fraction of decode_only and its peak memory on the device; tvjpeg's also with its rows by
+decode path and where its threads' seconds went (reading, waiting for readers, decode, cut, waiting for the consumer).
 
 Run alone: python -m rded_fast.benchmarks.tv_decode WORK [--make-tree 100x100] [--shards] [--json OUT.json]
 """
@@ -70,8 +72,6 @@ def _loader_pass(loader, device: torch.device) -> dict:
     result = {"img_per_s": images / seconds, "seconds": seconds, "images": images, "failures": failed}
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if hasattr(loader, "counts"):
-        result["counts"] = dict(loader.counts)
     return result
 
 
@@ -96,19 +96,19 @@ def tv_decode(
     plan = make_plan(index, seed=0, mipc=int(index.class_counts().max()), num_crop=num_crop)
     result = {"images": len(plan), "crop_size": crop_size, "num_crop": num_crop, "batch_size": batch_size, "workers": workers}
     result.update(_ceilings(index, plan, crop_size, batch_size, target))
-    sources = {"tvjpeg_folder": str(work / "tree")}
+    runs = [("tvjpeg_folder", str(work / "tree"), batch_size), ("tvjpeg_folder_batch64", str(work / "tree"), 64)]
     if (work / "shards" / "dataset.json").is_file():
-        sources["tvjpeg_shards"] = str(work / "shards")
-    for name, data in sources.items():
+        runs.append(("tvjpeg_shards", str(work / "shards"), batch_size))
+    for name, data, size in runs:  # batch 64: distill's default --batch-size
         source_index = open_index("tvjpeg", data, show_progress=False)
         source_plan = make_plan(source_index, seed=0, mipc=int(source_index.class_counts().max()), num_crop=num_crop)
         assert np.array_equal(source_plan.boxes, plan.boxes), "the shards plan other boxes than their tree"
         loader = TvJpegCropLoader(
-            source_index, source_plan, crop_size, batch_size=batch_size, workers=workers, device=target, prefetch=prefetch
+            source_index, source_plan, crop_size, batch_size=size, workers=workers, device=target, prefetch=prefetch
         )
-        result[name] = _loader_pass(loader, target)
+        result[name] = {**_loader_pass(loader, target), "counts": dict(loader.counts), "thread_seconds": loader.watch.seconds}
     result["dali_folder"] = _dali_pass(index, plan, crop_size, batch_size, workers, target)
-    for name in ("decode_crop", "tvjpeg_folder", "tvjpeg_shards", "dali_folder"):
+    for name in ("decode_crop", "tvjpeg_folder", "tvjpeg_folder_batch64", "tvjpeg_shards", "dali_folder"):
         if "img_per_s" in result.get(name, {}):
             result[name]["of_decode_only"] = result[name]["img_per_s"] / result["decode_only"]["img_per_s"]
     return result

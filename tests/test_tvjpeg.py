@@ -291,11 +291,11 @@ def test_distill_with_tvjpeg_same_bytes_across_runs_batch_sizes_and_resume(tmp_p
             "cells": json.dumps(json.loads(files["manifest.json"])["images"]).encode()
         }
 
-    assert main(args("a", 5)) == 0 and main(args("b", 5)) == 0 and main(args("c", 8)) == 0
+    assert main(args("a", 5)) == 0 and main(args("b", 8)) == 0
     a = result("a")
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["parameters"]["loader"] == "tvjpeg"
     assert len([k for k in a if k.endswith(".png")]) == 13  # 12 images and the contact sheet
-    assert result("b") == a and result("c") == a
+    assert result("b") == a
     journal = tmp_path / "killed" / ".rded-journal"
     code = kill_when(
         [sys.executable, "-m", "rded_fast.cli", *args("killed", 5)],
@@ -391,6 +391,6 @@ def test_tv_decode_benchmark_runs_every_row_on_the_cpu(jpeg_tree, tmp_path):
     convert_dali(str(tmp_path / "tree"), str(tmp_path / "shards"), workers=2, show_progress=False)
     result = tv_decode(tmp_path, device="cpu", crop_size=16, num_crop=2, batch_size=8, workers=2)
     assert result["images"] == 24
-    for name in ("decode_only", "decode_crop", "tvjpeg_folder", "tvjpeg_shards", "dali_folder"):
+    for name in ("decode_only", "decode_crop", "tvjpeg_folder", "tvjpeg_folder_batch64", "tvjpeg_shards", "dali_folder"):
         assert result[name].get("img_per_s", 0) > 0 or "unavailable" in result[name], (name, result[name])
     assert result["tvjpeg_folder"]["counts"] == {"device": 24, "failed": 0} == result["tvjpeg_shards"]["counts"]

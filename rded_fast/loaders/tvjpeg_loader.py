@@ -45,6 +45,7 @@ from rded_fast.jpeg_check import JpegFrame, frame_header, is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.box_resize import resize_boxes
 from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
+from rded_fast.timing import Stopwatch
 
 DEVICE_FRAMES = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: nvJPEG's hardware path
 RGB_IDS = (ord("R"), ord("G"), ord("B"))  # component ids that make libjpeg read three components as RGB
@@ -91,7 +92,9 @@ class TvJpegCropLoader(CropLoader):
 
     `workers`: reader threads (file reads, the JPEG check, PIL decodes); `prefetch`: batches decoded ahead.
     `counts` holds the last pass's rows by path: decoded on the device, by PIL (including those the device
-    refused), failed."""
+    refused), failed; `watch.seconds` its seconds: `read` (summed over the reader threads), and in the decoding
+    thread `read_wait` (for the readers), `decode`, `cut` (host time; on CUDA the crops' kernels run after) and
+    `put_wait` (for the consumer)."""
 
     def __init__(self, *args, device: str | torch.device = "cpu", prefetch: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,6 +104,7 @@ class TvJpegCropLoader(CropLoader):
         self.prefetch = max(1, int(prefetch))
         self.shards = load_shard_dataset(self.index.root) if is_shard_dir(self.index.root) else None
         self.counts: Counter = Counter()
+        self.watch = Stopwatch()
 
     def __len__(self) -> int:
         return math.ceil(len(self.plan) / self.batch_size)
@@ -206,7 +210,8 @@ class TvJpegCropLoader(CropLoader):
         pending: deque = deque()
         for chunk in chunks:
             parts = np.array_split(chunk, min(len(chunk), max(1, self.workers)))
-            pending.append((chunk.tolist(), [pool.submit(self._prepare, p.tolist(), reader, missing) for p in parts]))
+            prepare = self.watch.timed("read", self._prepare)
+            pending.append((chunk.tolist(), [pool.submit(prepare, p.tolist(), reader, missing) for p in parts]))
             while len(pending) > self.prefetch or (pending and chunk is chunks[-1]):
                 rows, futures = pending.popleft()
                 yield rows, [item for f in futures for item in f.result()]
@@ -222,14 +227,15 @@ class TvJpegCropLoader(CropLoader):
                 decode_stream, crop_stream = (
                     (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if cuda else (None, None)
                 )
-                for chunk, items in self._read_ahead(pool, reader):
+                watch = self.watch
+                for chunk, items in watch.waiting("read_wait", self._read_ahead(pool, reader)):
                     if stop.is_set():
                         return
-                    images = self._decode_rows(chunk, items, decode_stream)
+                    images = watch.timed("decode", self._decode_rows)(chunk, items, decode_stream)
                     if cuda:
                         crop_stream.wait_stream(decode_stream)  # torchvision makes the decode stream wait for nvJPEG
-                    batch = self._cut(chunk, items, images, crop_stream)
-                    if not _put(results, (batch, crop_stream.record_event() if cuda else None), stop):
+                    batch = watch.timed("cut", self._cut)(chunk, items, images, crop_stream)
+                    if not watch.timed("put_wait", _put)(results, (batch, crop_stream.record_event() if cuda else None), stop):
                         return
             _put(results, _END, stop)
         except BaseException as exc:  # handed to the consumer, which raises it
@@ -240,7 +246,7 @@ class TvJpegCropLoader(CropLoader):
                 reader.close()
 
     def __iter__(self) -> Iterator[CropBatch]:
-        self.counts = Counter()
+        self.counts, self.watch = Counter(), Stopwatch()
         results: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(results, stop), name="tvjpeg-decode", daemon=True)
