@@ -81,8 +81,9 @@ def add_distill(sub) -> None:
     p.add_argument(
         "--loader",
         default="auto",
-        help="auto (default: ffcv for a .beton, dali on CUDA when installed, "
-        "else torch), torch (PIL, reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder)",
+        help="auto (default: ffcv for a .beton; on CUDA dali when installed, else tvjpeg; else torch), torch (PIL, "
+        "reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder), tvjpeg (torchvision's JPEG "
+        "decoder on --device: nvJPEG on CUDA; --data shards/ or an ImageFolder)",
     )
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)

@@ -73,14 +73,14 @@ def _pipe_rate(pipe, images_per_run: int, device: str, warm: int) -> dict:
 
 def dali_graph(index, plan, crop_size: int, device: str, batch_size: int, threads: int, prefetch: int, **decoder) -> dict:
     """The DALI loader's graph alone over `plan` (folder, or shards when `index.root` is a shard folder)."""
-    from rded_fast.loaders.dali_loader import _ShardBytes, crop_pipeline, decoder_options
-    from rded_fast.loaders.shards import is_shard_dir, load_shard_dataset
+    from rded_fast.loaders.dali_loader import crop_pipeline, decoder_options
+    from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 
     runs = len(plan) // batch_size
     rows = np.arange(runs * batch_size).reshape(runs, batch_size)
     boxes = np.ascontiguousarray(plan.boxes, dtype=np.int32)
     positions = np.arange(runs * batch_size, dtype=np.int32).reshape(runs, batch_size, 1)
-    reader = _ShardBytes(load_shard_dataset(index.root)) if is_shard_dir(index.root) else None
+    reader = ShardBytes(load_shard_dataset(index.root)) if is_shard_dir(index.root) else None
     files = None if reader is not None else [index.paths[i] for i in plan.image_ids[: runs * batch_size].tolist()]
 
     def feed(info):

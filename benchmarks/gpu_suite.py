@@ -10,6 +10,8 @@ Steps (each recorded as soon as it ends, so a run cut short still leaves its num
   ceilings  every loader's own ceiling over one plan of the tree (mipc 300, 5 crops at 112 px): the DALI
             loader's graph alone (folder and shards), DALI's random_resized_crop graph, torchvision's batched
             decode_jpeg, PIL decode + crops in worker processes, ffcv's stock decoder (benchmarks/ceilings.py)
+  tvjpeg    torchvision's nvJPEG path: decode alone, decode + crops, the tvjpeg loader (tree, shards) and the
+            DALI loader on the same plan (benchmarks/tv_decode.py)
   decode    each loader present over the same plan: img/s, time to the first batch, and its fraction of its
             own ceiling (DALI also at hw_decoder_load 0.0 and DALI's default split)
   e2e       a whole `rded-fast distill` (IPC 10, factor 2, mipc 300, 5 crops, 224 px, random-init observer,
@@ -17,7 +19,7 @@ Steps (each recorded as soon as it ends, so a run cut short still leaves its num
             crops/s and its fraction of model-only
   e2e1k     the same on the 1000-class tree (300k images, 1.5 M crops): wall incl. start-up and cold compile
   host      the host critical path per class (`bench --stage host`)
-  tests     `pytest -m gpu tests/test_gpu.py` (or `--tests-k EXPR`): passed / failed / skipped
+  tests     `pytest -m gpu tests/test_gpu.py tests/test_tvjpeg.py` (or `--tests-k EXPR`): passed / failed / skipped
 Without CUDA the steps run on the CPU with `--device cpu` (DALI decodes on the CPU, the model is not compiled);
 with small sizes that is how tests/test_gpu_suite.py exercises the GPU path on a CPU machine.
 
@@ -44,8 +46,15 @@ import torch
 from rded_fast.device import available_cores, cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("tree", "tree1k", "convert", "model", "ceilings", "decode", "e2e", "e2e1k", "host", "tests")
-E2E_SOURCES = {"dali-shards": "shards", "dali-folder": "tree", "ffcv-beton": "train.beton", "torch-folder": "tree"}
+STEPS = ("tree", "tree1k", "convert", "model", "ceilings", "decode", "tvjpeg", "e2e", "e2e1k", "host", "tests")
+E2E_SOURCES = {
+    "dali-shards": "shards",
+    "dali-folder": "tree",
+    "ffcv-beton": "train.beton",
+    "torch-folder": "tree",
+    "tvjpeg-folder": "tree",
+    "tvjpeg-shards": "shards",
+}
 E2E1K_SOURCES = {"dali-folder": "tree1k", "torch-folder": "tree1k", "ffcv-beton": "train1k.beton"}
 
 
@@ -371,7 +380,7 @@ def host_path(s: Settings) -> dict:
 
 
 def gpu_tests(out_dir: Path, select: str | None) -> dict:
-    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py"]
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-s", "tests/test_gpu.py", "tests/test_tvjpeg.py"]
     proc = subprocess.run(argv + (["-k", select] if select else []), cwd=ROOT, capture_output=True, text=True, timeout=900)
     (out_dir / "gpu_tests.log").write_text(proc.stdout[-200_000:] + "\n" + proc.stderr[-50_000:])
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -438,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         ceilings(rec, s)
     if "decode" in steps:
         decode(rec, s)
+    if "tvjpeg" in steps:  # torchvision's nvJPEG path beside its ceilings and DALI (benchmarks/tv_decode.py)
+        from rded_fast.benchmarks.tv_decode import tv_decode
+
+        rec.step("tvjpeg", tv_decode, s.work)
     if "e2e" in steps:
         e2e(rec, s, "e2e", E2E_SOURCES, [x for x in args.e2e.split(",") if x], s.classes)
     if "e2e1k" in steps:

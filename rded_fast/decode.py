@@ -8,6 +8,7 @@ clipped; CMYK, palette, gray and alpha images are converted to RGB by PIL.
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -24,8 +25,8 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
 
 
-def decode_rgb_array(path: str | os.PathLike) -> np.ndarray:
-    """Fully decode `path` (raises on truncated or corrupt files) to [H, W, 3] uint8."""
+def decode_rgb_array(path: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """Fully decode `path` (a file name or an open binary file; raises on truncated or corrupt files) to [H, W, 3] uint8."""
     with Image.open(path) as im:
         im.load()
         return to_rgb8(im).copy()

@@ -12,6 +12,8 @@ microseconds per image, far less than decoding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 SOI, EOI, SOS = 0xD8, 0xD9, 0xDA
@@ -21,6 +23,7 @@ SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0
 BETWEEN_SCANS = {0xC4, 0xCC, 0xDB, 0xDD, 0xDC, 0xFE, *range(0xE0, 0xF0)}
 STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
 RESTART = range(0xD0, 0xD8)
+APP14 = 0xEE  # Adobe's segment: says whether 3 or 4 components are colour-transformed
 
 
 def is_jpeg(data: bytes | np.ndarray) -> bool:
@@ -28,9 +31,16 @@ def is_jpeg(data: bytes | np.ndarray) -> bool:
     return len(data) >= 2 and data[0] == 0xFF and data[1] == SOI
 
 
-def jpeg_problem(data: bytes | memoryview | np.ndarray) -> str | None:
+def _as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> bytes | bytearray:
+    """Bytes whose items index as Python ints (ten times cheaper than numpy scalars in the header walks)."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    return data.view(np.uint8).reshape(-1).tobytes() if isinstance(data, np.ndarray) else bytes(data)
+
+
+def jpeg_problem(data: bytes | bytearray | memoryview | np.ndarray) -> str | None:
     """None when `data` is a structurally whole JPEG, else a short reason naming the byte offset."""
-    raw = data if isinstance(data, bytes) else np.asarray(data, dtype=np.uint8).reshape(-1).tobytes()
+    raw = _as_bytes(data)
     n = len(raw)
     if not is_jpeg(raw):
         return "not a JPEG (no start-of-image marker)"
@@ -121,3 +131,45 @@ def source_problem(source: str | tuple[str, int, int], require_jpeg: bool = Fals
 def sources_problems(sources: list, require_jpeg: bool = False) -> list[str | None]:
     """`source_problem` of each source, in order (one task of a worker pool: a module-level function)."""
     return [source_problem(s, require_jpeg) for s in sources]
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """What a JPEG's headers say about its pixels: the frame marker (0xC0 baseline, 0xC1 extended, 0xC2
+    progressive, ...), sample precision in bits, height, width, the component ids, and the transform flag of
+    an Adobe APP14 segment (0: components stored as they are, RGB or CMYK; 1: YCbCr; 2: YCCK), None without one."""
+
+    marker: int
+    precision: int
+    height: int
+    width: int
+    components: tuple[int, ...]
+    adobe_transform: int | None
+
+
+def frame_header(data: bytes | bytearray | memoryview | np.ndarray) -> JpegFrame | None:
+    """The frame of JPEG bytes (headers up to the first scan are read), or None when there is no frame header
+    before the first scan or the headers are cut short. Meant for bytes `jpeg_problem` accepted."""
+    b = _as_bytes(data)
+    n, pos = len(b), 2
+    frame, adobe = None, None
+    while pos + 1 < n and b[pos] == 0xFF:
+        while pos < n and b[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos + 2 >= n:
+            return None
+        marker = b[pos]
+        pos += 1
+        if marker in STANDALONE:
+            continue
+        if marker in (SOS, EOI):
+            break
+        length = (b[pos] << 8) | b[pos + 1]
+        body = b[pos + 2 : pos + length]
+        if marker in SOF and len(body) >= 6 and len(body) >= 6 + 3 * body[5]:
+            ids = tuple(body[6 + 3 * c] for c in range(body[5]))
+            frame = (marker, body[0], (body[1] << 8) | body[2], (body[3] << 8) | body[4], ids)
+        elif marker == APP14 and len(body) >= 12 and body[:5] == b"Adobe":
+            adobe = body[11]
+        pos += length
+    return None if frame is None else JpegFrame(*frame, adobe_transform=adobe)

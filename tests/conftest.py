@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,23 @@ def write_synthetic_jpegs(root: Path, classes: int = 3, per_class: int = 8, seed
             img = base + 60 * np.sin(xx[..., None] / (3 + i) + yy[..., None] / (4 + c) + rng.random(3) * 6)
             img += rng.normal(0, 8, img.shape)
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.jpg", quality=quality)
+    return root
+
+
+def write_odd_tree(root: Path, jpeg_tree: Path) -> Path:
+    """jpeg_tree plus one of each odd file in class_00: CMYK, gray, progressive, PNG named .jpg,
+    truncated and zero-byte JPEGs (named to sort after the normal images)."""
+    shutil.copytree(jpeg_tree, root)
+    folder = root / "class_00"
+    yy, xx = np.mgrid[0:48, 0:56]
+    pixels = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
+    Image.fromarray(pixels).convert("CMYK").save(folder / "odd_cmyk.jpg", quality=90)
+    Image.fromarray(pixels).convert("L").save(folder / "odd_gray.jpg", quality=90)
+    Image.fromarray(pixels).save(folder / "odd_progressive.jpg", quality=90, progressive=True)
+    Image.fromarray(pixels).save(folder / "odd_png.jpg", format="PNG")
+    good = (folder / "img_000.jpg").read_bytes()
+    (folder / "odd_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "odd_zero.jpg").write_bytes(b"")
     return root
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -27,31 +26,14 @@ from rded_fast.loaders import make_loader, open_index
 from rded_fast.loaders.dali_loader import DaliCropLoader
 from rded_fast.loaders.shards import load_shard_dataset
 from rded_fast.plan import make_plan
-from tests.conftest import planned_sources
+from tests.conftest import planned_sources, write_odd_tree
 
 MAX_DIFF, MEAN_DIFF, P99_DIFF = 8, 0.5, 2
 
 
-def _odd_tree(root: Path, jpeg_tree: Path) -> Path:
-    """jpeg_tree plus one of each odd file in class_00: CMYK, gray, progressive, PNG named .jpg,
-    truncated and zero-byte JPEGs (named to sort after the normal images)."""
-    shutil.copytree(jpeg_tree, root)
-    folder = root / "class_00"
-    yy, xx = np.mgrid[0:48, 0:56]
-    pixels = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
-    Image.fromarray(pixels).convert("CMYK").save(folder / "odd_cmyk.jpg", quality=90)
-    Image.fromarray(pixels).convert("L").save(folder / "odd_gray.jpg", quality=90)
-    Image.fromarray(pixels).save(folder / "odd_progressive.jpg", quality=90, progressive=True)
-    Image.fromarray(pixels).save(folder / "odd_png.jpg", format="PNG")
-    good = (folder / "img_000.jpg").read_bytes()
-    (folder / "odd_truncated.jpg").write_bytes(good[: len(good) // 2])
-    (folder / "odd_zero.jpg").write_bytes(b"")
-    return root
-
-
 @pytest.fixture(scope="module")
 def odd_tree(tmp_path_factory, jpeg_tree) -> Path:
-    return _odd_tree(tmp_path_factory.mktemp("odd") / "tree", jpeg_tree)
+    return write_odd_tree(tmp_path_factory.mktemp("odd") / "tree", jpeg_tree)
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,7 @@ def _differing(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("loader", ["torch", "tvjpeg", pytest.param("dali", marks=needs_dali)])
 def test_gpu_distill_same_bytes_across_runs_batch_sizes_and_resume(gpu_tree, gpu_observer, tmp_path, loader):
     from rded_fast.cli import main
 

@@ -21,7 +21,7 @@ from rded_fast.index import DatasetIndex, load_or_build_index
 from rded_fast.loaders.base import CropBatch, CropLoader
 from rded_fast.plan import CropPlan
 
-LOADER_NAMES = ("torch", "dali", "ffcv")
+LOADER_NAMES = ("torch", "dali", "ffcv", "tvjpeg")
 LOADER_CHOICES = ("auto", *LOADER_NAMES)
 
 
@@ -35,6 +35,7 @@ LOADER_MODULES = {
     "torch": "rded_fast.loaders.torch_loader",
     "dali": "rded_fast.loaders.dali_loader",
     "ffcv": "rded_fast.loaders.ffcv_loader",
+    "tvjpeg": "rded_fast.loaders.tvjpeg_loader",
 }
 
 
@@ -56,15 +57,16 @@ def _import_quietly(module: str) -> None:
 
 
 def resolve_loader(name: str, data: str, device: torch.device | str) -> str:
-    """`auto`: ffcv for a .beton; DALI with GPU decoding when scoring on CUDA and DALI is installed; otherwise
-    torch (PIL). On a CPU DALI's decoding was measured slower than PIL (README decode table: 545-621 against
-    723 img/s on 2 cores), so it is never the CPU choice."""
+    """`auto`: ffcv for a .beton; on CUDA, DALI with GPU decoding when it is installed, else tvjpeg
+    (torchvision's nvJPEG decoding, which every install has); on a CPU torch (PIL). On a CPU DALI's decoding
+    was measured slower than PIL (README decode table: 545-621 against 723 img/s on 2 cores), and tvjpeg's
+    dense-matrix crops far slower, so neither is the CPU choice."""
     if name != "auto":
         return name
     if str(data).endswith(".beton") and os.path.isfile(data):
         return "ffcv"
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None:
-        return "dali"
+    if torch.device(device).type == "cuda":
+        return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "tvjpeg"
     return "torch"
 
 
@@ -80,7 +82,9 @@ def open_index(
     _check_name(name)
     from rded_fast.loaders.shards import check_not_bare_shards, is_shard_dir, open_shard_index
 
-    if name == "dali" and is_shard_dir(data):  # converted shards carry the source tree's index (original paths and sizes)
+    if name in ("dali", "tvjpeg") and is_shard_dir(
+        data
+    ):  # converted shards carry the source tree's index (original paths and sizes)
         return open_shard_index(data, class_map)
     if name == "ffcv":  # a .beton's sidecar carries the source tree's index (original paths and sizes)
         from rded_fast.loaders.beton import open_beton_index
@@ -104,7 +108,8 @@ def make_loader(
 ) -> CropLoader:
     """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8.
 
-    `device` is where scoring runs: a loader that can decode there (DALI: "mixed" on CUDA) does so.
+    `device` is where scoring runs: a loader that can decode there (DALI: "mixed" on CUDA; tvjpeg: always)
+    does so.
     `prefetch`: batches kept in flight (None: `default_prefetch(device)`). With `reuse_buffers` the torch
     and ffcv loaders hand out batches in output buffers made once and rotated (pinned when CUDA is
     present): a batch stays valid until `prefetch + 1` more batches have been taken, so a consumer copies
@@ -131,6 +136,10 @@ def make_loader(
             prefetch=prefetch,
             hw_decoder_load=hw_decoder_load,
         )
+    if name == "tvjpeg":
+        from rded_fast.loaders.tvjpeg_loader import TvJpegCropLoader
+
+        return TvJpegCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=device, prefetch=prefetch)
     if name == "ffcv":
         from rded_fast.loaders.ffcv_loader import FfcvCropLoader
 

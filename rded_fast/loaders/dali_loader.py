@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import mmap
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
@@ -46,7 +45,7 @@ from PIL import Image
 
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.jpeg_gate import JpegGate
-from rded_fast.loaders.shards import ShardDataset, is_shard_dir, load_shard_dataset
+from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 # `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
@@ -115,28 +114,6 @@ def decoder_options(decode_device: str, hw_decoder_load: float | None, size_hint
     if size_hint[0] > 0 and size_hint[1] > 0:
         options["preallocate_width_hint"], options["preallocate_height_hint"] = int(size_hint[0]), int(size_hint[1])
     return options
-
-
-class _ShardBytes:
-    """JPEG bytes of index entries, sliced from memory-mapped tars at the offsets of dataset.json."""
-
-    def __init__(self, shards: ShardDataset):
-        self.shards = shards
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def get(self, image_id: int) -> np.ndarray:
-        number = int(self.shards.shard[image_id])
-        if number not in self._maps:
-            with open(self.shards.tars[number], "rb") as f:
-                self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(
-            self._maps[number], np.uint8, count=int(self.shards.nbytes[image_id]), offset=int(self.shards.offset[image_id])
-        )
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
 
 
 def _pil_reason(data: bytes | str) -> str | None:
@@ -230,7 +207,7 @@ class DaliCropLoader(CropLoader):
         bad = self._never_decoded()
         todo = np.asarray([r for r in self.rows.tolist() if r not in bad], dtype=np.int64)
         gate = JpegGate(todo, self._source, self.shards is not None, self.workers, self.check_processes)
-        reader = _ShardBytes(self.shards) if self.shards is not None else None
+        reader = ShardBytes(self.shards) if self.shards is not None else None
         b = self.batch_size
         chunks = [self.rows[i : i + b] for i in range(0, len(self.rows), b)]
         try:
@@ -256,7 +233,7 @@ class DaliCropLoader(CropLoader):
         return np.asarray([stand_in if r in bad else r for r in rows] + [stand_in] * (size - len(rows)), dtype=np.int64)
 
     def _segment(
-        self, chunks: list[np.ndarray], start: int, bad: dict[int, str], gate: JpegGate, reader: _ShardBytes | None
+        self, chunks: list[np.ndarray], start: int, bad: dict[int, str], gate: JpegGate, reader: ShardBytes | None
     ) -> Generator[CropBatch, None, int]:
         """Yield the batches of chunks[start:] from one DALI pipeline. Returns the chunk at which a new pipeline
         must start (a failure found there was added to `bad`), or len(chunks) when all are done."""
@@ -295,7 +272,7 @@ class DaliCropLoader(CropLoader):
         finally:
             outputs.close()
 
-    def _run(self, batches: list[np.ndarray], reader: _ShardBytes | None, admit: Callable[[int], bool]) -> Iterator[dict]:
+    def _run(self, batches: list[np.ndarray], reader: ShardBytes | None, admit: Callable[[int], bool]) -> Iterator[dict]:
         """One DALI pipeline over `batches` (rows to decode, each of one size); yields DALIGenericIterator's
         outputs per batch. It stops before batch j when `admit(j)` is False."""
         size = len(batches[0]) if batches else 1
@@ -370,7 +347,7 @@ class DaliCropLoader(CropLoader):
             reasons={int(r): bad[int(r)] for r in chunk.tolist()},
         )
 
-    def _blame(self, chunk: np.ndarray, decoded: np.ndarray, message: str, reader: _ShardBytes | None, bad: dict) -> None:
+    def _blame(self, chunk: np.ndarray, decoded: np.ndarray, message: str, reader: ShardBytes | None, bad: dict) -> None:
         """Add to `bad` the rows of `chunk` that made DALI fail with `message`: the sample DALI's error names, else
         those found by halving the batch (at most 2 log2(B) runs for one bad row, not B), else every row of the
         chunk, so the run always moves on."""
@@ -384,12 +361,12 @@ class DaliCropLoader(CropLoader):
         if not found:
             bad.update({int(r): "DALI: " + _decode_error_line(message) for r in chunk.tolist() if int(r) not in bad})
 
-    def _pil_reason(self, row: int, reader: _ShardBytes | None) -> str | None:
+    def _pil_reason(self, row: int, reader: ShardBytes | None) -> str | None:
         image_id = self._image_id(row)
         data = bytes(reader.get(image_id)) if reader is not None else os.path.join(self.index.root, self.index.paths[image_id])
         return _pil_reason(data)
 
-    def _failing(self, rows: list[int], reader: _ShardBytes | None, message: str | None) -> dict[int, str]:
+    def _failing(self, rows: list[int], reader: ShardBytes | None, message: str | None) -> dict[int, str]:
         """{row: reason} for the rows of `rows` a DALI run fails on, by halving. `message`: the error of a run of
         these rows when it is known to fail (None: not known yet, so they are run); a half that decodes clears
         the other half of doubt, so one bad row costs one or two runs per halving."""
@@ -405,7 +382,7 @@ class DaliCropLoader(CropLoader):
         left = self._failing(rows[:half], reader, None)
         return {**left, **self._failing(rows[half:], reader, None if left else message)}
 
-    def _error(self, rows: list[int], reader: _ShardBytes | None) -> str | None:
+    def _error(self, rows: list[int], reader: ShardBytes | None) -> str | None:
         """The error of one DALI run over `rows`, or None when they all decode."""
         try:
             for _ in self._run([np.asarray(rows, dtype=np.int64)], reader, lambda j: True):

@@ -11,7 +11,9 @@ names; the converter writes them and the DALI loader reads them.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,3 +113,33 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
 def open_shard_index(folder: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
     """The index stored in a shard folder; a `class_map` must equal the class order it was converted with."""
     return require_class_order(load_shard_dataset(folder).index, class_map, folder)
+
+
+class ShardBytes:
+    """JPEG bytes of index entries, sliced from memory-mapped tars at the offsets of dataset.json; each tar
+    is mapped once, on first use, and `get` may be called from several threads."""
+
+    def __init__(self, shards: ShardDataset):
+        self.shards = shards
+        self._maps: dict[int, mmap.mmap] = {}
+        self._lock = threading.Lock()
+
+    def _map(self, number: int) -> mmap.mmap:
+        with self._lock:
+            if number not in self._maps:
+                with open(self.shards.tars[number], "rb") as f:
+                    self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._maps[number]
+
+    def get(self, image_id: int) -> np.ndarray:
+        """The stored JPEG of index entry `image_id` (an entry the converter kept): a read-only view."""
+        number = int(self.shards.shard[image_id])
+        return np.frombuffer(
+            self._map(number), np.uint8, count=int(self.shards.nbytes[image_id]), offset=int(self.shards.offset[image_id])
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                m.close()
+            self._maps.clear()
