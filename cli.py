@@ -582,7 +582,8 @@ def add_index(sub) -> None:
 
 
 def run_index(args) -> int:
-    from rded_fast.index import read_class_map, write_index_cache
+    from rded_fast.formats.folder import write_index_cache
+    from rded_fast.index import read_class_map
     from rded_fast.models.classes import restrict_class_map
 
     class_map = restrict_class_map(read_class_map(args.class_map), args.data) if args.class_map else None  # as distill

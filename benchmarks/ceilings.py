@@ -73,8 +73,8 @@ def _pipe_rate(pipe, images_per_run: int, device: str, warm: int) -> dict:
 
 def dali_graph(index, plan, crop_size: int, device: str, batch_size: int, threads: int, prefetch: int, **decoder) -> dict:
     """The DALI loader's graph alone over `plan` (folder, or shards when `index.root` is a shard folder)."""
+    from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
     from rded_fast.loaders.dali_loader import crop_pipeline, decoder_options
-    from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 
     runs = len(plan) // batch_size
     rows = np.arange(runs * batch_size).reshape(runs, batch_size)
@@ -210,7 +210,7 @@ def pil_processes(index, plan, crop_size: int, workers: int, limit: int | None =
 
 def ffcv_stock(beton: str, crop_size: int, batch_size: int, workers: int) -> dict:
     """ffcv's own decode + random resized crop over every sample of `beton`, one epoch after a warm one."""
-    from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads
+    from rded_fast.formats.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads
 
     with keep_torch_threads():
         from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder

@@ -121,7 +121,7 @@ def crop_differences(
 def main(argv: list[str] | None = None) -> int:
     from rded_fast.converters.dali_shards import convert_dali
     from rded_fast.converters.ffcv_writer import convert_ffcv
-    from rded_fast.loaders.beton import keep_torch_threads
+    from rded_fast.formats.beton import keep_torch_threads
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/rded-decode-bench")

@@ -272,6 +272,8 @@ LOADER_CEILING = {
     "dali-shards": "dali_graph_shards",
     "torch-folder": "pil_processes",
     "ffcv-beton": "ffcv_stock",
+    "tvjpeg-folder": "tv_decode",  # torchvision's batched decode alone (no crops): the loader's bound
+    "tvjpeg-shards": "tv_decode",
 }
 
 
@@ -287,6 +289,8 @@ def decode(rec: Recorder, s: Settings) -> None:
             jobs += [("dali-folder-load0", "tree", {"hw_decoder_load": 0.0}), ("dali-folder-default", "tree", {})]
     if _have("ffcv"):
         jobs.append(("ffcv-beton", "train.beton", {}))
+    if s.device == "cuda":  # on a CPU tvjpeg is ~10x slower than PIL and never chosen (tests/test_tvjpeg.py)
+        jobs += [("tvjpeg-folder", "tree", {}), ("tvjpeg-shards", "shards", {})]
     prefetch = 4 if s.device == "cuda" else 2
     for name, source, options in jobs:
         if not (s.work / source).exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rded_fast.benchmarks.gpu_suite import LOADER_CEILING
 
-LOADERS = ("dali-folder", "dali-shards", "ffcv-beton", "torch-folder")
+LOADERS = ("dali-folder", "dali-shards", "tvjpeg-folder", "tvjpeg-shards", "ffcv-beton", "torch-folder")
 
 
 def merge(paths: list[str | Path]) -> dict:
@@ -50,7 +50,8 @@ def bars(result: dict) -> dict[str, list[tuple[str, float, float | None]]]:
         for name in LOADERS:
             value = steps.get(step, {}).get(name, {})
             if value.get("crops_per_s"):
-                distill.append((f"{name} ({value.get('classes')} classes)", value["crops_per_s"], model))
+                classes = f" ({value['classes']} classes)" if value.get("classes") else ""
+                distill.append((f"{name}{classes}", value["crops_per_s"], model))
     return {"decode": decode, "distill": distill}
 
 

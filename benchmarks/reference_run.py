@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(name, type=kind, default=default)
     args = p.parse_args(argv)
     from rded_fast.benchmarks.reference import reference_distill
-    from rded_fast.index import build_index
+    from rded_fast.formats.folder import build_index
     from rded_fast.models import build
     from rded_fast.plan import make_plan
 

@@ -54,7 +54,8 @@ def _python(code: str) -> dict:
 
 INDEX_AND_PLAN = """
 import json, time
-from rded_fast.index import load_or_build_index, save_index
+from rded_fast.index import save_index
+from rded_fast.formats.folder import load_or_build_index
 from rded_fast.plan import make_plan
 t = time.perf_counter()
 index = load_or_build_index({data!r}, {cache!r}, show_progress=False)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from rded_fast.benchmarks.quality import DATASETS
 from rded_fast.device import cpu_description
 from rded_fast.fileio import atomic_write_text
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.models import build
 from rded_fast.models.heads import split_head
 from rded_fast.score import normalize_uint8

@@ -32,19 +32,21 @@ from rded_fast.converters.sanitize import BadImage, jpeg_bytes
 from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
-from rded_fast.index import DatasetIndex, files_fingerprint
-from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.loaders.shards import (
+from rded_fast.formats.shards import (
     DATASET_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     IMAGE_EXT,
     LABEL_EXT,
     META_EXT,
+    SHARD_FOLDER,
+    is_shard_folder,
     sample_key,
     shard_stem,
 )
-from rded_fast.outputs import SHARD_FOLDER, claim_output, is_shard_folder, resolve
+from rded_fast.index import DatasetIndex, files_fingerprint
+from rded_fast.jpeg_check import jpeg_problem
+from rded_fast.outputs import claim_output, resolve
 from rded_fast.progress import progress
 
 TAR_BLOCK = 512

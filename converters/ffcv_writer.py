@@ -33,18 +33,20 @@ from rded_fast.converters.sanitize import BadImage, rgb_array
 from rded_fast.converters.source import index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
-from rded_fast.index import DatasetIndex
-from rded_fast.loaders.beton import (
+from rded_fast.formats.beton import (
+    BETON,
     FFCV_HEADER,
     FORMAT_NAME,
     FORMAT_VERSION,
     IMAGE_FIELD,
     LABEL_FIELD,
     bookkeeping_sha256,
+    is_beton,
     keep_torch_threads,
     sidecar_path,
 )
-from rded_fast.outputs import BETON, claim_output, is_beton
+from rded_fast.index import DatasetIndex
+from rded_fast.outputs import claim_output
 from rded_fast.progress import progress
 
 WRITE_MODES = ("jpg", "raw", "proportion")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex, build_index, read_class_map
+from rded_fast.formats.folder import build_index
+from rded_fast.index import DatasetIndex, read_class_map
 
 
 def index_source(data: str, class_map: str | os.PathLike | list[str] | None, workers: int, show_progress: bool) -> DatasetIndex:

@@ -30,7 +30,6 @@ from rded_fast.fileio import atomic_write_bytes
 from rded_fast.headers import image_size
 from rded_fast.progress import progress
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 INDEX_VERSION = 3  # the .npz cache with lazily read sizes; version 2 (every size known) and 1 (JSON) are still read
 READABLE_VERSIONS = (2, 3)
 UNREAD = -1  # a size not read yet (lazy index)
@@ -134,71 +133,6 @@ def read_class_map(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def _list_class_folder(root: str, folder: str, real_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(image files, [(skipped file, reason)]) below the class folder `folder`, as paths relative to `root`,
-    in os.walk's order (a folder's files sorted, then its sub-folders, sorted, depth first).
-
-    Symlinks: folders behind links are never followed (no loops, no escapes); a file link is used only
-    when it resolves to a file inside the data root. One scandir per folder: no stat per plain file."""
-    images, skipped = [], []
-    stack = [folder]
-    while stack:
-        rel_dir = stack.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        dirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
-        linked = {e.name for e in entries if e.is_symlink() and os.path.isdir(e.path)}
-        skipped.extend((os.path.join(rel_dir, name), "symlinked folder not followed") for name in sorted(linked))
-        for e in entries:
-            if e.name in linked or e.is_dir(follow_symlinks=False):
-                continue
-            rel = os.path.join(rel_dir, e.name)
-            if e.is_symlink() and (reason := _link_problem(e.path, real_root)):
-                skipped.append((rel, reason))
-            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(rel)
-            else:
-                skipped.append((rel, "not an image file extension"))
-        stack.extend(os.path.join(rel_dir, e.name) for e in reversed(dirs))
-    return images, skipped
-
-
-def _link_problem(path: str, real_root: Path) -> str | None:
-    """Why a file symlink is not used (broken, looping, or leading outside the data root), or None."""
-    try:
-        target = Path(path).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return "broken or looping symlink"
-    if not target.is_relative_to(real_root) or not target.is_file():
-        return "symlink to outside the data root not followed"
-    return None
-
-
-def _index_classes(root_path: Path, class_map: list[str] | None) -> tuple[list[str], list[dict]]:
-    """The class order (sorted folders, or the class map) and the folders left out, as skipped entries."""
-    folders = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-    skipped = [
-        {"path": p.name, "reason": "symlinked class folder not followed"}
-        for p in sorted(root_path.iterdir())
-        if p.is_symlink() and p.is_dir() and class_map is None
-    ]
-    if class_map is None:
-        classes = folders
-    else:
-        missing = [c for c in class_map if not (root_path / c).is_dir() or (root_path / c).is_symlink()]
-        if missing:
-            raise UserError(
-                f"class map names {len(missing)} folder(s) missing under {root_path}, e.g. {missing[0]!r}; "
-                "fix the class map or the data root"
-            )
-        classes = list(class_map)
-        listed = set(classes)
-        skipped = [{"path": name, "reason": UNLISTED_CLASS} for name in folders if name not in listed]
-    if not classes:
-        raise UserError(f"--data {root_path}: no class folders found; expected {root_path}/<class>/<image files>")
-    return classes, skipped
-
-
 PROCESS_MIN_FILES = 20_000  # below this, threads: a process pool's start-up costs more than it saves
 
 
@@ -270,47 +204,6 @@ def read_headers(index: DatasetIndex, ids: np.ndarray, workers: int = 8, show_pr
         else:
             index.sizes[i] = res
     return len(ids)
-
-
-def build_index(
-    root: str | os.PathLike,
-    class_map: list[str] | None = None,
-    workers: int = 8,
-    show_progress: bool = True,
-    headers: bool = True,
-) -> DatasetIndex:
-    """Scan `root/<class>/**/<image>`; with `headers`, read every image's header (rded_fast.headers) and leave
-    out the files whose header fails, else leave every size UNREAD for `read_headers`.
-
-    Classes are the sorted sub-folder names unless `class_map` gives them (in observer output order);
-    a class-map name with no folder is an error, and a folder the class map leaves out is not used and
-    is listed in `skipped` (reason UNLISTED_CLASS). Files that are not images are skipped and listed.
-    """
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise UserError(f"--data {root}: not a directory; give an ImageFolder root (one folder per class)")
-    classes, class_skips = _index_classes(root_path, class_map)
-    real_root, files, skipped = root_path.resolve(), [], []
-    for label, name in enumerate(classes):
-        images, others = _list_class_folder(str(root_path), name, real_root)
-        files.extend((label, rel) for rel in images)
-        skipped.extend({"path": rel, "reason": reason} for rel, reason in others)
-    skipped = (class_skips + skipped) if class_map is not None else (skipped + class_skips)
-    index = DatasetIndex(
-        root=str(real_root),
-        classes=classes,
-        paths=[rel for _, rel in files],
-        labels=np.asarray([label for label, _ in files], dtype=np.int64),
-        sizes=np.full((len(files), 2), UNREAD, dtype=np.int64),
-        skipped=skipped,
-        stamps=np.zeros((len(files), 2), dtype=np.int64),
-    )
-    if not headers:
-        return index
-    read_headers(index, np.arange(len(index)), workers, show_progress)
-    keep = index.sizes[:, 0] > 0
-    paths = [rel for rel, kept in zip(index.paths, keep.tolist()) if kept]
-    return DatasetIndex(index.root, classes, paths, index.labels[keep], index.sizes[keep], index.skipped, index.stamps[keep])
 
 
 def require_class_order(index: DatasetIndex, class_map: list[str] | None, source: str | os.PathLike) -> DatasetIndex:
@@ -404,44 +297,3 @@ def _load_json_index(path: str | os.PathLike, data: dict, flag: str) -> DatasetI
             "or delete it (rded-fast wrote it) to rebuild"
         )
     return DatasetIndex.from_json(data)
-
-
-def load_or_build_index(
-    root: str | os.PathLike,
-    cache_path: str | os.PathLike | None,
-    class_map: list[str] | None = None,
-    show_progress: bool = True,
-    flag: str = "--index",
-) -> DatasetIndex:
-    """Reuse `cache_path` when it indexes the same root and class order (a cached size is used only while its
-    file is unchanged: `read_headers`); otherwise list the tree (sizes UNREAD: the plan reads the headers it
-    needs) and save the listing there."""
-    if cache_path is not None and Path(cache_path).is_file():
-        index = load_index(cache_path, flag)
-        same_root = index.root == str(Path(root).resolve())
-        same_classes = class_map is None or index.classes == list(class_map)
-        if same_root and same_classes:
-            if index.stamps is None:  # a cache from before stamps: each planned size is read again, once
-                index.stamps = np.zeros((len(index), 2), dtype=np.int64)
-            return index
-    index = build_index(root, class_map=class_map, show_progress=show_progress, headers=False)
-    if cache_path is not None:
-        save_index(index, cache_path)
-    return index
-
-
-def write_index_cache(
-    root: str | os.PathLike, cache_path: str | os.PathLike, class_map: list[str] | None = None, show_progress: bool = True
-) -> DatasetIndex:
-    """Read every header of `root` once into the index cache `cache_path` (`rded-fast index`), so that a later
-    `distill --index cache_path` plans any seed and mipc without reading a header. The cache is written
-    atomically, never into the data, and replaces only an index cache."""
-    from rded_fast.outputs import check_separate, check_writable_file
-
-    check_separate(cache_path, "--out", {"--data": root}, "file")
-    check_writable_file(cache_path, "--out")
-    if Path(cache_path).is_file() and not is_index_cache(cache_path):
-        raise UserError(f"--out {cache_path}: exists and is not an index cache of rded-fast; give a new path")
-    index = build_index(root, class_map=class_map, show_progress=show_progress)
-    save_index(index, cache_path)
-    return index

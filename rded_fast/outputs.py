@@ -23,9 +23,7 @@ output with `claim_output` before it writes anything:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -34,10 +32,10 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
+from rded_fast.layout import Layout, names_rule, read_json
 from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
 
 __all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
@@ -89,32 +87,16 @@ def check_separate(out: str | os.PathLike, out_flag: str, inputs: dict[str, str 
 # ---- what counts as our own output -------------------------------------------------------------------
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_distilled_set(path: Path) -> bool:
     """A folder written by `distill`: its journal, or a manifest that names rded-fast."""
-    manifest = _json(path / "manifest.json")
+    manifest = read_json(path / "manifest.json")
     return (path / ".rded-journal").is_dir() or (manifest is not None and manifest.get("tool") == "rded-fast")
 
 
 def is_label_folder(path: Path) -> bool:
     """A folder written by `relabel`: header.json with the soft-label keys."""
-    header = _json(path / "header.json")
+    header = read_json(path / "header.json")
     return header is not None and {"format", "teacher", "files"} <= set(header)
-
-
-def is_shard_folder(path: Path) -> bool:
-    """A folder written by `convert --format dali`: dataset.json, or shards of ours."""
-    from rded_fast.loaders.shards import DATASET_FILE, FORMAT_NAME
-
-    record = _json(path / DATASET_FILE)
-    return (record is not None and record.get("format") == FORMAT_NAME) or any(path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*"))
 
 
 def is_demo_folder(path: Path) -> bool:
@@ -122,14 +104,6 @@ def is_demo_folder(path: Path) -> bool:
     if (path / "distilled").exists():
         return (path / "distilled").is_dir() and is_distilled_set(path / "distilled")
     return (path / "observer_conv3.pth").is_file() and is_checkpoint(path / "observer_conv3.pth")
-
-
-def is_beton(path: Path) -> bool:
-    """A .beton written by `convert --format ffcv`: its sidecar names our format."""
-    from rded_fast.loaders.beton import FORMAT_NAME, sidecar_path
-
-    record = _json(sidecar_path(path))
-    return record is not None and record.get("format") == FORMAT_NAME
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -147,7 +121,7 @@ def is_checkpoint(path: Path) -> bool:
 
 def is_result_json(path: Path) -> bool:
     """A result written by `evaluate --json`."""
-    record = _json(path)
+    record = read_json(path)
     return record is not None and "final_top1" in record and "evaluations" in record
 
 
@@ -159,44 +133,15 @@ _DISTILLED_NAMES = (
     r"[^/]+/class\d{5}_id\d{5}\.(png|jpg)",  # rded_fast.write.image_name
 )
 _LABEL_NAMES = (r"header\.json|epoch_\d{4}\.npz|regions\.npz",)  # rded_fast.train.softlabels
-_SHARD_NAMES = (r"dataset\.json|shard-\d{5}\.(tar|idx|meta\.json)",)  # converters.dali_shards
 _DEMO_NAMES = (  # rded_fast.demo: the observer and its state, the index cache, the result, a distilled set
     r"observer_conv3\.pth(\.state)?|train_index\.npz|evaluate\.json",
     *(rf"distilled/(?:{p})" for p in _DISTILLED_NAMES),
 )
-# fileio's temporary names (.NAME.XXXXXXXX.tmp) and the lock files of nested outputs are ours too
-_TEMPORARY = re.compile(r"(?P<dir>(?:.*/)?)\.(?P<name>[^/]+)\.[a-z0-9_]{8}\.tmp")
-_LOCK = re.compile(rf"(?:.*/)?\.[^/]+{re.escape(LOCK_SUFFIX)}(\.[^/]+)?")
 
 
-def _names_rule(patterns: tuple[str, ...]) -> Callable[[str], bool]:
-    """relative path -> written by a run of ours (it matches `patterns`, or is a temporary or lock file of it)."""
-    names = re.compile("|".join(f"(?:{p})" for p in patterns))
-
-    def written(rel: str) -> bool:
-        if _LOCK.fullmatch(rel):
-            return True
-        tmp = _TEMPORARY.fullmatch(rel)
-        return names.fullmatch(tmp["dir"] + tmp["name"] if tmp else rel) is not None
-
-    return written
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One kind of output: a folder (`kind` "dir") or a file, how an earlier one of ours is recognised, and,
-    for folders, which entries (relative paths) a run of ours writes there; everything else is the user's."""
-
-    kind: str
-    recognise: Callable[[Path], bool]
-    written: Callable[[str], bool] = lambda rel: True
-
-
-DISTILLED_SET = Layout("dir", is_distilled_set, _names_rule(_DISTILLED_NAMES))
-LABEL_FOLDER = Layout("dir", is_label_folder, _names_rule(_LABEL_NAMES))
-SHARD_FOLDER = Layout("dir", is_shard_folder, _names_rule(_SHARD_NAMES))
-DEMO_FOLDER = Layout("dir", is_demo_folder, _names_rule(_DEMO_NAMES))
-BETON = Layout("file", is_beton)
+DISTILLED_SET = Layout("dir", is_distilled_set, names_rule(_DISTILLED_NAMES))
+LABEL_FOLDER = Layout("dir", is_label_folder, names_rule(_LABEL_NAMES))
+DEMO_FOLDER = Layout("dir", is_demo_folder, names_rule(_DEMO_NAMES))
 CHECKPOINT = Layout("file", is_checkpoint)
 RESULT_JSON = Layout("file", is_result_json)
 
@@ -408,7 +353,7 @@ def check_result_file(path: str | os.PathLike, flag: str, keys: set[str]) -> Non
     """Early check of a JSON result rded-fast rewrites on every run (bench): a writable place, and a file already
     there must be such a result (its `keys` present), never a file of the user's."""
     check_writable_file(path, flag)
-    if resolve(path).exists() and not keys <= set(_json(resolve(path)) or {}):
+    if resolve(path).exists() and not keys <= set(read_json(resolve(path)) or {}):
         raise UserError(f"{flag} {path}: a file that rded-fast did not write exists there; give a new path")
 
 

@@ -122,7 +122,7 @@ def test_memory_estimate_is_a_lower_bound_that_passes_ordinary_runs(jpeg_tree, m
     from rded_fast import device as dev
     from rded_fast.distill import DistillConfig, check_memory
     from rded_fast.errors import UserError
-    from rded_fast.index import build_index
+    from rded_fast.formats.folder import build_index
     from rded_fast.plan import make_plan
 
     index = build_index(str(jpeg_tree), show_progress=False)
@@ -168,7 +168,7 @@ def test_damaged_beton_is_one_line(small_beton, tmp_path, capsys, where):
     import json
     import shutil
 
-    from rded_fast.loaders.beton import keep_torch_threads, sidecar_path
+    from rded_fast.formats.beton import keep_torch_threads, sidecar_path
 
     beton = tmp_path / "train.beton"
     shutil.copy(small_beton, beton)

@@ -21,10 +21,10 @@ from PIL import Image
 from rded_fast.cli import main
 from rded_fast.converters.dali_shards import convert_dali, parse_size
 from rded_fast.errors import UserError
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
+from rded_fast.formats.shards import load_shard_dataset
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.loaders.dali_loader import DaliCropLoader
-from rded_fast.loaders.shards import load_shard_dataset
 from rded_fast.plan import make_plan
 from tests.conftest import planned_sources, write_odd_tree
 

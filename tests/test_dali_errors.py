@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.loaders.base import failed_rows
 from rded_fast.loaders.dali_loader import DaliCropLoader, failing_sample
 from rded_fast.loaders.jpeg_gate import JpegGate

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from rded_fast.cli import main
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.loaders.dali_loader import DaliCropLoader
 from rded_fast.loaders.jpeg_gate import JpegGate

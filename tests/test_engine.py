@@ -15,7 +15,7 @@ from rded_fast.score import Scorer
 @pytest.fixture(scope="module")
 def real_crops(fashion_tree):
     """Real Fashion-MNIST crops (planned boxes, torch loader) and their labels."""
-    from rded_fast.index import build_index
+    from rded_fast.formats.folder import build_index
     from rded_fast.loaders import make_loader
     from rded_fast.plan import make_plan
 

@@ -25,10 +25,10 @@ from PIL import Image
 from rded_fast.cli import main
 from rded_fast.converters.ffcv_writer import convert_ffcv, stored_size
 from rded_fast.errors import UserError
-from rded_fast.index import build_index
+from rded_fast.formats.beton import keep_torch_threads, load_beton_dataset, sidecar_path
+from rded_fast.formats.folder import build_index
 from rded_fast.loaders import make_loader, open_index
 from rded_fast.loaders.base import failed_rows
-from rded_fast.loaders.beton import keep_torch_threads, load_beton_dataset, sidecar_path
 from rded_fast.plan import make_plan, sample_resized_crop_boxes
 from tests.conftest import crash_after, planned_sources
 

@@ -57,7 +57,7 @@ def _crops(loader) -> torch.Tensor:
 
 
 def _dali_crops(tree: Path, decode: str, batch_size: int, hw_decoder_load: float | None = None) -> torch.Tensor:
-    from rded_fast.index import build_index
+    from rded_fast.formats.folder import build_index
     from rded_fast.loaders.dali_loader import DaliCropLoader
     from rded_fast.plan import make_plan
 

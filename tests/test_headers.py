@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from rded_fast import index as index_mod
+from rded_fast.formats.folder import build_index
 from rded_fast.headers import _pil_size, image_size
-from rded_fast.index import build_index, load_index, save_index
+from rded_fast.index import load_index, save_index
 
 
 def _odd_files(folder):

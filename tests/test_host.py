@@ -134,7 +134,7 @@ def test_buffer_ring_rotates_buffers_made_once():
 
 def test_observer_check_is_one_batched_pass(jpeg_tree):
     from rded_fast.distill import DistillConfig, check_observer
-    from rded_fast.index import build_index
+    from rded_fast.formats.folder import build_index
 
     index = build_index(jpeg_tree, show_progress=False)
     calls = []

@@ -12,7 +12,7 @@ from PIL import Image
 
 from rded_fast.decode import decode_rgb_array
 from rded_fast.distill import DistillConfig, distill
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.models import build
 from tests.conftest import crash_after, write_synthetic_jpegs
 

@@ -5,7 +5,8 @@ from PIL import Image
 
 from rded_fast.cli import build_parser, main
 from rded_fast.errors import UserError
-from rded_fast.index import build_index, load_index, load_or_build_index, read_class_map, save_index
+from rded_fast.formats.folder import build_index, load_or_build_index
+from rded_fast.index import load_index, read_class_map, save_index
 
 
 def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 
 from rded_fast.cli import main
-from rded_fast.index import UNREAD, build_index, load_index, save_index
+from rded_fast.formats.folder import build_index
+from rded_fast.index import UNREAD, load_index, save_index
 from rded_fast.plan import make_center_plan, make_plan, short_classes
 from tests.conftest import write_synthetic_jpegs
 

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from rded_fast.cli import main
+from rded_fast.formats.shards import SHARD_FOLDER
 from rded_fast.lock import lock_path, lock_record
-from rded_fast.outputs import DISTILLED_SET, LABEL_FOLDER, SHARD_FOLDER, claim_output, foreign_entries
+from rded_fast.outputs import DISTILLED_SET, LABEL_FOLDER, claim_output, foreign_entries
 from tests.conftest import write_synthetic_jpegs
 from tests.test_safety import _distill_argv, _one_line_error, tree_digest
 

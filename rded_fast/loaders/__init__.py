@@ -1,8 +1,8 @@
 """Loaders by name: each knows how to index its data source and how to cut a plan's boxes from it.
 
-`open_index(name, data)` gives the DatasetIndex of a source (an ImageFolder for `torch`; other
-loaders read their own formats' sidecars), and `make_loader(name, ...)` the CropLoader that executes a
-CropPlan over it. `resolve_loader("auto", data, device)` picks the fast one. Nothing outside this package
+`open_index(name, data)` gives the DatasetIndex of a source as loader `name` reads it (the formats
+themselves live in rded_fast.formats; this says which loader reads which), and `make_loader(name, ...)` the
+CropLoader that executes a CropPlan over it. `resolve_loader("auto", data, device)` picks the fast one. Nothing outside this package
 branches on the loader name.
 """
 
@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import threading
 
 import torch
 
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex, load_or_build_index
+from rded_fast.formats import BETON, FOLDER, SHARDS, detect, open_index as open_format_index
+from rded_fast.index import DatasetIndex
 from rded_fast.loaders.base import CropBatch, CropLoader
 from rded_fast.plan import CropPlan
 
 LOADER_NAMES = ("torch", "dali", "ffcv", "tvjpeg")
 LOADER_CHOICES = ("auto", *LOADER_NAMES)
+# The formats each loader reads (rded_fast.formats), its native one first.
+READS = {"torch": (FOLDER,), "dali": (FOLDER, SHARDS), "tvjpeg": (FOLDER, SHARDS), "ffcv": (BETON,)}
 
 
 def default_prefetch(device: str) -> int:
@@ -58,14 +60,16 @@ def _import_quietly(module: str) -> None:
 
 def resolve_loader(name: str, data: str, device: torch.device | str) -> str:
     """`auto`: ffcv for a .beton; on CUDA, DALI with GPU decoding when it is installed, else tvjpeg
-    (torchvision's nvJPEG decoding, which every install has); on a CPU torch (PIL). On a CPU DALI's decoding
-    was measured slower than PIL (README decode table: 545-621 against 723 img/s on 2 cores), and tvjpeg's
-    dense-matrix crops far slower, so neither is the CPU choice."""
+    (torchvision's nvJPEG decoding, which every install has); on a CPU torch (PIL), or for a shard folder,
+    which PIL's loader cannot read, DALI (else tvjpeg). On a CPU DALI's decoding was measured slower than PIL
+    (benchmarks/README.md decode table: 545-621 against 723 img/s on 2 cores), and tvjpeg's dense-matrix crops
+    far slower, so neither is the CPU choice for a tree."""
     if name != "auto":
         return name
-    if str(data).endswith(".beton") and os.path.isfile(data):
+    kind = detect(data)
+    if kind == BETON:
         return "ffcv"
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" or kind == SHARDS:
         return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "tvjpeg"
     return "torch"
 
@@ -78,20 +82,19 @@ def _check_name(name: str) -> None:
 def open_index(
     name: str, data: str, class_map: list[str] | None = None, cache: str | None = None, show_progress: bool = True
 ) -> DatasetIndex:
-    """The index of `data` as loader `name` reads it (class order, relative paths, original sizes)."""
+    """The index of `data` as loader `name` reads it (class order, relative paths, original sizes); a format the
+    loader cannot read is refused, naming the loaders that can."""
     _check_name(name)
-    from rded_fast.loaders.shards import check_not_bare_shards, is_shard_dir, open_shard_index
-
-    if name in ("dali", "tvjpeg") and is_shard_dir(
-        data
-    ):  # converted shards carry the source tree's index (original paths and sizes)
-        return open_shard_index(data, class_map)
-    if name == "ffcv":  # a .beton's sidecar carries the source tree's index (original paths and sizes)
-        from rded_fast.loaders.beton import open_beton_index
-
-        return open_beton_index(data, class_map)
-    check_not_bare_shards(data)
-    return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
+    kind = detect(data)
+    if kind not in READS[name]:
+        if name == "ffcv":  # anything but a .beton: the .beton reader says what is missing
+            kind = BETON
+        else:
+            readers = ", ".join(n for n, kinds in READS.items() if kind in kinds)
+            raise UserError(
+                f"--data {data}: a {kind} source, which --loader {name} cannot read; use --loader {readers} (or auto)"
+            )
+    return open_format_index(data, class_map, cache, show_progress, kind=kind)
 
 
 def make_loader(

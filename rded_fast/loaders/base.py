@@ -7,16 +7,12 @@ reason in `reasons`), so the run goes on without them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from rded_fast.errors import UserError
 
 if TYPE_CHECKING:
     from rded_fast.index import DatasetIndex
@@ -65,24 +61,6 @@ class CropLoader:
         """Extra facts about a source image that the manifest records beside each of its cells (the ffcv loader
         gives the size its .beton stores the image at); none by default."""
         return {}
-
-
-def read_sidecar(path: Path, format_name: str, version: int, unreadable: str) -> dict:
-    """The JSON a converter wrote beside its output (a .beton's sidecar, the shards' dataset.json), checked to be
-    of `format_name` and `version`; a UserError naming the file and the fix otherwise (`unreadable`: what to say
-    when it cannot be read at all)."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror}); {unreadable}") from exc
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc}); convert the data again") from exc
-    if data.get("format") != format_name or data.get("version") != version:
-        raise UserError(
-            f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected "
-            f"{format_name!r} version {version}; convert the data again with this rded-fast"
-        )
-    return data
 
 
 def left_out_rows(rows: np.ndarray, image_ids: np.ndarray, stored: np.ndarray, why: dict[int, str]) -> dict[int, str]:

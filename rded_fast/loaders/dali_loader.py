@@ -43,9 +43,9 @@ from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
+from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.jpeg_gate import JpegGate
-from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 # `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
@@ -129,7 +129,7 @@ def _pil_reason(data: bytes | str) -> str | None:
 class DaliCropLoader(CropLoader):
     """Executes `plan` over `index` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
 
-    `index.root` is a shard folder (see rded_fast/loaders/shards.py) or an ImageFolder root. `device`:
+    `index.root` is a shard folder (see rded_fast/formats/shards.py) or an ImageFolder root. `device`:
     `mixed` (GPU decode on CUDA device `device_id`, default the current one, so that decoding happens on
     the GPU that scores), `cpu`, or `auto` (mixed when CUDA is available). `workers` is DALI's CPU
     thread count, `prefetch` its queue depth. `hw_decoder_load` is the fraction of each batch nvJPEG

@@ -36,8 +36,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
+from rded_fast.formats.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, left_out_rows
-from rded_fast.loaders.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
 from rded_fast.loaders.resample import cut_boxes
 
 with keep_torch_threads():

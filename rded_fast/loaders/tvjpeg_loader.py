@@ -3,7 +3,7 @@ CPU), and the plan's boxes cut and resized there by exact matrix products (rded_
 It needs nothing beyond torch and torchvision, so a GPU decodes JPEGs even where DALI is not installed.
 
 Sources: an ImageFolder (each planned file read whole by a reader thread) or a shard folder written by
-`convert --format dali` (bytes sliced from the memory-mapped tars, rded_fast/loaders/shards.py). A reader
+`convert --format dali` (bytes sliced from the memory-mapped tars, rded_fast/formats/shards.py). A reader
 thread sorts each planned row by its bytes:
 - a JPEG whose marker structure is broken (rded_fast/jpeg_check.py) is a failed row, named with the reason; it
   never reaches nvJPEG;
@@ -41,10 +41,10 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from rded_fast.decode import decode_rgb_array
+from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
 from rded_fast.jpeg_check import JpegFrame, frame_header, is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
 from rded_fast.loaders.box_resize import resize_boxes
-from rded_fast.loaders.shards import ShardBytes, is_shard_dir, load_shard_dataset
 from rded_fast.timing import Stopwatch
 
 DEVICE_FRAMES = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: nvJPEG's hardware path

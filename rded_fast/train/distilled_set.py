@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rded_fast.errors import UserError
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.loaders.torch_loader import decode_rgb
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rded_fast.device import TRAIN_AMP_CHOICES, autocast, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes
-from rded_fast.index import build_index
+from rded_fast.formats.folder import build_index
 from rded_fast.models import build, check_input_size
 from rded_fast.outputs import CHECKPOINT, check_separate, claim_output
 from rded_fast.progress import progress

@@ -25,7 +25,8 @@ from torch import nn
 from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, autocast, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
-from rded_fast.index import UNLISTED_CLASS, DatasetIndex, build_index
+from rded_fast.formats.folder import build_index
+from rded_fast.index import UNLISTED_CLASS, DatasetIndex
 from rded_fast.models import BuiltModel, build
 from rded_fast.outputs import LABEL_FOLDER, RESULT_JSON, check_separate, check_writable_file, claim_output
 from rded_fast.progress import progress

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from rded_fast.errors import UserError
+from rded_fast.formats.sidecar import read_sidecar
 from rded_fast.index import DatasetIndex, require_class_order
-from rded_fast.loaders.base import read_sidecar
+from rded_fast.layout import Layout, read_json
 
 FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
@@ -151,3 +152,15 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
 def open_beton_index(beton: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
     """The index stored beside a .beton; a `class_map` must equal the class order it was converted with."""
     return require_class_order(load_beton_dataset(beton).index, class_map, beton)
+
+
+# ---- the output of `convert --format ffcv`: how an earlier one is recognised ----
+
+
+def is_beton(path: Path) -> bool:
+    """A .beton written by `convert --format ffcv`: its sidecar names our format."""
+    record = read_json(sidecar_path(path))
+    return record is not None and record.get("format") == FORMAT_NAME
+
+
+BETON = Layout("file", is_beton)

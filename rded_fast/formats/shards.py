@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rded_fast.errors import UserError
+from rded_fast.formats.sidecar import read_sidecar
 from rded_fast.index import DatasetIndex, require_class_order
-from rded_fast.loaders.base import read_sidecar
+from rded_fast.layout import Layout, names_rule, read_json
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
@@ -143,3 +144,18 @@ class ShardBytes:
             for m in self._maps.values():
                 m.close()
             self._maps.clear()
+
+
+# ---- the output of `convert --format dali`: how an earlier one is recognised, and what it holds ----
+
+
+def is_shard_folder(path: Path) -> bool:
+    """A folder written by `convert --format dali`: dataset.json, or shards of ours."""
+    record = read_json(path / DATASET_FILE)
+    return (record is not None and record.get("format") == FORMAT_NAME) or any(path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*"))
+
+
+SHARD_NAMES = (r"dataset\.json|shard-\d{5}\.(tar|idx|meta\.json)",)  # converters.dali_shards
+
+
+SHARD_FOLDER = Layout("dir", is_shard_folder, names_rule(SHARD_NAMES))

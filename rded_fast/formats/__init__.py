@@ -1,0 +1,51 @@
+"""The data formats rded-fast reads, one module each, and the one place that tells them apart.
+
+- `folder`: an ImageFolder tree (`root/<class>/**/<image>`) and its index cache;
+- `shards`: a DALI shard folder (`convert --format dali`: webdataset tars, DALI index files, dataset.json);
+- `beton`: an FFCV `.beton` with its sidecar (`convert --format ffcv`).
+
+Each module knows its layout: how to recognise it, how to read its index (class order, original paths and
+sizes) and which names it writes (its `Layout`, for rded_fast.outputs). Loaders only execute plans over an
+index opened here; opening the data is one call: `open_index(data)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rded_fast.formats.beton import open_beton_index
+from rded_fast.formats.folder import load_or_build_index
+from rded_fast.formats.shards import check_not_bare_shards, is_shard_dir, open_shard_index
+from rded_fast.index import DatasetIndex
+
+FOLDER, SHARDS, BETON = "folder", "shards", "beton"
+FORMATS = (FOLDER, SHARDS, BETON)
+
+
+def detect(data: str | os.PathLike) -> str:
+    """Which format `data` is, from the data itself: a `.beton` file, a folder with `dataset.json` (shards), or
+    else an ImageFolder tree (whose listing says what is wrong when it is none)."""
+    if str(data).endswith(".beton") and os.path.isfile(data):
+        return BETON
+    if is_shard_dir(data):
+        return SHARDS
+    return FOLDER
+
+
+def open_index(
+    data: str | os.PathLike,
+    class_map: list[str] | None = None,
+    cache: str | os.PathLike | None = None,
+    show_progress: bool = True,
+    kind: str | None = None,
+) -> DatasetIndex:
+    """The index of `data` read as format `kind` (None: `detect(data)`). A converted source carries the index of
+    the tree it was converted from (original paths and sizes, its class order); a tree is listed, or its cache
+    `cache` reused."""
+    kind = kind or detect(data)
+    if kind == BETON:
+        return open_beton_index(data, class_map)
+    if kind == SHARDS:
+        return open_shard_index(data, class_map)
+    check_not_bare_shards(data)
+    return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
