@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh scale     e2e1k with DALI, the GPU tests, e2e1k with torch                -> $OUT/scale*
 # Each phase ends by printing the figures against the targets (plot_gpu_suite --summary); the JSON comes back
 # under $OUT. Environment: OUT (default /tmp/gpu-session-out), GPU_SUITE_WORK (default /tmp/gsw), PYTHON,
-# E2E (the e2e loaders, default all four), BUDGET (seconds a phase may run, default 570), SUITE_ARGS (more
+# E2E (the e2e loaders, default the four and tvjpeg-shards), BUDGET (seconds a phase may run, default 570), SUITE_ARGS (more
 # gpu_suite.py options for every call, e.g. a dry run on a CPU machine: "--device cpu --classes 2 ...").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,7 @@ measure)
     done
     echo "gpu_session: CPU-side steps done after waiting $((SECONDS - started)) s"
     cp "$CPU_SIDE/gpu_suite.json" "$OUT/cpu_side.json"
-    suite measure --steps model,ceilings,decode,e2e --e2e "${E2E:-dali-folder,dali-shards,ffcv-beton,torch-folder}"
+    suite measure --steps model,ceilings,decode,e2e --e2e "${E2E:-dali-folder,dali-shards,ffcv-beton,torch-folder,tvjpeg-shards}"
     "$PY" -m rded_fast.benchmarks.plot_gpu_suite "$OUT/cpu_side.json" "$OUT/measure/gpu_suite.json" --summary
     ;;
 scale)
