@@ -78,6 +78,9 @@ def run(work: Path, observer: Path, test_dir: Path, arch: str = "conv3") -> dict
     rows: dict = {}
     for folder in sorted(p for p in work.iterdir() if p.is_dir() and SET_NAME.match(p.name)):
         m = SET_NAME.match(folder.name)
+        if not (folder / "manifest.json").is_file():  # a set still being distilled (the benchmark runs beside)
+            print(f"left out {folder.name}: not finished (no manifest.json)")
+            continue
         data = load_distilled(folder)
         rows.setdefault(m["row"], {}).setdefault(m["ipc"], []).append(
             {"seed": int(m["seed"]), **diagnose(data.images, data.labels, test, model)}
