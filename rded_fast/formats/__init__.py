@@ -19,7 +19,6 @@ from rded_fast.formats.shards import check_not_bare_shards, is_shard_dir, open_s
 from rded_fast.index import DatasetIndex
 
 FOLDER, SHARDS, BETON = "folder", "shards", "beton"
-FORMATS = (FOLDER, SHARDS, BETON)
 
 
 def detect(data: str | os.PathLike) -> str:

@@ -43,7 +43,8 @@ def sample_key(image_id: int) -> str:
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
-    """True when `path` is a folder written by `rded-fast convert --format dali`."""
+    """True when `path` is a complete shard folder to read (its dataset.json exists); `is_shard_folder` is the
+    looser test of an earlier output of ours, finished or not, that a new convert may replace."""
     return (Path(path) / DATASET_FILE).is_file()
 
 
@@ -150,7 +151,8 @@ class ShardBytes:
 
 
 def is_shard_folder(path: Path) -> bool:
-    """A folder written by `convert --format dali`: dataset.json, or shards of ours."""
+    """A folder written by `convert --format dali`, finished or not (our dataset.json, or shards named as ours
+    write them): what `convert --overwrite` may replace. A folder to read is `is_shard_dir`."""
     record = read_json(path / DATASET_FILE)
     return (record is not None and record.get("format") == FORMAT_NAME) or any(path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*"))
 
