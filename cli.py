@@ -40,6 +40,19 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def crop_scale(text: str) -> tuple[float, float]:
+    """--crop-scale MIN[,MAX] (MAX defaults to 1) as a (min, max) area fraction; argparse names a bad value."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values.append(1.0)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN or MIN,MAX with 0 < MIN <= MAX <= 1 (e.g. 0.08,1 or 1)")
+    return values[0], values[1]
+
+
 def add_distill(sub) -> None:
     p = sub.add_parser(
         "distill",
@@ -64,6 +77,15 @@ def add_distill(sub) -> None:
     p.add_argument("--mipc", type=int, default=recipe.MIPC, help=f"source images sampled per class (default {recipe.MIPC})")
     p.add_argument(
         "--num-crop", type=int, default=recipe.NUM_CROP, help=f"random crops scored per source image (default {recipe.NUM_CROP})"
+    )
+    p.add_argument(
+        "--crop-scale",
+        type=crop_scale,
+        default=recipe.CROP_SCALE,
+        metavar="MIN[,MAX]",
+        help=f"area fraction of each random crop, uniform in MIN..MAX (default {recipe.CROP_SCALE[0]},"
+        f"{recipe.CROP_SCALE[1]}, RDED's); 1 = whole images (their centred square: pass --num-crop 1, as every crop "
+        "is the same)",
     )
     p.add_argument("--input-size", type=int, default=recipe.INPUT_SIZE, help=f"observer input size (default {recipe.INPUT_SIZE})")
     p.add_argument("--seed", type=int, default=0)

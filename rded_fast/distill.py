@@ -50,7 +50,7 @@ from rded_fast.models.heads import HeadTooSmall, split_head
 from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
-from rded_fast.recipe import CONTACT_SHEET_CLASSES, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
+from rded_fast.recipe import CONTACT_SHEET_CLASSES, CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.score import Scorer
 from rded_fast.select import ClassSelection, select_class, select_covering, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
@@ -95,6 +95,8 @@ class DistillConfig:
     factor: int = FACTOR
     mipc: int = MIPC
     num_crop: int = NUM_CROP
+    # area fraction range of the random crops (RandomResizedCrop's scale; RDED's (0.08, 1)); (1, 1): whole images
+    crop_scale: tuple[float, float] = CROP_SCALE
     input_size: int = INPUT_SIZE
     seed: int = 0
     batch_size: int = 64
@@ -139,6 +141,10 @@ def validate(cfg: DistillConfig) -> None:
         (cfg.factor >= 1, f"--factor {cfg.factor}: must be >= 1"),
         (cfg.mipc >= 1, f"--mipc {cfg.mipc}: must be >= 1"),
         (cfg.num_crop >= 1, f"--num-crop {cfg.num_crop}: must be >= 1"),
+        (
+            len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
+            f"--crop-scale {','.join(map(str, cfg.crop_scale))}: must be MIN,MAX with 0 < MIN <= MAX <= 1",
+        ),
         (cfg.input_size >= 1, f"--input-size {cfg.input_size}: must be >= 1"),
         (cfg.input_size // max(cfg.factor, 1) >= 1, f"--factor {cfg.factor}: larger than --input-size {cfg.input_size}"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
@@ -187,7 +193,7 @@ def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
     if cfg.select == "random":
         cfg = replace(cfg, select="random-crops")
     if cfg.select == "random-images":  # one whole image per output image: no cells, no crops to choose from
-        cfg = replace(cfg, factor=1, num_crop=1)
+        cfg = replace(cfg, factor=1, num_crop=1, crop_scale=(1.0, 1.0))
     return cfg
 
 
@@ -520,7 +526,8 @@ def _versions() -> dict:
 
 
 def _run_parameters(cfg: DistillConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
+    """The output-relevant parameters as JSON gives them back (tuples as lists), so a resume compares like with like."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
 def _journal_run(cfg: DistillConfig, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
@@ -550,7 +557,9 @@ def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], sh
     """The plan of `classes`: crops for RDED and random-crops, whole images for random-images."""
     if cfg.select == "random-images":
         return make_center_plan(index, cfg.seed, cfg.mipc, classes=classes, show_progress=show_progress)
-    return make_plan(index, cfg.seed, cfg.mipc, cfg.num_crop, classes=classes, show_progress=show_progress)
+    return make_plan(
+        index, cfg.seed, cfg.mipc, cfg.num_crop, classes=classes, scale=tuple(cfg.crop_scale), show_progress=show_progress
+    )
 
 
 def _prologue(

@@ -41,7 +41,7 @@ def build_manifest(
             **parameters,
             "crop_size": parameters["input_size"] // parameters["factor"],
             "cells_per_class": parameters["ipc"] * parameters["factor"] ** 2,
-            "scale": list(CROP_SCALE),
+            "scale": list(parameters.get("crop_scale", CROP_SCALE)),
             "ratio": list(CROP_RATIO),
         },
         "versions": versions,

@@ -151,6 +151,21 @@ def test_one_cell_per_class_is_rdeds_choice(fashion_tree, fashion_observer, tmp_
     assert _files(rded) == _files(cover)  # one group: its best image is RDED's
 
 
+def test_cover_over_whole_images(fashion_tree, fashion_observer, tmp_path):
+    """--crop-scale 1: every candidate is its image's centred square (the whole image here), scored once; a resume
+    of such a run is accepted (the scale survives its JSON round trip) and gives the same bytes."""
+    cfg = dict(ipc=3, factor=1, mipc=40, num_crop=1, crop_scale=(1.0, 1.0), select="rded-cover")
+    whole = distill(fashion_config(fashion_tree, fashion_observer, tmp_path / "whole", **cfg))
+    manifest = json.loads(whole.manifest.read_text())
+    assert manifest["parameters"]["scale"] == [1.0, 1.0] == manifest["parameters"]["crop_scale"]
+    cells = _cells(whole)
+    assert len(cells) == 30 and all(c["box"] == [0, 0, *c["source_size"][::-1]] for c in cells)
+    crops = distill(fashion_config(fashion_tree, fashion_observer, tmp_path / "crops", **{**cfg, "crop_scale": (0.08, 1.0)}))
+    assert any(c["box"][2] < c["source_size"][1] for c in _cells(crops))  # RDED's scale cuts parts of images
+    again = distill(fashion_config(fashion_tree, fashion_observer, tmp_path / "whole", resume=True, **cfg))
+    assert _files(again) == _files(whole)
+
+
 def test_mnist5k_split_is_per_class_and_disjoint(tmp_path, monkeypatch):
     from rded_fast.data import mnist5k
 
