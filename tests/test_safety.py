@@ -372,6 +372,7 @@ def test_every_numeric_argument_has_a_range():
         (["relabel", "--distilled", "d", "--teacher", "t", "--out", "o", "--top-k", "0"], "--top-k 0"),
         (["demo", "--student-epochs", "-1"], "--student-epochs -1"),
         (["train-observer", "--data", "d", "--out", "o", "--weight-decay", "nan"], "finite"),
+        (["distill", "--data", "d", "--observer", "conv3", "--out", "o", "--crop-scale", "0.5,0.2"], "0 < MIN <= MAX <= 1"),
     ],
 )
 def test_bad_numbers_are_one_line_errors(argv, message, capsys):
