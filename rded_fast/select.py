@@ -90,7 +90,9 @@ def select_covering(
     if len(usable) <= n:
         sel = select_class(scores, rows, label, n, class_name)
         return sel if isinstance(sel, str) else replace(sel, groups=np.arange(n), group_sizes=np.ones(n, np.int64))
-    sim = np.asarray(similarity, dtype=np.float64)[np.ix_(usable, usable)]
+    sim = np.asarray(similarity, dtype=np.float64)
+    if len(usable) < len(sim):
+        sim = sim[np.ix_(usable, usable)]
     groups = kmeans(sim, n, class_generator(seed, label, purpose=3))
     by_score = np.argsort(best[usable], kind="stable")  # candidates, best first
     first = np.unique(groups[by_score], return_index=True)[1]  # each group's best candidate, in by_score positions
