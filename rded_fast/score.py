@@ -141,7 +141,7 @@ class Scorer:
             scored = (crop_cross_entropy(logits, labels), logits.argmax(1))
             return scored if head is None else (*scored, out.flatten(1).float())
 
-        self._step = fused
+        self._step = self._eager = fused
         # cudnn.benchmark stays off: it picks kernels by timing them, so two runs may round differently and
         # select different crops; cuDNN's heuristics pick the same kernels for the same shapes every time.
         # (benchmarks/gpu_suite.py measures what autotuning would gain.)
@@ -177,9 +177,10 @@ class Scorer:
         self.compile_seconds += seconds
         return seconds
 
-    def __call__(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [N] float32, top-1 [N] int64) on the scorer's device."""
-        scores, preds, *_ = self._run(crops, labels)
+    def __call__(self, crops: torch.Tensor, labels: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [N] float32, top-1 [N] int64) on the scorer's device. `eager`: through the uncompiled step (the
+        same function), for a few crops of a size the scorer is not compiled for: no compile for them."""
+        scores, preds, *_ = self._run(crops, labels, eager)
         return scores, preds
 
     def with_features(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,18 +189,19 @@ class Scorer:
             raise ValueError("this Scorer was built without a head: it has no features to return")
         return self._run(crops, labels)
 
-    def _run(self, crops: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _run(self, crops: torch.Tensor, labels: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, ...]:
         n, bs = len(crops), self.batch_size
+        run_step, pad = (self._eager, False) if eager else (self._step, self.fixed_shape)
         outs: list[torch.Tensor] = []
         with torch.no_grad():  # not inference_mode: its tensors would make the padded chunk a new guard case
             for start in range(0, n, bs):
                 chunk = crops[start : start + bs].to(self.device, non_blocking=True)
                 y = labels[start : start + bs].to(self.device, non_blocking=True)
                 m = len(chunk)
-                if self.fixed_shape and m < bs:  # fixed shapes: pad with zero crops, drop their results
+                if pad and m < bs:  # fixed shapes: pad with zero crops, drop their results
                     chunk = torch.cat([chunk, chunk.new_zeros((bs - m, *chunk.shape[1:]))])
                     y = torch.cat([y, y.new_zeros(bs - m)])
-                step = self._step(chunk, y)
+                step = run_step(chunk, y)
                 if not outs:  # allocated once the first chunk tells the features' width
                     outs = [torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in step]
                 for out, t in zip(outs, step):

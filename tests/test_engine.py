@@ -53,6 +53,29 @@ def test_compiled_engine_matches_eager(fashion_observer, real_crops):
     assert torch.allclose(eager, compiled, atol=1e-3, rtol=1e-3)
 
 
+def test_eager_call_of_a_compiled_scorer_compiles_nothing(fashion_observer, real_crops):
+    """The observer check's way of scoring: a compiled scorer called with eager=True runs the uncompiled step (the
+    same numbers as an eager scorer) and adds no graph to dynamo's."""
+    from torch._dynamo.utils import counters
+
+    crops, labels = real_crops
+    model = build("conv3", 10, str(fashion_observer), 32).model
+    scorer = Scorer(model, 32, "cpu", batch_size=64, compile=True)
+    compiled_step = scorer._step
+
+    def refuse(*args):
+        raise AssertionError("the compiled step was called")
+
+    scorer._step = refuse
+    graphs = counters["stats"]["unique_graphs"]
+    got, got_pred = scorer(crops[:100], labels[:100], eager=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    ref, ref_pred = Scorer(model, 32, "cpu", batch_size=64)(crops[:100], labels[:100])
+    assert torch.equal(got, ref) and torch.equal(got_pred, ref_pred)
+    scorer._step = compiled_step  # and without eager, the compiled step scores
+    assert torch.allclose(scorer(crops[:100], labels[:100])[0], ref, atol=1e-3, rtol=1e-3)
+
+
 def test_bf16_selection_agrees_with_fp32(fashion_tree, fashion_observer, tmp_path):
     cells = {}
     for amp in ("none", "bf16"):

@@ -305,3 +305,13 @@ def test_proportion_mode_is_reproducible(jpeg_tree, tmp_path):
 
             modes.append(np.asarray(Reader(str(out)).metadata["f0"]["mode"]).copy())
     assert np.array_equal(modes[0], modes[1]) and 0 < modes[0].sum() < len(modes[0])
+
+
+def test_warm_up_compiles_what_the_loader_calls(jpg_beton):
+    """preload's warm-up compiles the crop kernel for the loader's own argument types: after it and a real pass
+    there is one compiled version (a second would mean the warm-up compiled for nothing)."""
+    from rded_fast.loaders import ffcv_loader
+
+    ffcv_loader.warm_up()
+    _crops("ffcv", jpg_beton, mipc=2)
+    assert len(ffcv_loader.cut_batch.signatures) == 1

@@ -142,8 +142,8 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
     class Oracle:
         device = torch.device("cpu")
 
-        def __call__(self, crops, labels):
-            calls.append((tuple(crops.shape), labels.clone()))
+        def __call__(self, crops, labels, eager=False):
+            calls.append((tuple(crops.shape), labels.clone(), eager))
             return torch.zeros(len(labels)), labels.clone()
 
     cfg = DistillConfig(
@@ -158,7 +158,8 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
     )
     report = check_observer(index, cfg, Oracle(), torch.device("cpu"))
     assert len(calls) == 1  # every class's check images in one call, each row with its own label
-    shape, labels = calls[0]
+    shape, labels, eager = calls[0]
+    assert eager  # not compiled for its crop size: the class stage's is the only compile
     assert shape[0] == report["images"] == 24 and shape[1:] == (3, 32, 32)
     assert sorted(set(labels.tolist())) == [0, 1, 2] and report["accuracy"] == 1.0
 

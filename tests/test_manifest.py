@@ -6,6 +6,7 @@ import numpy as np
 
 from rded_fast.index import UNLISTED_CLASS, DatasetIndex
 from rded_fast.manifest import SHOWN, build_manifest, read_manifest, summary_lines
+from rded_fast.write import _json_default, manifest_json, write_manifest
 
 
 def _index(classes: int) -> DatasetIndex:
@@ -48,3 +49,22 @@ def test_summary_counts_everything_and_names_a_few(tmp_path):
     assert "1 finished class(es) were redone" in text and "40 file(s) skipped while indexing" in text
     assert all(line.count(",") <= SHOWN for line in lines)  # a few names per note, not the whole list
     assert max(len(line) for line in lines) < 300
+
+
+def test_manifest_text_is_the_same_json_with_one_line_per_image(tmp_path):
+    """manifest_json writes what json.dumps(indent=1) would (NaN and numpy numbers included), one image a line."""
+    images = [
+        {"file": f"c/{i}.png", "label": np.int64(i), "cells": [{"box": [1, 2, 3, 4], "score": np.float32(0.5)}]} for i in range(3)
+    ]
+    manifest = {"tool": "rded-fast", "parameters": {"ipc": 1, "scale": [0.08, 1.0]}, "empty": [], "images": images}
+    manifest["run"] = {"seconds": {"total": float("nan")}, "nested": {"a": {"b": []}}}
+    text = manifest_json(manifest)
+    expected = json.dumps(manifest, indent=1, default=_json_default, allow_nan=True)
+    assert json.dumps(json.loads(text), sort_keys=True) == json.dumps(json.loads(expected), sort_keys=True)
+    assert list(json.loads(text)) == list(manifest)  # keys in the same order
+    lines = text.splitlines()
+    assert sum(line.lstrip().startswith('{"file": ') for line in lines) == 3
+    assert json.loads(manifest_json({**manifest, "images": []}))["images"] == []
+    path = tmp_path / "manifest.json"
+    write_manifest(path, manifest)
+    assert path.read_text() == text

@@ -34,7 +34,7 @@ def test_wheel_claims_only_the_package_name(wheel):
     for module in ("rded_fast/cli.py", "rded_fast/converters/dali_shards.py", "rded_fast/benchmarks/stages.py"):
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "rded-fast = rded_fast.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "rded-fast = rded_fast.cli:run" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 def test_installed_wheel_runs_the_command_away_from_the_checkout(wheel, tmp_path):

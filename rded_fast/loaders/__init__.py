@@ -43,9 +43,10 @@ LOADER_MODULES = {
 
 def preload(name: str) -> None:
     """Start importing loader `name`'s module, and with it its library (DALI: 1-3 s, most of the observer check's
-    set-up at 100 classes), in a background thread: the import overlaps the index, the plan and the observer's
-    compile instead of delaying the observer check, the loader's first user. A failing import is left to the
-    place the loader is made, which imports the module again and says what is wrong."""
+    set-up at 100 classes; ffcv: 3.5-5 s, most of it numba compiling at import), then its `warm_up()` if it has
+    one (ffcv: our crop kernel's compile), in a background thread: the work overlaps the index, the plan and the
+    observer's compile instead of delaying the observer check, the loader's first user. A failing import is
+    left to the place the loader is made, which imports the module again and says what is wrong."""
     module = LOADER_MODULES.get(name)
     if module is not None and module not in sys.modules:
         threading.Thread(target=_import_quietly, args=(module,), name=f"preload-{name}").start()
@@ -53,8 +54,10 @@ def preload(name: str) -> None:
 
 def _import_quietly(module: str) -> None:
     try:
-        importlib.import_module(module)
-    except BaseException:  # noqa: BLE001 - reported where the loader is made
+        warm_up = getattr(importlib.import_module(module), "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+    except BaseException:  # noqa: BLE001 - reported where the loader is made (a warm-up's failure: where it is used)
         pass
 
 

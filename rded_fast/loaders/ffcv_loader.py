@@ -90,6 +90,20 @@ def cut_batch(addresses, nbytes, modes, heights, widths, boxes, out, ok) -> None
             ok[i] = 0
 
 
+def warm_up() -> None:
+    """Compile `cut_batch` for the types `PlannedCrops` calls it with (1.5-1.8 s of numba on a 2-core EPYC, once
+    per process), so that `rded_fast.loaders.preload` does it in the background with ffcv's import instead of
+    the first batch of the observer check waiting for it. Compiled, not run: numba's default thread pool must
+    not be entered from two threads at once, and ffcv's loader thread may already be running."""
+    one_d = types.Array(types.int64, 1, "C")
+    signature = (one_d,) * 5 + (
+        types.Array(types.float64, 3, "C"),  # boxes
+        types.Array(types.uint8, 5, "C"),  # crops[:n]
+        types.Array(types.uint8, 1, "A"),  # ok[:n, 0], a column
+    )
+    cut_batch.compile(signature)
+
+
 class PlannedCrops(Operation):
     """ffcv decoder for an RGBImageField: sample s -> its planned crops [K, 3, p, p] uint8 and an ok flag.
 
@@ -138,7 +152,10 @@ class PlannedCrops(Operation):
                 modes[i] = field["mode"]
                 heights[i] = field["height"]
                 widths[i] = field["width"]
-                boxes[i] = table[row_of[batch_indices[i]]]
+                row = row_of[batch_indices[i]]
+                for k in range(table_shape[1]):  # element by element: a row assignment makes numba compile its
+                    for c in range(4):  # broadcasting's error strings, 1.7 s of every process's first batch
+                        boxes[i, k, c] = table[row, k, c]
             cut_batch(addresses, nbytes, modes, heights, widths, boxes, crops[:n], ok[:n, 0])
             return crops[:n], ok[:n, 0]
 
