@@ -783,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         check_numbers(args)
         usable_inductor_cache()
         return args.run(args)
-    except PeerFailed:  # another torchrun rank failed and prints the error itself
-        return 1
+    except PeerFailed:  # another torchrun rank failed and prints the error itself; its exit code is the run's: this
+        return 0  # rank leaves with 0, or the launcher, seeing it exit first, could report it instead of the failure
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -130,8 +131,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "rded_fast.cli", *argv)
     except ChildFailedError as failed:
-        for rank, failure in sorted(failed.failures.items()):
-            if failure.exitcode < 0:  # killed: it printed nothing itself
-                print(f"rded-fast: rank {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
-        return max([f.exitcode for f in failed.failures.values() if f.exitcode > 0], default=1)
+        codes = {rank: f.exitcode for rank, f in failed.failures.items()}
+        for line in killed_ranks(codes):
+            print(f"rded-fast: {line}", file=sys.stderr)
+        return max([code for code in codes.values() if code > 0], default=1)
     return 0
+
+
+def killed_ranks(exit_codes: dict[int, int]) -> list[str]:
+    """A line for each rank a signal ended (a negative exit code), which printed nothing itself; not for the ranks
+    the launcher stops with SIGTERM as soon as another fails, often before they read that failure themselves:
+    there the failing rank's own error (a positive code) says it all."""
+    own_error = any(code > 0 for code in exit_codes.values())
+    return [
+        f"rank {rank} was killed by signal {-code}"
+        for rank, code in sorted(exit_codes.items())
+        if code < 0 and not (own_error and -code == signal.SIGTERM)
+    ]

@@ -17,4 +17,5 @@ class Terminated(KeyboardInterrupt):
 
 class PeerFailed(Exception):
     """Another torchrun rank failed and prints its own error: this rank stops without a message of its own, so
-    the user reads one line per real error (the command exits 1, below any real error's code)."""
+    the user reads one line per real error, and exits 0, so that the launcher, which collects the exit codes of the
+    ranks that have ended when it first sees one fail, reports the failing rank's code and not this one's."""

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rded_fast.distributed import World, all_ok, backend_for, barrier
+from rded_fast.distributed import World, all_ok, backend_for, barrier, killed_ranks
 from tests.conftest import free_port
 
 
@@ -70,3 +70,11 @@ def test_a_failing_rank_ends_nproc_with_its_error_and_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "not a directory" in proc.stderr and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # the real error alone: the other rank says nothing
+
+
+def test_killed_ranks_names_a_kill_but_not_the_launchers_stop():
+    """A rank that failed by itself prints its error; the others the launcher then stops with SIGTERM stay quiet
+    (they may not have read the failure yet). A kill nobody explained (SIGKILL: the OOM killer) is always named."""
+    assert killed_ranks({0: 2, 1: -15}) == []
+    assert killed_ranks({0: 1, 1: -9}) == ["rank 1 was killed by signal 9"]
+    assert killed_ranks({0: -15, 1: -15}) == ["rank 0 was killed by signal 15", "rank 1 was killed by signal 15"]
