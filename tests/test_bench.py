@@ -61,3 +61,26 @@ def test_bench_all_stages_with_reference_writes_json(jpeg_tree, tmp_path, capsys
     assert set(host) == {"png", "jpg"} and host["png"]["input_size"] == 224 and host["png"]["ipc"] == 10
     assert 0 <= host["jpg"]["critical_path_ms"] < host["jpg"]["serial_ms"]
     assert "speedup" in capsys.readouterr().out
+
+
+def test_fixed_costs_bench_runs_two_clis_in_turn(fashion_tree, tmp_path):
+    """benchmarks/fixed_costs.py on a small tree: each --cli runs, in turn, and the JSON has what the README quotes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fixed.json"
+    cli = str(root / "cli.py")
+    subprocess.run(
+        [sys.executable, "-m", "rded_fast.benchmarks.fixed_costs", "--data", str(fashion_tree), "--work", str(tmp_path / "w"),
+         "--runs", "1", "--cli", cli, "--cli", cli, "--json", str(out)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    (rows,) = result["runs"].values()  # the same cli twice: one key, two runs
+    assert len(rows) == 2
+    for row in rows:
+        assert row["wall"] > row["total"] > 0 and row["outside"] == row["wall"] - row["total"]
+        assert row["check"] > 0 and row["compile"] == 0 and row["manifest_mib"] > 0
+    assert result["cpu"]["cores"] >= 1 and "--loader torch" in result["command"]
