@@ -783,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
         check_numbers(args)
         usable_inductor_cache()
         return args.run(args)
-    except PeerFailed:  # another torchrun rank failed and prints the error itself; its exit code is the run's: this
-        return 0  # rank leaves with 0, or the launcher, seeing it exit first, could report it instead of the failure
+    except PeerFailed:  # another torchrun rank failed and prints its error; 0, so the launcher reports that rank's code
+        return 0
     except UserError as exc:
         print(f"rded-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

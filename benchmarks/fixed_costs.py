@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -65,18 +64,16 @@ def distill_command(cli: str, data: str, out: Path, loader: str, compile_mode: s
 
 
 def one_run(cli: str, data: str, work: Path, loader: str, compile_mode: str) -> dict:
-    """One process: wall seconds, its stages (run.seconds), `outside` and the manifest's size."""
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=work) as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    """One process: wall seconds, its stages (run.seconds), `outside` and the manifest's size. Its output and
+    inductor cache live in a new temporary folder under `work`, removed afterwards; nothing else there is touched."""
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        out, env = Path(scratch) / "out", {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / "inductor")}
         start = time.perf_counter()
         subprocess.run(distill_command(cli, data, out, loader, compile_mode), env=env, check=True, capture_output=True)
         wall = time.perf_counter() - start
-    seconds = json.loads((out / "manifest.json").read_text())["run"]["seconds"]
-    row = {"wall": wall, **{k: seconds[k] for k in STAGES if k in seconds}, "outside": wall - seconds["total"]}
-    row["manifest_mib"] = (out / "manifest.json").stat().st_size / 2**20
-    shutil.rmtree(out)
+        seconds = json.loads((out / "manifest.json").read_text())["run"]["seconds"]
+        row = {"wall": wall, **{k: seconds[k] for k in STAGES if k in seconds}, "outside": wall - seconds["total"]}
+        row["manifest_mib"] = (out / "manifest.json").stat().st_size / 2**20
     return row
 
 

@@ -72,11 +72,15 @@ def test_fixed_costs_bench_runs_two_clis_in_turn(fashion_tree, tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "fixed.json"
     cli = str(root / "cli.py")
+    (tmp_path / "w" / "out").mkdir(parents=True)  # a folder of the user's where the runs happen: left alone
+    (tmp_path / "w" / "out" / "keep.txt").write_text("mine")
     subprocess.run(
         [sys.executable, "-m", "rded_fast.benchmarks.fixed_costs", "--data", str(fashion_tree), "--work", str(tmp_path / "w"),
          "--runs", "1", "--cli", cli, "--cli", cli, "--json", str(out)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
+    assert (tmp_path / "w" / "out" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["out"]  # each run's scratch is gone
     result = json.loads(out.read_text())
     (rows,) = result["runs"].values()  # the same cli twice: one key, two runs
     assert len(rows) == 2
