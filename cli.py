@@ -42,6 +42,17 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """--seeds A,B,C as distinct whole numbers >= 0."""
+    try:
+        seeds = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 0,1,2,3,4") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct whole numbers >= 0")
+    return seeds
+
+
 def crop_scale(text: str) -> tuple[float, float]:
     """--crop-scale MIN[,MAX] (MAX defaults to 1) as a (min, max) area fraction; the range is distill's check."""
     try:
@@ -370,9 +381,29 @@ def _student_args(p, student: bool) -> None:
         p.add_argument("--json", help="write the result JSON here")
         p.add_argument("--checkpoint", help="per-epoch training state file (for --resume)")
         p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+        p.add_argument(
+            "--seeds",
+            type=seed_list,
+            help="train one student per seed in one process, e.g. 0,1,2,3,4 (each as a single run with that seed; "
+            "they share the loaded set, the val set, the teacher and the compile); the JSON gives each and the mean +- std",
+        )
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--batch-size", type=int, help="default: RDED's rule from IPC and class count")
     add_train_amp(p, "student and teacher")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the teacher and student steps; auto = on CUDA (with CUDA graphs), and on a CPU only for "
+        "runs long enough to repay a cold compile",
+    )
+    p.add_argument(
+        "--skip-teacher-check",
+        action="store_true",
+        help="do not stop when the teacher's top-1 on a sample of "
+        + ("--val" if student else "the distilled set")
+        + " is near chance (the check catches a class order that does not match the teacher's outputs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -394,19 +425,26 @@ def run_evaluate(args) -> int:
 
     fields = {**_fields(args), "bn_refresh": args.bn_refresh == "on"}
     r = evaluate(StudentConfig(**fields, show_progress=not args.quiet))
+    for line in r["set_notes"]:
+        print(f"note: --distilled {args.distilled}: {line}", file=sys.stderr)
     if r["val_unused_classes"]:
         print(
             f"note: --val has {len(r['val_unused_classes'])} class folder(s) the distilled set does not have; "
             f"they were not tested: {', '.join(r['val_unused_classes'][:5])}"
         )
+    seeds = r["parameters"]["seeds"]
     print(
         f"{args.student} on {r['train_images']} distilled images, {r['parameters']['recipe']['epochs']} epochs "
-        f"({labels_line(r['parameters'])}), {r['seconds']:.1f} s"
+        f"({labels_line(r['parameters'])}), {len(seeds)} seed(s), {r['seconds']:.1f} s "
+        f"({r['train_img_per_s']:,.0f} student img/s)"
     )
-    print(
-        f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}  best top-1 (last 20%) {r['best_top1']:.2%}"
-        f"  on {r['val_images']} validation images"
-    )
+    if len(seeds) > 1:
+        for run in r["runs"]:
+            print(f"seed {run['seed']}: final top-1 {run['final_top1']:.2%}  top-5 {run['final_top5']:.2%}")
+        print(f"mean final top-1 {r['final_top1']:.2%} +- {r['final_top1_std']:.2%} over {len(seeds)} seeds", end="")
+    else:
+        print(f"final top-1 {r['final_top1']:.2%}  top-5 {r['final_top5']:.2%}", end="")
+    print(f"  best top-1 (last 20%) {r['best_top1']:.2%}  on {r['val_images']} validation images")
     if args.json:
         print(f"json: {args.json}")
     return 0
@@ -430,7 +468,12 @@ def add_relabel(sub) -> None:
     )
     _student_args(p, student=False)
     p.add_argument("--student", help="student name (only for RDED's batch-size rule)")
-    p.add_argument("--top-k", type=int, help="logits kept per sample (default: all classes)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="teacher logits kept per view (default: 10, or all classes when there are fewer; 0: all classes); "
+        "the rest of the probability is spread evenly",
+    )
     p.add_argument(
         "--region",
         nargs="?",
@@ -453,6 +496,8 @@ def run_relabel(args) -> int:
 
     fields = _fields(args)
     r = relabel(StudentConfig(**fields, show_progress=not args.quiet))
+    for line in r["set_notes"]:
+        print(f"note: --distilled {args.distilled}: {line}", file=sys.stderr)
     if r["replaced"]:
         print(f"note: replaced the earlier soft labels in {r['replaced']}")
     if "region" in r:
@@ -477,7 +522,7 @@ def add_bench(sub) -> None:
         "speedup. --stage quality: RDED vs random-images vs random-crops, soft and hard labels, on "
         "Fashion-MNIST.",
     )
-    p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "host", "quality"])
+    p.add_argument("--stage", default="all", choices=["all", "decode", "score", "model", "e2e", "host", "quality", "train"])
     p.add_argument("--data", help="ImageFolder (or the loader's format) to run on")
     p.add_argument("--loader", default="auto")
     p.add_argument("--observer", default="resnet18")
@@ -498,10 +543,14 @@ def add_bench(sub) -> None:
     p.add_argument("--reference", action="store_true", help="also run the reference's way and report the speedup")
     p.add_argument("--json", help="output JSON (default benchmarks/results/bench_<device>.json)")
     p.add_argument("--work", default="bench-quality", help="quality: working folder")
-    p.add_argument("--seeds", type=int, default=3, help="quality: seeds")
+    p.add_argument("--seeds", type=int, default=3, help="quality: seeds; train: students (seeds 0..N-1)")
     p.add_argument("--ipcs", default="1,10", help="quality: comma-separated IPCs")
     p.add_argument("--factors", default="1", help="quality: comma-separated factors (factor f at 32*f px)")
-    p.add_argument("--epochs", type=int, default=300, help="quality: student epochs")
+    p.add_argument("--epochs", type=int, default=300, help="quality, train: student epochs")
+    p.add_argument("--student", default="conv3", help="train: the student (the teacher is --observer/--weights)")
+    p.add_argument("--distilled", help="train: a distilled set (default: a synthetic one of --ipc x --classes images)")
+    p.add_argument("--classes", type=int, default=10, help="train: classes of the synthetic set")
+    p.add_argument("--labels", default="soft", choices=["soft", "hard"], help="train: the teacher's labels or hard ones")
     p.set_defaults(run=run_bench)
 
 
@@ -510,8 +559,10 @@ def run_bench(args) -> int:
 
     if args.json:  # checked before the work: the result is written at the end
         check_result_file(args.json, "--json", {"device"})
-    elif args.stage != "quality":
+    elif args.stage not in ("quality", "train"):
         check_place("benchmarks/results/bench.json", "--json (default: benchmarks/results/bench_DEVICE.json)")
+    if args.stage == "train":
+        return run_train_bench(args)
     if args.stage == "quality":
         from rded_fast.benchmarks import quality
 
@@ -585,6 +636,18 @@ def run_bench(args) -> int:
     atomic_write_text(out, json.dumps(result, indent=1))
     print(f"json: {out}")
     return 0
+
+
+def run_train_bench(args) -> int:
+    """bench --stage train: the student loop against its model-only loop (rded_fast.benchmarks.train_bench)."""
+    from rded_fast.benchmarks import train_bench
+
+    argv = ["--student", args.student, "--teacher", args.observer if args.labels == "soft" else "none"]
+    argv += ["--epochs", str(args.epochs), "--seeds", str(args.seeds), "--classes", str(args.classes), "--ipc", str(args.ipc)]
+    argv += ["--size", str(args.input_size), "--factor", str(args.factor), "--device", args.device, "--amp", args.amp]
+    argv += ["--compile", args.compile] + (["--teacher-weights", args.weights] if args.weights else [])
+    argv += (["--distilled", args.distilled] if args.distilled else []) + (["--json", args.json] if args.json else [])
+    return train_bench.main(argv)
 
 
 def add_index(sub) -> None:

@@ -5,13 +5,17 @@
 #                                            steps (tree 100x300, tree1k 1000x300 links, convert) detached
 #   bash benchmarks/gpu_session.sh measure   after the payload: model, ceilings, decode, e2e (100 classes) -> $OUT/measure
 #   bash benchmarks/gpu_session.sh scale     e2e1k with DALI, the GPU tests, e2e1k with torch                -> $OUT/scale*
+#   bash benchmarks/gpu_session.sh students  the student side at ImageNet-1K IPC 10's shape (10,000 synthetic 224 px
+#                                            images, ResNet-18 -> ResNet-18, batch 100): 1 and 5 seeds, each beside
+#                                            its model-only loop (benchmarks/train_bench.py)             -> $OUT/students
 # Each phase ends by printing the figures against the targets (plot_gpu_suite --summary); the JSON comes back
-# under $OUT. Environment: OUT (default /tmp/gpu-session-out), GPU_SUITE_WORK (default /tmp/gsw), PYTHON,
+# under $OUT. STUDENT_ARGS: more train_bench options (a CPU dry run: "--device cpu --classes 4 --ipc 2 --size 32
+# --student conv3 --teacher conv3 --batch-size 4"). Environment: OUT (default /tmp/gpu-session-out), GPU_SUITE_WORK (default /tmp/gsw), PYTHON,
 # E2E (the e2e loaders, default the four and tvjpeg-shards), BUDGET (seconds a phase may run, default 570), SUITE_ARGS (more
 # gpu_suite.py options for every call, e.g. a dry run on a CPU machine: "--device cpu --classes 2 ...").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: gpu_session.sh start|measure|scale}
+phase=${1:?usage: gpu_session.sh start|measure|scale|students}
 OUT=${OUT:-/tmp/gpu-session-out}
 WORK=${GPU_SUITE_WORK:-/tmp/gsw}
 CPU_SIDE=${GPU_SUITE_CPU_SIDE:-/tmp/gs-cpu}
@@ -74,8 +78,19 @@ scale)
     suite scale-torch --steps e2e1k --e2e1k torch-folder
     "$PY" -m rded_fast.benchmarks.plot_gpu_suite "$OUT"/scale-*/gpu_suite.json --summary
     ;;
+students)
+    mkdir -p "$OUT/students"
+    read -r -a STUDENT_EXTRA <<<"${STUDENT_ARGS:-}"
+    for seeds in 1 5; do
+        t=$(left)
+        ((t < 60)) && { echo "gpu_session: no time left for $seeds seed(s) ($t s)"; break; }
+        timeout --signal=TERM "$t" "$PY" -m rded_fast.benchmarks.train_bench --student resnet18 --teacher resnet18 \
+            --classes 1000 --ipc 10 --size 224 --factor 2 --batch-size 100 --epochs 2 --seeds "$seeds" --compile on \
+            "${STUDENT_EXTRA[@]}" --json "$OUT/students/train_seeds$seeds.json" 2>&1 | tee "$OUT/students/seeds$seeds.log" | tail -2
+    done
+    ;;
 *)
-    echo "gpu_session: unknown phase '$phase'; use start, measure or scale" >&2
+    echo "gpu_session: unknown phase '$phase'; use start, measure, scale or students" >&2
     exit 2
     ;;
 esac

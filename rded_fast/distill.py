@@ -27,6 +27,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
+from rded_fast.chance import near_chance_threshold
 from rded_fast.device import (
     AMP_CHOICES,
     amp_name,
@@ -223,13 +224,6 @@ def check_memory(cfg: DistillConfig, plan: CropPlan, num_classes: int, device: t
         need = 12 * chunk * size * size + max(class_crops * 3 * p * p, check * 3 * s * s)
         what = f"scoring {chunk} crops at a time at {size}x{size} px"
     check_fits(need, device, f"--input-size {s}: {what}", "lower --input-size (or --mipc, --num-crop)")
-
-
-def near_chance_threshold(num_classes: int, n: int) -> float:
-    """Accuracy below which an observer is taken to be guessing: 2x chance plus 3 binomial std, the margin
-    over chance capped at a quarter of the way to 100 % (so one- and two-class data can pass)."""
-    chance = 1.0 / num_classes
-    return chance + min(chance, (1 - chance) / 4) + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
 
 
 def iter_classes(

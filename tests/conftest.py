@@ -43,6 +43,17 @@ def write_odd_tree(root: Path, jpeg_tree: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """The decoded-validation cache of the runs under test (rded_fast.train.val_cache) in a temporary folder, not
+    the user's ~/.cache; subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("rded_cache")
+    os.environ["RDED_FAST_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     return write_synthetic_jpegs(tmp_path_factory.mktemp("jpeg_tree"))

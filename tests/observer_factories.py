@@ -94,3 +94,21 @@ class _Huge(nn.Module):
 
 def huge_logits(num_classes: int = 10) -> nn.Module:
     return _Huge(num_classes)
+
+
+def tiny_student(num_classes: int = 10) -> nn.Module:
+    """A small CNN with BatchNorm and Dropout: a student whose steps draw random numbers (dropout)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(32, num_classes),
+    )
+
+
+def tiny_student_without_dropout(num_classes: int = 10) -> nn.Module:
+    """tiny_student less its Dropout: a compiled step then computes what the eager one does (to float rounding)."""
+    return nn.Sequential(*[m for m in tiny_student(num_classes) if not isinstance(m, nn.Dropout)])

@@ -52,12 +52,12 @@ def test_random_is_random_crops(jpeg_tree, tmp_path):
 
 
 def test_mixed_targets_give_the_pasted_box_to_the_partner():
-    from rded_fast.train.augment import mixed_targets, sample_epoch
+    from rded_fast.train.augment import mixed_targets, sample_epoch, to_device
 
     aug = sample_epoch(3, 0, n=12, batch_size=5, factor=1, size=16)
     labels = torch.arange(12) % 4
     for b in range(aug.num_batches):
-        t = mixed_targets(labels, aug, b, 4, 16)
+        t = mixed_targets(labels, to_device(aug, torch.device("cpu")), b, 4, 16)
         sl = aug.batch_slice(b)
         r1, c1, r2, c2 = aug.mix_box[b].tolist()
         share = (r2 - r1) * (c2 - c1) / 256
@@ -72,7 +72,10 @@ def test_mixed_targets_give_the_pasted_box_to_the_partner():
 
 def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_path):
     from rded_fast.train import student as student_mod
+    from rded_fast.train.augment import aug_constants
     from rded_fast.train.distilled_set import load_distilled
+    from rded_fast.train.engine import StudentRun, make_steps, train_epoch
+    from rded_fast.train.labels import LabelSource
     from rded_fast.train.recipe import Recipe
 
     weights = random_observer(tmp_path, 3)
@@ -92,15 +95,18 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
     assert all(np.isfinite(result["epoch_loss"]))
 
     data = load_distilled(str(tmp_path / "ri"))
+    cpu = torch.device("cpu")
+    source = LabelSource("hard", Recipe(epochs=1, batch_size=2, lr=0.01), 3, 32, 1, data.labels, cpu)
     counts = {}
     for refresh in (True, False):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3))
         model.eval()(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer without counting a batch
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        labels = student_mod._Labels("hard", Recipe(epochs=1, batch_size=2, lr=0.01))
-        run_cfg = student_mod.StudentConfig(distilled="", teacher="", bn_refresh=refresh)
-        student_mod.train_student_epoch(run_cfg, model.train(), opt, labels, data, data.images, 0, torch.device("cpu"))
+        run = StudentRun(
+            0, model.train(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), {"cpu": torch.get_rng_state()}
+        )
+        train_epoch([run], source, make_steps(source, False), data.images, 0, aug_constants(32, 1, cpu), refresh)
         counts[refresh] = int(model[1].num_batches_tracked)
     assert counts[True] == 2 * counts[False] == 2 * 3  # 6 images, batches of 2: 3 steps
 
@@ -133,13 +139,13 @@ def test_quality_table_formats_and_plots():
 
 
 def test_evaluate_amp_final_only_and_one_decode_of_the_val_split(jpeg_tree, tmp_path, monkeypatch):
-    from rded_fast.train import student as student_mod
+    from rded_fast.train import student as student_mod, val_cache
 
     weights = random_observer(tmp_path, 3)
     distill(fashion_config(jpeg_tree, weights, tmp_path / "ri", select="random-images", ipc=2, mipc=8))
     decoded = []
-    load = student_mod.load_tensor_dataset
-    monkeypatch.setattr(student_mod, "load_tensor_dataset", lambda *a, **k: decoded.append(1) or load(*a, **k))
+    load = val_cache.load_tensor_dataset
+    monkeypatch.setattr(val_cache, "load_tensor_dataset", lambda *a, **k: decoded.append(1) or load(*a, **k))
     val = shutil.copytree(jpeg_tree, tmp_path / "val")
     base = dict(distilled=str(tmp_path / "ri"), teacher="-", val=str(val), student="conv3", device="cpu", show_progress=False)
     # bf16 is emulated (4-5x slower) on CPUs without native bf16: its students train a few epochs only

@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from rded_fast.models import build
 from rded_fast.score import normalize
 from rded_fast.train import softlabels
-from rded_fast.train.augment import EpochAug, sample_epoch
+from rded_fast.train.augment import EpochAug, sample_epoch, to_device
 from rded_fast.train.regions import region_targets, region_weights
 from rded_fast.train.student import StudentConfig, evaluate, relabel
 
@@ -33,20 +33,22 @@ def _aug(row_perm, col_perm, boxes) -> EpochAug:
 def test_a_crop_inside_one_cell_gets_that_cells_label_after_the_shuffle():
     # 8 px, factor 2: rows swapped for sample 0 (output top strip = original bottom row), columns swapped for 1
     aug = _aug([[1, 0], [0, 1], [0, 1]], [[0, 1], [1, 0], [0, 1]], [[0, 0, 4, 4], [1, 5, 2, 3], [0, 0, 8, 8]])
-    w = region_weights(aug, 0, size=8, factor=2, grid=2)
+    w = region_weights(aug, size=8, factor=2, grid=2)
     assert w[0].tolist() == [0, 0, 1, 0]  # top-left of the output is original cell (row 1, col 0)
     assert w[1].tolist() == [1, 0, 0, 0]  # top-right of the output is original cell (row 0, col 0)
     assert w[2].tolist() == [0.25] * 4
-    assert region_weights(aug, 0, size=8, factor=2, grid=1).tolist() == [[1.0]] * 3
+    assert region_weights(aug, size=8, factor=2, grid=1).tolist() == [[1.0]] * 3
     straddle = _aug([[0, 1]], [[0, 1]], [[2, 0, 4, 8]])  # rows 2..5 of 8: half in each row strip, full width
-    assert region_weights(straddle, 0, size=8, factor=2, grid=2)[0].tolist() == [0.25] * 4
+    assert region_weights(straddle, size=8, factor=2, grid=2)[0].tolist() == [0.25] * 4
 
 
 def test_region_targets_mix_covered_cells_and_cutmix_partner():
-    aug = sample_epoch(0, 0, n=6, batch_size=3, factor=2, size=12)
+    host = sample_epoch(0, 0, n=6, batch_size=3, factor=2, size=12)
+    aug = to_device(host, torch.device("cpu"))
+    weights = torch.from_numpy(region_weights(host, 12, 2, 2)).float()
     probs = torch.softmax(torch.randn(6, 4, 5), dim=2)
     for b in range(aug.num_batches):
-        t = region_targets(probs, aug, b, size=12, factor=2)
+        t = region_targets(probs, weights, aug, b, size=12)
         assert t.shape == (3, 5) and torch.allclose(t.sum(1), torch.ones(3), atol=1e-6)
     same = probs[:, :1].expand(6, 4, 5)  # every cell alike: the target is that label whatever the crop
     sl = aug.batch_slice(0)
@@ -54,7 +56,7 @@ def test_region_targets_mix_covered_cells_and_cutmix_partner():
     pasted = (r2 - r1) * (c2 - c1) / 144
     own = same[aug.order[sl], 0]
     expect = (1 - pasted) * own + pasted * own[aug.mix_perm[sl]]
-    assert torch.allclose(region_targets(same.contiguous(), aug, 0, size=12, factor=2), expect, atol=1e-6)
+    assert torch.allclose(region_targets(same.contiguous(), weights, aug, 0, size=12), expect, atol=1e-6)
 
 
 def test_region_labels_line_up_with_the_manifests_cells(factor2_distilled, fashion_observer, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.models import build
 from rded_fast.train import softlabels
-from rded_fast.train.augment import sample_epoch, shuffle_patches
+from rded_fast.train.augment import aug_constants, augment_batch, sample_epoch, shuffle_map, to_device
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, lr_multiplier, make_optimizer, param_groups, rded_batch_size
 from rded_fast.train.student import StudentConfig, evaluate, relabel
 
@@ -70,9 +70,13 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
     for k, (t, left, h, w) in enumerate(boxes):
         image[..., t : t + h, left : left + w] = k
     seen = set()
+    k = aug_constants(size, factor, torch.device("cpu"))
     for epoch in range(60):
         aug = sample_epoch(0, epoch, 8, 8, factor, size)
-        out = shuffle_patches(image.expand(8, -1, -1, -1), aug.row_perm, aug.col_perm, factor)
+        rows = shuffle_map(torch.from_numpy(aug.row_perm), k)
+        cols = shuffle_map(torch.from_numpy(aug.col_perm), k)
+        out = image.expand(8, -1, -1, -1)[torch.arange(8)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        out = out.permute(0, 3, 1, 2)
         for i in range(8):
             rows, cols = aug.row_perm[i], aug.col_perm[i]
             # Each output strip is a whole source strip, so cells stay intact: walk the output grid.
@@ -93,6 +97,44 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
             seen.add((tuple(rows), tuple(cols)))
     perms = set(itertools.permutations(range(factor)))
     assert seen == {(r, c) for r in perms for c in perms}
+
+
+def _per_sample_reference(images, aug, b, factor):
+    """Recipe version 1, sample by sample: ShufflePatches by index lists, torchvision's resized_crop in float,
+    flip, ImageNet normalisation, CutMix by slicing."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from rded_fast.score import normalize
+    from rded_fast.stitch import cell_boxes
+
+    sl, size = aug.batch_slice(b), images.shape[-1]
+    spans = [(t, h) for t, _, h, _ in cell_boxes(size, factor)[::factor]]
+    strips = lambda perm: np.concatenate([np.arange(spans[q][0], spans[q][0] + spans[q][1]) for q in perm])
+    out = []
+    for i, n in enumerate(aug.order[sl]):
+        image = images[n][:, strips(aug.row_perm[sl][i])][:, :, strips(aug.col_perm[sl][i])].float() / 255
+        crop = TF.resized_crop(image, *aug.boxes[sl][i].tolist(), [size, size], antialias=True)
+        out.append(crop.flip(-1) if aug.flip[sl][i] else crop)
+    out = normalize(torch.stack(out))
+    r1, c1, r2, c2 = aug.mix_box[b].tolist()
+    out[:, :, r1:r2, c1:c2] = out[torch.from_numpy(aug.mix_perm[sl])][:, :, r1:r2, c1:c2]
+    return out
+
+
+@pytest.mark.parametrize("factor,size", [(1, 32), (2, 32), (3, 31), (2, 17)])
+def test_batched_augmentation_equals_per_sample_torchvision(factor, size):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (23, 3, size, size), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    k = aug_constants(size, factor, cpu)
+    for epoch in range(3):
+        aug = sample_epoch(0, epoch, 23, 10, factor, size)
+        on_device = to_device(aug, cpu)
+        for b in range(aug.num_batches):  # the last batch is short (3 samples)
+            batched = augment_batch(images, on_device, b, k)
+            assert batched.is_contiguous(memory_format=torch.channels_last)
+            # normalised units: 1e-5 is 1/400 of a grey level (float rounding; version 1 and 2 make the same pixels)
+            assert torch.allclose(batched, _per_sample_reference(images, aug, b, factor), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +170,8 @@ def test_replay_of_stored_labels_equals_online(factor2_distilled, val_tree, fash
     topk = relabel(StudentConfig(**base, out=str(tmp_path / "top3"), top_k=3))
     assert topk["top_k"] == 3
     aug, enc = softlabels.read_epoch(tmp_path / "top3", 0)
-    probs = softlabels.decode_probs(enc["values"], enc["indices"], enc["lse"], 10, 20.0)
+    enc_t = {key: torch.from_numpy(v) for key, v in enc.items()}
+    probs = softlabels.decode_probs(enc_t["values"], enc_t["indices"], enc_t["lse"], 10, 20.0)
     assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-3)
     _, full = softlabels.read_epoch(tmp_path / "labels", 0)
     exact = torch.softmax(torch.from_numpy(full["values"].astype(np.float32)) / 20.0, 1)

@@ -1,8 +1,18 @@
-"""The student's augmentation (RDED.md section 3), split into parameters and their application.
+"""The student's augmentation (RDED.md section 3): parameters drawn per epoch, applied per batch in one pass.
 
-Parameters for a whole epoch are drawn up front from one seeded generator (plain numpy arrays:
-sample order, patch-grid permutations, crop boxes, flips, CutMix boxes), then applied batch by batch.
-Online relabeling and stored soft labels use the same parameters, so a replay is exact.
+Parameters for a whole epoch are drawn up front from one seeded generator (plain numpy arrays: sample order,
+patch-grid permutations, crop boxes, flips, CutMix boxes), copied to the training device once (`to_device`), then
+applied batch by batch with no Python loop over samples and no host synchronisation (`augment_batch`):
+
+- ShufflePatches, RandomResizedCrop and the flip only move and blend whole rows and columns, so each axis is one
+  gather of two source rows (columns) per output row and one blend: the crop's bilinear taps (the crop rule of
+  rded_fast/loaders/box_resize.py, which for a crop no larger than the output is plain bilinear interpolation),
+  mapped through ShufflePatches' reordering of the strips, reversed for a flip. The result equals torchvision's
+  per-sample `resized_crop` on the shuffled image to float rounding (tests/test_train.py).
+- CutMix pastes one box per batch from a permutation of the batch: a mask, not a slice, so every shape is fixed.
+
+Online relabeling and stored soft labels use the same parameters, so a replay is exact. RECIPE_VERSION (in
+rded_fast/train/recipe.py) names this way of applying them: stored labels record it.
 """
 
 from __future__ import annotations
@@ -11,10 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.plan import sample_resized_crop_boxes
-from rded_fast.score import normalize
+from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 from rded_fast.stitch import cell_boxes
 
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -23,21 +32,23 @@ AUG_FIELDS = ("order", "row_perm", "col_perm", "boxes", "flip", "mix_perm", "mix
 
 @dataclass
 class EpochAug:
-    """One epoch's augmentation parameters for N samples in batches of `batch_size`.
+    """One epoch's augmentation parameters for N samples in batches of `batch_size` (numpy, or torch on a device
+    after `to_device`).
 
-    order [N]: sample indices in training order; row_perm/col_perm [N, factor]: ShufflePatches;
-    boxes [N, 4]: RandomResizedCrop (top, left, h, w); flip [N] bool; mix_perm [N]: CutMix partner,
-    as a position within the sample's batch; mix_box [B, 4]: (r1, c1, r2, c2) per batch; mix_lam [B].
+    order [N]: sample indices in training order; row_perm/col_perm [N, factor]: ShufflePatches (position j of the
+    shuffled grid holds strip perm[j]); boxes [N, 4]: RandomResizedCrop (top, left, h, w); flip [N] bool;
+    mix_perm [N]: CutMix partner, as a position within the sample's batch; mix_box [B, 4]: (r1, c1, r2, c2) per
+    batch; mix_lam [B].
     """
 
-    order: np.ndarray
-    row_perm: np.ndarray
-    col_perm: np.ndarray
-    boxes: np.ndarray
-    flip: np.ndarray
-    mix_perm: np.ndarray
-    mix_box: np.ndarray
-    mix_lam: np.ndarray
+    order: np.ndarray | torch.Tensor
+    row_perm: np.ndarray | torch.Tensor
+    col_perm: np.ndarray | torch.Tensor
+    boxes: np.ndarray | torch.Tensor
+    flip: np.ndarray | torch.Tensor
+    mix_perm: np.ndarray | torch.Tensor
+    mix_box: np.ndarray | torch.Tensor
+    mix_lam: np.ndarray | torch.Tensor
     batch_size: int
 
     @property
@@ -47,7 +58,7 @@ class EpochAug:
     def batch_slice(self, b: int) -> slice:
         return slice(b * self.batch_size, min((b + 1) * self.batch_size, len(self.order)))
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray | torch.Tensor]:
         return {k: getattr(self, k) for k in AUG_FIELDS}
 
 
@@ -79,48 +90,128 @@ def sample_epoch(seed: int, epoch: int, n: int, batch_size: int, factor: int, si
     return EpochAug(order, row_perm, col_perm, boxes, flip, mix_perm, mix_box, mix_lam, batch_size)
 
 
-def _strip_index(perm: np.ndarray, size: int, factor: int) -> np.ndarray:
-    """Pixel index map that reorders the factor strips of an axis by `perm` (cells kept intact)."""
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` on `device`: on CUDA through pinned memory without blocking (the copy overlaps the work queued
+    before it); on a CPU the array itself, shared."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_device(aug: EpochAug, device: torch.device) -> EpochAug:
+    """The epoch's parameters as tensors on `device`, copied once (integers as int64, flip as bool)."""
+    arrays = {
+        k: v.astype(np.float32 if k == "mix_lam" else (np.bool_ if k == "flip" else np.int64)) for k, v in aug.arrays().items()
+    }
+    return EpochAug(**{k: host_to_device(v, device) for k, v in arrays.items()}, batch_size=aug.batch_size)
+
+
+@dataclass(frozen=True)
+class AugConstants:
+    """What every batch of a run shares, made once on the training device (a tensor made from Python numbers per
+    batch would be a blocking host-to-device copy on CUDA): the image side, the grid's strips along an axis
+    (start, side [factor]; stitch.cell_boxes: the first size % factor strips are one pixel larger), the pixel
+    positions, and the normalisation as uint8 -> (x / 255 - mean) / std = x * scale - shift ([1, 3, 1, 1])."""
+
+    size: int
+    starts: torch.Tensor
+    sides: torch.Tensor
+    pixels: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def aug_constants(size: int, factor: int, device: torch.device) -> AugConstants:
     spans = [(top, h) for top, _, h, _ in cell_boxes(size, factor)[::factor]]
-    return np.concatenate([np.arange(spans[p][0], spans[p][0] + spans[p][1]) for p in perm])
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    return AugConstants(
+        size=size,
+        starts=torch.tensor([s for s, _ in spans], device=device),
+        sides=torch.tensor([h for _, h in spans], device=device),
+        pixels=torch.arange(size, device=device),
+        scale=(1.0 / (255.0 * std)).to(torch.float32).view(1, 3, 1, 1).to(device),
+        shift=(torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std).to(torch.float32).view(1, 3, 1, 1).to(device),
+    )
 
 
-def shuffle_patches(images: torch.Tensor, row_perm: np.ndarray, col_perm: np.ndarray, factor: int) -> torch.Tensor:
-    """ShufflePatches: permute the grid's rows and columns of cells independently per image. [B, C, S, S]."""
-    if factor == 1:
-        return images
-    size = images.shape[-1]
-    rows = torch.from_numpy(np.stack([_strip_index(p, size, factor) for p in row_perm])).to(images.device)
-    cols = torch.from_numpy(np.stack([_strip_index(p, size, factor) for p in col_perm])).to(images.device)
-    b = torch.arange(len(images), device=images.device)[:, None, None]
-    return images.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+def shuffle_map(perm: torch.Tensor, k: AugConstants) -> torch.Tensor:
+    """[B, S] source pixel of each pixel of an axis once its strips are reordered by `perm` [B, factor]."""
+    placed = k.sides[perm]  # [B, f] strip sides in their new order
+    begin = placed.cumsum(1) - placed
+    slot = (k.pixels[None, :, None] >= begin[:, None, :]).sum(-1) - 1  # [B, S] the new strip each pixel is in
+    return k.starts[perm.gather(1, slot)] + k.pixels - begin.gather(1, slot)
 
 
-def augment_batch(images: torch.Tensor, aug: EpochAug, b: int, factor: int) -> torch.Tensor:
-    """Batch `b` of the epoch: ShufflePatches -> RandomResizedCrop -> flip -> normalise -> CutMix.
+def _taps(start: torch.Tensor, length: torch.Tensor, perm: torch.Tensor, k: AugConstants) -> tuple[torch.Tensor, ...]:
+    """Along one axis, for a crop [start, start + length) of the image whose strips ShufflePatches reordered by
+    `perm` [B, factor], resized to the image side: each output pixel's two source pixels (in the unshuffled image)
+    and the second one's weight, [B, S] each.
 
-    `images` [N, 3, S, S] uint8 (the whole distilled set, on the training device); returns float [B, 3, S, S].
-    """
+    The crop never exceeds the image side, so the resize only enlarges: the antialiased bilinear rule of
+    loaders/box_resize.py (a triangle of support 1, taps outside the box unused, weights normalised) is then plain
+    bilinear interpolation with the source position clamped to the box."""
+    scale = length.to(torch.float32)[:, None] / k.size
+    first, last = start[:, None], (start + length - 1)[:, None]
+    centre = start[:, None] + (k.pixels[None, :] + 0.5) * scale - 0.5
+    centre = torch.minimum(torch.maximum(centre, first.to(torch.float32)), last.to(torch.float32))
+    low = centre.floor()
+    weight = centre - low
+    low = low.to(torch.int64)
+    high = torch.minimum(low + 1, last)
+    if perm.shape[1] > 1:
+        source = shuffle_map(perm, k)
+        low, high = source.gather(1, low), source.gather(1, high)
+    return low, high, weight
+
+
+def _resize_axis(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Interpolate `x` [B, C, S, S] along `dim` (2: rows, 3: columns) at the taps of `_taps`."""
+    shape = [len(x), 1, 1, 1]
+    shape[dim] = x.shape[dim]
+    index = lambda i: i.view(shape).expand_as(x)
+    a, b = x.gather(dim, index(low)).to(torch.float32), x.gather(dim, index(high)).to(torch.float32)
+    return torch.lerp(a, b, weight.view(shape))
+
+
+def augment_batch(images: torch.Tensor, aug: EpochAug, b: int, k: AugConstants) -> torch.Tensor:
+    """Batch `b` of the epoch: ShufflePatches -> RandomResizedCrop -> flip -> normalise -> CutMix, in one pass.
+
+    `images` [N, 3, S, S] uint8 (the whole distilled set, on the training device); `aug` on the same device
+    (`to_device`); returns float32 [B, 3, S, S], channels last (the layout the models take)."""
     sl = aug.batch_slice(b)
-    idx = torch.from_numpy(aug.order[sl]).to(images.device)
-    size = images.shape[-1]
-    x = shuffle_patches(images[idx], aug.row_perm[sl], aug.col_perm[sl], factor).float() / 255.0
-    out = torch.empty_like(x)
-    for i, ((top, left, h, w), flip) in enumerate(zip(aug.boxes[sl].tolist(), aug.flip[sl].tolist())):
-        crop = TF.resized_crop(x[i], top, left, h, w, [size, size], antialias=True)
-        out[i] = crop.flip(-1) if flip else crop
-    out = normalize(out)
-    r1, c1, r2, c2 = aug.mix_box[b].tolist()
-    partner = torch.from_numpy(aug.mix_perm[sl]).to(images.device)
-    out[:, :, r1:r2, c1:c2] = out[partner][:, :, r1:r2, c1:c2]
-    return out
+    boxes = aug.boxes[sl]
+    rows = _taps(boxes[:, 0], boxes[:, 2], aug.row_perm[sl], k)
+    flip = aug.flip[sl][:, None]
+    cols = [torch.where(flip, t.flip(1), t) for t in _taps(boxes[:, 1], boxes[:, 3], aug.col_perm[sl], k)]
+    x = _resize_axis(images[aug.order[sl]], *rows, dim=2)
+    x = _resize_axis(x, *cols, dim=3)
+    x = x * k.scale - k.shift
+    x = torch.where(cutmix_mask(aug.mix_box[b], k), x[aug.mix_perm[sl]], x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def cutmix_mask(box: torch.Tensor, k: AugConstants) -> torch.Tensor:
+    """[S, S] bool: the pixels inside CutMix's box (r1, c1, r2, c2) [4], a tensor on the training device."""
+    rows = (k.pixels >= box[0]) & (k.pixels < box[2])
+    cols = (k.pixels >= box[1]) & (k.pixels < box[3])
+    return rows[:, None] & cols[None, :]
+
+
+def pasted_share(box: torch.Tensor, size: int) -> torch.Tensor:
+    """The share of the image CutMix's box (r1, c1, r2, c2) covers: a 0-d float tensor on the box's device."""
+    return ((box[2] - box[0]) * (box[3] - box[1])).to(torch.float32) / float(size * size)
+
+
+def mix_targets(own: torch.Tensor, aug: EpochAug, b: int, size: int) -> torch.Tensor:
+    """Batch `b`'s targets [B, C] as CutMix mixes its images: each sample's own target, with the box's share of
+    the image given to its partner's."""
+    share = pasted_share(aug.mix_box[b], size)
+    return (1.0 - share) * own + share * own[aug.mix_perm[aug.batch_slice(b)]]
 
 
 def mixed_targets(labels: torch.Tensor, aug: EpochAug, b: int, num_classes: int, size: int) -> torch.Tensor:
-    """Hard-label targets of batch `b` as `augment_batch` mixes it: each sample's one-hot label, with the
-    CutMix box's share of the image given to its partner's label. [B, num_classes] float, rows sum to 1."""
-    sl = aug.batch_slice(b)
-    onehot = torch.nn.functional.one_hot(labels[torch.from_numpy(aug.order[sl])], num_classes).float()
-    r1, c1, r2, c2 = aug.mix_box[b].tolist()
-    pasted = (r2 - r1) * (c2 - c1) / float(size * size)
-    return (1.0 - pasted) * onehot + pasted * onehot[torch.from_numpy(aug.mix_perm[sl])]
+    """Hard-label targets of batch `b` as `augment_batch` mixes it: one-hot labels, CutMix-mixed. [B, C] float,
+    rows sum to 1. `labels` and `aug` on the training device."""
+    onehot = torch.nn.functional.one_hot(labels[aug.order[aug.batch_slice(b)]], num_classes).float()
+    return mix_targets(onehot, aug, b, size)

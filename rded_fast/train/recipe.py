@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# How the augmentation is applied (rded_fast.train.augment). Stored soft labels record it and are replayed only by
+# the same version. 1: per-sample torchvision crops (0.2.x); 2: one batched pass, equal to version 1 to float
+# rounding (0.3.0).
+RECIPE_VERSION = 2
 ADAMW_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 0.01
 CUTMIX_BETA = 1.0

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.score import normalize
 from rded_fast.stitch import cell_boxes
-from rded_fast.train.augment import EpochAug
+from rded_fast.train.augment import EpochAug, mix_targets
 
 REGION_GRIDS = ("cells", "image")
 
@@ -61,29 +61,26 @@ def _strip_overlap(perm: np.ndarray, starts: np.ndarray, spans: np.ndarray, side
     return out
 
 
-def region_weights(aug: EpochAug, b: int, size: int, factor: int, grid: int) -> np.ndarray:
-    """[B, grid^2]: the share of each (original) cell in batch `b`'s crops, after ShufflePatches (rows sum to 1)."""
-    sl = aug.batch_slice(b)
-    boxes = aug.boxes[sl]
+def region_weights(aug: EpochAug, size: int, factor: int, grid: int) -> np.ndarray:
+    """[N, grid^2]: the share of each (original) cell in each sample's crop of the epoch, after ShufflePatches
+    (rows sum to 1; `aug` as drawn, numpy). Computed once per epoch and copied to the device with it."""
+    boxes = aug.boxes
     n = len(boxes)
     if grid == 1:
         return np.ones((n, 1))
     if grid != factor:
         raise ValueError(f"a region grid of {grid} cells per side on a factor {factor} set")
     sides = np.array([h for _, _, h, _ in cell_boxes(size, factor)[::factor]])
-    rows = _strip_overlap(aug.row_perm[sl], boxes[:, 0], boxes[:, 2], sides)
-    cols = _strip_overlap(aug.col_perm[sl], boxes[:, 1], boxes[:, 3], sides)
+    rows = _strip_overlap(aug.row_perm, boxes[:, 0], boxes[:, 2], sides)
+    cols = _strip_overlap(aug.col_perm, boxes[:, 1], boxes[:, 3], sides)
     area = (rows[:, :, None] * cols[:, None, :]).reshape(n, grid * grid).astype(np.float64)
     return area / area.sum(axis=1, keepdims=True)
 
 
-def region_targets(cell_probs: torch.Tensor, aug: EpochAug, b: int, size: int, factor: int) -> torch.Tensor:
-    """Batch `b`'s targets from per-cell probabilities [N, g^2, C]: each crop's covered cells by area, then CutMix's
-    pasted share given to the partner's target (as the hard labels mix). [B, C], rows sum to 1."""
+def region_targets(cell_probs: torch.Tensor, weights: torch.Tensor, aug: EpochAug, b: int, size: int) -> torch.Tensor:
+    """Batch `b`'s targets from per-cell probabilities [N, g^2, C] and the epoch's `region_weights` [N, g^2] (both
+    on the device, `aug` too): each crop's covered cells by area, then CutMix's pasted share given to the partner's
+    target (as the hard labels mix). [B, C], rows sum to 1."""
     sl = aug.batch_slice(b)
-    grid = int(round(cell_probs.shape[1] ** 0.5))
-    weights = torch.from_numpy(region_weights(aug, b, size, factor, grid)).to(cell_probs)
-    own = torch.einsum("bg,bgc->bc", weights, cell_probs[torch.from_numpy(aug.order[sl])])
-    r1, c1, r2, c2 = aug.mix_box[b].tolist()
-    pasted = (r2 - r1) * (c2 - c1) / float(size * size)
-    return (1.0 - pasted) * own + pasted * own[torch.from_numpy(aug.mix_perm[sl])]
+    own = torch.einsum("bg,bgc->bc", weights[sl], cell_probs[aug.order[sl]])
+    return mix_targets(own, aug, b, size)

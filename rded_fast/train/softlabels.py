@@ -20,7 +20,8 @@ import torch
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes, atomic_write_text
-from rded_fast.train.augment import AUG_FIELDS, EpochAug
+from rded_fast.train.augment import AUG_FIELDS, EpochAug, host_to_device
+from rded_fast.train.recipe import RECIPE_VERSION
 
 FORMAT_VERSION = 1
 REGIONS_FILE = "regions.npz"  # `relabel --region`: one label per cell instead of per-epoch files
@@ -52,6 +53,12 @@ def read_header(folder: Path) -> dict:
     header = json.loads(path.read_text())
     if header.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: format {header.get('format')}, expected {FORMAT_VERSION}; relabel again")
+    made_by = header.get("recipe_version", 1)
+    if "region_grid" not in header and made_by != RECIPE_VERSION:  # region labels hold no augmented views
+        raise UserError(
+            f"--soft-labels {folder}: stored by recipe version {made_by}, which applies the augmentation another way "
+            f"than this rded-fast (recipe version {RECIPE_VERSION}); make them again with `rded-fast relabel`"
+        )
     return header
 
 
@@ -67,17 +74,22 @@ def encode_logits(logits: torch.Tensor, k: int, temperature: float) -> dict[str,
 
 
 def decode_probs(
-    values: np.ndarray, indices: np.ndarray | None, lse: np.ndarray, num_classes: int, temperature: float
+    values: torch.Tensor, indices: torch.Tensor | None, lse: torch.Tensor, num_classes: int, temperature: float
 ) -> torch.Tensor:
-    """Teacher probabilities softmax(logits / T) [B, C] from the compact form (exact on the top k)."""
-    v = torch.from_numpy(values.astype(np.float32))
+    """Teacher probabilities softmax(logits / T) [B, C] from the compact form (exact on the top k), on the
+    tensors' device: `values` [B, k] (fp16 logits), `indices` [B, k] or None (all classes kept), `lse` [B]."""
+    v = values.float()
     if indices is None:
         return torch.softmax(v / temperature, dim=1)
-    top = torch.exp(v / temperature - torch.from_numpy(lse)[:, None])
+    top = torch.exp(v / temperature - lse.float()[:, None])
     rest = ((1.0 - top.sum(1)) / max(num_classes - v.shape[1], 1)).clamp_min(0)
     probs = rest[:, None].expand(len(v), num_classes).clone()
-    probs.scatter_(1, torch.from_numpy(indices.astype(np.int64)), top)
-    return probs
+    return probs.scatter_(1, indices.long(), top)
+
+
+def encoded_to_device(encoded: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """An epoch's (or the regions') compact labels on `device`, copied once (see augment.host_to_device)."""
+    return {k: host_to_device(v, device) for k, v in encoded.items()}
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> int:
@@ -99,9 +111,8 @@ def read_region_probs(folder: Path, header: dict, num_classes: int) -> torch.Ten
     if not path.is_file():
         raise UserError(f"{path}: missing; relabel --region again")
     with np.load(path) as z:
-        probs = decode_probs(
-            z["values"], z["indices"] if "indices" in z.files else None, z["lse"], num_classes, header["temperature"]
-        )
+        encoded = {k: torch.from_numpy(z[k]) for k in ("values", "indices", "lse") if k in z.files}
+    probs = decode_probs(encoded["values"], encoded.get("indices"), encoded["lse"], num_classes, header["temperature"])
     return probs.view(-1, header["region_grid"] ** 2, num_classes)
 
 

@@ -1,10 +1,13 @@
-"""Train a student on a distilled set with RDED's recipe and measure it on real validation data.
+"""Train students on a distilled set with RDED's recipe and test them on real data (`evaluate`); store the
+teacher's labels of every augmented view (`relabel`).
 
-Soft labels come either online (the teacher labels exactly each augmented batch, as the reference
-does), from a labels folder written by `relabel` (same augmentations replayed, no teacher in memory), or
-from region labels (`relabel --region`: one stored label per cell, rded_fast.train.regions); `--labels
-hard` trains on one-hot labels. The reference's extra no-grad student forward in train mode (which updates
-BN statistics twice) is kept behind `bn_refresh` (on by default).
+Soft labels come online (the teacher labels exactly each augmented batch, as the reference does), from a labels
+folder of `relabel` (the same augmentations replayed, no teacher in memory) or from region labels (`relabel
+--region`); `--labels hard` trains on one-hot labels. The reference's extra no-grad student forward in train mode
+(which moves BN statistics twice) is kept behind `bn_refresh` (on by default). `seeds` trains one student per
+seed in one process (rded_fast.train.engine). Before epoch 0 the teacher is checked on real images with the run's
+class mapping (rded_fast.train.teacher). The result records the students' throughput over the epoch loop
+(`train_img_per_s`) apart from the fixed costs (`fixed_seconds`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -19,25 +23,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, autocast, resolve_amp, resolve_device
+from rded_fast.compile_rule import resolve_compile
+from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
 from rded_fast.formats.folder import build_index
-from rded_fast.index import UNLISTED_CLASS, DatasetIndex
-from rded_fast.models import BuiltModel, build
+from rded_fast.index import UNLISTED_CLASS
+from rded_fast.models import BuiltModel
 from rded_fast.outputs import LABEL_FOLDER, RESULT_JSON, check_separate, check_writable_file, claim_output
 from rded_fast.progress import progress
-from rded_fast.score import IMAGENET_MEAN, IMAGENET_STD
 from rded_fast.train import checkpoint, softlabels
-from rded_fast.train.augment import augment_batch, mixed_targets, sample_epoch
+from rded_fast.train.augment import aug_constants, augment_batch, sample_epoch, to_device
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
-from rded_fast.train.memory_dataset import load_tensor_dataset
+from rded_fast.train.engine import StudentRun, make_run, make_steps, train_epoch, warm
+from rded_fast.train.labels import LabelSource
 from rded_fast.train.metrics import topk_accuracy
-from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, make_optimizer, rded_batch_size, rded_lr
-from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of, region_targets
+from rded_fast.train.recipe import RECIPE_VERSION, Recipe, evaluates_at, rded_batch_size, rded_lr
+from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of
+from rded_fast.train.teacher import build_teacher, check_teacher, teacher_logits
+from rded_fast.train.val_cache import load_val
+
+# relabel --top-k by default: the fewest logits per view whose students matched online labels (benchmarks/README.md,
+# "Stored soft labels: how many logits"); fewer classes than this: all of them.
+DEFAULT_TOP_K = 10
 
 
 @dataclass
@@ -53,14 +62,17 @@ class StudentConfig:
     batch_size: int | None = None
     lr: float | None = None
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # evaluate: one student per seed in one process (overrides `seed`)
     device: str = "auto"
     soft_labels: str | None = None
     labels: str = "soft"  # "hard": one-hot labels (CutMix-mixed), no teacher: what the images alone carry
     bn_refresh: bool = True  # the reference's extra no-grad train-mode forward per step (BN statistics updated twice)
     amp: str = "auto"  # student and teacher autocast: auto (bf16 on CUDA and native-bf16 CPUs), none (fp32), bf16
+    compile: str = "auto"  # auto (CUDA; a CPU when it repays, cold compile counted), on, off
     final_only: bool = False  # test once after the last epoch (the reference also tests every 10th in the last 20 %)
-    top_k: int | None = None
+    top_k: int | None = None  # relabel: logits kept per view (None: DEFAULT_TOP_K; 0: all classes)
     region: str | None = None  # relabel: "cells" (one label per cell of the factor grid) or "image" (one per image)
+    skip_teacher_check: bool = False
     out: str | None = None
     json: str | None = None
     checkpoint: str | None = None
@@ -73,59 +85,18 @@ def _input_size(data: DistilledSet) -> int:
     return int(data.images.shape[-1])
 
 
+def _seeds(cfg: StudentConfig) -> tuple[int, ...]:
+    seeds = tuple(cfg.seeds) if cfg.seeds is not None else (cfg.seed,)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds):
+        raise UserError(f"--seeds {','.join(map(str, seeds))}: give distinct whole numbers >= 0, e.g. --seeds 0,1,2,3,4")
+    return seeds
+
+
 def _recipe(cfg: StudentConfig, data: DistilledSet, student: str) -> Recipe:
     if cfg.epochs < 1:
         raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
     batch = cfg.batch_size or rded_batch_size(data.ipc, len(data.classes), student)
     return Recipe(epochs=cfg.epochs, batch_size=min(batch, len(data.labels)), lr=cfg.lr or rded_lr(len(data.classes), student))
-
-
-class Renormalize(nn.Module):
-    """Turn ImageNet-normalised batches (what the recipe makes) into a teacher's own normalisation."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
-        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
-        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
-
-
-def _recorded_rows(data: DistilledSet, teacher: str) -> list[int] | None:
-    """The head rows the distilled set's observer used, when the teacher is that observer."""
-    observer = (data.manifest or {}).get("observer", {})
-    rows = observer.get("head_rows")
-    if observer.get("name") != teacher or not rows or not all(c in rows for c in data.classes):
-        return None
-    return [int(rows[c]) for c in data.classes]
-
-
-def _teacher(cfg: StudentConfig, data: DistilledSet, device: torch.device) -> tuple[nn.Module, BuiltModel]:
-    """(the teacher in eval mode, frozen, taking the recipe's ImageNet-normalised batches; its BuiltModel:
-    head rows and normalisation, for the records)."""
-    built = build(
-        cfg.teacher,
-        len(data.classes),
-        cfg.teacher_weights,
-        _input_size(data),
-        classes=data.classes,
-        head_rows=_recorded_rows(data, cfg.teacher),
-    )
-    model = built.model
-    if (built.mean, built.std) != (IMAGENET_MEAN, IMAGENET_STD):
-        model = nn.Sequential(Renormalize(built.mean, built.std), model)
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, built
-
-
-def teacher_logits(teacher: nn.Module, x: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    with torch.no_grad(), autocast(device, amp):
-        return teacher(x.contiguous(memory_format=torch.channels_last)).float()
 
 
 def content_sha256(data: DistilledSet) -> str:
@@ -137,16 +108,16 @@ def content_sha256(data: DistilledSet) -> str:
     return h.hexdigest()
 
 
-def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe) -> None:
+def _check_labels_match(header: dict, data: DistilledSet, recipe: Recipe, folder: str) -> None:
     if header["files"] != data.files:
-        raise UserError(f"--soft-labels {header['distilled']}: made for another distilled set (file lists differ)")
+        raise UserError(f"--soft-labels {folder}: made for another distilled set ({header['distilled']}: file lists differ)")
     if header.get("content_sha256") != content_sha256(data):
         raise UserError(
-            f"--soft-labels: made for another distilled set ({header['distilled']}: same file names, "
+            f"--soft-labels {folder}: made for another distilled set ({header['distilled']}: same file names, "
             "different images or labels); run `rded-fast relabel` on this --distilled set"
         )
     if "region_grid" not in header and header["epochs"] < recipe.epochs:
-        raise UserError(f"--soft-labels holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
+        raise UserError(f"--soft-labels {folder} holds {header['epochs']} epochs, fewer than --epochs {recipe.epochs}")
 
 
 def _inputs(cfg: StudentConfig) -> dict:
@@ -155,12 +126,14 @@ def _inputs(cfg: StudentConfig) -> dict:
 
 
 def evaluate(cfg: StudentConfig) -> dict:
-    """Train `cfg.student` on the distilled set and report top-1/top-5 on `cfg.val` (fractions).
+    """Train `cfg.student` (one per seed of `cfg.seeds`) on the distilled set and report top-1/top-5 on `cfg.val`
+    (fractions; with several seeds, each one's and their mean and std).
 
     Output paths (`--json`, `--checkpoint`) are checked before any training: outside the inputs,
     writable, and replacing only an earlier result of ours; `--json` is locked for the run."""
     if not cfg.val or not cfg.student:
         raise UserError("evaluate needs --val DIR and --student NAME")
+    _seeds(cfg)
     inputs = _inputs(cfg)
     if cfg.checkpoint:
         check_separate(cfg.checkpoint, "--checkpoint", inputs, "file")
@@ -177,158 +150,157 @@ def evaluate(cfg: StudentConfig) -> dict:
         return _evaluate(cfg)
 
 
-@dataclass
-class _Labels:
-    """Where a step's targets come from: the images' own labels (hard), a labels folder, or the teacher online."""
-
-    kind: str  # "hard", "stored", "region" or "online"
-    recipe: Recipe
-    header: dict | None = None
-    amp: torch.dtype | None = None  # the autocast dtype of student and teacher
-    teacher: nn.Module | None = None
-    cell_probs: torch.Tensor | None = None  # region labels [N, grid^2, C]
-
-
-def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> _Labels:
+def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> LabelSource:
+    """The run's targets; builds the teacher for online labels."""
     if cfg.labels not in ("soft", "hard"):
         raise UserError(f"--labels {cfg.labels}: choose soft or hard")
     amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
+    size = _input_size(data)
+    base = dict(
+        num_classes=len(data.classes), size=size, factor=data.factor, labels=data.labels.to(device), device=device, amp=amp
+    )
     if cfg.labels == "hard":
         if cfg.soft_labels:
             raise UserError("--labels hard trains on the images' own labels; leave out --soft-labels")
-        return _Labels("hard", recipe, amp=amp)
+        return LabelSource("hard", recipe, **base)
     if cfg.soft_labels:
-        header = softlabels.read_header(Path(cfg.soft_labels))
+        folder = Path(cfg.soft_labels)
+        header = softlabels.read_header(folder)
         region = "region_grid" in header  # static labels: any batch size and number of epochs
         batch_size = recipe.batch_size if region else header["batch_size"]
         recipe = Recipe(epochs=cfg.epochs, batch_size=batch_size, lr=recipe.lr, temperature=header["temperature"])
-        _check_labels_match(header, data, recipe)
+        _check_labels_match(header, data, recipe, cfg.soft_labels)
         if not region:
-            return _Labels("stored", recipe, amp=amp, header=header)
-        probs = softlabels.read_region_probs(Path(cfg.soft_labels), header, len(data.classes))
-        return _Labels("region", recipe, amp=amp, header=header, cell_probs=probs.to(device))
+            return LabelSource("stored", recipe, **base, header=header, folder=folder)
+        probs = softlabels.read_region_probs(folder, header, len(data.classes))
+        return LabelSource("region", recipe, **base, header=header, folder=folder, cell_probs=probs.to(device))
     if not cfg.teacher:
         raise UserError(
             "--labels soft (the default) needs the teacher that labels each batch: give --teacher NAME, or "
             "--soft-labels DIR (from `rded-fast relabel`), or --labels hard (no teacher)"
         )
-    return _Labels("online", recipe, amp=amp, teacher=_teacher(cfg, data, device)[0])
+    teacher, _ = build_teacher(cfg.teacher, cfg.teacher_weights, data.classes, size, data.manifest, device)
+    return LabelSource("online", recipe, **base, teacher=teacher)
 
 
-def _epoch_aug(cfg: StudentConfig, labels: _Labels, data: DistilledSet, epoch: int, size: int):
-    """(the epoch's augmentation parameters, the stored labels of the epoch or None)."""
-    if labels.kind == "stored":
-        return softlabels.read_epoch(Path(cfg.soft_labels), epoch)
-    r = labels.recipe
-    return sample_epoch(cfg.seed, epoch, len(data.images), r.batch_size, data.factor, size, r.cutmix_beta), None
-
-
-def _targets(labels: _Labels, data: DistilledSet, aug, encoded, b: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Batch `b`'s targets: mixed one-hot labels, or the teacher's probabilities at the recipe's temperature."""
-    n, t = len(data.classes), labels.recipe.temperature
-    if labels.kind == "hard":
-        return mixed_targets(data.labels, aug, b, n, x.shape[-1]).to(device)
-    if labels.kind == "online":
-        return torch.softmax(teacher_logits(labels.teacher, x, device, labels.amp) / t, dim=1)
-    if labels.kind == "region":
-        return region_targets(labels.cell_probs, aug, b, x.shape[-1], data.factor)
-    sl = aug.batch_slice(b)
-    indices = encoded["indices"][sl] if "indices" in encoded else None
-    return softlabels.decode_probs(encoded["values"][sl], indices, encoded["lse"][sl], n, t).to(device)
-
-
-def train_student_epoch(
-    cfg: StudentConfig,
-    student: nn.Module,
-    opt,
-    labels: _Labels,
-    data: DistilledSet,
-    images: torch.Tensor,
-    epoch: int,
-    device: torch.device,
-) -> float:
-    """One epoch of RDED's recipe (or hard labels); returns the mean loss."""
-    aug, encoded = _epoch_aug(cfg, labels, data, epoch, images.shape[-1])
-    total = 0.0
-    for b in range(aug.num_batches):
-        x = augment_batch(images, aug, b, data.factor)
-        probs = _targets(labels, data, aug, encoded, b, x, device)
-        with autocast(device, labels.amp):
-            logits = student(x.contiguous(memory_format=torch.channels_last))
-        loss = (
-            F.cross_entropy(logits.float(), probs) if labels.kind == "hard" else kd_loss(logits, probs, labels.recipe.temperature)
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cfg.bn_refresh:  # the reference's logging forward: train mode, so BatchNorm's running stats move again
-            with torch.no_grad(), autocast(device, labels.amp):
-                student(x.contiguous(memory_format=torch.channels_last))
-        total += float(loss.detach())
-    return total / aug.num_batches
-
-
-def _parameters(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, device: torch.device, labels: _Labels) -> dict:
+def _parameters(cfg: StudentConfig, data: DistilledSet, source: LabelSource, compiled: bool) -> dict:
     """What an evaluation ran with: its arguments and what they resolved to."""
     return {
         **{k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+        "seeds": list(_seeds(cfg)),
         "factor": data.factor,
         "ipc": data.ipc,
         "input_size": _input_size(data),
         "num_classes": len(data.classes),
-        "recipe": asdict(recipe),
-        "resolved_device": str(device),
-        "resolved_amp": amp_name(labels.amp),
-        "soft_label_source": labels.kind,
-        "teacher_used": _teacher_used(cfg, labels),
+        "recipe": asdict(source.recipe),
+        "recipe_version": RECIPE_VERSION,
+        "resolved_device": str(source.device),
+        "resolved_amp": amp_name(source.amp),
+        "resolved_compile": compiled,
+        "soft_label_source": source.kind,
+        "teacher_used": _teacher_used(cfg, source),
     }
 
 
-def _teacher_used(cfg: StudentConfig, labels: _Labels) -> str | None:
+def _teacher_used(cfg: StudentConfig, source: LabelSource) -> str | None:
     """The teacher whose outputs the student learnt from: none for hard labels, the labels folder's for stored ones."""
-    if labels.kind == "hard":
+    if source.kind == "hard":
         return None
-    return cfg.teacher if labels.kind == "online" else labels.header.get("teacher")
+    return cfg.teacher if source.kind == "online" else source.header.get("teacher")
 
 
-_VAL_CACHE: dict = {}
+class _Clock:
+    """Seconds of the named fixed costs of a run, each measured where it happens."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
 
 
-def _val_tensors(vindex: DatasetIndex, size: int, show: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation images at `size` (resized to size * 8/7, centre-cropped) and labels, decoded once per
-    process for one listing (paths and modification times): a benchmark's many students share one test split."""
-    stamps = tuple(os.stat(os.path.join(vindex.root, p)).st_mtime_ns for p in vindex.paths)
-    key = (size, str(vindex.root), tuple(vindex.paths), tuple(vindex.labels.tolist()), stamps)
-    if key not in _VAL_CACHE:
-        _VAL_CACHE.clear()
-        _VAL_CACHE[key] = load_tensor_dataset(vindex, size, resize_to=size // 7 * 8, show_progress=show, desc="load val")
-    return _VAL_CACHE[key]
+def _resume(cfg: StudentConfig, runs: list[StudentRun]) -> int:
+    """The first epoch still to run: 0, or the one after the checkpoint's, with every student restored."""
+    if cfg.resume and not cfg.checkpoint:
+        raise UserError("--resume needs --checkpoint FILE (the per-epoch state of the interrupted run)")
+    state = checkpoint.load_state(cfg.checkpoint) if cfg.resume else None
+    if state is None:
+        return 0
+    saved = [s.get("seed") for s in state.get("students", [])]
+    if state.get("recipe_version") != RECIPE_VERSION or saved != [r.seed for r in runs]:
+        raise UserError(
+            f"--checkpoint {cfg.checkpoint}: the state of another run (recipe version {state.get('recipe_version', 1)}, "
+            f"seeds {saved or '?'}); resume with the same --seeds and rded-fast version, or give a new --checkpoint"
+        )
+    for run, saved_run in zip(runs, state["students"]):
+        checkpoint.restore(saved_run, run.model, run.opt, run.sched, None)
+        run.rng, run.epoch_loss, run.evaluations = saved_run["rng"], saved_run["epoch_loss"], saved_run["evaluations"]
+    return int(state["epoch"]) + 1
+
+
+def _save(cfg: StudentConfig, runs: list[StudentRun], epoch: int) -> None:
+    students = [
+        checkpoint.capture(
+            r.model, r.opt, r.sched, None, epoch, seed=r.seed, rng=r.rng, epoch_loss=r.epoch_loss, evaluations=r.evaluations
+        )
+        for r in runs
+    ]
+    checkpoint.save_state(cfg.checkpoint, {"recipe_version": RECIPE_VERSION, "epoch": epoch, "students": students})
+
+
+def _summary(runs: list[StudentRun]) -> dict:
+    """Each student's figures, and the headline: the one student's, or the mean and std over the seeds."""
+    per_seed = [
+        {
+            "seed": r.seed,
+            "final_top1": r.evaluations[-1]["top1"],
+            "final_top5": r.evaluations[-1]["top5"],
+            "best_top1": max(e["top1"] for e in r.evaluations),
+            "evaluations": r.evaluations,
+            "epoch_loss": r.epoch_loss,
+        }
+        for r in runs
+    ]
+    if len(per_seed) == 1:
+        return {**{k: v for k, v in per_seed[0].items() if k != "seed"}, "runs": per_seed}
+    head = {k: statistics.mean(s[k] for s in per_seed) for k in ("final_top1", "final_top5", "best_top1")}
+    return {**head, "final_top1_std": statistics.stdev(s["final_top1"] for s in per_seed), "runs": per_seed}
 
 
 def _evaluate(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
+    clock = _Clock()
     device = resolve_device(cfg.device)
+    seeds = _seeds(cfg)
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
-    labels = _label_source(cfg, data, device, _recipe(cfg, data, cfg.student))
-    recipe = labels.recipe
-    vindex = build_index(cfg.val, class_map=data.classes, show_progress=False)
-    val_x, val_y = _val_tensors(vindex, size, cfg.show_progress)
-    torch.manual_seed(cfg.seed)
-    student = (
-        build(cfg.student, len(data.classes), None, size, what="student")
-        .model.to(device, memory_format=torch.channels_last)
-        .train()
-    )
-    opt, sched = make_optimizer(student, recipe)
+    clock.lap("set_load")
+    source = _label_source(cfg, data, device, _recipe(cfg, data, cfg.student))
+    recipe = source.recipe
+    clock.lap("teacher_load")
+    vindex = build_index(cfg.val, class_map=data.classes, show_progress=False, headers=False)
+    val_x, val_y, val_from = load_val(vindex, size, cfg.show_progress)
+    clock.lap("val_load")
+    check = None
+    if source.kind == "online" and not cfg.skip_teacher_check:
+        check = check_teacher(
+            source.teacher, cfg.teacher, cfg.teacher_weights is not None, val_x, val_y, len(data.classes),
+            f"--val {cfg.val}", device, source.amp, seeds[0],
+        )  # fmt: skip
+    clock.lap("teacher_check")
+    compiled = resolve_compile(cfg.compile, device, "train", recipe.epochs * len(data.labels) * len(seeds))
+    runs = [make_run(cfg.student, len(data.classes), size, seed, recipe, device) for seed in seeds]
+    steps = make_steps(source, compiled)
     images = data.images.to(device)
-    epoch_loss, evaluations = [], []
-    if cfg.resume and not cfg.checkpoint:
-        raise UserError("--resume needs --checkpoint FILE (the per-epoch state of the interrupted run)")
-    first = 0
-    if cfg.resume and (state := checkpoint.load_state(cfg.checkpoint)) is not None:
-        first = checkpoint.restore(state, student, opt, sched, None)
-        epoch_loss, evaluations = state["epoch_loss"], state["evaluations"]
+    k = aug_constants(size, data.factor, device)
+    clock.lap("students")
+    clock.seconds["compile"] = warm(steps, runs, source, images, cfg.bn_refresh)
+    clock.lap("other")
+    first = _resume(cfg, runs)
+    train_seconds = 0.0
     for epoch in progress(
         range(first, recipe.epochs),
         total=recipe.epochs,
@@ -336,26 +308,30 @@ def _evaluate(cfg: StudentConfig) -> dict:
         desc=f"train {cfg.student}",
         disable=not cfg.show_progress,
     ):
-        epoch_loss.append(train_student_epoch(cfg, student, opt, labels, data, images, epoch, device))
-        sched.step()
-        if epoch == recipe.epochs - 1 or (evaluates_at(epoch, recipe.epochs) and not cfg.final_only):
-            top1, top5 = topk_accuracy(student, val_x, val_y, device, amp=labels.amp)
-            evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
+        t = time.perf_counter()
+        losses = train_epoch(runs, source, steps, images, epoch, k, cfg.bn_refresh)
+        train_seconds += time.perf_counter() - t
+        for run, loss in zip(runs, losses):
+            run.epoch_loss.append(loss)
+            run.sched.step()
+            if epoch == recipe.epochs - 1 or (evaluates_at(epoch, recipe.epochs) and not cfg.final_only):
+                top1, top5 = topk_accuracy(run.model, val_x, val_y, device, amp=source.amp)
+                run.evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
         if cfg.checkpoint:
-            checkpoint.save_state(
-                cfg.checkpoint,
-                checkpoint.capture(student, opt, sched, None, epoch, epoch_loss=epoch_loss, evaluations=evaluations),
-            )
+            _save(cfg, runs, epoch)
+    trained = (recipe.epochs - first) * len(data.labels) * len(runs)
     result = {
-        "parameters": _parameters(cfg, data, recipe, device, labels),
-        "final_top1": evaluations[-1]["top1"],
-        "final_top5": evaluations[-1]["top5"],
-        "best_top1": max(e["top1"] for e in evaluations),
-        "evaluations": evaluations,
-        "epoch_loss": epoch_loss,
+        "parameters": _parameters(cfg, data, source, compiled),
+        **_summary(runs),
         "train_images": len(images),
+        "set_notes": data.notes,
         "val_images": len(val_x),
+        "val_source": val_from,
         "val_unused_classes": [s["path"] for s in vindex.skipped if s["reason"] == UNLISTED_CLASS],
+        "teacher_check": check,
+        "train_img_per_s": trained / train_seconds if train_seconds > 0 else None,
+        "train_seconds": train_seconds,
+        "fixed_seconds": clock.seconds,
         "seconds": time.perf_counter() - t0,
     }
     if cfg.json:
@@ -396,11 +372,19 @@ def _label_header(cfg: StudentConfig, data: DistilledSet, recipe: Recipe, built:
         "input_size": _input_size(data),
         "temperature": recipe.temperature,
         "top_k": k,
+        "recipe_version": RECIPE_VERSION,
         "teacher": cfg.teacher,
         "teacher_weights": cfg.teacher_weights,
         "teacher_head_rows": dict(zip(data.classes, built.head_rows)),
         "teacher_normalization": {"mean": list(built.mean), "std": list(built.std)},
     }
+
+
+def _top_k(cfg: StudentConfig, num_classes: int) -> int:
+    if cfg.top_k is not None and cfg.top_k < 0:
+        raise UserError(f"--top-k {cfg.top_k}: must be >= 1, or 0 for all classes")
+    k = DEFAULT_TOP_K if cfg.top_k is None else (cfg.top_k or num_classes)
+    return min(k, num_classes)
 
 
 def _relabel(cfg: StudentConfig) -> dict:
@@ -409,18 +393,23 @@ def _relabel(cfg: StudentConfig) -> dict:
     data = load_distilled(cfg.distilled)
     size = _input_size(data)
     recipe = _recipe(cfg, data, cfg.student or cfg.teacher)
-    k = min(len(data.classes) if cfg.top_k is None else int(cfg.top_k), len(data.classes))
-    if k < 1:
-        raise UserError(f"--top-k {cfg.top_k}: must be >= 1 (or omit it for all classes)")
+    k = _top_k(cfg, len(data.classes))
     if cfg.region is not None and cfg.region not in REGION_GRIDS:
         raise UserError(f"--region {cfg.region}: choose {' or '.join(REGION_GRIDS)}")
     amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
-    teacher, built = _teacher(cfg, data, device)
+    teacher, built = build_teacher(cfg.teacher, cfg.teacher_weights, data.classes, size, data.manifest, device)
+    check = None
+    if not cfg.skip_teacher_check:
+        where = f"the distilled set {cfg.distilled} (its cells)"
+        check = check_teacher(
+            teacher, cfg.teacher, cfg.teacher_weights is not None, data.images, data.labels, len(data.classes), where,
+            device, amp, cfg.seed, grid=data.factor,
+        )  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     header = {**_label_header(cfg, data, recipe, built, k), "teacher_amp": amp_name(amp)}
     images = data.images.to(device)
-    result = {"out": str(out), "top_k": k, "samples": len(images)}
+    result = {"out": str(out), "top_k": k, "samples": len(images), "teacher_check": check, "set_notes": data.notes}
     if cfg.region:
         grid = grid_of(cfg.region, data.factor)
         softlabels.write_header(out, {**header, "region": cfg.region, "region_grid": grid})
@@ -429,12 +418,15 @@ def _relabel(cfg: StudentConfig) -> dict:
         return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written, "seconds": time.perf_counter() - t0}
     per_epoch = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed, "cutmix_beta": recipe.cutmix_beta}
     softlabels.write_header(out, {**header, **per_epoch, "recipe": RECIPE_TEXT})
+    constants = aug_constants(size, data.factor, device)
+    forward = _teacher_forward(teacher, device, amp, resolve_compile(cfg.compile, device, "relabel", recipe.epochs * len(images)))
     sizes = []
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
-        logits = torch.cat(
-            [teacher_logits(teacher, augment_batch(images, aug, b, data.factor), device, amp) for b in range(aug.num_batches)]
-        )
+        daug = to_device(aug, device)
+        logits = torch.empty((len(images), len(data.classes)), device=device)
+        for b in range(aug.num_batches):  # each batch copied out at once: a CUDA graph reuses its output buffer
+            logits[daug.batch_slice(b)] = forward(augment_batch(images, daug, b, constants))
         sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
     return {
         **result,
@@ -443,3 +435,14 @@ def _relabel(cfg: StudentConfig) -> dict:
         "total_bytes": int(np.sum(sizes)),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _teacher_forward(teacher, device: torch.device, amp, compiled: bool):
+    """The teacher's logits of a batch, compiled when `compiled` (CUDA graphs on CUDA)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return teacher_logits(teacher, x, device, amp)
+
+    if not compiled:
+        return forward
+    return torch.compile(forward, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
