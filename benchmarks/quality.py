@@ -132,7 +132,13 @@ def distilled_set(
 
 
 def run_record(seed: int, result: dict) -> dict:
-    return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
+    return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result.get("seconds")}
+
+
+def student_records(cell_seed: int, result: dict) -> list[dict]:
+    """One record per student of an evaluate result: its `runs` (one per student seed), or the result itself
+    (an evaluate JSON of rded-fast 0.2.x, one student with the cell's seed)."""
+    return [run_record(r.get("seed", cell_seed), r) for r in result.get("runs") or [result]]
 
 
 def shape_key(factor: int, input_size: int) -> str:
@@ -151,8 +157,11 @@ def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, factor: int, i
     """One distilled set (made once per row, IPC, seed and shape) and one student on it; a finished cell with
     the same epochs is kept (an interrupted table goes on where it stopped)."""
     path = cell_json(work, row, ipc, seed, labels, factor, input_size)
-    if path.is_file() and json.loads(path.read_text())["parameters"]["epochs"] == run["epochs"]:
-        return
+    seeds = tuple(seed + 1000 * j for j in range(run["students"]))  # students on the one set: the cell's seed first
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done["parameters"]["epochs"] == run["epochs"] and len(done.get("runs") or [done]) == len(seeds):
+            return
     out = distilled_set(
         work, row, ipc, seed, run["observer"], run["train_dir"], run["device"], run["show"], run["mipc"], run["num_crop"],
         factor, input_size, run["arch"],
@@ -165,7 +174,7 @@ def _cell(work: Path, row: str, ipc: int, seed: int, labels: str, factor: int, i
             teacher_weights=str(run["observer"]),
             student="conv3",
             epochs=run["epochs"],
-            seed=seed,
+            seeds=seeds,
             device=run["device"],
             labels=labels,
             final_only=True,
@@ -193,12 +202,14 @@ def run_quality(
     rows: tuple[str, ...] = ROWS,
     labels: tuple[str, ...] = LABELS,
     dataset: str = "fashion-mnist",
+    students: int = 1,
 ) -> dict:
     """Run every (factor, seed, IPC, row, labels) cell in `work`, seed by seed (the observers, distilled sets and
     finished cells there are reused), then tabulate the folder. Factor f runs at 32 * f px, so its cells are 32 px
     as at factor 1; its observer/teacher `arch` trains on as many pixels as the 32-px one (observer_epochs * 1024 /
     size^2 epochs, at least 1). Data: `dataset`'s packaged train/test split unless train_dir/test_dir (another
-    ImageFolder pair) are given."""
+    ImageFolder pair) are given. `students`: students per cell, trained on its one distilled set in one process
+    (`evaluate --seeds`: seeds seed, seed + 1000, ...), each a run of the table."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     if train_dir is None or test_dir is None:
@@ -210,7 +221,7 @@ def run_quality(
         obs, _ = observer_for(work, train_dir, test_dir, obs_epochs, device, show_progress, given, size, arch)
         run = {
             "observer": obs, "train_dir": train_dir, "test_dir": test_dir, "device": device, "show": show_progress,
-            "mipc": mipc, "num_crop": num_crop, "epochs": epochs, "arch": arch,
+            "mipc": mipc, "num_crop": num_crop, "epochs": epochs, "arch": arch, "students": students,
         }  # fmt: skip
         for seed in seeds:
             for ipc in ipcs:
@@ -268,8 +279,8 @@ def from_work(work: Path, dataset: str = "fashion-mnist") -> dict:
             {k: p.get(k) for k in ("epochs", "bn_refresh", "final_only")}, amp=p.get("resolved_amp", "float32 (before --amp)")
         )
         block["settings"].setdefault("observer_test_top1", _observer_accuracy(p["teacher_weights"]))
-        block["table"].setdefault(m["row"], {}).setdefault(m["ipc"], {name: [] for name in LABELS})[m["lab"]].append(
-            run_record(int(m["seed"]), result)
+        block["table"].setdefault(m["row"], {}).setdefault(m["ipc"], {name: [] for name in LABELS})[m["lab"]].extend(
+            student_records(int(m["seed"]), result)
         )
     shapes = {}
     for key, block in tables.items():
@@ -392,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     p.add_argument("--ipcs", default="1,10", help="comma-separated IPCs (the issue's table: 1,10,50)")
     p.add_argument("--factors", default="1", help="comma-separated factors; factor f runs at 32*f px (the table: 1,2)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="distilled sets per cell (seeds 0..N-1), one student each")
+    p.add_argument(
+        "--students", type=int, default=1, help="students per distilled set, trained in one process (evaluate --seeds)"
+    )
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated selections to run (of {', '.join(ROWS)})")
     p.add_argument("--labels", default=",".join(LABELS), help="comma-separated student labels to run (soft, hard)")
     p.add_argument("--epochs", type=int, default=300)
@@ -423,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         rows=rows,
         labels=labels,
         dataset=args.dataset,
+        students=args.students,
     )
     return _write(result, args.json, args.observer_arch)
 

@@ -21,8 +21,9 @@ import torch
 
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
+from rded_fast.compile_rule import resolve_compile
 from rded_fast.device import autocast, cpu_description, device_name, resolve_amp, resolve_device
-from rded_fast.distill import DistillConfig, available_cores, check_memory, distill, resolve_compile
+from rded_fast.distill import DistillConfig, available_cores, check_memory, distill
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
 from rded_fast.models import build
@@ -91,7 +92,7 @@ def bench_score_and_model(
     crops = torch.randint(0, 256, (n, 3, crop_size, crop_size), dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
     amp = resolve_amp(job.amp, device)
-    compile_on = resolve_compile(job.compile, device, planned_crops)
+    compile_on = resolve_compile(job.compile, device, "distill", planned_crops)
     scorer = Scorer(model, job.input_size, device, amp_dtype=amp, compile=compile_on, batch_size=n)
     reps = max(1, cfg.model_crops // n)
     score_compile_s = scorer.warm(crop_size)

@@ -28,6 +28,7 @@ import torchvision
 import rded_fast
 from rded_fast import journal
 from rded_fast.chance import near_chance_threshold
+from rded_fast.compile_rule import CHOICES as COMPILE_CHOICES, resolve_compile
 from rded_fast.device import (
     AMP_CHOICES,
     amp_name,
@@ -77,11 +78,6 @@ SELECT_CHOICES = ("rded", "rded-cover", "random-crops", "random-images", "random
 SCORED_SELECTIONS = ("rded", "rded-cover")  # the selections that run the observer over the crops
 # Parameters that do not change the output: they may differ between an interrupted run and its resume.
 NOT_OUTPUT_RELEVANT = ("out", "overwrite", "overwrite_any", "resume", "show_progress", "workers", "index", "prefetch")
-# --compile auto on a CPU: compile when the run scores at least this many crops. Measured on a 2-core AVX2 AMD
-# EPYC (conv3 at 32 px, fp32, `bench --compile on/off`): a cold compile took 22 s (2 s with inductor's disk
-# cache warm) and saved 1/186 - 1/279 s per crop, so it pays off from ~12k crops (benchmarks/results/
-# bench_cpu-epyc-avx2-2core_fashion-mnist_conv3-32_compile-*.json).
-COMPILE_MIN_CROPS_CPU = 12_000
 
 
 @dataclass
@@ -158,7 +154,7 @@ def validate(cfg: DistillConfig) -> None:
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
         (cfg.select in SELECT_CHOICES, f"--select {cfg.select}: choose one of {', '.join(SELECT_CHOICES)}"),
         (cfg.amp in AMP_CHOICES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_CHOICES)}"),
-        (cfg.compile in ("auto", "on", "off"), f"--compile {cfg.compile}: choose auto, on or off"),
+        (cfg.compile in COMPILE_CHOICES, f"--compile {cfg.compile}: choose {', '.join(COMPILE_CHOICES)}"),
         (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
         (
@@ -178,14 +174,6 @@ def validate(cfg: DistillConfig) -> None:
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
         )
-
-
-def resolve_compile(name: str, device: torch.device | str, crops: int) -> bool:
-    """`auto`: always on CUDA; on a CPU when the run scores at least COMPILE_MIN_CROPS_CPU crops (below that the
-    compile costs more than it saves)."""
-    if name != "auto":
-        return name == "on"
-    return torch.device(device).type == "cuda" or crops >= COMPILE_MIN_CROPS_CPU
 
 
 def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
@@ -621,7 +609,7 @@ def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, 
         cfg.input_size,
         device,
         amp_dtype=resolve_amp(cfg.amp, device),
-        compile=resolve_compile(cfg.compile, device, crops),
+        compile=resolve_compile(cfg.compile, device, "distill", crops),
         batch_size=score_chunk(cfg.mipc, cfg.num_crop),
         native=cfg.score_mode == "native",
         mean=observer.mean,

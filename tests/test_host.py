@@ -209,9 +209,12 @@ def test_auto_defaults(monkeypatch, tmp_path):
     assert device_mod.resolve_amp("none", "cuda") is None
     with pytest.raises(UserError, match="--amp fp16: choose auto, none, bf16"):
         device_mod.resolve_amp("fp16", "cpu", device_mod.TRAIN_AMP_CHOICES)
-    small, large = distill_mod.COMPILE_MIN_CROPS_CPU - 1, distill_mod.COMPILE_MIN_CROPS_CPU
-    assert not distill_mod.resolve_compile("auto", "cpu", small) and distill_mod.resolve_compile("auto", "cpu", large)
-    assert distill_mod.resolve_compile("auto", "cuda", 1) and not distill_mod.resolve_compile("off", "cuda", large)
+    from rded_fast.compile_rule import MIN_WORK_CPU, resolve_compile
+
+    for work in ("distill", "train", "relabel"):
+        small, large = MIN_WORK_CPU[work] - 1, MIN_WORK_CPU[work]
+        assert not resolve_compile("auto", "cpu", work, small) and resolve_compile("auto", "cpu", work, large)
+        assert resolve_compile("auto", "cuda", work, 1) and not resolve_compile("off", "cuda", work, large)
     beton = tmp_path / "train.beton"
     beton.write_bytes(b"")
     assert resolve_loader("auto", str(beton), "cpu") == "ffcv"
