@@ -27,6 +27,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
+from rded_fast.arguments import check_config, paths_as_strings
 from rded_fast.device import (
     AMP_CHOICES,
     amp_name,
@@ -135,8 +136,14 @@ class DistillResult:
     notes: list[str] = field(default_factory=list)  # the manifest's summary (rded_fast.manifest.summary_lines)
 
 
+# DistillConfig fields that name files or folders: a pathlib.Path is taken for them too (as a string)
+PATH_FIELDS = ("data", "out", "weights", "class_map", "index")
+
+
 def validate(cfg: DistillConfig) -> None:
-    """One-line errors for impossible arguments, before any work."""
+    """One-line errors for impossible arguments, before any work: the command line's checks (types included, for
+    the Python API: rded_fast.arguments), then the ranges and combinations."""
+    check_config(cfg, PATH_FIELDS)
     checks = [
         (cfg.ipc >= 1, f"--ipc {cfg.ipc}: must be >= 1"),
         (cfg.factor >= 1, f"--factor {cfg.factor}: must be >= 1"),
@@ -656,6 +663,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     Rank 0 first claims `--out` (rded_fast.outputs: no overlap with the inputs, replace only our own
     output, moved aside until this run succeeds, one process at a time)."""
+    cfg = paths_as_strings(cfg, PATH_FIELDS)
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return _distill(cfg)
