@@ -41,6 +41,7 @@ from rded_fast.device import (
 )
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
+from rded_fast.formats.folder import keep_index_cache
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
@@ -540,13 +541,18 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
-def _journal_run(cfg: DistillConfig, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
+def _journal_run(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
     """Everything that decides the output besides the source images (whose changes the class records catch): the
-    parameters, the observer's weights, factory code and class rows (the --class-map's effect), the library
-    versions, and where and in which precision it scores. A --resume must match all of it."""
+    parameters (paths resolved, so a resume from another working directory matches), the class order (label ->
+    folder: a class map reordered in place, or a class folder added, renumbers the classes and their files), the
+    observer's weights, factory code and class rows, the library versions, and where and in which precision it
+    scores. A --resume must match all of it."""
     versions = {k: v for k, v in _versions().items() if k != "python"}
+    paths = {k: str(resolve(v)) for k in journal.PATH_KEYS if isinstance(v := getattr(cfg, k), str) and os.path.exists(v)}
     return {
         **_run_parameters(cfg),
+        **paths,
+        "classes": list(index.classes),
         "observer": {
             "weights_sha256": observer.weights_sha256,
             "factory_sha256": observer.origin.get("file_sha256"),
@@ -595,14 +601,14 @@ def _prologue(
     check = check_observer(index, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
-    run = _journal_run(cfg, observer, scorer, device)
+    run = _journal_run(cfg, index, observer, scorer, device)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
         journal.check_run(out, run)
     else:
         journal.write_run(out, run)
-    save_index(index, out / "index.npz")
+    save_index(replace(index, folders=None), out / "index.npz")  # ranks > 0 read it; folder times are no output
     if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
-        save_index(index, cfg.index)
+        keep_index_cache(index, cfg.index)
     return index, plan, observer, scorer, check
 
 
@@ -645,14 +651,16 @@ def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, 
 
 def check_index_path(cfg: DistillConfig) -> None:
     """The --index cache is read and written: a file name outside the data and outside --out (an output folder is
-    replaced as a whole), in a writable folder, and, when it exists, an index cache of ours."""
+    replaced as a whole), and, when it exists, an index cache of ours (used as it is where it cannot be rewritten:
+    read-only storage); when it does not, in a writable folder."""
     where, out = resolve(cfg.index), resolve(cfg.out)
     if str(cfg.index) and where.is_relative_to(out):
         raise UserError(
             f"--index {cfg.index} lies in --out {cfg.out} ({where} is inside {out}); keep the index cache outside the "
             f"output folder, e.g. {out.parent / where.name}"
         )
-    check_writable_file(cfg.index, "--index")
+    if not where.is_file():
+        check_writable_file(cfg.index, "--index")
     check_separate(cfg.index, "--index", {"--data": cfg.data}, "file")
     if where.is_file() and not is_index_cache(where):
         raise UserError(f"--index {cfg.index}: not an index cache of rded-fast (rded-fast did not write it); give another path")
@@ -758,9 +766,11 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
 
     t = time.perf_counter()
-    done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
+    records = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, records, index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
+    journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
     run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
     collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")

@@ -3,14 +3,80 @@ cache against the tree, shard contents against their sidecar, and the Python API
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from rded_fast.cli import main
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
+from rded_fast.index import load_index
+from tests.conftest import age_folders, write_synthetic_jpegs
+from tests.test_safety import _distill_argv, _one_line_error, tree_digest
+
+# ---- resume: the journal is checked against the class order and the sources ------------------------------
+
+
+def test_resume_refuses_a_class_map_reordered_in_place(small, tmp_path, capsys):
+    data, weights = small
+    out, class_map = tmp_path / "o", tmp_path / "map.txt"
+    class_map.write_text("class_00\nclass_01\n")
+    assert main(_distill_argv(data, weights, out, "--class-map", str(class_map))) == 0
+    (out / ".rded-journal" / "class_000001.json").unlink()  # as if killed before class_01 was journaled
+    before = tree_digest(out)
+    class_map.write_text("class_01\nclass_00\n")
+    capsys.readouterr()
+    assert main(_distill_argv(data, weights, out, "--class-map", str(class_map), "--resume")) == 2
+    err = _one_line_error(capsys)
+    assert "the class order changed" in err and "class 0 was 'class_00', now 'class_01'" in err and "--overwrite" in err
+    assert tree_digest(out) == before  # nothing written, nothing removed
+
+
+def test_a_redone_class_leaves_none_of_its_old_images(small, tmp_path, capsys):
+    """A finished class whose sources changed is redone; when the redo gives no image (its images were removed),
+    the images its journal record listed are gone too: nothing outside the manifest stays in the class folder."""
+    data, weights = small
+    data = Path(shutil.copytree(data, tmp_path / "data2"))
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    assert list((out / "class_00").iterdir())
+    (out / ".rded-journal" / "class_000001.json").unlink()  # killed before class_01
+    for image in (data / "class_00").iterdir():
+        image.unlink()
+    capsys.readouterr()
+    assert main(_distill_argv(data, weights, out, "--resume")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["redone_classes"] == ["class_00"] and "class_00" in manifest["skipped_classes"]
+    assert sorted(p.name for p in (out / "class_00").iterdir()) == []
+    assert {m["file"] for m in manifest["images"]} == {str(p.relative_to(out)) for p in out.glob("class_*/*.png")}
+
+
+def test_resume_from_another_working_directory_with_relative_paths(small, tmp_path, monkeypatch):
+    data, weights = small
+    (tmp_path / "elsewhere").mkdir()
+    base = dict(
+        observer="conv3",
+        ipc=1,
+        factor=1,
+        mipc=4,
+        num_crop=1,
+        input_size=32,
+        workers=0,
+        device="cpu",
+        skip_observer_check=True,
+        show_progress=False,
+    )
+    monkeypatch.chdir(tmp_path)
+    distill(DistillConfig(data="data", out="o", weights="w.pth", **base))
+    (tmp_path / "o" / ".rded-journal" / "class_000001.json").unlink()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = distill(DistillConfig(data="../data", out="../o", weights="../w.pth", resume=True, **base))
+    assert r.num_images == 2
+
 
 # ---- the Python API checks its arguments as the command line does ---------------------------------------
 
@@ -99,3 +165,89 @@ def test_student_config_is_checked_as_the_command_line_checks_it(field, value, m
     assert validate_student_config(StudentConfig(distilled=Path("d"))).distilled == "d"
     with pytest.raises(UserError, match="^" + re.escape(message)):
         validate_student_config(StudentConfig(distilled="d", **{field: value}))
+
+
+# ---- the index cache is checked against the tree -------------------------------------------------------------
+
+
+def _random_crops_argv(data, cache, out, *extra):
+    """A small random-crops distill (no observer needed) with the index cache `cache`."""
+    fixed = "--observer conv3 --input-size 32 --factor 1 --ipc 1 --mipc 50 --num-crop 1 --device cpu --workers 0 --quiet"
+    return [
+        "distill",
+        "--data",
+        str(data),
+        "--index",
+        str(cache),
+        "--out",
+        str(out),
+        "--select",
+        "random-crops",
+        *fixed.split(),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def indexed_tree(tmp_path, capsys):
+    """2 classes x 4 JPEGs at rest (folders dated back) and their complete index cache from `rded-fast index`."""
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=4)
+    age_folders(data)
+    cache = tmp_path / "index.npz"
+    assert main(["index", "--data", str(data), "--out", str(cache), "--quiet"]) == 0
+    capsys.readouterr()
+    return data, cache
+
+
+def test_images_and_class_folders_added_after_indexing_are_used(indexed_tree, tmp_path, capsys):
+    data, cache = indexed_tree
+    more = write_synthetic_jpegs(tmp_path / "more", classes=3, per_class=6, seed=1)
+    for image in (more / "class_00").iterdir():
+        shutil.copy(image, data / "class_00" / f"new_{image.name}")
+    shutil.copytree(more / "class_02", data / "class_02")
+    assert main(_random_crops_argv(data, cache, tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert "2 folder(s) of" in err and "changed since the cache was written (the data root, class_00)" in err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["short_classes"] == {"class_00": 10, "class_01": 4, "class_02": 6}
+    assert load_index(cache).classes == ["class_00", "class_01", "class_02"] and len(load_index(cache)) == 20
+
+
+def test_a_removed_image_is_not_planned_from_a_stale_cache(indexed_tree, tmp_path, capsys):
+    data, cache = indexed_tree
+    (data / "class_01" / "img_000.jpg").unlink()
+    assert main(_random_crops_argv(data, cache, tmp_path / "o")) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["short_classes"] == {"class_00": 4, "class_01": 3} and not manifest["decode_failures"]
+    assert manifest["skipped_files"] == []  # gone from the tree, not "a file that is not a readable image"
+
+
+def test_a_truncated_index_cache_of_ours_is_named_so_and_rebuilt(indexed_tree, tmp_path, capsys):
+    data, cache = indexed_tree
+    whole = cache.read_bytes()
+    cache.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="a damaged or truncated index cache of rded-fast .*delete it .* to rebuild it"):
+        load_index(cache)
+    assert main(_random_crops_argv(data, cache, tmp_path / "o")) == 0
+    assert "a damaged or truncated index cache of rded-fast (BadZipFile); it is rebuilt" in capsys.readouterr().err
+    assert len(load_index(cache)) == 8
+
+
+def test_a_complete_index_cache_on_read_only_storage_is_used(indexed_tree, tmp_path, monkeypatch):
+    """Read-only storage simulated (root may write anywhere): nothing can be created in the cache's folder."""
+    import errno
+    import tempfile
+
+    data, cache = indexed_tree
+    before = cache.read_bytes()
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == cache.parent.resolve():
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    (tmp_path / "outs").mkdir()
+    assert main(_random_crops_argv(data, cache, tmp_path / "outs" / "o")) == 0
+    assert cache.read_bytes() == before
