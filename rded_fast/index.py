@@ -60,6 +60,9 @@ class DatasetIndex:
     # whose entries changed since (an image or a class folder added, removed, renamed) has another one. 0: too close
     # to the listing to tell (rded_fast.formats.folder.folder_stamp); None: not known (a converted source, an older cache)
     folders: dict[str, int] | None = None
+    # [N] int64: for a converted source, a token of each image's stored bytes (shards: its shard's sha256), so that a
+    # resume sees a conversion made again from changed images; None for a tree (its files are stamped)
+    content: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -234,6 +237,8 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     ImageNet-1K's 1.28 M entries load in about a second, where a JSON of them took several."""
     buf = io.BytesIO()
     stamps = {} if index.stamps is None else {"stamps": index.stamps.astype(np.int64)}
+    if index.content is not None:
+        stamps["content"] = index.content.astype(np.int64)
     if index.folders is not None:
         stamps.update(folders=_blob(list(index.folders)), folder_stamps=np.asarray(list(index.folders.values()), np.int64))
     np.savez(
@@ -312,6 +317,7 @@ def load_index(path: str | os.PathLike, flag: str = "index") -> DatasetIndex:
                 skipped=json.loads(data["skipped"].tobytes().decode("utf-8", "surrogateescape")),
                 stamps=data["stamps"].astype(np.int64).reshape(-1, 2) if "stamps" in data.files else None,
                 folders=_folders(data),
+                content=data["content"].astype(np.int64) if "content" in data.files else None,
             )
     except (ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
         raise DamagedIndex(

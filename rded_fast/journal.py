@@ -91,11 +91,12 @@ def _same_value(key: str, a, b) -> bool:
 
 def sources_fingerprint(index, label: int) -> str:
     """A hash of class `label`'s source files as they are now: relative path with byte size and modification time
-    (or, for converted sources, .beton and shards, whose index is all there is: the indexed size; a lazy index's
-    sizes change as headers are read, so they are not part of a file's print). A resume redoes a finished class
-    whose sources changed."""
+    (or, for converted sources, .beton and shards, whose index is all there is: the indexed size and the token of its
+    stored bytes, `index.content`; a lazy index's sizes change as headers are read, so they are not part of a file's
+    print). A resume redoes a finished class whose sources changed."""
     ids = np.flatnonzero(index.labels == label)
-    return files_fingerprint(index.root, [index.paths[i] for i in ids], index.sizes[ids])
+    fallback = index.sizes[ids] if index.content is None else np.column_stack([index.sizes[ids], index.content[ids]])
+    return files_fingerprint(index.root, [index.paths[i] for i in ids], fallback)
 
 
 def write_class(out: str | Path, label: int, record: dict, index=None) -> None:

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rded_fast.cli import main
@@ -251,3 +252,80 @@ def test_a_complete_index_cache_on_read_only_storage_is_used(indexed_tree, tmp_p
     (tmp_path / "outs").mkdir()
     assert main(_random_crops_argv(data, cache, tmp_path / "outs" / "o")) == 0
     assert cache.read_bytes() == before
+
+
+# ---- shard contents are checked against their sidecar; a resume sees a new conversion ------------------------
+
+
+def _one_image_shards(data: Path, out: Path) -> None:
+    """`data` converted to one image per shard: tiny JPEGs, so every tar is one 10 KiB tar record long."""
+    assert main(["convert", "--format", "dali", "--data", str(data), "--out", str(out), "--shard-size", "1", "--quiet"]) == 0
+
+
+def test_two_same_size_shards_swapped_are_refused(small, tmp_path, capsys):
+    from rded_fast.formats import open_index
+
+    data, weights = small
+    shards = tmp_path / "shards"
+    _one_image_shards(data, shards)
+    a, b = shards / "shard-00000.tar", shards / "shard-00004.tar"  # class_00's first image, class_01's first
+    assert a.stat().st_size == b.stat().st_size and a.read_bytes() != b.read_bytes()
+    a.rename(tmp_path / "a.tar")
+    b.rename(a)
+    (tmp_path / "a.tar").rename(b)
+    with pytest.raises(UserError, match="shard-00000.tar: its first and last images are not those dataset.json records"):
+        open_index(shards)
+    capsys.readouterr()
+    assert main(_distill_argv(shards, weights, tmp_path / "o", "--loader", "tvjpeg")) == 2
+    assert "shards swapped, replaced, or from another conversion" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_redoes_the_classes_of_shards_converted_again_from_changed_images(small, tmp_path, capsys):
+    from PIL import Image
+
+    data, weights = small
+    data = Path(shutil.copytree(data, tmp_path / "data2"))
+    shards, out, fresh = tmp_path / "shards", tmp_path / "o", tmp_path / "fresh"
+    _one_image_shards(data, shards)
+    argv = lambda where, *extra: _distill_argv(shards, weights, where, "--loader", "tvjpeg", *extra)  # noqa: E731
+    assert main(argv(out)) == 0
+    (out / ".rded-journal" / "class_000001.json").unlink()  # as if killed before class_01
+    for image in (data / "class_00").iterdir():  # the images change, their pixel sizes do not
+        with Image.open(image) as im:
+            Image.fromarray(255 - np.asarray(im.convert("RGB"))).save(image, quality=90)
+    _one_image_shards(data, shards)  # the same command again: the changed images' shards are rewritten
+    capsys.readouterr()
+    assert main(argv(out, "--resume")) == 0
+    assert "redone because their source images changed" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["redone_classes"] == ["class_00"]
+    assert main(argv(fresh)) == 0  # the same bytes as a fresh run on the new shards
+    images = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in root.glob("class_*/*")}  # noqa: E731
+    assert images(out) == images(fresh)
+    assert (
+        json.loads((out / "manifest.json").read_text())["images"] == json.loads((fresh / "manifest.json").read_text())["images"]
+    )
+
+
+def test_a_users_dataset_json_or_stray_tar_does_not_make_an_image_folder_shards(tmp_path):
+    from rded_fast.formats import FOLDER, detect, open_index
+
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=2)
+    (data / "backup.tar").write_bytes(b"\0" * 1024)
+    assert open_index(data, show_progress=False).classes == ["class_00", "class_01"]
+    (data / "dataset.json").write_text('{"name": "my photos", "format": "jpeg"}')
+    assert detect(data) == FOLDER and len(open_index(data, show_progress=False)) == 4
+
+
+def test_a_renamed_beton_is_recognised_by_its_content(tmp_path, capsys):
+    from rded_fast.formats import BETON, detect
+    from rded_fast.formats.beton import FFCV_HEADER
+
+    header = np.zeros(1, FFCV_HEADER)
+    header[0] = (2, 2, 1 << 21, 10, 4096)
+    renamed = tmp_path / "train.bin"
+    renamed.write_bytes(header.tobytes() + b"\0" * 8192)
+    assert detect(renamed) == BETON
+    assert main(["distill", "--data", str(renamed), "--observer", "conv3", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "an FFCV .beton (by its content) under another name" in err and "NAME.beton beside NAME.beton.json" in err

@@ -133,7 +133,10 @@ def build_index(
     """
     root_path = Path(root)
     if not root_path.is_dir():
-        raise UserError(f"--data {root}: not a directory; give an ImageFolder root (one folder per class)")
+        raise UserError(
+            f"--data {root}: not a directory; give an ImageFolder root (one folder per class), a shard folder or a .beton "
+            "of `rded-fast convert`"
+        )
     folders = {".": folder_stamp(str(root_path))}
     classes, class_skips = _index_classes(root_path, class_map)
     real_root, files, skipped = root_path.resolve(), [], []
