@@ -48,13 +48,13 @@ from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_inde
 from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
-from rded_fast.models.heads import HeadTooSmall, split_head
-from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
+from rded_fast.models.heads import HeadTooSmall, find_head, split_head
+from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, note, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.recipe import CONTACT_SHEET_CLASSES, CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.score import Scorer
-from rded_fast.select import ClassSelection, select_class, select_covering, select_random
+from rded_fast.select import MORE_CROPS, ClassSelection, select_class, select_covering, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.timing import Stopwatch
 from rded_fast.write import (
@@ -175,6 +175,15 @@ def validate(cfg: DistillConfig) -> None:
         ),
         (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
+    if cfg.select != "random-images":
+        checks.append(
+            (
+                not (float(cfg.crop_scale[0]) >= 1 and cfg.num_crop > 1),
+                f"--crop-scale 1 with --num-crop {cfg.num_crop}: every crop is the whole image (its centred square), so "
+                f"the {cfg.num_crop} crops of an image would be the same; pass --num-crop 1 (a larger --mipc gives more "
+                "candidates)",
+            )
+        )
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -184,6 +193,27 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
+        )
+
+
+def note_ignored(cfg: DistillConfig) -> None:
+    """A note naming the crop arguments `--select random-images` does not use (one whole image per output image),
+    when they were given other values than their defaults and than the ones it uses."""
+    if cfg.select != "random-images":
+        return
+    given = [
+        f"{flag} {shown}"
+        for flag, value, default, used, shown in (
+            ("--factor", cfg.factor, FACTOR, 1, cfg.factor),
+            ("--num-crop", cfg.num_crop, NUM_CROP, 1, cfg.num_crop),
+            ("--crop-scale", tuple(cfg.crop_scale), CROP_SCALE, (1.0, 1.0), ",".join(f"{v:g}" for v in cfg.crop_scale)),
+        )
+        if value != default and value != used
+    ]
+    if given:
+        note(
+            f"--select random-images uses one whole image (its centred square) per output image at --input-size: "
+            f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply and {'is' if len(given) == 1 else 'are'} ignored"
         )
 
 
@@ -422,9 +452,16 @@ def select_cells(
     if bad:  # checked here, where the scores are on the host already: no sync in the scoring loop
         raise nonfinite_scores(cfg, bad, scores[usable].size, f"crops of class {name}")
     scores = np.where(usable[:, None], scores, np.inf)
+    # at --crop-scale 1 every crop of an image is the same: more of them would only repeat it
+    fix = "lower --ipc or --factor (at --crop-scale 1 every crop of an image is the same)" if whole_images(cfg) else MORE_CROPS
     if cfg.select == "rded-cover":
-        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name)
-    return select_class(scores, np.arange(len(scores)), label, n, name)
+        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name, fix)
+    return select_class(scores, np.arange(len(scores)), label, n, name, fix)
+
+
+def whole_images(cfg: DistillConfig) -> bool:
+    """--crop-scale 1: every crop is its image's whole (centred, ratio-clamped) square, the same each time."""
+    return float(cfg.crop_scale[0]) >= 1.0
 
 
 @dataclass
@@ -595,6 +632,7 @@ def _prologue(
     plan = plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)
     if len(plan) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
+    check_crops_fit(cfg, index, plan)
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device)
@@ -610,6 +648,24 @@ def _prologue(
     if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
         keep_index_cache(index, cfg.index)
     return index, plan, observer, scorer, check
+
+
+def check_crops_fit(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan) -> None:
+    """Refuse a --crop-scale whose largest crop is under one pixel on a planned image: there torchvision's rule
+    falls back to the whole image for every crop, so the run would silently score whole images."""
+    if cfg.select == "random-images" or len(plan) == 0:
+        return
+    sizes = index.sizes[plan.image_ids]
+    area = sizes[:, 0] * sizes[:, 1]
+    small = area * float(cfg.crop_scale[1]) < 1
+    if small.any():
+        i = int(np.argmin(area))
+        w, h = (int(v) for v in sizes[i])
+        raise UserError(
+            f"--crop-scale {','.join(f'{v:g}' for v in cfg.crop_scale)}: its largest crop is under one pixel on "
+            f"{int(small.sum())} planned image(s) (e.g. {index.paths[plan.image_ids[i]]}, {w}x{h}), which would be "
+            f"used whole instead; give a MAX of at least {1 / (w * h):.2g}, or RDED's 0.08,1"
+        )
 
 
 def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device) -> tuple[BuiltModel, Scorer]:
@@ -634,6 +690,12 @@ def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, 
     For rded-cover the observer is split at its head, so the pass that scores a crop also gives its features."""
     model, head = observer.model, None
     if cfg.select == "rded-cover":
+        if find_head(model) is None:
+            raise UserError(
+                f"--select rded-cover: observer {observer.name} has no Linear classifier head, and rded-cover groups a "
+                "class's images by the features such a head reads (its input); use --select rded, which scores with "
+                "any observer, or an observer whose last layer is nn.Linear"
+            )
         model, head = split_head(model, cfg.input_size)
     return Scorer(
         model,
@@ -675,6 +737,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return _distill(cfg)
+    note_ignored(cfg)
     inputs = {
         "--data": cfg.data,
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,

@@ -329,3 +329,61 @@ def test_a_renamed_beton_is_recognised_by_its_content(tmp_path, capsys):
     assert main(["distill", "--data", str(renamed), "--observer", "conv3", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = _one_line_error(capsys)
     assert "an FFCV .beton (by its content) under another name" in err and "NAME.beton beside NAME.beton.json" in err
+
+
+# ---- crop arguments that would only mislead ----------------------------------------------------------------
+
+
+def test_crops_under_a_pixel_are_refused(small, tmp_path, capsys):
+    data, weights = small
+    assert main(_distill_argv(data, weights, tmp_path / "o", "--crop-scale", "1e-6,1e-6")) == 2
+    err = _one_line_error(capsys)
+    assert "--crop-scale 1e-06,1e-06: its largest crop is under one pixel on 8 planned image(s)" in err and "0.08,1" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_whole_images_with_several_crops_are_refused_and_the_advice_fits(small, tmp_path, capsys):
+    data, weights = small
+    assert main(_distill_argv(data, weights, tmp_path / "o", "--crop-scale", "1", "--num-crop", "5")) == 2
+    assert "--crop-scale 1 with --num-crop 5: every crop is the whole image" in _one_line_error(capsys)
+    argv = _distill_argv(data, weights, tmp_path / "o", "--crop-scale", "1", "--ipc", "5", "--mipc", "5")
+    assert main(argv) == 2  # 4 images a class, 5 cells: no class gets an image
+    skipped = json.loads((tmp_path / "o" / "manifest.json").read_text())["skipped_classes"]
+    assert set(skipped) == {"class_00", "class_01"}
+    assert all("at --crop-scale 1 every crop of an image is the same" in r and "--num-crop" not in r for r in skipped.values())
+
+
+def test_rded_cover_says_why_it_needs_a_linear_head(small, tmp_path, capsys):
+    data, _ = small
+    argv = _distill_argv(data, "x", tmp_path / "o", "--select", "rded-cover")
+    argv[argv.index("--weights") : argv.index("--weights") + 2] = []
+    argv[argv.index("conv3")] = "tests.observer_factories:fixed_conv_head"
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "--select rded-cover: observer tests.observer_factories:fixed_conv_head has no Linear classifier head" in err
+    assert "use --select rded, which scores with any observer" in err
+
+
+def test_random_images_names_the_crop_arguments_it_ignores(small, tmp_path, capsys):
+    data, weights = small
+    argv = _distill_argv(data, weights, tmp_path / "o", "--select", "random-images", "--factor", "3", "--num-crop", "3")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "note: --select random-images uses one whole image (its centred square) per output image" in err
+    assert "--factor 3, --num-crop 3 do not apply and are ignored" in err
+    argv = _distill_argv(data, weights, tmp_path / "o2", "--select", "random-images")
+    assert main(argv) == 0 and "random-images" not in capsys.readouterr().err  # --factor 1 --num-crop 1: what it uses
+
+
+def test_a_val_folder_lacking_classes_is_named_for_the_caller(tmp_path):
+    from rded_fast.formats.folder import build_index
+
+    val = write_synthetic_jpegs(tmp_path / "val", classes=1, per_class=1)
+    with pytest.raises(UserError, match=r"^class map names 1 folder\(s\) missing"):  # the default wording stays
+        build_index(val, class_map=["class_00", "digit7"], show_progress=False)
+    with pytest.raises(UserError) as info:
+        build_index(val, class_map=["class_00", "digit7"], show_progress=False, flag="--val", classes_from="the distilled set")
+    assert str(info.value) == (
+        f"--val {val} lacks 1 class folder(s) of the distilled set, e.g. 'digit7'; give --val a folder for every class of "
+        "the distilled set"
+    )

@@ -92,8 +92,11 @@ def _link_problem(path: str, real_root: Path) -> str | None:
     return None
 
 
-def _index_classes(root_path: Path, class_map: list[str] | None) -> tuple[list[str], list[dict]]:
-    """The class order (sorted folders, or the class map) and the folders left out, as skipped entries."""
+def _index_classes(
+    root_path: Path, class_map: list[str] | None, flag: str = "--data", classes_from: str | None = None
+) -> tuple[list[str], list[dict]]:
+    """The class order (sorted folders, or the class map) and the folders left out, as skipped entries; `flag` and
+    `classes_from` word the messages for the caller (`build_index`)."""
     folders = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
     skipped = [
         {"path": p.name, "reason": "symlinked class folder not followed"}
@@ -104,6 +107,11 @@ def _index_classes(root_path: Path, class_map: list[str] | None) -> tuple[list[s
         classes = folders
     else:
         missing = [c for c in class_map if not (root_path / c).is_dir() or (root_path / c).is_symlink()]
+        if missing and classes_from is not None:
+            raise UserError(
+                f"{flag} {root_path} lacks {len(missing)} class folder(s) of {classes_from}, e.g. {missing[0]!r}; give "
+                f"{flag} a folder for every class of {classes_from}"
+            )
         if missing:
             raise UserError(
                 f"class map names {len(missing)} folder(s) missing under {root_path}, e.g. {missing[0]!r}; "
@@ -113,7 +121,7 @@ def _index_classes(root_path: Path, class_map: list[str] | None) -> tuple[list[s
         listed = set(classes)
         skipped = [{"path": name, "reason": UNLISTED_CLASS} for name in folders if name not in listed]
     if not classes:
-        raise UserError(f"--data {root_path}: no class folders found; expected {root_path}/<class>/<image files>")
+        raise UserError(f"{flag} {root_path}: no class folders found; expected {root_path}/<class>/<image files>")
     return classes, skipped
 
 
@@ -123,6 +131,8 @@ def build_index(
     workers: int = 8,
     show_progress: bool = True,
     headers: bool = True,
+    flag: str = "--data",
+    classes_from: str | None = None,
 ) -> DatasetIndex:
     """Scan `root/<class>/**/<image>`; with `headers`, read every image's header (rded_fast.headers) and leave
     out the files whose header fails, else leave every size UNREAD for `read_headers`.
@@ -130,15 +140,16 @@ def build_index(
     Classes are the sorted sub-folder names unless `class_map` gives them (in observer output order);
     a class-map name with no folder is an error, and a folder the class map leaves out is not used and
     is listed in `skipped` (reason UNLISTED_CLASS). Files that are not images are skipped and listed.
+    Messages name `root` as the argument `flag`; `classes_from` says where `class_map` came from when it is no
+    class map of the user's (evaluate: "the distilled set", giving "--val DIR lacks 2 class folder(s) of the
+    distilled set, e.g. ...").
     """
     root_path = Path(root)
     if not root_path.is_dir():
-        raise UserError(
-            f"--data {root}: not a directory; give an ImageFolder root (one folder per class), a shard folder or a .beton "
-            "of `rded-fast convert`"
-        )
+        converted = ", a shard folder or a .beton of `rded-fast convert`" if flag == "--data" else ""
+        raise UserError(f"{flag} {root}: not a directory; give an ImageFolder root (one folder per class){converted}")
     folders = {".": folder_stamp(str(root_path))}
-    classes, class_skips = _index_classes(root_path, class_map)
+    classes, class_skips = _index_classes(root_path, class_map, flag, classes_from)
     real_root, files, skipped = root_path.resolve(), [], []
     for label, name in enumerate(classes):
         images, others = _list_class_folder(str(root_path), name, real_root, folders)
