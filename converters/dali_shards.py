@@ -11,15 +11,14 @@ format DALI's own `wds2idx` tool writes (`v1.2 <samples>`, then per sample `<ext
 Shards are planned up front from the source file sizes (so a rerun assigns the same images to the same
 shard), each is written under a temporary name and renamed when complete, and a rerun from the same
 source folder keeps every shard whose record still matches it (same files, sizes and modification times).
-Each shard's record carries the sha256 of its tar (hashed as it is written) and the digest of its first and last
-images (rded_fast.formats.shards.ends_sha256), which the readers check.
+Each shard's record carries the digest of its first and last images (rded_fast.formats.shards.ends_sha256), which
+the readers check, and the print of its source files (paths, sizes, modification times), which a resume compares.
 A folder holding another source's shards is another dataset: it is replaced only with `--overwrite`. Tar
 headers carry no time, owner or permissions from the source, so the same input gives byte-identical shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -169,8 +168,8 @@ def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> di
         tar, idx = out / meta["tar"], out / meta["idx"]
         if not (tar.is_file() and idx.is_file() and tar.stat().st_size == meta["tar_bytes"]):
             return None
-        if "sha256" not in meta:  # a shard of an earlier rded-fast: its checks are added (the tar is read once)
-            meta.update(tar_checks(tar, meta["samples"]))
+        if "ends" not in meta:  # a shard of an earlier rded-fast: what readers check is added (two reads)
+            meta["ends"] = tar_ends(tar, meta["samples"])
             atomic_write_text(out / f"{stem}.meta.json", json.dumps(meta))
     return meta
 
@@ -200,45 +199,25 @@ def _add_sample(tar: tarfile.TarFile, index: DatasetIndex, image_id: int, data: 
     return " ".join(parts), offsets[IMAGE_EXT]
 
 
-class _Hashing:
-    """A file written through this is hashed as it is written (tarfile needs write and tell only)."""
-
-    def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
-def tar_checks(tar: Path, samples: list[dict], sha256: str | None = None) -> dict:
-    """What a reader checks of a shard (rded_fast.formats.shards): the sha256 of the whole tar (read here unless
-    given: it was hashed while written) and the digest of its first and last images."""
-    if sha256 is None:
-        h = hashlib.sha256()
-        with open(tar, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        sha256 = h.hexdigest()
+def tar_ends(tar: Path, samples: list[dict]) -> dict:
+    """What a reader checks of a shard's contents (rded_fast.formats.shards): where its first and last images are and
+    the digest of their tar headers and bytes."""
     first = min(samples, key=lambda r: r["offset"])
     last = max(samples, key=lambda r: r["offset"])
     ends = [[first["offset"], first["nbytes"]], [last["offset"], last["nbytes"]]]
-    return {"sha256": sha256, "ends": {"first": ends[0], "last": ends[1], "sha256": ends_sha256(tar, *ends)}}
+    return {"first": ends[0], "last": ends[1], "sha256": ends_sha256(tar, *ends)}
 
 
 def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, workers: int = 4, bar=None) -> dict:
     """Write shard `number` holding index entries `ids`: tar, DALI index, then its record (last, as
     the mark of completion). Returns the record."""
     stem = shard_stem(number)
-    samples, skipped, index_lines, digest = [], [], [], []
+    samples, skipped, index_lines = [], [], []
 
     def write_tar(tmp: str) -> None:
         with (
-            open(tmp, "wb") as raw,
-            tarfile.open(fileobj=(f := _Hashing(raw)), mode="w", format=tarfile.USTAR_FORMAT) as tar,
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
             ThreadPoolExecutor(max(1, workers)) as pool,
         ):
             for start in range(0, len(ids), WINDOW):
@@ -255,7 +234,6 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
                     line, offset = _add_sample(tar, index, image_id, data, reencoded)
                     index_lines.append(line)
                     samples.append({"id": image_id, "offset": offset, "nbytes": len(data), "reencoded": reencoded})
-        digest.append(f.sha256.hexdigest())  # the tar is closed: its end blocks are hashed too
 
     tar_name = f"{stem}.tar"
     atomic_write(out / tar_name, write_tar)
@@ -269,7 +247,7 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
     }
     if samples:
         atomic_write_text(out / record["idx"], f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(index_lines) + "\n")
-        record.update(tar_checks(out / tar_name, samples, digest[-1]))
+        record["ends"] = tar_ends(out / tar_name, samples)
     else:  # DALI cannot read an empty archive: a shard whose every image was left out has no files
         os.unlink(out / tar_name)
         record.update(tar=None, idx=None, tar_bytes=0)
@@ -328,7 +306,8 @@ def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict
                 "idx": r["idx"],
                 "samples": len(r["samples"]),
                 "bytes": r["tar_bytes"],
-                **({"sha256": r["sha256"], "ends": r["ends"]} if r["tar"] else {}),
+                "sources": r["sources"],
+                **({"ends": r["ends"]} if r["tar"] else {}),
             }
             for r in records
         ],

@@ -10,13 +10,15 @@ names; the converter writes them and the DALI loader reads them.
 
 What is checked when a shard folder is opened: each tar's size, and its first and last images (their tar headers,
 which name the sample key, and their bytes: `ends_sha256`, two reads per shard) against what dataset.json records,
-so shards swapped, replaced or left from another conversion are refused even at the same size. What is recorded, not
-checked at open (it would read every byte): each tar's sha256, which a resume compares per class (`content`).
+so shards swapped, replaced or left from another conversion are refused even at the same size. What a resume
+compares per class (`content_tokens`): each shard's print of the source files it was converted from, its size and
+that digest, so a class whose shards were converted again from changed images is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -33,7 +35,7 @@ from rded_fast.layout import Layout, names_rule, read_json
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
-FORMAT_VERSION = 2  # 2: each shard's sha256 and its first and last images' digest (1 recorded only sizes)
+FORMAT_VERSION = 2  # 2: each shard's source print and its first and last images' digest (1 recorded only sizes)
 # how our dataset.json begins (json.dumps of a dict whose first key is "format"): a folder is taken for shards only
 # when its dataset.json is ours, not a file of the same name in a user's ImageFolder
 SIGNATURE = b'{"format": "' + FORMAT_NAME.encode() + b'"'
@@ -136,10 +138,17 @@ def _check_shards(folder: Path, path: Path, shards: list[dict]) -> None:
 
 
 def content_tokens(shard: np.ndarray, shards: list[dict]) -> np.ndarray:
-    """Per index entry, a token of its stored bytes: its shard's sha256 (its first 60 bits; 0 for an image left
-    out). A resume compares them per class, so a class whose shard was converted again from changed images is redone."""
-    digests = np.asarray([int(s["sha256"][:15], 16) if s["tar"] else 0 for s in shards] + [0], dtype=np.int64)
-    return digests[np.where(shard >= 0, shard, len(shards))]
+    """Per index entry, a token of what its shard holds (60 bits of a hash of the shard's source print, size and ends
+    digest; 0 for an image left out). A resume compares them per class, so a class whose shard was converted again
+    from changed images is redone, while one converted again from the same files (the same bytes) is kept."""
+
+    def token(s: dict) -> int:
+        if not s["tar"]:
+            return 0
+        return int(hashlib.sha256(json.dumps([s["sources"], s["bytes"], s["ends"]["sha256"]]).encode()).hexdigest()[:15], 16)
+
+    tokens = np.asarray([token(s) for s in shards] + [0], dtype=np.int64)
+    return tokens[np.where(shard >= 0, shard, len(shards))]
 
 
 def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
