@@ -10,6 +10,7 @@ import sys
 import threading
 
 from rded_fast import recipe
+from rded_fast.arguments import NUMBER_RANGES, check_number
 from rded_fast.errors import PeerFailed, UserError
 
 
@@ -725,50 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Allowed range of every numeric argument, by destination name, for every command (lo, hi or None).
-# tests/test_safety.py checks that every int/float argument of the parser has an entry here.
-NUMBER_RANGES = {
-    "ipc": (1, None),
-    "factor": (1, None),
-    "mipc": (1, None),
-    "num_crop": (1, None),
-    "input_size": (1, None),
-    "seed": (0, 2**63 - 1),
-    "batch_size": (1, None),
-    "workers": (0, None),
-    "jpeg_quality": (1, 100),
-    "nproc": (1, None),
-    "epochs": (1, None),
-    "per_class": (1, None),
-    "student_epochs": (1, None),
-    "max_resolution": (1, 65500),
-    "top_k": (1, None),
-    "model_crops": (1, None),
-    "seeds": (1, None),
-    "lr": (0.0, None),
-    "weight_decay": (0.0, None),
-    "prefetch": (1, None),
-    "host_classes": (1, None),
-    "hw_decoder_load": (0.0, 1.0),
-}
-POSITIVE = ("lr",)  # > 0, not >= 0
-
-
 def check_numbers(args) -> None:
-    """One-line errors for numeric arguments out of range (argparse only checks that they parse)."""
-    import math
-
-    for dest, (lo, hi) in NUMBER_RANGES.items():
+    """One-line errors for numeric arguments out of range (argparse only checks that they parse); the ranges are one
+    table for the command line and the Python API (rded_fast.arguments.NUMBER_RANGES)."""
+    for dest in NUMBER_RANGES:
         value = getattr(args, dest, None)
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, (bool, tuple)):  # a tuple (evaluate --seeds) was checked as it parsed
             continue
-        flag = "--" + dest.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{flag} {value}: must be a finite number")
-        if value < lo or (dest in POSITIVE and value <= lo):
-            raise UserError(f"{flag} {value}: must be {'>' if dest in POSITIVE else '>='} {lo}")
-        if hi is not None and value > hi:
-            raise UserError(f"{flag} {value}: must be <= {hi}")
+        check_number(dest, value, integer=isinstance(value, int))
     if getattr(args, "workers", None) is not None:  # every command that takes --workers: one rule (device.py)
         from rded_fast.device import check_workers
 

@@ -11,6 +11,8 @@ format DALI's own `wds2idx` tool writes (`v1.2 <samples>`, then per sample `<ext
 Shards are planned up front from the source file sizes (so a rerun assigns the same images to the same
 shard), each is written under a temporary name and renamed when complete, and a rerun from the same
 source folder keeps every shard whose record still matches it (same files, sizes and modification times).
+Each shard's record carries the digest of its first and last images (rded_fast.formats.shards.ends_sha256), which
+the readers check, and the print of its source files (paths, sizes, modification times), which a resume compares.
 A folder holding another source's shards is another dataset: it is replaced only with `--overwrite`. Tar
 headers carry no time, owner or permissions from the source, so the same input gives byte-identical shards.
 """
@@ -40,6 +42,7 @@ from rded_fast.formats.shards import (
     LABEL_EXT,
     META_EXT,
     SHARD_FOLDER,
+    ends_sha256,
     is_shard_folder,
     sample_key,
     shard_stem,
@@ -165,6 +168,9 @@ def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> di
         tar, idx = out / meta["tar"], out / meta["idx"]
         if not (tar.is_file() and idx.is_file() and tar.stat().st_size == meta["tar_bytes"]):
             return None
+        if "ends" not in meta:  # a shard of an earlier rded-fast: what readers check is added (two reads)
+            meta["ends"] = tar_ends(tar, meta["samples"])
+            atomic_write_text(out / f"{stem}.meta.json", json.dumps(meta))
     return meta
 
 
@@ -191,6 +197,15 @@ def _add_sample(tar: tarfile.TarFile, index: DatasetIndex, image_id: int, data: 
         offsets[ext] = _add_member(tar, name, payload)
         parts.append(f"{ext} {offsets[ext]} {len(payload)} {name}")
     return " ".join(parts), offsets[IMAGE_EXT]
+
+
+def tar_ends(tar: Path, samples: list[dict]) -> dict:
+    """What a reader checks of a shard's contents (rded_fast.formats.shards): where its first and last images are and
+    the digest of their tar headers and bytes."""
+    first = min(samples, key=lambda r: r["offset"])
+    last = max(samples, key=lambda r: r["offset"])
+    ends = [[first["offset"], first["nbytes"]], [last["offset"], last["nbytes"]]]
+    return {"first": ends[0], "last": ends[1], "sha256": ends_sha256(tar, *ends)}
 
 
 def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, workers: int = 4, bar=None) -> dict:
@@ -232,6 +247,7 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
     }
     if samples:
         atomic_write_text(out / record["idx"], f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(index_lines) + "\n")
+        record["ends"] = tar_ends(out / tar_name, samples)
     else:  # DALI cannot read an empty archive: a shard whose every image was left out has no files
         os.unlink(out / tar_name)
         record.update(tar=None, idx=None, tar_bytes=0)
@@ -284,7 +300,17 @@ def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict
         "num_samples": int(written.sum()),
         "num_reencoded": int(reencoded.sum()),
         "shard_size": limit,
-        "shards": [{"tar": r["tar"], "idx": r["idx"], "samples": len(r["samples"]), "bytes": r["tar_bytes"]} for r in records],
+        "shards": [
+            {
+                "tar": r["tar"],
+                "idx": r["idx"],
+                "samples": len(r["samples"]),
+                "bytes": r["tar_bytes"],
+                "sources": r["sources"],
+                **({"ends": r["ends"]} if r["tar"] else {}),
+            }
+            for r in records
+        ],
         "index": index.to_json(),
         "samples": {
             "shard": shard.tolist(),

@@ -27,6 +27,7 @@ import torchvision
 
 import rded_fast
 from rded_fast import journal
+from rded_fast.arguments import check_config, paths_as_strings
 from rded_fast.chance import near_chance_threshold
 from rded_fast.compile_rule import CHOICES as COMPILE_CHOICES, resolve_compile
 from rded_fast.device import (
@@ -42,19 +43,20 @@ from rded_fast.device import (
 )
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
+from rded_fast.formats.folder import keep_index_cache
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
 from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
-from rded_fast.models.heads import HeadTooSmall, split_head
-from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
+from rded_fast.models.heads import HeadTooSmall, find_head, split_head
+from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, note, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
 from rded_fast.progress import progress
 from rded_fast.recipe import CONTACT_SHEET_CLASSES, CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.score import Scorer
-from rded_fast.select import ClassSelection, select_class, select_covering, select_random
+from rded_fast.select import MORE_CROPS, ClassSelection, select_class, select_covering, select_random
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.timing import Stopwatch
 from rded_fast.write import (
@@ -132,8 +134,14 @@ class DistillResult:
     notes: list[str] = field(default_factory=list)  # the manifest's summary (rded_fast.manifest.summary_lines)
 
 
+# DistillConfig fields that name files or folders: a pathlib.Path is taken for them too (as a string)
+PATH_FIELDS = ("data", "out", "weights", "class_map", "index")
+
+
 def validate(cfg: DistillConfig) -> None:
-    """One-line errors for impossible arguments, before any work."""
+    """One-line errors for impossible arguments, before any work: the command line's checks (types included, for
+    the Python API: rded_fast.arguments), then the ranges and combinations."""
+    check_config(cfg, PATH_FIELDS)
     checks = [
         (cfg.ipc >= 1, f"--ipc {cfg.ipc}: must be >= 1"),
         (cfg.factor >= 1, f"--factor {cfg.factor}: must be >= 1"),
@@ -164,6 +172,15 @@ def validate(cfg: DistillConfig) -> None:
         ),
         (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
+    if cfg.select != "random-images":
+        checks.append(
+            (
+                not (float(cfg.crop_scale[0]) >= 1 and cfg.num_crop > 1),
+                f"--crop-scale 1 with --num-crop {cfg.num_crop}: every crop is the whole image (its centred square), so "
+                f"the {cfg.num_crop} crops of an image would be the same; pass --num-crop 1 (a larger --mipc gives more "
+                "candidates)",
+            )
+        )
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -173,6 +190,27 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError(
             f"--ipc {cfg.ipc} --factor {cfg.factor} needs {cfg.ipc * cfg.factor**2} cells per class but "
             f"--mipc {cfg.mipc} x --num-crop {cfg.num_crop} gives at most {cfg.mipc * cfg.num_crop}"
+        )
+
+
+def note_ignored(cfg: DistillConfig) -> None:
+    """A note naming the crop arguments `--select random-images` does not use (one whole image per output image),
+    when they were given other values than their defaults and than the ones it uses."""
+    if cfg.select != "random-images":
+        return
+    given = [
+        f"{flag} {shown}"
+        for flag, value, default, used, shown in (
+            ("--factor", cfg.factor, FACTOR, 1, cfg.factor),
+            ("--num-crop", cfg.num_crop, NUM_CROP, 1, cfg.num_crop),
+            ("--crop-scale", tuple(cfg.crop_scale), CROP_SCALE, (1.0, 1.0), ",".join(f"{v:g}" for v in cfg.crop_scale)),
+        )
+        if value != default and value != used
+    ]
+    if given:
+        note(
+            f"--select random-images uses one whole image (its centred square) per output image at --input-size: "
+            f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply and {'is' if len(given) == 1 else 'are'} ignored"
         )
 
 
@@ -396,9 +434,16 @@ def select_cells(
     if bad:  # checked here, where the scores are on the host already: no sync in the scoring loop
         raise nonfinite_scores(cfg, bad, scores[usable].size, f"crops of class {name}")
     scores = np.where(usable[:, None], scores, np.inf)
+    # at --crop-scale 1 every crop of an image is the same: more of them would only repeat it
+    fix = "lower --ipc or --factor (at --crop-scale 1 every crop of an image is the same)" if whole_images(cfg) else MORE_CROPS
     if cfg.select == "rded-cover":
-        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name)
-    return select_class(scores, np.arange(len(scores)), label, n, name)
+        return select_covering(scores, scored["similarity"], np.arange(len(scores)), label, n, cfg.seed, name, fix)
+    return select_class(scores, np.arange(len(scores)), label, n, name, fix)
+
+
+def whole_images(cfg: DistillConfig) -> bool:
+    """--crop-scale 1: every crop is its image's whole (centred, ratio-clamped) square, the same each time."""
+    return float(cfg.crop_scale[0]) >= 1.0
 
 
 @dataclass
@@ -515,13 +560,18 @@ def _run_parameters(cfg: DistillConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k not in NOT_OUTPUT_RELEVANT}
 
 
-def _journal_run(cfg: DistillConfig, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
+def _journal_run(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:
     """Everything that decides the output besides the source images (whose changes the class records catch): the
-    parameters, the observer's weights, factory code and class rows (the --class-map's effect), the library
-    versions, and where and in which precision it scores. A --resume must match all of it."""
+    parameters (paths resolved, so a resume from another working directory matches), the class order (label ->
+    folder: a class map reordered in place, or a class folder added, renumbers the classes and their files), the
+    observer's weights, factory code and class rows, the library versions, and where and in which precision it
+    scores. A --resume must match all of it."""
     versions = {k: v for k, v in _versions().items() if k != "python"}
+    paths = {k: str(resolve(v)) for k in journal.PATH_KEYS if isinstance(v := getattr(cfg, k), str) and os.path.exists(v)}
     return {
         **_run_parameters(cfg),
+        **paths,
+        "classes": list(index.classes),
         "observer": {
             "weights_sha256": observer.weights_sha256,
             "factory_sha256": observer.origin.get("file_sha256"),
@@ -564,21 +614,40 @@ def _prologue(
     plan = plan_classes(cfg, index, list(range(index.num_classes)), cfg.show_progress)
     if len(plan) == 0:
         raise UserError(f"--data {cfg.data}: no readable images found")
+    check_crops_fit(cfg, index, plan)
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device)
     check = check_observer(index, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
-    run = _journal_run(cfg, observer, scorer, device)
+    run = _journal_run(cfg, index, observer, scorer, device)
     if cfg.resume and (journal.journal_dir(out) / "run.json").is_file():
         journal.check_run(out, run)
     else:
         journal.write_run(out, run)
-    save_index(index, out / "index.npz")
+    save_index(replace(index, folders=None), out / "index.npz")  # ranks > 0 read it; folder times are no output
     if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
-        save_index(index, cfg.index)
+        keep_index_cache(index, cfg.index)
     return index, plan, observer, scorer, check
+
+
+def check_crops_fit(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan) -> None:
+    """Refuse a --crop-scale whose largest crop is under one pixel on a planned image: there torchvision's rule
+    falls back to the whole image for every crop, so the run would silently score whole images."""
+    if cfg.select == "random-images" or len(plan) == 0:
+        return
+    sizes = index.sizes[plan.image_ids]
+    area = sizes[:, 0] * sizes[:, 1]
+    small = area * float(cfg.crop_scale[1]) < 1
+    if small.any():
+        i = int(np.argmin(area))
+        w, h = (int(v) for v in sizes[i])
+        raise UserError(
+            f"--crop-scale {','.join(f'{v:g}' for v in cfg.crop_scale)}: its largest crop is under one pixel on "
+            f"{int(small.sum())} planned image(s) (e.g. {index.paths[plan.image_ids[i]]}, {w}x{h}), which would be "
+            f"used whole instead; give a MAX of at least {1 / (w * h):.2g}, or RDED's 0.08,1"
+        )
 
 
 def _observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device) -> tuple[BuiltModel, Scorer]:
@@ -603,6 +672,12 @@ def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, 
     For rded-cover the observer is split at its head, so the pass that scores a crop also gives its features."""
     model, head = observer.model, None
     if cfg.select == "rded-cover":
+        if find_head(model) is None:
+            raise UserError(
+                f"--select rded-cover: observer {observer.name} has no Linear classifier head, and rded-cover groups a "
+                "class's images by the features such a head reads (its input); use --select rded, which scores with "
+                "any observer, or an observer whose last layer is nn.Linear"
+            )
         model, head = split_head(model, cfg.input_size)
     return Scorer(
         model,
@@ -620,14 +695,16 @@ def make_scorer(cfg: DistillConfig, observer: BuiltModel, device: torch.device, 
 
 def check_index_path(cfg: DistillConfig) -> None:
     """The --index cache is read and written: a file name outside the data and outside --out (an output folder is
-    replaced as a whole), in a writable folder, and, when it exists, an index cache of ours."""
+    replaced as a whole), and, when it exists, an index cache of ours (used as it is where it cannot be rewritten:
+    read-only storage); when it does not, in a writable folder."""
     where, out = resolve(cfg.index), resolve(cfg.out)
     if str(cfg.index) and where.is_relative_to(out):
         raise UserError(
             f"--index {cfg.index} lies in --out {cfg.out} ({where} is inside {out}); keep the index cache outside the "
             f"output folder, e.g. {out.parent / where.name}"
         )
-    check_writable_file(cfg.index, "--index")
+    if not where.is_file():
+        check_writable_file(cfg.index, "--index")
     check_separate(cfg.index, "--index", {"--data": cfg.data}, "file")
     if where.is_file() and not is_index_cache(where):
         raise UserError(f"--index {cfg.index}: not an index cache of rded-fast (rded-fast did not write it); give another path")
@@ -638,9 +715,11 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     Rank 0 first claims `--out` (rded_fast.outputs: no overlap with the inputs, replace only our own
     output, moved aside until this run succeeds, one process at a time)."""
+    cfg = paths_as_strings(cfg, PATH_FIELDS)
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return _distill(cfg)
+    note_ignored(cfg)
     inputs = {
         "--data": cfg.data,
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
@@ -732,9 +811,11 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
 
     t = time.perf_counter()
-    done = journal.still_current(out, journal.read_classes(out), index) if cfg.resume else {}
+    records = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, records, index) if cfg.resume else {}
     counts = np.minimum(index.class_counts(), cfg.mipc)
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
+    journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
     run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
     collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")

@@ -56,6 +56,13 @@ class DatasetIndex:
     sizes: np.ndarray  # [N, 2] int64, (width, height)
     skipped: list[dict] = field(default_factory=list)
     stamps: np.ndarray | None = None  # [N, 2] int64
+    # modification time (ns) of every folder listed, by path relative to `root` ("." is the root itself): a folder
+    # whose entries changed since (an image or a class folder added, removed, renamed) has another one. 0: too close
+    # to the listing to tell (rded_fast.formats.folder.folder_stamp); None: not known (a converted source, an older cache)
+    folders: dict[str, int] | None = None
+    # [N] int64: for a converted source, a token of each image's stored bytes (shards: its shard's sha256), so that a
+    # resume sees a conversion made again from changed images; None for a tree (its files are stamped)
+    content: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -230,6 +237,10 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     ImageNet-1K's 1.28 M entries load in about a second, where a JSON of them took several."""
     buf = io.BytesIO()
     stamps = {} if index.stamps is None else {"stamps": index.stamps.astype(np.int64)}
+    if index.content is not None:
+        stamps["content"] = index.content.astype(np.int64)
+    if index.folders is not None:
+        stamps.update(folders=_blob(list(index.folders)), folder_stamps=np.asarray(list(index.folders.values()), np.int64))
     np.savez(
         buf,
         version=np.int64(INDEX_VERSION),
@@ -244,9 +255,29 @@ def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class DamagedIndex(UserError):
+    """An index cache that rded-fast wrote but that cannot be read (truncated, damaged): it may be rebuilt.
+    `what` names the file and what is wrong with it, without the fix."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what = what
+
+
+def _npz_signature(path: str | os.PathLike) -> bool:
+    """Whether `path` begins as `save_index` writes an .npz: a zip whose first member is `version.npy` (read from
+    the first local header, so a truncated file that lost its zip directory is still recognised as ours)."""
+    with open(path, "rb") as f:
+        head = f.read(30 + len("version.npy"))
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        return False
+    name_length = int.from_bytes(head[26:28], "little")
+    return head[30 : 30 + name_length] == b"version.npy"
+
+
 def is_index_cache(path: str | os.PathLike) -> bool:
-    """Whether `path` is an index written by `save_index` (any version): an .npz with its arrays, or the JSON
-    of version 1. An unreadable file raises OSError."""
+    """Whether `path` is an index written by `save_index` (any version), whole or damaged: an .npz with its arrays
+    (or that begins as ours does), or the JSON of version 1. An unreadable file raises OSError."""
     with open(path, "rb") as f:
         head = f.read(1)
     if head == b"{":
@@ -259,7 +290,7 @@ def is_index_cache(path: str | os.PathLike) -> bool:
         with zipfile.ZipFile(path) as z:
             return {"version.npy", "paths.npy", "sizes.npy"} <= set(z.namelist())
     except zipfile.BadZipFile:
-        return False
+        return _npz_signature(path)
 
 
 def load_index(path: str | os.PathLike, flag: str = "index") -> DatasetIndex:
@@ -267,7 +298,7 @@ def load_index(path: str | os.PathLike, flag: str = "index") -> DatasetIndex:
     refused in one line that never suggests deleting it: rded-fast did not write it."""
     if not is_index_cache(path):
         raise UserError(f"{flag} {path}: not an index cache of rded-fast (rded-fast did not write it); give another path")
-    rebuild = "give another path, or delete it (rded-fast wrote it) to rebuild"
+    rebuild = "delete it (rded-fast wrote it) to rebuild it, or give another path"
     try:
         with open(path, "rb") as f:
             if f.read(1) == b"{":
@@ -285,9 +316,19 @@ def load_index(path: str | os.PathLike, flag: str = "index") -> DatasetIndex:
                 sizes=data["sizes"].astype(np.int64).reshape(-1, 2),
                 skipped=json.loads(data["skipped"].tobytes().decode("utf-8", "surrogateescape")),
                 stamps=data["stamps"].astype(np.int64).reshape(-1, 2) if "stamps" in data.files else None,
+                folders=_folders(data),
+                content=data["content"].astype(np.int64) if "content" in data.files else None,
             )
-    except (ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{flag} {path}: a damaged index cache ({type(exc).__name__}); {rebuild}") from exc
+    except (ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
+        raise DamagedIndex(
+            f"{flag} {path}: a damaged or truncated index cache of rded-fast ({type(exc).__name__})", rebuild
+        ) from exc
+
+
+def _folders(data) -> dict[str, int] | None:
+    if "folders" not in data.files:
+        return None
+    return dict(zip(_unblob(data["folders"]), data["folder_stamps"].astype(np.int64).tolist()))
 
 
 def _load_json_index(path: str | os.PathLike, data: dict, flag: str) -> DatasetIndex:

@@ -48,9 +48,20 @@ def check_run(out: str | Path, run: dict) -> None:
             f"--resume: the observer's weights changed since the interrupted run (sha256 {str(was)[:12]} then, "
             f"{str(now)[:12]} now: --weights {run.get('weights')} was retrained or replaced); {fix}"
         )
+    if key == "classes" and isinstance(was, list) and isinstance(now, list):
+        raise UserError(f"--resume: {_class_order_change(was, now)}; {fix}")
     if was is None and isinstance(now, dict):
         raise UserError(f"--resume: the interrupted run recorded no {key} (an older rded-fast made it); {fix}")
     raise UserError(f"--resume: {key} was {was!r} in the interrupted run, now {now!r}; {fix}")
+
+
+def _class_order_change(was: list[str], now: list[str]) -> str:
+    """What changed in the class order (label -> folder) since the interrupted run, and the likely cause."""
+    cause = "the --class-map file was edited, or class folders were added or removed"
+    for label, (a, b) in enumerate(zip(was, now)):
+        if a != b:
+            return f"the class order changed since the interrupted run (class {label} was {a!r}, now {b!r}: {cause})"
+    return f"the class order changed since the interrupted run ({len(was)} classes then, {len(now)} now: {cause})"
 
 
 def _difference(before: dict, now: dict, prefix: str = "") -> tuple[str, object, object] | None:
@@ -80,11 +91,12 @@ def _same_value(key: str, a, b) -> bool:
 
 def sources_fingerprint(index, label: int) -> str:
     """A hash of class `label`'s source files as they are now: relative path with byte size and modification time
-    (or, for converted sources, .beton and shards, whose index is all there is: the indexed size; a lazy index's
-    sizes change as headers are read, so they are not part of a file's print). A resume redoes a finished class
-    whose sources changed."""
+    (or, for converted sources, .beton and shards, whose index is all there is: the indexed size and the token of its
+    stored bytes, `index.content`; a lazy index's sizes change as headers are read, so they are not part of a file's
+    print). A resume redoes a finished class whose sources changed."""
     ids = np.flatnonzero(index.labels == label)
-    return files_fingerprint(index.root, [index.paths[i] for i in ids], index.sizes[ids])
+    fallback = index.sizes[ids] if index.content is None else np.column_stack([index.sizes[ids], index.content[ids]])
+    return files_fingerprint(index.root, [index.paths[i] for i in ids], fallback)
 
 
 def write_class(out: str | Path, label: int, record: dict, index=None) -> None:
@@ -116,6 +128,18 @@ def still_current(out: str | Path, records: dict[int, dict], index) -> dict[int,
     else:
         path.unlink(missing_ok=True)
     return keep
+
+
+def forget_classes(out: str | Path, records: list[dict]) -> None:
+    """Before finished classes are redone: remove each one's journal record, then the image files it lists (only
+    those, inside `out`), so that a redo giving fewer images, or none, leaves no old image beside the manifest."""
+    root = Path(out).resolve()
+    for record in records:
+        (journal_dir(out) / f"class_{int(record['label']):06d}.json").unlink(missing_ok=True)
+        for image in record.get("images", []):
+            path = (root / image["file"]).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                path.unlink()
 
 
 def read_redone(out: str | Path) -> list[str]:

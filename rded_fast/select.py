@@ -32,9 +32,14 @@ class ClassSelection:
     group_sizes: np.ndarray | None = None  # [n] int64 candidates in that group
 
 
-def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "") -> ClassSelection | str:
+MORE_CROPS = "lower --ipc or --factor, or raise --num-crop"  # the fix when a class has too few usable crops
+
+
+def select_class(
+    scores: np.ndarray, rows: np.ndarray, label: int, n: int, class_name: str = "", fix: str = MORE_CROPS
+) -> ClassSelection | str:
     """Rank one class's crops. `scores` [m, K] float (inf = image not decodable), `rows` [m] the row number of
-    each score row. Returns the selection, or why there is none (fewer than n usable crops)."""
+    each score row. Returns the selection, or why there is none (fewer than n usable crops) and `fix`."""
     scores = np.asarray(scores, dtype=np.float64)
     best_crop = np.argmin(scores, axis=1)
     best = scores[np.arange(len(scores)), best_crop]
@@ -51,10 +56,7 @@ def select_class(scores: np.ndarray, rows: np.ndarray, label: int, n: int, class
         sel_idx += list(flat // scores.shape[1])
         sel_crop += list(flat % scores.shape[1])
     if len(sel_idx) < n:
-        return (
-            f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); "
-            "lower --ipc or --factor, or raise --num-crop"
-        )
+        return f"class {class_name or label} has only {len(sel_idx)} usable crops but needs {n} (ipc * factor^2); {fix}"
     sel_idx = np.asarray(sel_idx, dtype=np.int64)
     sel_crop = np.asarray(sel_crop, dtype=np.int64)
     return ClassSelection(label, rows[sel_idx], sel_crop, scores[sel_idx, sel_crop].astype(np.float32), fallback)
@@ -74,7 +76,14 @@ def select_random(ok: np.ndarray, label: int, num_crop: int, n: int, seed: int, 
 
 
 def select_covering(
-    scores: np.ndarray, similarity: np.ndarray, rows: np.ndarray, label: int, n: int, seed: int, class_name: str = ""
+    scores: np.ndarray,
+    similarity: np.ndarray,
+    rows: np.ndarray,
+    label: int,
+    n: int,
+    seed: int,
+    class_name: str = "",
+    fix: str = MORE_CROPS,
 ) -> ClassSelection | str:
     """RDED's realism score, spread over the class: each usable image is a candidate with its best crop (RDED's
     first step), the candidates are split into n groups by seeded k-means on their observer features, and each
@@ -88,7 +97,7 @@ def select_covering(
     best = scores[np.arange(len(scores)), best_crop]
     usable = np.flatnonzero(np.isfinite(best))
     if len(usable) <= n:
-        sel = select_class(scores, rows, label, n, class_name)
+        sel = select_class(scores, rows, label, n, class_name, fix)
         return sel if isinstance(sel, str) else replace(sel, groups=np.arange(n), group_sizes=np.ones(n, np.int64))
     sim = np.asarray(similarity, dtype=np.float64)
     if len(usable) < len(sim):

@@ -54,6 +54,17 @@ def private_cache(tmp_path_factory) -> Path:
     return folder
 
 
+def age_folders(root: Path, seconds: float = 3600) -> None:
+    """Date `root` and every folder below it `seconds` back, as a tree at rest: an index cache then records their
+    modification times (a folder changed within RACY_NS of its listing is listed again at the next reuse)."""
+    import os
+    import time
+
+    when = time.time() - seconds
+    for folder in [root, *(p for p in Path(root).rglob("*") if p.is_dir())]:
+        os.utime(folder, (when, when))
+
+
 @pytest.fixture(scope="session")
 def jpeg_tree(tmp_path_factory) -> Path:
     return write_synthetic_jpegs(tmp_path_factory.mktemp("jpeg_tree"))

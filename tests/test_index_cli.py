@@ -1,5 +1,7 @@
 """The index (class order, header sizes, class maps) and the CLI (help, argument errors)."""
 
+import shutil
+
 import pytest
 from PIL import Image
 
@@ -7,6 +9,7 @@ from rded_fast.cli import build_parser, main
 from rded_fast.errors import UserError
 from rded_fast.formats.folder import build_index, load_or_build_index
 from rded_fast.index import load_index, read_class_map, save_index
+from tests.conftest import age_folders
 
 
 def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):
@@ -27,12 +30,16 @@ def test_index_sizes_from_headers_and_class_map(jpeg_tree, tmp_path):
 
 
 def test_index_cache_is_reused(jpeg_tree, tmp_path):
+    """A cache of a tree whose folders have not changed since is reused as it is (no listing). The tree's folders are
+    dated an hour back: a folder changed within RACY_NS of its listing is listed again on the next reuse."""
+    tree = shutil.copytree(jpeg_tree, tmp_path / "tree")
+    age_folders(tree)
     cache = tmp_path / "index.npz"
-    first = load_or_build_index(jpeg_tree, cache, show_progress=False)
+    first = load_or_build_index(tree, cache, show_progress=False)
     marked = load_index(cache)
     marked.paths[0] = "marker"
     save_index(marked, cache)
-    assert load_or_build_index(jpeg_tree, cache, show_progress=False).paths[0] == "marker"
+    assert load_or_build_index(tree, cache, show_progress=False).paths[0] == "marker"
     assert len(first) == 24
 
 

@@ -8,7 +8,7 @@ from rded_fast.cli import main
 from rded_fast.formats.folder import build_index
 from rded_fast.index import UNREAD, load_index, save_index
 from rded_fast.plan import make_center_plan, make_plan, short_classes
-from tests.conftest import write_synthetic_jpegs
+from tests.conftest import age_folders, write_synthetic_jpegs
 
 
 def _distill_argv(tree, cache, mipc: int, num_crop: int) -> list[str]:
@@ -88,6 +88,7 @@ def test_distill_keeps_the_headers_it_read_in_its_index_cache(tmp_path):
 def test_index_command_reads_every_header_once_for_any_later_seed(tmp_path, capsys):
     tree = write_synthetic_jpegs(tmp_path / "tree", classes=2, per_class=15)
     (tree / "class_01" / "broken.jpg").write_bytes(b"not a jpeg")
+    age_folders(tree)  # a tree at rest: its folders were not changed just before they were listed
     cache = tmp_path / "all.npz"
     assert main(["index", "--data", str(tree), "--out", str(cache), "--quiet"]) == 0
     assert "indexed 30 images in 2 classes (1 files left out)" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from rded_fast.formats.beton import open_beton_index
+from rded_fast.formats.beton import looks_like_beton, open_beton_index
 from rded_fast.formats.folder import load_or_build_index
 from rded_fast.formats.shards import check_not_bare_shards, is_shard_dir, open_shard_index
 from rded_fast.index import DatasetIndex
@@ -22,9 +22,10 @@ FOLDER, SHARDS, BETON = "folder", "shards", "beton"
 
 
 def detect(data: str | os.PathLike) -> str:
-    """Which format `data` is, from the data itself: a `.beton` file, a folder with `dataset.json` (shards), or
-    else an ImageFolder tree (whose listing says what is wrong when it is none)."""
-    if str(data).endswith(".beton") and os.path.isfile(data):
+    """Which format `data` is, from the data itself: a `.beton` file (by its name, or by its ffcv header under
+    another name), a folder with our `dataset.json` (shards), or else an ImageFolder tree (whose listing says what
+    is wrong when it is none)."""
+    if os.path.isfile(data) and (str(data).endswith(".beton") or looks_like_beton(data)):
         return BETON
     if is_shard_dir(data):
         return SHARDS

@@ -71,6 +71,28 @@ def bookkeeping_sha256(beton: str | os.PathLike, head_bytes: int, alloc_table_pt
     return h.hexdigest()
 
 
+def looks_like_beton(path: str | os.PathLike) -> bool:
+    """Whether the file `path` begins with an ffcv file header (its version, a few fields, a power-of-two page size,
+    an allocation table inside the file): a .beton under another name is still recognised by its content."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FFCV_HEADER.itemsize)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    if len(raw) < FFCV_HEADER.itemsize:
+        return False
+    header = np.frombuffer(raw, FFCV_HEADER)[0]
+    page = int(header["page_size"])
+    return (
+        int(header["version"]) == FFCV_VERSION
+        and 1 <= int(header["num_fields"]) <= 64
+        and page >= 512
+        and page & (page - 1) == 0
+        and FFCV_HEADER.itemsize <= int(header["alloc_table_ptr"]) < size
+    )
+
+
 def check_intact(beton: Path, size: int, data: dict, side: Path) -> None:
     """Refuse a .beton whose ffcv header does not say what its sidecar does, or, where the sidecar records it,
     whose bookkeeping hash differs (the same size passed the size check)."""
@@ -124,6 +146,12 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
         raise UserError(f"--data {beton}: --loader ffcv reads a .beton file, not a folder; {how}")
     if not beton.is_file():
         raise UserError(f"--data {beton}: no such .beton file; {how}")
+    if not side.exists() and not beton.name.endswith(".beton"):
+        raise UserError(
+            f"--data {beton}: an FFCV .beton (by its content) under another name, without the sidecar rded-fast reads it "
+            f"by ({side.name}); give it by the name it was converted to (NAME.beton beside NAME.beton.json), read with "
+            "--loader ffcv (or auto)"
+        )
     data = read_sidecar(side, FORMAT_NAME, FORMAT_VERSION, f"it is the sidecar of {beton.name}; {how}")
     size = beton.stat().st_size
     if size != data["beton_bytes"]:
@@ -137,6 +165,8 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
     stored = np.asarray(data["stored_sizes"], dtype=np.int64).reshape(-1, 2)
     if len(position) != len(index) or len(stored) != len(index):
         raise UserError(f"{side}: per-image tables do not match its index; convert the data again")
+    if data.get("bookkeeping"):  # a token of the stored bytes, per image: a resume redoes classes after a new conversion
+        index.content = np.where(position >= 0, int(data["bookkeeping"]["sha256"][:15], 16), 0).astype(np.int64)
     return BetonDataset(
         beton=str(beton),
         index=index,

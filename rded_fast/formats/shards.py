@@ -7,12 +7,21 @@ A shard folder holds webdataset tar shards (`shard-00000.tar`, ...), one DALI in
 loader makes from the source tree, plus, per indexed image, where its bytes are (shard, data offset,
 length) or, for an image left out at convert time, why. This module is the one place that knows those
 names; the converter writes them and the DALI loader reads them.
+
+What is checked when a shard folder is opened: each tar's size, and its first and last images (their tar headers,
+which name the sample key, and their bytes: `ends_sha256`, two reads per shard) against what dataset.json records,
+so shards swapped, replaced or left from another conversion are refused even at the same size. What a resume
+compares per class (`content_tokens`): each shard's print of the source files it was converted from, its size and
+that digest, so a class whose shards were converted again from changed images is redone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +35,11 @@ from rded_fast.layout import Layout, names_rule, read_json
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each shard's source print and its first and last images' digest (1 recorded only sizes)
+# how our dataset.json begins (json.dumps of a dict whose first key is "format"): a folder is taken for shards only
+# when its dataset.json is ours, not a file of the same name in a user's ImageFolder
+SIGNATURE = b'{"format": "' + FORMAT_NAME.encode() + b'"'
+TAR_HEADER = 512
 IMAGE_EXT = "jpg"  # the webdataset component names of one sample
 LABEL_EXT = "cls"
 META_EXT = "json"
@@ -43,19 +56,28 @@ def sample_key(image_id: int) -> str:
 
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
-    """True when `path` is a complete shard folder to read (its dataset.json exists); `is_shard_folder` is the
-    looser test of an earlier output of ours, finished or not, that a new convert may replace."""
-    return (Path(path) / DATASET_FILE).is_file()
+    """True when `path` is a complete shard folder to read: its dataset.json exists and begins with our format's
+    SIGNATURE (a user's own dataset.json in an ImageFolder is not ours); `is_shard_folder` is the looser test of an
+    earlier output of ours, finished or not, that a new convert may replace."""
+    try:
+        with open(Path(path) / DATASET_FILE, "rb") as f:
+            return f.read(len(SIGNATURE)) == SIGNATURE
+    except OSError:
+        return False
+
+
+SHARD_FILE = re.compile(r"shard-\d{5}\.(tar|idx)")
 
 
 def check_not_bare_shards(path: str | os.PathLike) -> None:
-    """Refuse a folder of tar shards or DALI index files without `dataset.json` (read as an ImageFolder it would
-    have no class folders): name the missing file."""
+    """Refuse a folder of our tar shards or DALI index files (named as ours: `shard-00000.tar`) without our
+    `dataset.json` (read as an ImageFolder it would have no class folders): name the missing file. A stray `.tar`
+    of another name is no shard of ours."""
     if not os.path.isdir(path) or is_shard_dir(path):
         return
     with os.scandir(path) as it:
         shards = sorted(
-            (e.name for e in it if e.is_file() and e.name.endswith((".tar", ".idx"))), key=lambda n: (not n.endswith(".tar"), n)
+            (e.name for e in it if e.is_file() and SHARD_FILE.fullmatch(e.name)), key=lambda n: (not n.endswith(".tar"), n)
         )
     if shards:
         raise UserError(
@@ -82,6 +104,53 @@ class ShardDataset:
     source_root: str
 
 
+def ends_sha256(tar: str | os.PathLike, first: tuple[int, int], last: tuple[int, int]) -> str:
+    """sha256 of a shard's first and last images as stored: each one's tar header (which names its sample key, the
+    image's index id) and its bytes, given as (data offset, length). Two reads: what the open of a shard folder checks
+    against dataset.json (another tar of the same size differs there)."""
+    h = hashlib.sha256()
+    with open(tar, "rb") as f:
+        for offset, nbytes in (first, last):
+            f.seek(offset - TAR_HEADER)
+            h.update(f.read(TAR_HEADER + nbytes))
+    return h.hexdigest()
+
+
+def _check_shards(folder: Path, path: Path, shards: list[dict]) -> None:
+    """Each listed tar present, of its recorded size, holding its recorded first and last images."""
+    rerun = "rerun the convert command to rewrite it (complete shards are kept)"
+    for shard in shards:
+        if not shard["tar"]:
+            continue
+        tar = folder / shard["tar"]
+        if not tar.is_file():
+            raise UserError(f"{tar}: listed in {path} but absent; {rerun}")
+        if tar.stat().st_size != shard["bytes"]:
+            raise UserError(
+                f"{tar}: {tar.stat().st_size} bytes but {path} records {shard['bytes']} (truncated or changed); {rerun}"
+            )
+        ends = shard["ends"]
+        if ends_sha256(tar, ends["first"], ends["last"]) != ends["sha256"]:
+            raise UserError(
+                f"{tar}: its first and last images are not those {path.name} records (shards swapped, replaced, or "
+                f"from another conversion); {rerun}"
+            )
+
+
+def content_tokens(shard: np.ndarray, shards: list[dict]) -> np.ndarray:
+    """Per index entry, a token of what its shard holds (60 bits of a hash of the shard's source print, size and ends
+    digest; 0 for an image left out). A resume compares them per class, so a class whose shard was converted again
+    from changed images is redone, while one converted again from the same files (the same bytes) is kept."""
+
+    def token(s: dict) -> int:
+        if not s["tar"]:
+            return 0
+        return int(hashlib.sha256(json.dumps([s["sources"], s["bytes"], s["ends"]["sha256"]]).encode()).hexdigest()[:15], 16)
+
+    tokens = np.asarray([token(s) for s in shards] + [0], dtype=np.int64)
+    return tokens[np.where(shard >= 0, shard, len(shards))]
+
+
 def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
     """Read `folder/dataset.json`; UserError naming the file and the fix when it is absent or foreign."""
     folder = Path(folder).resolve()
@@ -93,18 +162,13 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
     samples = data["samples"]
     missing = {int(k): v for k, v in data.get("missing", {}).items()}
     tars = [str(folder / s["tar"]) if s["tar"] else "" for s in data["shards"]]
-    for tar, shard in zip(tars, data["shards"]):
-        if tar and not os.path.isfile(tar):
-            raise UserError(f"{tar}: listed in {path} but absent; rerun the convert command to rewrite it")
-        if tar and os.path.getsize(tar) != shard["bytes"]:
-            raise UserError(
-                f"{tar}: {os.path.getsize(tar)} bytes but {path} records {shard['bytes']} (truncated or "
-                "changed); rerun the convert command to rewrite it"
-            )
+    _check_shards(folder, path, data["shards"])
+    shard = np.asarray(samples["shard"], dtype=np.int64)
+    index.content = content_tokens(shard, data["shards"])
     return ShardDataset(
         index=index,
         tars=tars,
-        shard=np.asarray(samples["shard"], dtype=np.int64),
+        shard=shard,
         offset=np.asarray(samples["offset"], dtype=np.int64),
         nbytes=np.asarray(samples["nbytes"], dtype=np.int64),
         missing=missing,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rded_fast.arguments import check_number
 from rded_fast.errors import UserError
 from rded_fast.models import builtin, factory, timm_source  # noqa: F401  (fill the registry)
 from rded_fast.models.builtin import CONVNET_NAMES, MODIFIED_RESNETS
@@ -225,6 +226,10 @@ def build(
     a random student; ImageNet families get a 1000-way head sliced to `num_classes`, as the reference
     builds them (ConvNets and factories get `num_classes`). `head_rows`: explicit rows (e.g. the ones a
     distilled set's manifest recorded), overriding both rules. The model is returned in eval mode."""
+    if not isinstance(name, str):
+        raise UserError(f"build({name!r}): the model name must be a string, e.g. 'resnet18'")
+    check_number("num_classes", num_classes, integer=True, flag=f"build({name!r}): num_classes")
+    check_number("input_size", input_size, integer=True, flag=f"build({name!r}): input_size")
     entry = get_entry(name)
     check_input_size(name, input_size, "input size")
     state = None

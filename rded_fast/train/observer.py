@@ -30,6 +30,7 @@ from rded_fast.score import normalize_uint8
 from rded_fast.train import checkpoint
 from rded_fast.train.memory_dataset import load_tensor_dataset
 from rded_fast.train.metrics import topk_accuracy
+from rded_fast.train.validate import validate_observer_config
 
 
 @dataclass
@@ -69,6 +70,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch
 
 def train_observer(cfg: ObserverConfig) -> dict:
     """Train `cfg.arch` on `cfg.data`; returns a summary (accuracies, seconds, checkpoint path, what it replaced)."""
+    cfg = validate_observer_config(cfg)  # types and ranges, as the command line checks them
     if cfg.epochs < 1:
         raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
     if cfg.optimizer not in ("sgd", "adamw"):
@@ -111,7 +113,9 @@ def _load_data(cfg: ObserverConfig):
     train = load_tensor_dataset(index, cfg.input_size, show_progress=cfg.show_progress, desc="load train")
     val = None
     if cfg.val:
-        vindex = build_index(cfg.val, class_map=index.classes, show_progress=cfg.show_progress)
+        vindex = build_index(
+            cfg.val, class_map=index.classes, show_progress=cfg.show_progress, flag="--val", classes_from="--data"
+        )
         val = load_tensor_dataset(vindex, cfg.input_size, show_progress=cfg.show_progress, desc="load val")
     return index, train, val
 

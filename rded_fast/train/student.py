@@ -43,6 +43,7 @@ from rded_fast.train.recipe import RECIPE_VERSION, Recipe, evaluates_at, rded_ba
 from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of
 from rded_fast.train.teacher import build_teacher, check_teacher, teacher_logits
 from rded_fast.train.val_cache import load_val
+from rded_fast.train.validate import validate_student_config
 
 # relabel --top-k by default: the fewest logits per view whose students matched online labels (benchmarks/README.md,
 # "Stored soft labels: how many logits"); fewer classes than this: all of them.
@@ -131,6 +132,7 @@ def evaluate(cfg: StudentConfig) -> dict:
 
     Output paths (`--json`, `--checkpoint`) are checked before any training: outside the inputs,
     writable, and replacing only an earlier result of ours; `--json` is locked for the run."""
+    cfg = validate_student_config(cfg)
     if not cfg.val or not cfg.student:
         raise UserError("evaluate needs --val DIR and --student NAME")
     _seeds(cfg)
@@ -281,7 +283,9 @@ def _evaluate(cfg: StudentConfig) -> dict:
     source = _label_source(cfg, data, device, _recipe(cfg, data, cfg.student))
     recipe = source.recipe
     clock.lap("teacher_load")
-    vindex = build_index(cfg.val, class_map=data.classes, show_progress=False, headers=False)
+    vindex = build_index(
+        cfg.val, class_map=data.classes, show_progress=False, headers=False, flag="--val", classes_from="the distilled set"
+    )
     val_x, val_y, val_from = load_val(vindex, size, cfg.show_progress)
     clock.lap("val_load")
     check = None
@@ -345,6 +349,7 @@ def relabel(cfg: StudentConfig) -> dict:
     An earlier labels folder of ours at `cfg.out` is replaced only with `overwrite` (kept aside until this run
     succeeds; files in it that relabel did not write are kept; `replaced` in the result says so); any other
     non-empty folder is refused."""
+    cfg = validate_student_config(cfg)
     if not cfg.out or not cfg.teacher:
         raise UserError("relabel needs --teacher NAME and --out DIR")
     replaced = []
