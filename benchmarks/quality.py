@@ -132,13 +132,14 @@ def distilled_set(
 
 
 def run_record(seed: int, result: dict) -> dict:
-    return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result.get("seconds")}
+    return {"seed": seed, "final_top1": result["final_top1"], "best_top1": result["best_top1"], "seconds": result["seconds"]}
 
 
 def student_records(cell_seed: int, result: dict) -> list[dict]:
-    """One record per student of an evaluate result: its `runs` (one per student seed), or the result itself
-    (an evaluate JSON of rded-fast 0.2.x, one student with the cell's seed)."""
-    return [run_record(r.get("seed", cell_seed), r) for r in result.get("runs") or [result]]
+    """One record per student of an evaluate result: its `runs` (one per student seed; the cell's seconds shared
+    among them), or the result itself (an evaluate JSON of rded-fast 0.2.x, one student with the cell's seed)."""
+    runs = result.get("runs") or [result]
+    return [run_record(r.get("seed", cell_seed), {**r, "seconds": result["seconds"] / len(runs)}) for r in runs]
 
 
 def shape_key(factor: int, input_size: int) -> str:

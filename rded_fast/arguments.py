@@ -44,6 +44,7 @@ NUMBER_RANGES = {
     "host_classes": (1, None),
     "hw_decoder_load": (0.0, 1.0),
     "num_classes": (1, None),
+    "classes": (1, None),  # bench --stage train: classes of the synthetic set
 }
 POSITIVE = ("lr",)  # > 0, not >= 0
 

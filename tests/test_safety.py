@@ -314,9 +314,9 @@ def test_soft_labels_of_another_set_with_the_same_names_are_refused(small, tmp_p
     a, b = load_distilled(tmp_path / "d0"), load_distilled(tmp_path / "d1")
     assert a.files == b.files and content_sha256(a) != content_sha256(b)
     header = {"distilled": "d0", "files": a.files, "content_sha256": content_sha256(a), "epochs": 1}
-    _check_labels_match(header, a, Recipe(epochs=1, batch_size=2, lr=1e-3))
-    with pytest.raises(UserError, match="another distilled set"):
-        _check_labels_match(header, b, Recipe(epochs=1, batch_size=2, lr=1e-3))
+    _check_labels_match(header, a, Recipe(epochs=1, batch_size=2, lr=1e-3), "labels")
+    with pytest.raises(UserError, match="--soft-labels labels: made for another distilled set"):
+        _check_labels_match(header, b, Recipe(epochs=1, batch_size=2, lr=1e-3), "labels")
 
 
 # ---- case 8: output paths are checked before any training -----------------------------------------------
@@ -369,7 +369,7 @@ def test_every_numeric_argument_has_a_range():
         (["train-observer", "--data", "d", "--out", "o", "--lr", "0"], "--lr 0.0: must be > 0"),
         (["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--epochs", "0"], "--epochs 0"),
         (["convert", "--format", "ffcv", "--data", "d", "--out", "o", "--workers", "-2"], "--workers -2"),
-        (["relabel", "--distilled", "d", "--teacher", "t", "--out", "o", "--top-k", "0"], "--top-k 0"),
+        (["relabel", "--distilled", "d", "--teacher", "t", "--out", "o", "--top-k", "-1"], "--top-k -1: must be >= 0"),
         (["demo", "--student-epochs", "-1"], "--student-epochs -1"),
         (["train-observer", "--data", "d", "--out", "o", "--weight-decay", "nan"], "finite"),
         (["distill", "--data", "d", "--observer", "conv3", "--out", "o", "--crop-scale", "0.5,0.2"], "0 < MIN <= MAX <= 1"),
