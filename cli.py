@@ -808,13 +808,15 @@ def exit_promptly(code: int) -> None:
     2-core EPYC, every command, after the work is done): streams are flushed and exit handlers run, as at a
     normal exit. By then every file is written and renamed (each write is atomic). Only when a thread other than
     idle executor workers is still alive (work a normal exit would wait for) is the exit the normal one; unnamed
-    executor workers are library pools (torch's compile workers) that a normal exit joins idle."""
+    executor workers are library pools (torch's compile workers) that a normal exit joins idle. After a signal
+    (`code` 128 + signum) nothing is waited for: the run has cleaned up (the earlier output is back), a scheduler
+    expects the process gone within seconds, and a thread the signal interrupted mid-import may never end."""
     busy = [
         t.name
         for t in threading.enumerate()
         if t is not threading.main_thread() and not t.daemon and t.is_alive() and not t.name.startswith("ThreadPoolExecutor-")
     ]
-    if busy:
+    if busy and code <= 128:
         sys.exit(code)
     atexit._run_exitfuncs()  # what a normal exit runs after joining threads: logging, process pools, torchrun's group
     for stream in (sys.stdout, sys.stderr):

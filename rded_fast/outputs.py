@@ -234,7 +234,11 @@ def _remove(path: Path) -> None:
 @contextmanager
 def _signals_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) in this process while the block runs, so that
-    they clean up as Ctrl-C does; signals set to be ignored (nohup) stay ignored, a forked child dies as before."""
+    they clean up as Ctrl-C does; signals set to be ignored (nohup) stay ignored, a forked child dies as before.
+
+    A signal that lands while the main thread runs the import machinery's own code is raised a few milliseconds
+    later instead: raised there, it would leave an import lock held for ever (another thread importing then never
+    ends), or be swallowed by the import lock's weakref callback (the run would go on as if never signalled)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -244,6 +248,11 @@ def _signals_raise() -> Iterator[None]:
         if os.getpid() != owner:  # a forked worker: the default action, as if no handler were set
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+            return
+        if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            again = threading.Timer(0.005, os.kill, (owner, signum))
+            again.daemon = True
+            again.start()
             return
         raise Terminated(signum)
 

@@ -94,3 +94,17 @@ class _Huge(nn.Module):
 
 def huge_logits(num_classes: int = 10) -> nn.Module:
     return _Huge(num_classes)
+
+
+def stuck_thread_then_wait(num_classes: int = 10) -> nn.Module:
+    """Leaves a non-daemon thread that never ends (as a preload thread stuck on an import lock does), writes the file
+    named by $RDED_TEST_READY, then waits in the main thread until a signal ends the run (the output is claimed)."""
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    threading.Thread(target=threading.Event().wait, name="stuck-forever").start()
+    Path(os.environ["RDED_TEST_READY"]).write_text("ready")
+    while True:
+        time.sleep(0.05)
