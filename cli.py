@@ -714,7 +714,15 @@ def check_numbers(args) -> None:
 
 def os_error_fix(args, exc: OSError) -> str:
     """What to do after an OS error (disk full, permission): continue with --resume only where finished work was
-    kept; a replacing run that failed has put the earlier output back."""
+    kept; a replacing run that failed has put the earlier output back. Looking for that work may fail the same
+    way (a name too long, a folder unreadable): then the plain advice."""
+    try:
+        return _os_error_fix(args, exc)
+    except OSError:
+        return f"fix it and rerun {args.command}"
+
+
+def _os_error_fix(args, exc: OSError) -> str:
     from pathlib import Path
 
     if getattr(exc, "put_back", None):

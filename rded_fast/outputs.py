@@ -329,9 +329,45 @@ def decide(
     raise UserError(f"{flag} {target}: {what} that rded-fast did not write exists there{more}; give a new path{fix}")
 
 
+# The longest name rded-fast makes beside an output NAME: `.NAME.rded-lock.stale-PID` (a pid has at most 7 digits).
+_BESIDE_EXTRA = len(f".{LOCK_SUFFIX}.stale-") + 7
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system holding `path` (or its nearest existing folder) allows."""
+    for folder in (path, *path.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def check_name_length(path: str | os.PathLike, flag: str) -> None:
+    """An output path whose every name the file system can hold, the output's own with room for the names rded-fast
+    keeps beside it (lock, moved-aside copy, temporaries): one line naming the argument, not ENAMETOOLONG from
+    wherever the first long name is made."""
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    limit = _name_max(p)
+    for part in p.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UserError(
+                f"{flag} {path}: the name {part[:20]}... is {size} bytes long, more than the {limit} the file system "
+                "allows; give a shorter path"
+            )
+    size, room = len(os.fsencode(p.name)), limit - _BESIDE_EXTRA
+    if size > room:
+        raise UserError(
+            f"{flag} {path}: the name {p.name[:20]}... is too long ({size} bytes): rded-fast keeps files named "
+            f".NAME{LOCK_SUFFIX}... beside an output, so its name may be at most {room} bytes here; give a shorter name"
+        )
+
+
 def check_place(path: str | os.PathLike, flag: str) -> None:
     """An output is made only inside an existing folder that this process can write in (checked by writing a
     temporary file there: permission bits do not show a read-only file system, nor stop root)."""
+    check_name_length(path, flag)
     p = resolve(path)
     parent = p.parent
     if not parent.is_dir():
@@ -389,6 +425,7 @@ def claim_output(
     `on_replace(target)` is called once a replacement is decided (e.g. to say so on the console)."""
     if str(out) == "":
         raise UserError(f"{flag} '': an empty path; give a {'folder' if layout.kind == 'dir' else 'file name'}")
+    check_name_length(out, flag)
     target = resolve(out)
     check_separate(out, flag, inputs, layout.kind)
     check_not_held(target, flag)  # a run in progress is named as such, whatever its output holds so far

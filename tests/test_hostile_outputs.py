@@ -10,7 +10,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.test_safety import _distill_argv
+import pytest
+
+from rded_fast.cli import main
+from tests.test_safety import _distill_argv, _one_line_error
 
 ROOT = Path(__file__).parent.parent
 
@@ -89,8 +92,6 @@ def test_a_signal_inside_the_import_machinery_is_raised_just_after_it(tmp_path):
     import time
     import types
 
-    import pytest
-
     from rded_fast.errors import Terminated
     from rded_fast.outputs import DISTILLED_SET, claim_output
 
@@ -102,3 +103,37 @@ def test_a_signal_inside_the_import_machinery_is_raised_just_after_it(tmp_path):
             reached = True
             time.sleep(60)  # the signal comes again here, outside the import machinery, and raises
     assert reached and not (tmp_path / "o").exists()
+
+
+# ---- bad 8 and weak: an output name too long for the file system, or for the names kept beside it -----------
+
+
+@pytest.mark.parametrize("size", [300, 250])
+@pytest.mark.parametrize("command", ["distill", "convert-dali", "convert-ffcv", "train-observer"])
+def test_an_output_name_too_long_is_one_line_naming_the_argument(small, tmp_path, capsys, command, size):
+    data, weights = small
+    out = tmp_path / ("x" * size)
+    argv = {
+        "distill": _distill_argv(data, weights, out),
+        "convert-dali": ["convert", "--format", "dali", "--data", str(data), "--out", str(out), "--quiet"],
+        "convert-ffcv": ["convert", "--format", "ffcv", "--data", str(data), "--out", str(out), "--quiet"],
+        "train-observer": ["train-observer", "--data", str(data), "--out", str(out), "--epochs", "1", "--quiet"],
+    }[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"--out {out}: the name xxxxxxxxxxxxxxxxxxxx... is" in err and "long" in err and "shorter" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "w.pth"]
+
+
+def test_the_os_error_message_survives_a_second_failure_while_looking_for_kept_work(tmp_path):
+    import argparse
+    import errno
+
+    from rded_fast.cli import os_error_message
+
+    out = str(tmp_path / ("x" * 300))
+    exc = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), out)
+    for command in ("distill", "train-observer", "convert"):
+        args = argparse.Namespace(command=command, out=out, format="dali", checkpoint=None)
+        assert os_error_message(args, exc).endswith(f"File name too long ({out}); fix it and rerun {command}")
