@@ -41,11 +41,14 @@ from rded_fast.formats.shards import (
     META_EXT,
     SHARD_FOLDER,
     is_shard_folder,
+    recorded_shards,
     sample_key,
+    shard_files,
     shard_stem,
 )
 from rded_fast.index import DatasetIndex, files_fingerprint
 from rded_fast.jpeg_check import jpeg_problem
+from rded_fast.layout import TEMPORARY
 from rded_fast.outputs import claim_output, resolve
 from rded_fast.progress import progress
 
@@ -221,6 +224,10 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
                     samples.append({"id": image_id, "offset": offset, "nbytes": len(data), "reencoded": reencoded})
 
     tar_name = f"{stem}.tar"
+    # recorded before its files exist (replaced by the full record below), so that whatever an interrupted run leaves
+    # is named by a record of ours: a later --overwrite deletes it, a rerun removes its temporary files
+    planned = {**_expected_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx", "tar_bytes": None}
+    atomic_write_text(out / f"{stem}.meta.json", json.dumps(planned))
     atomic_write(out / tar_name, write_tar)
     record = {
         **_expected_record(number, ids, index),
@@ -240,11 +247,16 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
 
 
 def _remove_stale(out: Path, num_shards: int) -> None:
-    """Delete shards numbered beyond this conversion's (an earlier run with smaller shards) and the
-    temporary files of interrupted writes; only names this converter makes are touched."""
+    """Delete what earlier runs of ours left that this conversion does not use: the shards numbered beyond its own (an
+    earlier run with smaller shards), as their records name them, and the temporary files of recorded names (an
+    interrupted write). A file that no record of ours names is never touched, whatever it is called."""
+    written = SHARD_FOLDER.written(out)
+    for number, record in recorded_shards(out).items():
+        if number >= num_shards:
+            for name in [*sorted(shard_files(record, number)), f"{shard_stem(number)}.meta.json"]:
+                (out / name).unlink(missing_ok=True)
     for path in out.iterdir():
-        m = re.fullmatch(r"shard-(\d{5})\.(tar|idx|meta\.json)", path.name)
-        if (m and int(m.group(1)) >= num_shards) or re.fullmatch(r"\.shard-\d{5}\.(tar|idx|meta\.json)\..*\.tmp", path.name):
+        if TEMPORARY.fullmatch(path.name) and written(path.name):
             path.unlink()
 
 

@@ -46,6 +46,7 @@ from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_inde
 from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
+from rded_fast.models.factory import factory_source
 from rded_fast.models.heads import HeadTooSmall, split_head
 from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
@@ -663,6 +664,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
         "--data": cfg.data,
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
         "--class-map": cfg.class_map,
+        "--observer": factory_source(cfg.observer),  # a MODULE:FACTORY file inside --out would be moved away unread
     }
     if cfg.index is not None:
         check_index_path(cfg)

@@ -9,7 +9,7 @@ output with `claim_output` before it writes anything:
 2. Ownership: an existing non-empty target is replaced only when it is an earlier output of the same
    command (its `Layout` recognises it: journal, manifest, sidecar, header...) and the command's replace
    flag (`--overwrite`) is given; anything else needs `--overwrite-any` where a command offers it.
-3. What a replace removes: only the entries a run of ours wrote (each layout names them). Anything else
+3. What a replace removes: only the entries our records say a run of ours wrote (rded_fast.records). Anything else
    inside an earlier output of ours (the user's NOTES.txt, a folder of their own) is kept: it is moved into
    the new output at the same place, and listed in a note. Only `--overwrite-any` on a target rded-fast
    does not recognise replaces all of it.
@@ -23,6 +23,7 @@ output with `claim_output` before it writes anything:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -35,8 +36,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
-from rded_fast.layout import Layout, names_rule, read_json
+from rded_fast.layout import Layout, read_json
 from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
+from rded_fast.records import demo_records, distilled_records, label_records
 
 __all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
 
@@ -125,23 +127,11 @@ def is_result_json(path: Path) -> bool:
     return record is not None and "final_top1" in record and "evaluations" in record
 
 
-# The names a run of ours writes inside each folder it makes (paths relative to the folder; each module that
-# writes them is named). tests/test_safety.py checks that a real output of every command holds nothing else.
-_DISTILLED_NAMES = (
-    r"manifest\.json|contact_sheet\.png|index\.npz",  # rded_fast.write, rded_fast.distill
-    r"\.rded-journal/(run|redone|class_\d{6})\.json",  # rded_fast.journal
-    r"[^/]+/class\d{5}_id\d{5}\.(png|jpg)",  # rded_fast.write.image_name
-)
-_LABEL_NAMES = (r"header\.json|epoch_\d{4}\.npz|regions\.npz",)  # rded_fast.train.softlabels
-_DEMO_NAMES = (  # rded_fast.demo: the observer and its state, the index cache, the result, a distilled set
-    r"observer_conv3\.pth(\.state)?|train_index\.npz|evaluate\.json",
-    *(rf"distilled/(?:{p})" for p in _DISTILLED_NAMES),
-)
-
-
-DISTILLED_SET = Layout("dir", is_distilled_set, names_rule(_DISTILLED_NAMES))
-LABEL_FOLDER = Layout("dir", is_label_folder, names_rule(_LABEL_NAMES))
-DEMO_FOLDER = Layout("dir", is_demo_folder, names_rule(_DEMO_NAMES))
+# What a run of ours wrote inside each folder output is what its records say (rded_fast.records), never a name that
+# merely looks like ours. tests/test_safety.py checks that a real output of every command holds nothing else.
+DISTILLED_SET = Layout("dir", is_distilled_set, distilled_records)
+LABEL_FOLDER = Layout("dir", is_label_folder, label_records)
+DEMO_FOLDER = Layout("dir", is_demo_folder, demo_records)
 CHECKPOINT = Layout("file", is_checkpoint)
 RESULT_JSON = Layout("file", is_result_json)
 
@@ -168,20 +158,30 @@ def _foreign(folder: Path, written: Callable[[str], bool], rel: str) -> tuple[li
     return found, ours
 
 
-def _put_back(aside: Path, target: Path, entries: list[str]) -> list[str]:
+def _put_back(aside: Path, target: Path, entries: list[str]) -> dict[str, str]:
     """Move the user's `entries` from the moved-aside old output into the new one at the same place; returns
-    those that could not be moved (the new output has that name)."""
-    stuck = []
+    those that could not be moved, each with why (the new output has that name; an immutable file: EPERM)."""
+    stuck = {}
     for rel in entries:
         src, dst = aside / rel.rstrip("/"), target / rel.rstrip("/")
         try:
             if dst.exists() or dst.is_symlink():
-                raise FileExistsError
+                raise FileExistsError(errno.EEXIST, "the new output has that name")
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.rename(src, dst)
-        except OSError:
-            stuck.append(rel)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            stuck[rel] = f"{why}: an immutable or append-only file?" if exc.errno == errno.EPERM else why
     return stuck
+
+
+def _note_stuck(flag: str, target: Path, stuck: dict[str, str], aside: Path) -> None:
+    """One note for the entries that stay in the moved-aside folder, grouped by why."""
+    by_reason: dict[str, list[str]] = {}
+    for rel, why in stuck.items():
+        by_reason.setdefault(why, []).append(rel)
+    listed = "; ".join(f"{_listed(rels)} ({why})" for why, rels in by_reason.items())
+    note(f"{flag} {target}: could not move into the new output: {listed}; they are in {aside}")
 
 
 def _listed(entries: list[str], most: int = 5) -> str:
@@ -316,6 +316,11 @@ def decide(
             raise UserError(f"{flag} {target}: not an output of rded-fast, nothing to resume; give a new or empty path")
         return "keep"
     if overwrite_any or (ours and overwrite):
+        if os.path.ismount(target):
+            raise UserError(
+                f"{flag} {target}: a mount point; rded-fast replaces an output by moving it aside, which cannot be done to "
+                f"a mount point: give a path inside it (e.g. {target / 'run2'}), or empty it yourself"
+            )
         return "replace"
     what = "a folder" if layout.kind == "dir" else "a file"
     if ours:
@@ -450,7 +455,7 @@ def _replacing(target: Path, flag: str, layout: Layout, replace: bool, on_replac
     if not replace:
         yield
         return
-    keep = foreign_entries(target, layout.written) if layout.kind == "dir" and layout.recognise(target) else []
+    keep = foreign_entries(target, layout.written(target)) if layout.kind == "dir" and layout.recognise(target) else []
     if on_replace is not None:
         on_replace(target)
     aside = _aside_path(target)
@@ -468,6 +473,6 @@ def _replacing(target: Path, flag: str, layout: Layout, replace: bool, on_replac
     if kept:
         note(f"{flag} {target}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} rded-fast did not write: {_listed(kept)}")
     if stuck:
-        note(f"{flag} {target}: {_listed(stuck)} could not be put back (the new output has that name); they are in {aside}")
+        _note_stuck(flag, target, stuck, aside)
     else:
         _remove(aside)

@@ -137,3 +137,173 @@ def test_the_os_error_message_survives_a_second_failure_while_looking_for_kept_w
     for command in ("distill", "train-observer", "convert"):
         args = argparse.Namespace(command=command, out=out, format="dali", checkpoint=None)
         assert os_error_message(args, exc).endswith(f"File name too long ({out}); fix it and rerun {command}")
+
+
+# ---- bad 7: --overwrite deletes what our records say we wrote, never a name that merely looks like ours ------
+
+
+def _looks_like_ours(folder: Path, files: list[str]) -> dict[str, bytes]:
+    """User files named as a run of ours names its files, none of which a record of ours lists."""
+    made = {}
+    for rel in files:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(made.setdefault(rel, f"mine: {rel}".encode()))
+    return made
+
+
+def _kept_note(err: str) -> str:
+    notes = [line for line in err.splitlines() if "rded-fast did not write" in line]
+    assert len(notes) == 1, err
+    return notes[0]
+
+
+def test_distill_overwrite_keeps_user_files_that_look_like_ours(small, tmp_path, capsys):
+    from rded_fast.outputs import DISTILLED_SET, foreign_entries
+
+    data, weights = small
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    mine = _looks_like_ours(
+        out, ["favorites/class00000_id00000.png", "class_00/class00000_id00099.png", "class00000_id00000.png"]
+    )
+    capsys.readouterr()
+    assert main(_distill_argv(data, weights, out, "--overwrite", "--seed", "3")) == 0
+    assert {rel: (out / rel).read_bytes() for rel in mine} == mine
+    note = _kept_note(capsys.readouterr().err)
+    assert "kept 3 entries" in note and all(rel.split("/")[0] in note for rel in mine)
+    assert sorted(foreign_entries(out, DISTILLED_SET.written(out))) == sorted(["favorites/", *list(mine)[1:]])
+
+
+def test_distill_overwrite_deletes_what_an_interrupted_run_was_writing(small, tmp_path, capsys):
+    """A run killed between a class's images and its journal record: the images are ours (run.json and index.npz
+    say which names that run was writing), not the user's."""
+    data, weights = small
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    (out / "manifest.json").unlink()
+    (out / ".rded-journal" / "class_000001.json").unlink()  # class_01's image is on disk, its record is not
+    (out / "class_01" / ".class00001_id00000.png.k3j9x2ab.tmp").write_bytes(b"half")  # and a write it had begun
+    capsys.readouterr()
+    assert main(_distill_argv(data, weights, out, "--overwrite")) == 0
+    assert "did not write" not in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "class_01").iterdir()) == ["class00001_id00000.png"]
+
+
+def test_convert_dali_keeps_user_files_named_like_shards(tmp_path, capsys):
+    from tests.conftest import write_synthetic_jpegs
+
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=3)
+    out = tmp_path / "shards"
+    argv = ["convert", "--format", "dali", "--data", str(data), "--out", str(out), "--workers", "1", "--quiet"]
+    assert main(argv) == 0
+    mine = _looks_like_ours(out, ["shard-00042.tar", "shard-00042.meta.json", ".shard-00042.tar.k3j9x2ab.tmp"])
+    assert main(argv) == 0  # a rerun (shards reused) removes stale shards of ours only
+    assert main(argv + ["--overwrite"]) == 0
+    assert {rel: (out / rel).read_bytes() for rel in mine} == mine
+    assert "kept 3 entries" in _kept_note(capsys.readouterr().err)
+
+
+def test_convert_dali_rerun_removes_only_its_own_stale_shards(tmp_path):
+    from tests.conftest import write_synthetic_jpegs
+
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=6)
+    out = tmp_path / "shards"
+    argv = ["convert", "--format", "dali", "--data", str(data), "--out", str(out), "--workers", "1", "--quiet"]
+    assert main(argv + ["--shard-size", "8KB"]) == 0
+    many = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert len(many) > 2
+    assert main(argv + ["--overwrite"]) == 0  # one shard now: the others are stale, and recorded as ours
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dataset.json",
+        "shard-00000.idx",
+        "shard-00000.meta.json",
+        "shard-00000.tar",
+    ]
+
+
+def test_relabel_overwrite_keeps_an_epoch_file_it_did_not_announce(small, tmp_path, capsys):
+    from tests.test_output_safety import _relabel_argv
+
+    data, weights = small
+    assert main(_distill_argv(data, weights, tmp_path / "d")) == 0
+    labels = tmp_path / "labels"
+    assert main(_relabel_argv(tmp_path / "d", weights, labels)) == 0
+    mine = _looks_like_ours(labels, ["epoch_0007.npz"])
+    capsys.readouterr()
+    assert main(_relabel_argv(tmp_path / "d", weights, labels, "--overwrite")) == 0
+    assert (labels / "epoch_0007.npz").read_bytes() == mine["epoch_0007.npz"]
+    assert "kept 1 entry rded-fast did not write: epoch_0007.npz" in _kept_note(capsys.readouterr().err)
+
+
+def test_a_demo_folder_is_judged_by_its_distilled_sets_records(small, tmp_path):
+    from rded_fast.outputs import DEMO_FOLDER, foreign_entries
+
+    data, weights = small
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    assert main(_distill_argv(data, weights, demo / "distilled")) == 0
+    (demo / "evaluate.json").write_text("{}")
+    _looks_like_ours(demo, ["distilled/favorites/class00000_id00000.png", "distilled/class_00/class00000_id00003.png"])
+    assert foreign_entries(demo, DEMO_FOLDER.written(demo)) == [
+        "distilled/class_00/class00000_id00003.png",
+        "distilled/favorites/",
+    ]
+
+
+# ---- weak: an immutable user file, a mount point, a factory inside --out ------------------------------------
+
+
+def test_a_user_file_that_cannot_be_moved_is_named_with_the_real_reason(tmp_path, capsys, monkeypatch):
+    """chattr +i makes rename fail with EPERM (simulated: tests may run where chattr is unavailable)."""
+    import errno
+
+    from rded_fast.outputs import DISTILLED_SET, claim_output
+
+    out = tmp_path / "o"
+    (out / ".rded-journal").mkdir(parents=True)
+    (out / ".rded-journal" / "run.json").write_text("{}")
+    (out / "frozen.txt").write_text("chattr +i")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name == "frozen.txt":
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with claim_output(out, "--out", {}, DISTILLED_SET, overwrite=True):
+        (out / "manifest.json").parent.mkdir()
+    err = capsys.readouterr().err
+    assert "frozen.txt (Operation not permitted: an immutable or append-only file?)" in err
+    assert "the new output has that name" not in err
+    aside = [p for p in tmp_path.iterdir() if ".rded-old-" in p.name]
+    assert len(aside) == 1 and (aside[0] / "frozen.txt").read_text() == "chattr +i" and str(aside[0]) in err
+
+
+def test_overwrite_of_a_mount_point_says_it_cannot_be_moved_aside(small, tmp_path, capsys, monkeypatch):
+    data, weights = small
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    mounted = os.path.realpath(out)
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == mounted or real_ismount(p))
+    capsys.readouterr()
+    assert main(_distill_argv(data, weights, out, "--overwrite")) == 2
+    err = _one_line_error(capsys)
+    assert "a mount point" in err and "cannot be done to a mount point" in err and "--resume" not in err
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_factory_file_inside_out_is_refused_up_front(small, tmp_path, capsys):
+    data, weights = small
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.py").write_text((ROOT / "tests" / "observer_factories.py").read_text())
+    argv = _distill_argv(data, weights, out, "--overwrite-any")
+    argv[argv.index("conv3")] = f"{out / 'mine.py'}:tiny_observer"
+    argv[argv.index(str(weights)) - 1 : argv.index(str(weights)) + 1] = []  # a random-init factory model
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"--out {out} contains --observer {out / 'mine.py'}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.py"]
