@@ -40,6 +40,7 @@ from rded_fast.device import (
 )
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
+from rded_fast.formats import reading
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
 from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
@@ -659,7 +660,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     output, moved aside until this run succeeds, one process at a time)."""
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
-        return _distill(cfg)
+        with reading(cfg.data):
+            return _distill(cfg)
     inputs = {
         "--data": cfg.data,
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
@@ -668,15 +670,18 @@ def distill(cfg: DistillConfig) -> DistillResult:
     }
     if cfg.index is not None:
         check_index_path(cfg)
-    with claim_output(
-        cfg.out,
-        "--out",
-        inputs,
-        DISTILLED_SET,
-        overwrite=cfg.overwrite,
-        overwrite_any=cfg.overwrite_any,
-        resume=cfg.resume,
-        replace_hint="pass --overwrite to replace it or --resume to continue it",
+    with (
+        reading(cfg.data),  # a convert must not rewrite the source under this run
+        claim_output(
+            cfg.out,
+            "--out",
+            inputs,
+            DISTILLED_SET,
+            overwrite=cfg.overwrite,
+            overwrite_any=cfg.overwrite_any,
+            resume=cfg.resume,
+            replace_hint="pass --overwrite to replace it or --resume to continue it",
+        ),
     ):
         return _distill(cfg)
 

@@ -43,11 +43,13 @@ def of_recorded(names: set[str]) -> Callable[[str], bool]:
 class Layout:
     """One kind of output: a folder (`kind` "dir") or a file, how an earlier one of ours is recognised, and, for
     folders, `records(folder)`: the relative paths our records (manifest, journal, header, dataset.json...) say
-    a run of ours wrote there. Everything else inside is the user's."""
+    a run of ours wrote there. Everything else inside is the user's. A `shared` output is read by other runs (a
+    converted source): its writer holds the exclusive lock of rded_fast.sharing, so that no reader meets it."""
 
     kind: str
     recognise: Callable[[Path], bool]
     records: Callable[[Path], set[str]] = lambda folder: set()
+    shared: bool = False
 
     def written(self, folder: Path) -> Callable[[str], bool]:
         """relative path -> whether a run of ours wrote it in `folder` (its records, read now)."""

@@ -18,7 +18,8 @@ output with `claim_output` before it writes anything:
    back as it was. A killed run (SIGKILL, power loss) leaves it aside, never deleted, and every later
    claim of the same output names it in a note until the user moves it back or deletes it.
 5. Lock: `.NAME.rded-lock` beside the target (rded_fast.lock) is held for the whole run; a second process
-   is refused in one line before anything else is judged.
+   is refused in one line before anything else is judged. The writer of a converted source also holds its
+   exclusive lock (rded_fast.sharing), which a distill reading it holds shared: the second to come is refused.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
 from rded_fast.layout import Layout, read_json
 from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
 from rded_fast.records import demo_records, distilled_records, label_records
+from rded_fast.sharing import using
 
 __all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
 
@@ -441,10 +443,11 @@ def claim_output(
     with _signals_raise():
         lock = acquire_lock(target, flag)
         try:
-            # decided again under the lock: another process may have written meanwhile
-            action = decide(target, flag, layout, **rules)
-            with _replacing(target, flag, layout, action == "replace", on_replace):
-                yield action
+            with using(target, flag, exclusive=True) if layout.shared else nullcontext():  # no reader meets the writer
+                # decided again under the lock: another process may have written meanwhile
+                action = decide(target, flag, layout, **rules)
+                with _replacing(target, flag, layout, action == "replace", on_replace):
+                    yield action
         finally:
             release_lock(lock)
 

@@ -307,3 +307,88 @@ def test_a_factory_file_inside_out_is_refused_up_front(small, tmp_path, capsys):
     err = _one_line_error(capsys)
     assert f"--out {out} contains --observer {out / 'mine.py'}" in err
     assert sorted(p.name for p in out.iterdir()) == ["mine.py"]
+
+
+# ---- bad 6: a reader and the writer of one shard folder (or .beton) never meet -------------------------------
+
+
+def _convert_argv(data: Path, out: Path, fmt: str = "dali") -> list[str]:
+    return ["convert", "--format", fmt, "--data", str(data), "--out", str(out), "--workers", "1", "--quiet"]
+
+
+def _no_use_locks(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if ".rded-lock" in p.name]
+
+
+def test_convert_refuses_to_rewrite_a_source_a_distill_is_reading(tmp_path, capsys):
+    import json
+
+    from rded_fast.formats import reading
+    from tests.conftest import write_synthetic_jpegs
+    from tests.test_safety import tree_digest
+
+    data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=3)
+    shards = tmp_path / "shards"
+    assert main(_convert_argv(data, shards)) == 0
+    beton = tmp_path / "train.beton"  # a .beton of ours as far as the lock is concerned: its sidecar names our format
+    beton.write_bytes(b"beton")
+    Path(f"{beton}.json").write_text(json.dumps({"format": "rded-fast/ffcv-beton"}))
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    with reading(shards), reading(beton):  # two distill runs reading them
+        for argv in (_convert_argv(data, shards), _convert_argv(data, shards) + ["--overwrite"]):
+            assert main(argv) == 2
+            assert f"--out {shards}: being read by another rded-fast process" in _one_line_error(capsys)
+        assert main(_convert_argv(data, beton, "ffcv") + ["--overwrite"]) == 2
+        assert f"--out {beton}: being read by another rded-fast process" in _one_line_error(capsys)
+    assert tree_digest(tmp_path) == before
+    assert main(_convert_argv(data, shards) + ["--overwrite"]) == 0  # the readers are done
+    _no_use_locks(tmp_path)
+
+
+def test_distill_refuses_a_source_a_convert_is_writing(small, tmp_path, capsys):
+    from rded_fast.formats.shards import SHARD_FOLDER
+    from rded_fast.outputs import claim_output
+
+    data, weights = small
+    shards = tmp_path / "shards"
+    assert main(_convert_argv(data, shards)) == 0
+    argv = _distill_argv(shards, weights, tmp_path / "o", "--loader", "dali")
+    capsys.readouterr()
+    for rewrite in ({"resume": True}, {"overwrite": True}):  # a rerun rewriting shards in place; --overwrite
+        with pytest.raises(RuntimeError), claim_output(shards, "--out", {}, SHARD_FOLDER, **rewrite):  # a convert (us)
+            assert main(argv) == 2
+            assert f"--data {shards}: in use by another rded-fast process (pid {os.getpid()}" in _one_line_error(capsys)
+            raise RuntimeError("that convert fails: the shards are put back as they were")
+    assert not (tmp_path / "o").exists()
+    assert main(argv) == 0
+    _no_use_locks(tmp_path)
+
+
+def test_convert_and_distill_processes_on_one_shard_folder(small, tmp_path, capsys):
+    """A distill paused mid-run keeps convert out; once it is killed (no clean-up at all) nothing it held blocks
+    the next convert or distill."""
+    data, weights = small
+    shards, out = tmp_path / "shards", tmp_path / "o"
+    assert main(_convert_argv(data, shards)) == 0
+    cmd = [sys.executable, "-m", "rded_fast.cli", *_distill_argv(shards, weights, out, "--loader", "dali")]
+    for end in ("finish", "kill"):
+        capsys.readouterr()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_for(tmp_path / ".o.rded-lock", proc)  # its --out is claimed: the source is locked before that
+            os.kill(proc.pid, signal.SIGSTOP)
+            assert main(_convert_argv(data, shards) + ["--overwrite"]) == 2
+            assert f"being read by another rded-fast process (pid {proc.pid})" in _one_line_error(capsys)
+            if end == "kill":
+                proc.kill()
+            os.kill(proc.pid, signal.SIGCONT)
+            assert proc.wait(timeout=240) == (0 if end == "finish" else -signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert main(_convert_argv(data, shards) + ["--overwrite"]) == 0
+        cmd.append("--overwrite")
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0  # the killed run's --out lock is stale
+    _no_use_locks(tmp_path)

@@ -198,4 +198,4 @@ def shard_records(folder: Path) -> set[str]:
     return names
 
 
-SHARD_FOLDER = Layout("dir", is_shard_folder, shard_records)
+SHARD_FOLDER = Layout("dir", is_shard_folder, shard_records, shared=True)
