@@ -44,12 +44,14 @@ class Layout:
     """One kind of output: a folder (`kind` "dir") or a file, how an earlier one of ours is recognised, and, for
     folders, `records(folder)`: the relative paths our records (manifest, journal, header, dataset.json...) say
     a run of ours wrote there. Everything else inside is the user's. A `shared` output is read by other runs (a
-    converted source): its writer holds the exclusive lock of rded_fast.sharing, so that no reader meets it."""
+    converted source): its writer holds the exclusive lock of rded_fast.sharing, so that no reader meets it.
+    `beside`: the files written next to the output, named NAME + suffix."""
 
     kind: str
     recognise: Callable[[Path], bool]
     records: Callable[[Path], set[str]] = lambda folder: set()
     shared: bool = False
+    beside: tuple[str, ...] = ()  # suffixes of the files a run writes beside the output (a .beton's sidecar)
 
     def written(self, folder: Path) -> Callable[[str], bool]:
         """relative path -> whether a run of ours wrote it in `folder` (its records, read now)."""

@@ -37,7 +37,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
-from rded_fast.layout import Layout, read_json
+from rded_fast.layout import TEMPORARY, Layout, read_json
 from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
 from rded_fast.records import demo_records, distilled_records, label_records
 from rded_fast.sharing import using
@@ -134,7 +134,7 @@ def is_result_json(path: Path) -> bool:
 DISTILLED_SET = Layout("dir", is_distilled_set, distilled_records)
 LABEL_FOLDER = Layout("dir", is_label_folder, label_records)
 DEMO_FOLDER = Layout("dir", is_demo_folder, demo_records)
-CHECKPOINT = Layout("file", is_checkpoint)
+CHECKPOINT = Layout("file", is_checkpoint, beside=(".state",))  # OUT.state: rded_fast.train.observer
 RESULT_JSON = Layout("file", is_result_json)
 
 
@@ -446,10 +446,42 @@ def claim_output(
             with using(target, flag, exclusive=True) if layout.shared else nullcontext():  # no reader meets the writer
                 # decided again under the lock: another process may have written meanwhile
                 action = decide(target, flag, layout, **rules)
+                _remove_stale_temporaries(target, layout, inside=action == "keep")
                 with _replacing(target, flag, layout, action == "replace", on_replace):
                     yield action
         finally:
             release_lock(lock)
+
+
+def _remove_stale_temporaries(target: Path, layout: Layout, inside: bool) -> None:
+    """Remove the temporary files (`.NAME.XXXXXXXX.tmp`) killed runs of ours left: beside `target`, those of its own
+    name and of the files its layout writes beside it; with `inside` (an output continued in place), those in it
+    of a name its records list. No run of ours writes them now: this one holds the output's lock. Nothing else is
+    touched, whatever its name."""
+    ours = {target.name, *(target.name + suffix for suffix in layout.beside)}
+    stale = [target.parent / e for e in _entries(target.parent) if (m := TEMPORARY.fullmatch(e)) and m["name"] in ours]
+    if inside and layout.kind == "dir" and target.is_dir():
+        written = layout.written(target)
+        stale += [target / rel for rel in _files_below(target) if TEMPORARY.fullmatch(rel) and written(rel)]
+    for path in stale:
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _entries(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _files_below(folder: Path) -> list[str]:
+    """Relative paths of the files below `folder` (symlinked folders are not followed)."""
+    return [
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder, followlinks=False)
+        for name in names
+    ]
 
 
 @contextmanager

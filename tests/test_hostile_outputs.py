@@ -392,3 +392,78 @@ def test_convert_and_distill_processes_on_one_shard_folder(small, tmp_path, caps
         cmd.append("--overwrite")
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0  # the killed run's --out lock is stale
     _no_use_locks(tmp_path)
+
+
+# ---- weak: ffcv's writer workers die with a killed convert; a rerun removes only our own stale temporaries ----
+
+_FFCV_PARENT = """
+import multiprocessing, os, sys, time, types
+from rded_fast.converters.ffcv_writer import _Samples
+
+samples = _Samples(types.SimpleNamespace(root="/nonexistent", paths=["a.jpg"], labels=[0]), False)
+
+def worker(ready):
+    samples[0]  # ffcv's worker: its first sample
+    open(ready, "w").write(str(os.getpid()))
+    while True:  # as a worker with a long queue left goes on writing
+        time.sleep(1)
+
+multiprocessing.get_context("fork").Process(target=worker, args=(sys.argv[1],)).start()
+while True:
+    time.sleep(1)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def test_ffcv_writer_workers_die_with_a_killed_convert(tmp_path):
+    import time
+
+    ready = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", _FFCV_PARENT, str(ready)], cwd=ROOT, stderr=subprocess.PIPE)
+    worker = None
+    try:
+        _wait_for(ready, parent)
+        worker = int(ready.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(worker)
+    finally:
+        parent.kill()
+        parent.wait()
+        if worker is not None and not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_a_rerun_removes_only_our_own_stale_temporaries(small, tmp_path):
+    import json
+
+    from rded_fast.formats.beton import BETON
+    from rded_fast.outputs import claim_output
+
+    beton = tmp_path / "train.beton"
+    stale = [".train.beton.k3j9x2ab.tmp", ".train.beton.json.x8a0c1qq.tmp"]  # what a killed convert --format ffcv left
+    kept = [".train.beton.mine.tmp", ".other.beton.k3j9x2ab.tmp", "train.beton.k3j9x2ab.tmp", ".train.beton.k3j9x2ab.tmp.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x" * 2048)
+    with claim_output(beton, "--out", {}, BETON):
+        beton.write_bytes(b"new")
+        Path(f"{beton}.json").write_text(json.dumps({"format": "rded-fast/ffcv-beton"}))
+    assert not [n for n in stale if (tmp_path / n).exists()] and all((tmp_path / n).exists() for n in kept)
+
+    data, weights = small  # a distill continued in place: its records name the temporaries of its own files
+    out = tmp_path / "o"
+    assert main(_distill_argv(data, weights, out)) == 0
+    ours, mine = out / "class_00" / ".class00000_id00000.png.k3j9x2ab.tmp", out / "class_00" / ".notes.txt.k3j9x2ab.tmp"
+    ours.write_bytes(b"half")
+    mine.write_bytes(b"mine")
+    assert main(_distill_argv(data, weights, out, "--resume")) == 0
+    assert not ours.exists() and mine.read_bytes() == b"mine"
