@@ -467,3 +467,16 @@ def test_a_rerun_removes_only_our_own_stale_temporaries(small, tmp_path):
     mine.write_bytes(b"mine")
     assert main(_distill_argv(data, weights, out, "--resume")) == 0
     assert not ours.exists() and mine.read_bytes() == b"mine"
+
+
+# ---- weak: no torch CUDA_HOME warning on a CPU machine ---------------------------------------------------------
+
+
+def test_no_cuda_home_warning_when_compiling_on_a_cpu(tmp_path):
+    """Inductor imports torch.utils.cpp_extension when it compiles on a CPU, which warns where a CUDA toolkit is
+    installed but no GPU is usable (the demo showed it); CUDA_HOME makes that machine here."""
+    code = "import rded_fast, torch.utils.cpp_extension, torch; print(torch.cuda.is_available())"
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+    assert "No CUDA runtime is found" not in proc.stderr
