@@ -480,3 +480,22 @@ def test_no_cuda_home_warning_when_compiling_on_a_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
     assert "No CUDA runtime is found" not in proc.stderr
+
+
+# ---- weak: libjpeg's warnings under the tvjpeg loader on a CPU name the file -----------------------------------
+
+
+def test_tvjpeg_on_a_cpu_names_the_file_libjpeg_warns_about(small, tmp_path):
+    data, weights = small
+    good = (data / "class_01" / "img_002.jpg").read_bytes()
+    scan = good.index(b"\xff\xda")
+    bad = data / "class_01" / "img_009.jpg"  # its scan cut short, the end marker kept: a sound structure
+    bad.write_bytes(good[: scan + (len(good) - scan) // 2] + b"\xff\xd9")
+    argv = _distill_argv(data, weights, tmp_path / "o", "--loader", "tvjpeg", "--mipc", "8")
+    proc = subprocess.run([sys.executable, "-m", "rded_fast.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("Corrupt JPEG data")], proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "libjpeg" in line]
+    assert notes == [
+        f"note: {bad}: libjpeg: Corrupt JPEG data: premature end of data segment (decoded all the same, as PIL decodes it)"
+    ]
