@@ -48,7 +48,6 @@ from rded_fast.formats.shards import (
 )
 from rded_fast.index import DatasetIndex, files_fingerprint
 from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.layout import TEMPORARY
 from rded_fast.outputs import claim_output, resolve
 from rded_fast.progress import progress
 
@@ -247,17 +246,13 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
 
 
 def _remove_stale(out: Path, num_shards: int) -> None:
-    """Delete what earlier runs of ours left that this conversion does not use: the shards numbered beyond its own (an
-    earlier run with smaller shards), as their records name them, and the temporary files of recorded names (an
-    interrupted write). A file that no record of ours names is never touched, whatever it is called."""
-    written = SHARD_FOLDER.written(out)
+    """Delete the shards of ours numbered beyond this conversion's (an earlier run with smaller shards), as their
+    records name them; a file no record of ours names is never touched, whatever it is called. (Temporary files
+    of killed runs were removed when the folder was claimed: rded_fast.outputs.)"""
     for number, record in recorded_shards(out).items():
         if number >= num_shards:
             for name in [*sorted(shard_files(record, number)), f"{shard_stem(number)}.meta.json"]:
                 (out / name).unlink(missing_ok=True)
-    for path in out.iterdir():
-        if TEMPORARY.fullmatch(path.name) and written(path.name):
-            path.unlink()
 
 
 def _check_out(out: Path) -> None:
