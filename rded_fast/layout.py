@@ -52,6 +52,7 @@ class Layout:
     records: Callable[[Path], set[str]] = lambda folder: set()
     shared: bool = False
     beside: tuple[str, ...] = ()  # suffixes of the files a run writes beside the output (a .beton's sidecar)
+    beside_ours: Callable[[Path], bool] | None = None  # recognises them; one it does not is refused (None: not here)
 
     def written(self, folder: Path) -> Callable[[str], bool]:
         """relative path -> whether a run of ours wrote it in `folder` (its records, read now)."""

@@ -110,17 +110,27 @@ def is_demo_folder(path: Path) -> bool:
     return (path / "observer_conv3.pth").is_file() and is_checkpoint(path / "observer_conv3.pth")
 
 
-def is_checkpoint(path: Path) -> bool:
-    """A checkpoint written by `train-observer`: a torch zip file with our keys."""
+def _torch_keys(path: Path) -> set[str]:
+    """The keys of the dict a torch zip file holds (loaded without running pickled code); empty for anything else."""
     if not zipfile.is_zipfile(path):
-        return False
+        return set()
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
-    return isinstance(obj, dict) and {"model", "arch", "input_size"} <= set(obj)
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint written by `train-observer`: a torch zip file with our keys."""
+    return {"model", "arch", "input_size"} <= _torch_keys(path)
+
+
+def is_training_state(path: Path) -> bool:
+    """`OUT.state`, the per-epoch state train-observer keeps beside its checkpoint (rded_fast.train.checkpoint)."""
+    return {"epoch", "model", "opt", "sched"} <= _torch_keys(path)
 
 
 def is_result_json(path: Path) -> bool:
@@ -134,7 +144,7 @@ def is_result_json(path: Path) -> bool:
 DISTILLED_SET = Layout("dir", is_distilled_set, distilled_records)
 LABEL_FOLDER = Layout("dir", is_label_folder, label_records)
 DEMO_FOLDER = Layout("dir", is_demo_folder, demo_records)
-CHECKPOINT = Layout("file", is_checkpoint, beside=(".state",))  # OUT.state: rded_fast.train.observer
+CHECKPOINT = Layout("file", is_checkpoint, beside=(".state",), beside_ours=is_training_state)  # rded_fast.train.observer
 RESULT_JSON = Layout("file", is_result_json)
 
 
@@ -439,6 +449,7 @@ def claim_output(
     _note_leftovers(target, flag)
     rules = dict(overwrite=overwrite, overwrite_any=overwrite_any, resume=resume, replace_hint=replace_hint, any_flag=any_flag)
     decide(target, flag, layout, **rules)  # refuse before creating the lock or any folder
+    _check_beside(target, flag, layout)
     check_place(target, flag)
     with _signals_raise():
         lock = acquire_lock(target, flag)
@@ -451,6 +462,18 @@ def claim_output(
                     yield action
         finally:
             release_lock(lock)
+
+
+def _check_beside(target: Path, flag: str, layout: Layout) -> None:
+    """Refuse a file of the user's where the run keeps one of its own beside the output (`OUT.state`): the run would
+    overwrite it, then remove it."""
+    for suffix in layout.beside if layout.beside_ours is not None else ():
+        path = target.with_name(target.name + suffix)
+        if (path.exists() or path.is_symlink()) and not layout.beside_ours(path):
+            raise UserError(
+                f"{flag} {target}: {path.name} beside it is not a file of rded-fast's, and a run keeps one of its own "
+                "under that name (and removes it when done); move it away, or give another path"
+            )
 
 
 def _remove_stale_temporaries(target: Path, layout: Layout, inside: bool) -> None:

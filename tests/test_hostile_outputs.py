@@ -499,3 +499,25 @@ def test_tvjpeg_on_a_cpu_names_the_file_libjpeg_warns_about(small, tmp_path):
     assert notes == [
         f"note: {bad}: libjpeg: Corrupt JPEG data: premature end of data segment (decoded all the same, as PIL decodes it)"
     ]
+
+
+def test_train_observer_refuses_a_user_file_where_it_keeps_its_state(small, tmp_path, capsys):
+    import torch
+
+    from rded_fast.outputs import is_training_state
+    from rded_fast.train import checkpoint
+
+    data, _ = small
+    out = tmp_path / "obs.pth"
+    Path(f"{out}.state").write_text("my notes, named like a training state")
+    argv = ["train-observer", "--data", str(data), "--out", str(out), "--epochs", "1", "--quiet"]
+    capsys.readouterr()
+    for extra in ([], ["--resume"]):
+        assert main(argv + extra) == 2
+        assert f"--out {out}: obs.pth.state beside it is not a file of rded-fast's" in _one_line_error(capsys)
+    assert Path(f"{out}.state").read_text() == "my notes, named like a training state" and not out.exists()
+    model = torch.nn.Linear(2, 2)  # a state as train-observer saves it is recognised
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    checkpoint.save_state(tmp_path / "real.state", checkpoint.capture(model, opt, sched, torch.Generator(), 0, losses=[1.0]))
+    assert is_training_state(tmp_path / "real.state")
