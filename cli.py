@@ -742,7 +742,15 @@ def check_numbers(args) -> None:
 
 def os_error_fix(args, exc: OSError) -> str:
     """What to do after an OS error (disk full, permission): continue with --resume only where finished work was
-    kept; a replacing run that failed has put the earlier output back."""
+    kept; a replacing run that failed has put the earlier output back. Looking for that work may fail the same
+    way (a name too long, a folder unreadable): then the plain advice."""
+    try:
+        return _os_error_fix(args, exc)
+    except OSError:
+        return f"fix it and rerun {args.command}"
+
+
+def _os_error_fix(args, exc: OSError) -> str:
     from pathlib import Path
 
     if getattr(exc, "put_back", None):
@@ -836,13 +844,15 @@ def exit_promptly(code: int) -> None:
     2-core EPYC, every command, after the work is done): streams are flushed and exit handlers run, as at a
     normal exit. By then every file is written and renamed (each write is atomic). Only when a thread other than
     idle executor workers is still alive (work a normal exit would wait for) is the exit the normal one; unnamed
-    executor workers are library pools (torch's compile workers) that a normal exit joins idle."""
+    executor workers are library pools (torch's compile workers) that a normal exit joins idle. After a signal
+    (`code` 128 + signum) nothing is waited for: the run has cleaned up (the earlier output is back), a scheduler
+    expects the process gone within seconds, and a thread the signal interrupted mid-import may never end."""
     busy = [
         t.name
         for t in threading.enumerate()
         if t is not threading.main_thread() and not t.daemon and t.is_alive() and not t.name.startswith("ThreadPoolExecutor-")
     ]
-    if busy:
+    if busy and code <= 128:
         sys.exit(code)
     atexit._run_exitfuncs()  # what a normal exit runs after joining threads: logging, process pools, torchrun's group
     for stream in (sys.stdout, sys.stderr):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from rded_fast.device import check_workers
 from rded_fast.errors import UserError
+from rded_fast.outputs import check_name_length
 
 FORMATS = ("ffcv", "dali")
 
@@ -14,6 +15,7 @@ FORMATS = ("ffcv", "dali")
 def convert(fmt: str, data: str, out: str, **options) -> dict:
     """Convert the ImageFolder `data` into format `fmt` at `out`; returns a summary (counts, skips, seconds)."""
     check_workers(options.get("workers"))
+    check_name_length(out, "--out")  # before the format's own checks look at the path
     if fmt == "ffcv":
         from rded_fast.converters.ffcv_writer import convert_ffcv
 

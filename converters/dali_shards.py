@@ -44,7 +44,9 @@ from rded_fast.formats.shards import (
     SHARD_FOLDER,
     ends_sha256,
     is_shard_folder,
+    recorded_shards,
     sample_key,
+    shard_files,
     shard_stem,
 )
 from rded_fast.index import DatasetIndex, files_fingerprint
@@ -236,6 +238,10 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
                     samples.append({"id": image_id, "offset": offset, "nbytes": len(data), "reencoded": reencoded})
 
     tar_name = f"{stem}.tar"
+    # recorded before its files exist (replaced by the full record below), so that whatever an interrupted run leaves
+    # is named by a record of ours: a later --overwrite deletes it, a rerun removes its temporary files
+    planned = {**_expected_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx", "tar_bytes": None}
+    atomic_write_text(out / f"{stem}.meta.json", json.dumps(planned))
     atomic_write(out / tar_name, write_tar)
     record = {
         **_expected_record(number, ids, index),
@@ -256,12 +262,13 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
 
 
 def _remove_stale(out: Path, num_shards: int) -> None:
-    """Delete shards numbered beyond this conversion's (an earlier run with smaller shards) and the
-    temporary files of interrupted writes; only names this converter makes are touched."""
-    for path in out.iterdir():
-        m = re.fullmatch(r"shard-(\d{5})\.(tar|idx|meta\.json)", path.name)
-        if (m and int(m.group(1)) >= num_shards) or re.fullmatch(r"\.shard-\d{5}\.(tar|idx|meta\.json)\..*\.tmp", path.name):
-            path.unlink()
+    """Delete the shards of ours numbered beyond this conversion's (an earlier run with smaller shards), as their
+    records name them; a file no record of ours names is never touched, whatever it is called. (Temporary files
+    of killed runs were removed when the folder was claimed: rded_fast.outputs.)"""
+    for number, record in recorded_shards(out).items():
+        if number >= num_shards:
+            for name in [*sorted(shard_files(record, number)), f"{shard_stem(number)}.meta.json"]:
+                (out / name).unlink(missing_ok=True)
 
 
 def _check_out(out: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
@@ -65,17 +66,38 @@ class _Samples:
     def __init__(self, index: DatasetIndex, seed_per_image: bool):
         self.root, self.paths, self.labels = index.root, index.paths, index.labels
         self.seed_per_image = seed_per_image
+        self.parent, self.bound = os.getpid(), False
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, image_id: int) -> tuple[np.ndarray, int]:
+        if os.getpid() != self.parent:  # in one of ffcv's workers (ffcv gives no start hook: its first sample)
+            if not self.bound:
+                die_with_parent(self.parent)
+                self.bound = True
+            elif os.getppid() != self.parent:  # where PR_SET_PDEATHSIG is not available
+                os._exit(1)
         if self.seed_per_image:
             np.random.seed(int(image_id))
         try:
             return rgb_array(os.path.join(self.root, self.paths[image_id])), int(self.labels[image_id])
         except Exception:  # the reason is found again in the main process; a worker must not die
             return PLACEHOLDER, -1
+
+
+def die_with_parent(parent: int) -> None:
+    """End this worker when `parent` ends, however it ends (Linux: PR_SET_PDEATHSIG; ffcv's workers are not daemons
+    and would go on writing into the .beton's temporary file of a killed convert); at once if it has ended already."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: `_Samples` notices the parent's end at the next sample
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _why_bad(path: str) -> str:
@@ -141,10 +163,14 @@ def _write_beton(
         workers = workers if workers >= 1 else os.cpu_count() or 1
         writer = DatasetWriter(path, fields, page_size=_page_size(index, max_resolution), num_workers=workers)
         chunk = max(1, min(100, len(ids) // (4 * workers)))
+        before = set(multiprocessing.active_children())
         try:
             with _writer_progress("ffcv convert", show_progress):
                 writer.from_indexed_dataset(_Samples(index, write_mode == "proportion"), indices=ids.tolist(), chunksize=chunk)
-        except BaseException:  # ffcv frees its shared metadata block only on success
+        except BaseException:  # ffcv stops its workers and frees its shared metadata block only on success
+            for worker in set(multiprocessing.active_children()) - before:
+                worker.terminate()  # not left writing, nor joined at exit until the whole queue is done
+                worker.join(5)
             shared = getattr(writer, "metadata_sm", None)
             if shared is not None and not isinstance(shared, int):
                 shared.close()

@@ -16,6 +16,7 @@ Names are imported on first use, so `import rded_fast` stays light. `rded_fast.d
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 from pathlib import Path
@@ -31,6 +32,13 @@ __version__ = "0.2.3"
 _CHECKOUT = Path(__file__).resolve().parent.parent
 if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "cli.py").is_file() and str(_CHECKOUT) not in __path__:
     __path__.append(str(_CHECKOUT))
+
+# torch logs "No CUDA runtime is found, using CUDA_HOME=..." when anything imports torch.utils.cpp_extension (inductor
+# does, compiling on a CPU) on a machine with a CUDA toolkit and no GPU: noise for a run that needs no CUDA. That one
+# message is dropped; every other of that logger stays.
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not str(record.msg).startswith("No CUDA runtime is found")
+)
 
 # public name -> module that defines it
 _EXPORTS = {

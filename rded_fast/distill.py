@@ -43,6 +43,7 @@ from rded_fast.device import (
 )
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
+from rded_fast.formats import reading
 from rded_fast.formats.folder import keep_index_cache
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
@@ -50,6 +51,7 @@ from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_inde
 from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
+from rded_fast.models.factory import factory_source
 from rded_fast.models.heads import HeadTooSmall, find_head, split_head
 from rded_fast.outputs import DISTILLED_SET, check_separate, check_writable_file, claim_output, note, resolve
 from rded_fast.plan import CropPlan, make_center_plan, make_plan, short_classes
@@ -718,24 +720,29 @@ def distill(cfg: DistillConfig) -> DistillResult:
     cfg = paths_as_strings(cfg, PATH_FIELDS)
     validate(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
-        return _distill(cfg)
+        with reading(cfg.data):
+            return _distill(cfg)
     note_ignored(cfg)
     inputs = {
         "--data": cfg.data,
         "--weights": cfg.weights if cfg.weights and os.path.exists(cfg.weights) else None,
         "--class-map": cfg.class_map,
+        "--observer": factory_source(cfg.observer),  # a MODULE:FACTORY file inside --out would be moved away unread
     }
     if cfg.index is not None:
         check_index_path(cfg)
-    with claim_output(
-        cfg.out,
-        "--out",
-        inputs,
-        DISTILLED_SET,
-        overwrite=cfg.overwrite,
-        overwrite_any=cfg.overwrite_any,
-        resume=cfg.resume,
-        replace_hint="pass --overwrite to replace it or --resume to continue it",
+    with (
+        reading(cfg.data),  # a convert must not rewrite the source under this run
+        claim_output(
+            cfg.out,
+            "--out",
+            inputs,
+            DISTILLED_SET,
+            overwrite=cfg.overwrite,
+            overwrite_any=cfg.overwrite_any,
+            resume=cfg.resume,
+            replace_hint="pass --overwrite to replace it or --resume to continue it",
+        ),
     ):
         return _distill(cfg)
 

@@ -9,7 +9,7 @@ output with `claim_output` before it writes anything:
 2. Ownership: an existing non-empty target is replaced only when it is an earlier output of the same
    command (its `Layout` recognises it: journal, manifest, sidecar, header...) and the command's replace
    flag (`--overwrite`) is given; anything else needs `--overwrite-any` where a command offers it.
-3. What a replace removes: only the entries a run of ours wrote (each layout names them). Anything else
+3. What a replace removes: only the entries our records say a run of ours wrote (rded_fast.records). Anything else
    inside an earlier output of ours (the user's NOTES.txt, a folder of their own) is kept: it is moved into
    the new output at the same place, and listed in a note. Only `--overwrite-any` on a target rded-fast
    does not recognise replaces all of it.
@@ -18,11 +18,13 @@ output with `claim_output` before it writes anything:
    back as it was. A killed run (SIGKILL, power loss) leaves it aside, never deleted, and every later
    claim of the same output names it in a note until the user moves it back or deletes it.
 5. Lock: `.NAME.rded-lock` beside the target (rded_fast.lock) is held for the whole run; a second process
-   is refused in one line before anything else is judged.
+   is refused in one line before anything else is judged. The writer of a converted source also holds its
+   exclusive lock (rded_fast.sharing), which a distill reading it holds shared: the second to come is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -31,12 +33,14 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
-from rded_fast.layout import Layout, names_rule, read_json
+from rded_fast.layout import TEMPORARY, Layout, read_json
 from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
+from rded_fast.records import demo_records, distilled_records, label_records
+from rded_fast.sharing import using
 
 __all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
 
@@ -106,17 +110,27 @@ def is_demo_folder(path: Path) -> bool:
     return (path / "observer_conv3.pth").is_file() and is_checkpoint(path / "observer_conv3.pth")
 
 
-def is_checkpoint(path: Path) -> bool:
-    """A checkpoint written by `train-observer`: a torch zip file with our keys."""
+def _torch_keys(path: Path) -> set[str]:
+    """The keys of the dict a torch zip file holds (loaded without running pickled code); empty for anything else."""
     if not zipfile.is_zipfile(path):
-        return False
+        return set()
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
-    return isinstance(obj, dict) and {"model", "arch", "input_size"} <= set(obj)
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint written by `train-observer`: a torch zip file with our keys."""
+    return {"model", "arch", "input_size"} <= _torch_keys(path)
+
+
+def is_training_state(path: Path) -> bool:
+    """`OUT.state`, the per-epoch state train-observer keeps beside its checkpoint (rded_fast.train.checkpoint)."""
+    return {"epoch", "model", "opt", "sched"} <= _torch_keys(path)
 
 
 def is_result_json(path: Path) -> bool:
@@ -125,24 +139,12 @@ def is_result_json(path: Path) -> bool:
     return record is not None and "final_top1" in record and "evaluations" in record
 
 
-# The names a run of ours writes inside each folder it makes (paths relative to the folder; each module that
-# writes them is named). tests/test_safety.py checks that a real output of every command holds nothing else.
-_DISTILLED_NAMES = (
-    r"manifest\.json|contact_sheet\.png|index\.npz",  # rded_fast.write, rded_fast.distill
-    r"\.rded-journal/(run|redone|class_\d{6})\.json",  # rded_fast.journal
-    r"[^/]+/class\d{5}_id\d{5}\.(png|jpg)",  # rded_fast.write.image_name
-)
-_LABEL_NAMES = (r"header\.json|epoch_\d{4}\.npz|regions\.npz",)  # rded_fast.train.softlabels
-_DEMO_NAMES = (  # rded_fast.demo: the observer and its state, the index cache, the result, a distilled set
-    r"observer_conv3\.pth(\.state)?|train_index\.npz|evaluate\.json",
-    *(rf"distilled/(?:{p})" for p in _DISTILLED_NAMES),
-)
-
-
-DISTILLED_SET = Layout("dir", is_distilled_set, names_rule(_DISTILLED_NAMES))
-LABEL_FOLDER = Layout("dir", is_label_folder, names_rule(_LABEL_NAMES))
-DEMO_FOLDER = Layout("dir", is_demo_folder, names_rule(_DEMO_NAMES))
-CHECKPOINT = Layout("file", is_checkpoint)
+# What a run of ours wrote inside each folder output is what its records say (rded_fast.records), never a name that
+# merely looks like ours. tests/test_safety.py checks that a real output of every command holds nothing else.
+DISTILLED_SET = Layout("dir", is_distilled_set, distilled_records)
+LABEL_FOLDER = Layout("dir", is_label_folder, label_records)
+DEMO_FOLDER = Layout("dir", is_demo_folder, demo_records)
+CHECKPOINT = Layout("file", is_checkpoint, beside=(".state",), beside_ours=is_training_state)  # rded_fast.train.observer
 RESULT_JSON = Layout("file", is_result_json)
 
 
@@ -168,20 +170,30 @@ def _foreign(folder: Path, written: Callable[[str], bool], rel: str) -> tuple[li
     return found, ours
 
 
-def _put_back(aside: Path, target: Path, entries: list[str]) -> list[str]:
+def _put_back(aside: Path, target: Path, entries: list[str]) -> dict[str, str]:
     """Move the user's `entries` from the moved-aside old output into the new one at the same place; returns
-    those that could not be moved (the new output has that name)."""
-    stuck = []
+    those that could not be moved, each with why (the new output has that name; an immutable file: EPERM)."""
+    stuck = {}
     for rel in entries:
         src, dst = aside / rel.rstrip("/"), target / rel.rstrip("/")
         try:
             if dst.exists() or dst.is_symlink():
-                raise FileExistsError
+                raise FileExistsError(errno.EEXIST, "the new output has that name")
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.rename(src, dst)
-        except OSError:
-            stuck.append(rel)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            stuck[rel] = f"{why}: an immutable or append-only file?" if exc.errno == errno.EPERM else why
     return stuck
+
+
+def _note_stuck(flag: str, target: Path, stuck: dict[str, str], aside: Path) -> None:
+    """One note for the entries that stay in the moved-aside folder, grouped by why."""
+    by_reason: dict[str, list[str]] = {}
+    for rel, why in stuck.items():
+        by_reason.setdefault(why, []).append(rel)
+    listed = "; ".join(f"{_listed(rels)} ({why})" for why, rels in by_reason.items())
+    note(f"{flag} {target}: could not move into the new output: {listed}; they are in {aside}")
 
 
 def _listed(entries: list[str], most: int = 5) -> str:
@@ -234,7 +246,11 @@ def _remove(path: Path) -> None:
 @contextmanager
 def _signals_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) in this process while the block runs, so that
-    they clean up as Ctrl-C does; signals set to be ignored (nohup) stay ignored, a forked child dies as before."""
+    they clean up as Ctrl-C does; signals set to be ignored (nohup) stay ignored, a forked child dies as before.
+
+    A signal that lands while the main thread runs the import machinery's own code is raised a few milliseconds
+    later instead: raised there, it would leave an import lock held for ever (another thread importing then never
+    ends), or be swallowed by the import lock's weakref callback (the run would go on as if never signalled)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -244,6 +260,11 @@ def _signals_raise() -> Iterator[None]:
         if os.getpid() != owner:  # a forked worker: the default action, as if no handler were set
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+            return
+        if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+            again = threading.Timer(0.005, os.kill, (owner, signum))
+            again.daemon = True
+            again.start()
             return
         raise Terminated(signum)
 
@@ -307,6 +328,11 @@ def decide(
             raise UserError(f"{flag} {target}: not an output of rded-fast, nothing to resume; give a new or empty path")
         return "keep"
     if overwrite_any or (ours and overwrite):
+        if os.path.ismount(target):
+            raise UserError(
+                f"{flag} {target}: a mount point; rded-fast replaces an output by moving it aside, which cannot be done to "
+                f"a mount point: give a path inside it (e.g. {target / 'run2'}), or empty it yourself"
+            )
         return "replace"
     what = "a folder" if layout.kind == "dir" else "a file"
     if ours:
@@ -320,9 +346,45 @@ def decide(
     raise UserError(f"{flag} {target}: {what} that rded-fast did not write exists there{more}; give a new path{fix}")
 
 
+# The longest name rded-fast makes beside an output NAME: `.NAME.rded-lock.stale-PID` (a pid has at most 7 digits).
+_BESIDE_EXTRA = len(f".{LOCK_SUFFIX}.stale-") + 7
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system holding `path` (or its nearest existing folder) allows."""
+    for folder in (path, *path.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def check_name_length(path: str | os.PathLike, flag: str) -> None:
+    """An output path whose every name the file system can hold, the output's own with room for the names rded-fast
+    keeps beside it (lock, moved-aside copy, temporaries): one line naming the argument, not ENAMETOOLONG from
+    wherever the first long name is made."""
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    limit = _name_max(p)
+    for part in p.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UserError(
+                f"{flag} {path}: the name {part[:20]}... is {size} bytes long, more than the {limit} the file system "
+                "allows; give a shorter path"
+            )
+    size, room = len(os.fsencode(p.name)), limit - _BESIDE_EXTRA
+    if size > room:
+        raise UserError(
+            f"{flag} {path}: the name {p.name[:20]}... is too long ({size} bytes): rded-fast keeps files named "
+            f".NAME{LOCK_SUFFIX}... beside an output, so its name may be at most {room} bytes here; give a shorter name"
+        )
+
+
 def check_place(path: str | os.PathLike, flag: str) -> None:
     """An output is made only inside an existing folder that this process can write in (checked by writing a
     temporary file there: permission bits do not show a read-only file system, nor stop root)."""
+    check_name_length(path, flag)
     p = resolve(path)
     parent = p.parent
     if not parent.is_dir():
@@ -380,22 +442,69 @@ def claim_output(
     `on_replace(target)` is called once a replacement is decided (e.g. to say so on the console)."""
     if str(out) == "":
         raise UserError(f"{flag} '': an empty path; give a {'folder' if layout.kind == 'dir' else 'file name'}")
+    check_name_length(out, flag)
     target = resolve(out)
     check_separate(out, flag, inputs, layout.kind)
     check_not_held(target, flag)  # a run in progress is named as such, whatever its output holds so far
     _note_leftovers(target, flag)
     rules = dict(overwrite=overwrite, overwrite_any=overwrite_any, resume=resume, replace_hint=replace_hint, any_flag=any_flag)
     decide(target, flag, layout, **rules)  # refuse before creating the lock or any folder
+    _check_beside(target, flag, layout)
     check_place(target, flag)
     with _signals_raise():
         lock = acquire_lock(target, flag)
         try:
-            # decided again under the lock: another process may have written meanwhile
-            action = decide(target, flag, layout, **rules)
-            with _replacing(target, flag, layout, action == "replace", on_replace):
-                yield action
+            with using(target, flag, exclusive=True) if layout.shared else nullcontext():  # no reader meets the writer
+                # decided again under the lock: another process may have written meanwhile
+                action = decide(target, flag, layout, **rules)
+                _remove_stale_temporaries(target, layout, inside=action == "keep")
+                with _replacing(target, flag, layout, action == "replace", on_replace):
+                    yield action
         finally:
             release_lock(lock)
+
+
+def _check_beside(target: Path, flag: str, layout: Layout) -> None:
+    """Refuse a file of the user's where the run keeps one of its own beside the output (`OUT.state`): the run would
+    overwrite it, then remove it."""
+    for suffix in layout.beside if layout.beside_ours is not None else ():
+        path = target.with_name(target.name + suffix)
+        if (path.exists() or path.is_symlink()) and not layout.beside_ours(path):
+            raise UserError(
+                f"{flag} {target}: {path.name} beside it is not a file of rded-fast's, and a run keeps one of its own "
+                "under that name (and removes it when done); move it away, or give another path"
+            )
+
+
+def _remove_stale_temporaries(target: Path, layout: Layout, inside: bool) -> None:
+    """Remove the temporary files (`.NAME.XXXXXXXX.tmp`) killed runs of ours left: beside `target`, those of its own
+    name and of the files its layout writes beside it; with `inside` (an output continued in place), those in it
+    of a name its records list. No run of ours writes them now: this one holds the output's lock. Nothing else is
+    touched, whatever its name."""
+    ours = {target.name, *(target.name + suffix for suffix in layout.beside)}
+    stale = [target.parent / e for e in _entries(target.parent) if (m := TEMPORARY.fullmatch(e)) and m["name"] in ours]
+    if inside and layout.kind == "dir" and target.is_dir():
+        written = layout.written(target)
+        stale += [target / rel for rel in _files_below(target) if TEMPORARY.fullmatch(rel) and written(rel)]
+    for path in stale:
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _entries(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _files_below(folder: Path) -> list[str]:
+    """Relative paths of the files below `folder` (symlinked folders are not followed)."""
+    return [
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder, followlinks=False)
+        for name in names
+    ]
 
 
 @contextmanager
@@ -404,7 +513,7 @@ def _replacing(target: Path, flag: str, layout: Layout, replace: bool, on_replac
     if not replace:
         yield
         return
-    keep = foreign_entries(target, layout.written) if layout.kind == "dir" and layout.recognise(target) else []
+    keep = foreign_entries(target, layout.written(target)) if layout.kind == "dir" and layout.recognise(target) else []
     if on_replace is not None:
         on_replace(target)
     aside = _aside_path(target)
@@ -422,6 +531,6 @@ def _replacing(target: Path, flag: str, layout: Layout, replace: bool, on_replac
     if kept:
         note(f"{flag} {target}: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} rded-fast did not write: {_listed(kept)}")
     if stuck:
-        note(f"{flag} {target}: {_listed(stuck)} could not be put back (the new output has that name); they are in {aside}")
+        _note_stuck(flag, target, stuck, aside)
     else:
         _remove(aside)

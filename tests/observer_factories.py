@@ -112,3 +112,17 @@ def tiny_student(num_classes: int = 10) -> nn.Module:
 def tiny_student_without_dropout(num_classes: int = 10) -> nn.Module:
     """tiny_student less its Dropout: a compiled step then computes what the eager one does (to float rounding)."""
     return nn.Sequential(*[m for m in tiny_student(num_classes) if not isinstance(m, nn.Dropout)])
+
+
+def stuck_thread_then_wait(num_classes: int = 10) -> nn.Module:
+    """Leaves a non-daemon thread that never ends (as a preload thread stuck on an import lock does), writes the file
+    named by $RDED_TEST_READY, then waits in the main thread until a signal ends the run (the output is claimed)."""
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    threading.Thread(target=threading.Event().wait, name="stuck-forever").start()
+    Path(os.environ["RDED_TEST_READY"]).write_text("ready")
+    while True:
+        time.sleep(0.05)

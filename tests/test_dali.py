@@ -135,7 +135,7 @@ def test_rerun_keeps_complete_shards_and_is_deterministic(jpeg_tree, tmp_path):
     assert first["shards"] > 2 and first["reused_shards"] == 0
     tars = sorted(out.glob("shard-*.tar"))
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tars}
-    (out / ".shard-00001.tar.abc.tmp").write_bytes(b"half")  # a crashed run's leftover is not a shard
+    (out / ".shard-00001.tar.k3j9x2ab.tmp").write_bytes(b"half")  # a crashed run's leftover is not a shard
     tars[1].unlink()
     again = convert_dali(str(jpeg_tree), str(out), shard_size="20KB", workers=1, show_progress=False)
     assert again["reused_shards"] == first["shards"] - 1

@@ -99,7 +99,7 @@ def test_distill_overwrite_keeps_the_users_files(small, tmp_path, capsys):
     data, weights = small
     out = tmp_path / "ow1"
     assert main(_distill_argv(data, weights, out)) == 0
-    assert foreign_entries(out, DISTILLED_SET.written) == []  # the names rule knows everything distill writes
+    assert foreign_entries(out, DISTILLED_SET.written(out)) == []  # the records name everything distill writes
     mine = _user_files(out)
     capsys.readouterr()
     assert main(_distill_argv(data, weights, out, "--overwrite", "--seed", "3")) == 0
@@ -107,7 +107,7 @@ def test_distill_overwrite_keeps_the_users_files(small, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "kept 3 entries rded-fast did not write: NOTES.txt, class_00/mine.txt, mystuff/" in err
     assert json.loads((out / "manifest.json").read_text())["parameters"]["seed"] == 3
-    assert sorted(foreign_entries(out, DISTILLED_SET.written)) == ["NOTES.txt", "class_00/mine.txt", "mystuff/"]
+    assert sorted(foreign_entries(out, DISTILLED_SET.written(out))) == ["NOTES.txt", "class_00/mine.txt", "mystuff/"]
     _no_leftovers(tmp_path)
 
 
@@ -116,7 +116,7 @@ def test_convert_dali_overwrite_keeps_the_users_files(tmp_path, capsys):
     out = tmp_path / "shards"
     argv = ["convert", "--format", "dali", "--data", str(data), "--out", str(out), "--workers", "1", "--quiet"]
     assert main(argv) == 0
-    assert foreign_entries(out, SHARD_FOLDER.written) == []
+    assert foreign_entries(out, SHARD_FOLDER.written(out)) == []
     (out / "README.mine").write_text("where these shards came from")
     assert main(argv + ["--overwrite"]) == 0
     assert (out / "README.mine").read_text() == "where these shards came from" and (out / "dataset.json").is_file()
@@ -129,7 +129,7 @@ def test_relabel_needs_overwrite_and_keeps_the_users_files(small, tmp_path, caps
     assert main(_distill_argv(data, weights, tmp_path / "d")) == 0
     labels = tmp_path / "labu"
     assert main(_relabel_argv(tmp_path / "d", weights, labels)) == 0
-    assert foreign_entries(labels, LABEL_FOLDER.written) == []
+    assert foreign_entries(labels, LABEL_FOLDER.written(labels)) == []
     (labels / "README.mine").write_text("mine")
     before = tree_digest(labels)
     capsys.readouterr()
@@ -151,7 +151,7 @@ def test_a_user_entry_the_new_output_also_names_stays_aside_and_is_named(tmp_pat
     err = capsys.readouterr().err
     aside = [p for p in tmp_path.iterdir() if ".rded-old-" in p.name]
     assert len(aside) == 1 and (aside[0] / "class_05").read_text() == "a file of mine named like a class"
-    assert "class_05 could not be put back" in err and str(aside[0]) in err
+    assert "could not move into the new output: class_05 (the new output has that name)" in err and str(aside[0]) in err
 
 
 # ---- bad 6: shards of another source are another dataset -----------------------------------------------

@@ -12,11 +12,15 @@ index opened here; opening the data is one call: `open_index(data)`.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 from rded_fast.formats.beton import looks_like_beton, open_beton_index
 from rded_fast.formats.folder import load_or_build_index
 from rded_fast.formats.shards import check_not_bare_shards, is_shard_dir, open_shard_index
 from rded_fast.index import DatasetIndex
+from rded_fast.lock import check_not_held
+from rded_fast.sharing import using
 
 FOLDER, SHARDS, BETON = "folder", "shards", "beton"
 
@@ -49,3 +53,14 @@ def open_index(
         return open_shard_index(data, class_map)
     check_not_bare_shards(data)
     return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
+
+
+def reading(data: str | os.PathLike, flag: str = "--data") -> AbstractContextManager:
+    """Hold the shared lock of a converted source (shard folder, .beton) while a run reads it, so that `convert`
+    does not rewrite it under the reader (rded_fast.sharing). Anything else needs no lock of its own (nothing is
+    made beside the user's tree), but is refused while a run of ours writes there (a `convert --overwrite` has
+    moved the shards aside and is writing new ones: not yet a shard folder)."""
+    if detect(data) in (SHARDS, BETON):
+        return using(data, flag, exclusive=False)
+    check_not_held(Path(os.path.realpath(os.path.expanduser(data))), flag)
+    return nullcontext()

@@ -193,4 +193,4 @@ def is_beton(path: Path) -> bool:
     return record is not None and record.get("format") == FORMAT_NAME
 
 
-BETON = Layout("file", is_beton)
+BETON = Layout("file", is_beton, shared=True, beside=(".json",))  # sidecar_path

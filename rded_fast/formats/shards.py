@@ -31,7 +31,7 @@ import numpy as np
 from rded_fast.errors import UserError
 from rded_fast.formats.sidecar import read_sidecar
 from rded_fast.index import DatasetIndex, require_class_order
-from rded_fast.layout import Layout, names_rule, read_json
+from rded_fast.layout import Layout, read_json
 
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
@@ -221,7 +221,45 @@ def is_shard_folder(path: Path) -> bool:
     return (record is not None and record.get("format") == FORMAT_NAME) or any(path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*"))
 
 
-SHARD_NAMES = (r"dataset\.json|shard-\d{5}\.(tar|idx|meta\.json)",)  # converters.dali_shards
+def shard_record(folder: Path, number: int) -> dict | None:
+    """The record `shard-NNNNN.meta.json` of shard `number` in `folder` when it is one of ours (it names its shard and
+    source), else None. The converter writes it before the shard's files (planned) and again when they are complete."""
+    record = read_json(folder / f"{shard_stem(number)}.meta.json")
+    if record is None or record.get("shard") != number or not isinstance(record.get("source_root"), str):
+        return None
+    return record
 
 
-SHARD_FOLDER = Layout("dir", is_shard_folder, names_rule(SHARD_NAMES))
+def recorded_shards(folder: Path) -> dict[int, dict]:
+    """shard number -> its record, for every shard record of ours in `folder`."""
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        stem = path.name.removesuffix(".meta.json")
+        if stem != path.name and stem.startswith("shard-") and stem[6:].isdigit() and stem == shard_stem(int(stem[6:])):
+            record = shard_record(folder, int(stem[6:]))
+            if record is not None:
+                found[record["shard"]] = record
+    return found
+
+
+def shard_files(record: dict, number: int) -> set[str]:
+    """The tar and DALI index the record of shard `number` (its record, or its dataset.json entry) names; only
+    the names that shard's files have, so that no record can point elsewhere."""
+    stem = shard_stem(number)
+    return {record[k] for k, ext in (("tar", ".tar"), ("idx", ".idx")) if record.get(k) == stem + ext}
+
+
+def shard_records(folder: Path) -> set[str]:
+    """What the records of a shard folder say a run of ours wrote there: dataset.json, every shard record and
+    the files each names, and the shards dataset.json lists (rded_fast.records: names alone decide nothing)."""
+    names = {DATASET_FILE}
+    dataset = read_json(folder / DATASET_FILE)
+    if dataset is not None and dataset.get("format") == FORMAT_NAME and isinstance(dataset.get("shards"), list):
+        for number, entry in enumerate(dataset["shards"]):
+            names |= shard_files(entry, number) if isinstance(entry, dict) else set()
+    for number, record in recorded_shards(folder).items():
+        names |= {f"{shard_stem(number)}.meta.json", *shard_files(record, number)}
+    return names
+
+
+SHARD_FOLDER = Layout("dir", is_shard_folder, shard_records, shared=True)

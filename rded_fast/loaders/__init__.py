@@ -46,10 +46,14 @@ def preload(name: str) -> None:
     set-up at 100 classes; ffcv: 3.5-5 s, most of it numba compiling at import), then its `warm_up()` if it has
     one (ffcv: our crop kernel's compile), in a background thread: the work overlaps the index, the plan and the
     observer's compile instead of delaying the observer check, the loader's first user. A failing import is
-    left to the place the loader is made, which imports the module again and says what is wrong."""
+    left to the place the loader is made, which imports the module again and says what is wrong.
+
+    The thread is a daemon: nobody waits for it (the loader's maker imports the module itself), and an exit must
+    not wait for it either: a signal that interrupts the main thread inside an import can leave the import lock
+    held for ever (CPython does not release it), and this thread would then never end."""
     module = LOADER_MODULES.get(name)
     if module is not None and module not in sys.modules:
-        threading.Thread(target=_import_quietly, args=(module,), name=f"preload-{name}").start()
+        threading.Thread(target=_import_quietly, args=(module,), name=f"preload-{name}", daemon=True).start()
 
 
 def _import_quietly(module: str) -> None:

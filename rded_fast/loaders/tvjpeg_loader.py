@@ -13,7 +13,9 @@ thread sorts each planned row by its bytes:
   by PIL with the project's pixel rule (rded_fast/decode.py): only those rows take the slow path.
 A batch the device decoder refuses is decoded again image by image; an image it refuses alone goes to PIL, and
 one PIL refuses too is a failed row. Both paths' crops are cut by the same exact arithmetic, so they differ only
-by their decoders (on a CPU not at all: torchvision and PIL run the same libjpeg-turbo).
+by their decoders (on a CPU not at all: torchvision and PIL run the same libjpeg-turbo). On a CPU, libjpeg's
+warnings about a file it decodes all the same (e.g. "Corrupt JPEG data: premature end of data segment"), which
+it prints on stderr naming no file, are caught, and a note names the files instead.
 
 One decoding thread works up to `prefetch` batches ahead of the consumer. On CUDA it uses two streams of its
 own: nvJPEG decodes with one that holds nothing else, the crops are cut on the other, and the consumer's stream
@@ -31,6 +33,9 @@ import io
 import math
 import os
 import queue
+import re
+import sys
+import tempfile
 import threading
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -50,6 +55,8 @@ from rded_fast.timing import Stopwatch
 DEVICE_FRAMES = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: nvJPEG's hardware path
 RGB_IDS = (ord("R"), ord("G"), ord("B"))  # component ids that make libjpeg read three components as RGB
 DEVICE, PIL, FAILED = "device", "pil", "failed"  # what a reader thread makes of a row
+NOTED = 5  # files named in a note when libjpeg warns (the passes' counts say how many in all)
+_NOTED: set[str] = set()
 _END = object()
 
 
@@ -75,6 +82,37 @@ def read_bytes(path: str) -> bytearray | str:
     except OSError as exc:
         return f"cannot read ({exc.strerror})"
     return data if got == len(data) else data[:got]
+
+
+# libjpeg's warnings (its JWRN_* messages): on a CPU torchvision lets libjpeg print them on stderr, naming no file
+LIBJPEG_WARNING = re.compile(
+    r"(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|Inconsistent progression|Unknown Adobe|"
+    r"Warning: (unknown JFIF|thumbnail)|Application transferred too many)"
+)
+_FD2 = threading.Lock()  # one capture of the process's stderr at a time
+
+
+@contextlib.contextmanager
+def libjpeg_warnings() -> Iterator[list[str]]:
+    """Collect libjpeg's warnings printed (by C code, on file descriptor 2) during the block, instead of letting them
+    reach the console unattributed; anything else written there meanwhile (another thread's output) is passed on."""
+    said: list[str] = []
+    with _FD2, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if LIBJPEG_WARNING.match(line):
+                    said.append(line.strip())
+                else:
+                    sys.stderr.write(line)
 
 
 def pil_decode(data: bytes | bytearray, name: str) -> tuple[str, torch.Tensor | str]:
@@ -158,8 +196,12 @@ class TvJpegCropLoader(CropLoader):
         on_dev = [i for i, (kind, _) in enumerate(items) if kind == DEVICE]
         if not on_dev:
             return {}
+        encoded = [items[i][1] for i in on_dev]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            decoded = self._decode([items[i][1] for i in on_dev])
+            with libjpeg_warnings() if self.device.type == "cpu" else contextlib.nullcontext([]) as said:
+                decoded = self._decode(encoded)
+        if said:  # libjpeg decoded them anyway, as PIL does for the torch loader: say which files it warned about
+            self._note_warnings([self._name(chunk[i]) for i in on_dev], encoded)
         images = {}
         for i, image in zip(on_dev, decoded):
             if isinstance(image, str):
@@ -168,6 +210,18 @@ class TvJpegCropLoader(CropLoader):
             else:
                 images[i] = image
         return images
+
+    def _note_warnings(self, names: list[str], encoded: list[torch.Tensor]) -> None:
+        """Decode each image again alone to find those libjpeg warns about; a note names the first few (every one is
+        counted in `counts["libjpeg_warnings"]`, and the pass's total is noted at its end)."""
+        for name, data in zip(names, encoded):
+            with libjpeg_warnings() as said, contextlib.suppress(RuntimeError):
+                decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)
+            if said:
+                self.counts["libjpeg_warnings"] += 1
+                if name not in _NOTED and len(_NOTED) < NOTED:  # once per file (the observer check reads some again)
+                    _NOTED.add(name)
+                    _note(f"{name}: libjpeg: {'; '.join(said)} (decoded all the same, as PIL decodes it)")
 
     def _cut(self, chunk: list[int], items: list[tuple], images: dict[int, torch.Tensor], stream) -> CropBatch:
         """The batch of `chunk`: device-decoded `images` and the PIL items moved to the device, each size checked
@@ -264,6 +318,14 @@ class TvJpegCropLoader(CropLoader):
         finally:  # the decoding thread sees `stop` before its next batch, or within 0.1 s while it waits to put
             stop.set()
             thread.join()
+            if self.counts["libjpeg_warnings"] > NOTED:
+                _note(
+                    f"libjpeg warned about {self.counts['libjpeg_warnings']} image(s) in all (the first {NOTED} are named above)"
+                )
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _put(results: queue.Queue, item, stop: threading.Event) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
@@ -98,6 +99,26 @@ def resolve(spec: str) -> ModelEntry:
     origin = {"factory": spec, "file": path, "file_sha256": file_sha256(path) if path and os.path.isfile(path) else None}
     family = os.path.basename(module_name)[:-3] if module_name.endswith(".py") else module_name
     return ModelEntry(spec, "factory", family, functools.partial(_build, spec, fn), origin=origin, student_head_1000=False)
+
+
+def factory_source(spec: str) -> str | None:
+    """Where the `MODULE:FACTORY` model `spec` is read from, found without importing it: its .py file, or its
+    top-level package's folder (or module file); None when `spec` is no factory or is not found (building it says
+    why). An output must not hold it: replacing the output would move it away before it is read."""
+    from rded_fast.models.registry import is_factory_name
+
+    if not is_factory_name(spec):
+        return None
+    module = spec.partition(":")[0]
+    if module.endswith(".py"):
+        return module
+    try:
+        found = importlib.machinery.PathFinder.find_spec(module.split(".")[0], [*sys.path, os.getcwd()])
+    except (ImportError, ValueError):
+        return None
+    if found is None:
+        return None
+    return next(iter(found.submodule_search_locations or []), None) or found.origin
 
 
 register_source(

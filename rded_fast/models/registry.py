@@ -76,6 +76,11 @@ def register_source(
     _SOURCES[prefix] = (resolve, lister, usage)
 
 
+def is_factory_name(name: str) -> bool:
+    """Whether `name` is read as `MODULE:FACTORY` (not a registered name, nor `PREFIX:REST` of another source)."""
+    return name not in _MODELS and ":" in name and name.split(":", 1)[0] not in _SOURCES and "*" in _SOURCES
+
+
 def get_entry(name: str) -> ModelEntry:
     """The entry for `name`: a registered name, `timm:NAME`, or `MODULE:FACTORY`."""
     if name in _MODELS:
