@@ -25,7 +25,7 @@ from torch import nn
 from rded_fast.compile_rule import resolve_compile
 from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, cpu_description, device_name, resolve_amp, resolve_device
 from rded_fast.fileio import atomic_write_text
-from rded_fast.train.augment import aug_constants
+from rded_fast.train.augment import Augmenter
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.engine import Steps, StudentRun, make_run, make_steps, train_epoch, train_step, warm
 from rded_fast.train.labels import LabelSource
@@ -91,12 +91,12 @@ def _sync(device: torch.device) -> None:
 
 def engine_loop(runs: list[StudentRun], source: LabelSource, steps: Steps, images: torch.Tensor, cfg: TrainBenchConfig) -> float:
     """Seconds of `cfg.epochs` epochs of `evaluate`'s loop (each epoch ends reading its losses, as there)."""
-    k = aug_constants(source.size, source.factor, source.device)
-    train_epoch(runs, source, steps, images, 0, k, cfg.bn_refresh)  # first-call costs (allocations, kernels) out
+    augmenter = Augmenter(images, source.factor)
+    train_epoch(runs, source, steps, augmenter, 0, cfg.bn_refresh)  # first-call costs (allocations, kernels) out
     _sync(source.device)
     t = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        train_epoch(runs, source, steps, images, epoch, k, cfg.bn_refresh)
+        train_epoch(runs, source, steps, augmenter, epoch, cfg.bn_refresh)
     return time.perf_counter() - t
 
 

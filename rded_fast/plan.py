@@ -129,10 +129,11 @@ def sample_resized_crop_boxes(
     w = np.rint(np.sqrt(target * aspect))
     h = np.rint(np.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = np.argmax(fits, axis=2)[..., None]
+    first = np.argmax(fits, axis=2).ravel()  # the first try that fits, per crop
     found = fits.any(axis=2)
-    w = np.take_along_axis(w, first, axis=2)[..., 0].astype(np.int64)
-    h = np.take_along_axis(h, first, axis=2)[..., 0].astype(np.int64)
+    pick = (np.arange(m * num_crop), first)
+    w = w.reshape(m * num_crop, MAX_TRIES)[pick].reshape(m, num_crop).astype(np.int64)
+    h = h.reshape(m * num_crop, MAX_TRIES)[pick].reshape(m, num_crop).astype(np.int64)
     W = sizes[:, 0][:, None].repeat(num_crop, 1)
     H = sizes[:, 1][:, None].repeat(num_crop, 1)
     u_top, u_left = rng.random((m, num_crop)), rng.random((m, num_crop))

@@ -52,12 +52,12 @@ def test_random_is_random_crops(jpeg_tree, tmp_path):
 
 
 def test_mixed_targets_give_the_pasted_box_to_the_partner():
-    from rded_fast.train.augment import mixed_targets, sample_epoch, to_device
+    from rded_fast.train.augment import aug_constants, mixed_targets, prepare_epoch, sample_epoch
 
     aug = sample_epoch(3, 0, n=12, batch_size=5, factor=1, size=16)
     labels = torch.arange(12) % 4
     for b in range(aug.num_batches):
-        t = mixed_targets(labels, to_device(aug, torch.device("cpu")), b, 4, 16)
+        t = mixed_targets(labels, prepare_epoch(aug, aug_constants(16, 1, torch.device("cpu"))), 4)[aug.batch_slice(b)]
         sl = aug.batch_slice(b)
         r1, c1, r2, c2 = aug.mix_box[b].tolist()
         share = (r2 - r1) * (c2 - c1) / 256
@@ -72,7 +72,7 @@ def test_mixed_targets_give_the_pasted_box_to_the_partner():
 
 def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_path):
     from rded_fast.train import student as student_mod
-    from rded_fast.train.augment import aug_constants
+    from rded_fast.train.augment import Augmenter
     from rded_fast.train.distilled_set import load_distilled
     from rded_fast.train.engine import StudentRun, make_steps, train_epoch
     from rded_fast.train.labels import LabelSource
@@ -106,7 +106,7 @@ def test_hard_labels_need_no_teacher_and_bn_refresh_counts_twice(jpeg_tree, tmp_
         run = StudentRun(
             0, model.train(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), {"cpu": torch.get_rng_state()}
         )
-        train_epoch([run], source, make_steps(source, False), data.images, 0, aug_constants(32, 1, cpu), refresh)
+        train_epoch([run], source, make_steps(source, False), Augmenter(data.images, 1), 0, refresh)
         counts[refresh] = int(model[1].num_batches_tracked)
     assert counts[True] == 2 * counts[False] == 2 * 3  # 6 images, batches of 2: 3 steps
 

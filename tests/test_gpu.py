@@ -222,20 +222,21 @@ def test_students_compiled_with_cuda_graphs_train_as_eager_and_seeds_as_single_r
     """The student engine on CUDA: two students in one process, compiled with CUDA graphs (each student's parameters
     recorded apart), each equal to its single run; compiled and eager losses agree to bf16 noise."""
     from rded_fast.benchmarks.train_bench import TrainBenchConfig, _source, synthetic_set
-    from rded_fast.train.augment import aug_constants
+    from rded_fast.train.augment import Augmenter
     from rded_fast.train.engine import make_run, make_steps, train_epoch, warm
 
     device = torch.device("cuda")
     data = synthetic_set(classes=4, ipc=8, size=32, factor=2)
     cfg = TrainBenchConfig(student="conv3", teacher="conv3", classes=4, ipc=8, size=32, batch_size=12, epochs=2)
     source = _source(cfg, data, device)
-    images, k = data.images.to(device), aug_constants(32, 2, device)
+    images = data.images.to(device)
+    augmenter = Augmenter(images, 2)
     losses = {}
     for compiled, seeds in ((False, (0,)), (True, (0,)), (True, (1, 0))):
         steps = make_steps(source, compiled)
         runs = [make_run("conv3", 4, 32, s, source.recipe, device) for s in seeds]
         warm(steps, runs, source, images, True)
-        per_epoch = [train_epoch(runs, source, steps, images, e, k) for e in range(2)]
+        per_epoch = [train_epoch(runs, source, steps, augmenter, e) for e in range(2)]
         losses[compiled, seeds] = [[epoch[i] for epoch in per_epoch] for i in range(len(seeds))]
     assert losses[True, (1, 0)][1] == losses[True, (0,)][0]  # the second student of two is the single run
     assert torch.allclose(torch.tensor(losses[True, (0,)]), torch.tensor(losses[False, (0,)]), rtol=0.05)

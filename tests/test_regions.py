@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from rded_fast.models import build
 from rded_fast.score import normalize
 from rded_fast.train import softlabels
-from rded_fast.train.augment import EpochAug, sample_epoch, to_device
+from rded_fast.train.augment import EpochAug, aug_constants, prepare_epoch, sample_epoch
 from rded_fast.train.regions import region_targets, region_weights
 from rded_fast.train.student import StudentConfig, evaluate, relabel
 
@@ -44,19 +44,19 @@ def test_a_crop_inside_one_cell_gets_that_cells_label_after_the_shuffle():
 
 def test_region_targets_mix_covered_cells_and_cutmix_partner():
     host = sample_epoch(0, 0, n=6, batch_size=3, factor=2, size=12)
-    aug = to_device(host, torch.device("cpu"))
+    aug = prepare_epoch(host, aug_constants(12, 2, torch.device("cpu")))
     weights = torch.from_numpy(region_weights(host, 12, 2, 2)).float()
     probs = torch.softmax(torch.randn(6, 4, 5), dim=2)
     for b in range(aug.num_batches):
-        t = region_targets(probs, weights, aug, b, size=12)
+        t = region_targets(probs, weights, aug)[aug.batch_slice(b)]
         assert t.shape == (3, 5) and torch.allclose(t.sum(1), torch.ones(3), atol=1e-6)
     same = probs[:, :1].expand(6, 4, 5)  # every cell alike: the target is that label whatever the crop
     sl = aug.batch_slice(0)
-    r1, c1, r2, c2 = aug.mix_box[0].tolist()
+    r1, c1, r2, c2 = host.mix_box[0].tolist()
     pasted = (r2 - r1) * (c2 - c1) / 144
     own = same[aug.order[sl], 0]
     expect = (1 - pasted) * own + pasted * own[aug.mix_perm[sl]]
-    assert torch.allclose(region_targets(same.contiguous(), weights, aug, 0, size=12), expect, atol=1e-6)
+    assert torch.allclose(region_targets(same.contiguous(), weights, aug)[sl], expect, atol=1e-6)
 
 
 def test_region_labels_line_up_with_the_manifests_cells(factor2_distilled, fashion_observer, tmp_path):

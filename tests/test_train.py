@@ -11,7 +11,7 @@ import torch
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.models import build
 from rded_fast.train import softlabels
-from rded_fast.train.augment import aug_constants, augment_batch, sample_epoch, shuffle_map, to_device
+from rded_fast.train.augment import Augmenter, sample_epoch, shuffle_map
 from rded_fast.train.recipe import Recipe, evaluates_at, kd_loss, lr_multiplier, make_optimizer, param_groups, rded_batch_size
 from rded_fast.train.student import StudentConfig, evaluate, relabel
 
@@ -70,11 +70,10 @@ def test_shuffle_patches_permutes_rows_and_columns_only(factor, size):
     for k, (t, left, h, w) in enumerate(boxes):
         image[..., t : t + h, left : left + w] = k
     seen = set()
-    k = aug_constants(size, factor, torch.device("cpu"))
     for epoch in range(60):
         aug = sample_epoch(0, epoch, 8, 8, factor, size)
-        rows = shuffle_map(torch.from_numpy(aug.row_perm), k)
-        cols = shuffle_map(torch.from_numpy(aug.col_perm), k)
+        rows = torch.from_numpy(shuffle_map(aug.row_perm, size))
+        cols = torch.from_numpy(shuffle_map(aug.col_perm, size))
         out = image.expand(8, -1, -1, -1)[torch.arange(8)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
         out = out.permute(0, 3, 1, 2)
         for i in range(8):
@@ -125,13 +124,12 @@ def _per_sample_reference(images, aug, b, factor):
 def test_batched_augmentation_equals_per_sample_torchvision(factor, size):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (23, 3, size, size), dtype=torch.uint8)
-    cpu = torch.device("cpu")
-    k = aug_constants(size, factor, cpu)
+    augmenter = Augmenter(images, factor)
     for epoch in range(3):
         aug = sample_epoch(0, epoch, 23, 10, factor, size)
-        on_device = to_device(aug, cpu)
+        on_device = augmenter.prepare(aug)
         for b in range(aug.num_batches):  # the last batch is short (3 samples)
-            batched = augment_batch(images, on_device, b, k)
+            batched = augmenter.batch(on_device, b, slot=b % 2)
             assert batched.is_contiguous(memory_format=torch.channels_last)
             # normalised units: 1e-5 is 1/400 of a grey level (float rounding; version 1 and 2 make the same pixels)
             assert torch.allclose(batched, _per_sample_reference(images, aug, b, factor), atol=1e-5, rtol=0)

@@ -1,15 +1,17 @@
 """The student's augmentation (RDED.md section 3): parameters drawn per epoch, applied per batch in one pass.
 
 Parameters for a whole epoch are drawn up front from one seeded generator (plain numpy arrays: sample order,
-patch-grid permutations, crop boxes, flips, CutMix boxes), copied to the training device once (`to_device`), then
-applied batch by batch with no Python loop over samples and no host synchronisation (`augment_batch`):
+patch-grid permutations, crop boxes, flips, CutMix boxes), copied to the training device once and turned into
+per-sample taps there (`prepare_epoch`), then applied batch by batch with no Python loop over samples and no host
+synchronisation (`Augmenter.batch`):
 
 - ShufflePatches, RandomResizedCrop and the flip only move and blend whole rows and columns, so each axis is one
-  gather of two source rows (columns) per output row and one blend: the crop's bilinear taps (the crop rule of
+  pick of two source lines per output line and one blend: the crop's bilinear taps (the crop rule of
   rded_fast/loaders/box_resize.py, which for a crop no larger than the output is plain bilinear interpolation),
   mapped through ShufflePatches' reordering of the strips, reversed for a flip. The result equals torchvision's
   per-sample `resized_crop` on the shuffled image to float rounding (tests/test_train.py).
-- CutMix pastes one box per batch from a permutation of the batch: a mask, not a slice, so every shape is fixed.
+- CutMix pastes one box per batch from a permutation of the batch: one copy of the box from the partners, its
+  bounds known on the host from the epoch's draw (no wait for the device).
 
 Online relabeling and stored soft labels use the same parameters, so a replay is exact. RECIPE_VERSION (in
 rded_fast/train/recipe.py) names this way of applying them: stored labels record it.
@@ -17,6 +19,7 @@ rded_fast/train/recipe.py) names this way of applying them: stored labels record
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +67,10 @@ class EpochAug:
 
 def cutmix_box(size: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """The reference's box: side sqrt(1 - lam) of the image, centre uniform, clipped to the image."""
-    cut = int(size * np.sqrt(1.0 - lam))
+    cut = int(size * math.sqrt(1.0 - lam))
     cr, cc = int(rng.integers(size)), int(rng.integers(size))
-    r1, r2 = np.clip([cr - cut // 2, cr + cut // 2], 0, size)
-    c1, c2 = np.clip([cc - cut // 2, cc + cut // 2], 0, size)
-    return int(r1), int(c1), int(r2), int(c2)
+    clip = lambda v: min(max(v, 0), size)
+    return clip(cr - cut // 2), clip(cc - cut // 2), clip(cr + cut // 2), clip(cc + cut // 2)
 
 
 def sample_epoch(seed: int, epoch: int, n: int, batch_size: int, factor: int, size: int, cutmix_beta: float = 1.0) -> EpochAug:
@@ -77,7 +79,7 @@ def sample_epoch(seed: int, epoch: int, n: int, batch_size: int, factor: int, si
     order = rng.permutation(n)
     row_perm = np.argsort(rng.random((n, factor)), axis=1)
     col_perm = np.argsort(rng.random((n, factor)), axis=1)
-    boxes = sample_resized_crop_boxes(np.array([[size, size]] * n), 1, rng, (1.0 / factor, 1.0), CROP_RATIO)[:, 0]
+    boxes = sample_resized_crop_boxes(np.full((n, 2), size), 1, rng, (1.0 / factor, 1.0), CROP_RATIO)[:, 0]
     flip = rng.random(n) < 0.5
     num_batches = -(-n // batch_size)
     mix_perm = np.zeros(n, dtype=np.int64)
@@ -99,119 +101,177 @@ def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def to_device(aug: EpochAug, device: torch.device) -> EpochAug:
-    """The epoch's parameters as tensors on `device`, copied once (integers as int64, flip as bool)."""
-    arrays = {
-        k: v.astype(np.float32 if k == "mix_lam" else (np.bool_ if k == "flip" else np.int64)) for k, v in aug.arrays().items()
-    }
-    return EpochAug(**{k: host_to_device(v, device) for k, v in arrays.items()}, batch_size=aug.batch_size)
-
-
 @dataclass(frozen=True)
 class AugConstants:
     """What every batch of a run shares, made once on the training device (a tensor made from Python numbers per
-    batch would be a blocking host-to-device copy on CUDA): the image side, the grid's strips along an axis
-    (start, side [factor]; stitch.cell_boxes: the first size % factor strips are one pixel larger), the pixel
-    positions, and the normalisation as uint8 -> (x / 255 - mean) / std = x * scale - shift ([1, 3, 1, 1])."""
+    batch would be a blocking host-to-device copy on CUDA): the image side, the grid's factor, and the
+    normalisation as uint8 -> (x / 255 - mean) / std = x * scale - shift ([1, 3, 1, 1])."""
 
     size: int
-    starts: torch.Tensor
-    sides: torch.Tensor
-    pixels: torch.Tensor
+    factor: int
     scale: torch.Tensor
     shift: torch.Tensor
 
 
 def aug_constants(size: int, factor: int, device: torch.device) -> AugConstants:
-    spans = [(top, h) for top, _, h, _ in cell_boxes(size, factor)[::factor]]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
     return AugConstants(
         size=size,
-        starts=torch.tensor([s for s, _ in spans], device=device),
-        sides=torch.tensor([h for _, h in spans], device=device),
-        pixels=torch.arange(size, device=device),
+        factor=factor,
         scale=(1.0 / (255.0 * std)).to(torch.float32).view(1, 3, 1, 1).to(device),
         shift=(torch.tensor(IMAGENET_MEAN, dtype=torch.float64) / std).to(torch.float32).view(1, 3, 1, 1).to(device),
     )
 
 
-def shuffle_map(perm: torch.Tensor, k: AugConstants) -> torch.Tensor:
-    """[B, S] source pixel of each pixel of an axis once its strips are reordered by `perm` [B, factor]."""
-    placed = k.sides[perm]  # [B, f] strip sides in their new order
-    begin = placed.cumsum(1) - placed
-    slot = (k.pixels[None, :, None] >= begin[:, None, :]).sum(-1) - 1  # [B, S] the new strip each pixel is in
-    return k.starts[perm.gather(1, slot)] + k.pixels - begin.gather(1, slot)
+def shuffle_map(perm: np.ndarray, size: int) -> np.ndarray:
+    """[N, S] source pixel of each pixel of an axis of `size` once its strips are reordered by `perm` [N, factor]
+    (position j holds strip perm[:, j]; stitch.cell_boxes: the first size % factor strips are one pixel larger)."""
+    spans = np.array([(top, h) for top, _, h, _ in cell_boxes(size, perm.shape[1])[:: perm.shape[1]]])
+    placed = spans[:, 1][perm]  # [N, f] strip sides in their new order
+    shift = spans[:, 0][perm] - (np.cumsum(placed, axis=1) - placed)  # source start minus new start, per strip
+    return np.arange(size) + np.repeat(shift.ravel(), placed.ravel()).reshape(len(perm), size)
 
 
-def _taps(start: torch.Tensor, length: torch.Tensor, perm: torch.Tensor, k: AugConstants) -> tuple[torch.Tensor, ...]:
-    """Along one axis, for a crop [start, start + length) of the image whose strips ShufflePatches reordered by
-    `perm` [B, factor], resized to the image side: each output pixel's two source pixels (in the unshuffled image)
-    and the second one's weight, [B, S] each.
+def axis_taps(start: np.ndarray, length: np.ndarray, perm: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis, for crops [start, start + length) [N] of images whose strips ShufflePatches reordered by
+    `perm` [N, factor], resized to the image side: each output pixel's two source pixels in the unshuffled image
+    ([N, 2S] int64: the first taps, then the second) and the second one's weight ([N, S] float32).
 
     The crop never exceeds the image side, so the resize only enlarges: the antialiased bilinear rule of
     loaders/box_resize.py (a triangle of support 1, taps outside the box unused, weights normalised) is then plain
     bilinear interpolation with the source position clamped to the box."""
-    scale = length.to(torch.float32)[:, None] / k.size
     first, last = start[:, None], (start + length - 1)[:, None]
-    centre = start[:, None] + (k.pixels[None, :] + 0.5) * scale - 0.5
-    centre = torch.minimum(torch.maximum(centre, first.to(torch.float32)), last.to(torch.float32))
-    low = centre.floor()
-    weight = centre - low
-    low = low.to(torch.int64)
-    high = torch.minimum(low + 1, last)
+    centre = first + (np.arange(size)[None, :] + 0.5) * (length[:, None] / size) - 0.5
+    centre = np.clip(centre, first, last)
+    low = np.floor(centre)
+    weight = (centre - low).astype(np.float32)
+    low = low.astype(np.int64)
+    taps = np.concatenate([low, np.minimum(low + 1, last)], axis=1)
     if perm.shape[1] > 1:
-        source = shuffle_map(perm, k)
-        low, high = source.gather(1, low), source.gather(1, high)
-    return low, high, weight
+        taps = shuffle_map(perm, size).ravel()[taps + size * np.arange(len(taps))[:, None]]
+    return taps, weight
 
 
-def _resize_axis(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """Interpolate `x` [B, C, S, S] along `dim` (2: rows, 3: columns) at the taps of `_taps`."""
-    shape = [len(x), 1, 1, 1]
-    shape[dim] = x.shape[dim]
-    index = lambda i: i.view(shape).expand_as(x)
-    a, b = x.gather(dim, index(low)).to(torch.float32), x.gather(dim, index(high)).to(torch.float32)
-    return torch.lerp(a, b, weight.view(shape))
+@dataclass
+class DeviceEpoch:
+    """One epoch's augmentation made ready on the training device by `prepare_epoch`, so that a batch is a few
+    gathers and blends: the sample order [N]; per sample the row and column taps ([N, 2S] source pixels, [N, S]
+    weights; ShufflePatches and the flip folded in); CutMix's partner as a position within the batch and in the
+    epoch [N] and the share of the image it pastes [N], and its box per batch (host numbers)."""
+
+    batch_size: int
+    order: torch.Tensor
+    rows: torch.Tensor
+    row_weight: torch.Tensor
+    cols: torch.Tensor
+    col_weight: torch.Tensor
+    mix_perm: torch.Tensor
+    partner: torch.Tensor
+    share: torch.Tensor
+    mix_boxes: list[tuple[int, int, int, int]]  # (r1, c1, r2, c2) per batch, on the host
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.mix_boxes)
+
+    def batch_slice(self, b: int) -> slice:
+        return slice(b * self.batch_size, min((b + 1) * self.batch_size, len(self.order)))
 
 
-def augment_batch(images: torch.Tensor, aug: EpochAug, b: int, k: AugConstants) -> torch.Tensor:
-    """Batch `b` of the epoch: ShufflePatches -> RandomResizedCrop -> flip -> normalise -> CutMix, in one pass.
-
-    `images` [N, 3, S, S] uint8 (the whole distilled set, on the training device); `aug` on the same device
-    (`to_device`); returns float32 [B, 3, S, S], channels last (the layout the models take)."""
-    sl = aug.batch_slice(b)
-    boxes = aug.boxes[sl]
-    rows = _taps(boxes[:, 0], boxes[:, 2], aug.row_perm[sl], k)
-    flip = aug.flip[sl][:, None]
-    cols = [torch.where(flip, t.flip(1), t) for t in _taps(boxes[:, 1], boxes[:, 3], aug.col_perm[sl], k)]
-    x = _resize_axis(images[aug.order[sl]], *rows, dim=2)
-    x = _resize_axis(x, *cols, dim=3)
-    x = x * k.scale - k.shift
-    x = torch.where(cutmix_mask(aug.mix_box[b], k), x[aug.mix_perm[sl]], x)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def cutmix_mask(box: torch.Tensor, k: AugConstants) -> torch.Tensor:
-    """[S, S] bool: the pixels inside CutMix's box (r1, c1, r2, c2) [4], a tensor on the training device."""
-    rows = (k.pixels >= box[0]) & (k.pixels < box[2])
-    cols = (k.pixels >= box[1]) & (k.pixels < box[3])
-    return rows[:, None] & cols[None, :]
+def prepare_epoch(aug: EpochAug, k: AugConstants) -> DeviceEpoch:
+    """`aug` (numpy, as drawn) turned into every sample's taps and every batch's CutMix mask on the host, then copied
+    to the device once (pinned, not blocking, on CUDA)."""
+    device, size, n = k.scale.device, k.size, len(aug.order)
+    boxes = np.asarray(aug.boxes, np.int64)
+    # rows and columns in one call: [rows of every sample; columns of every sample]
+    starts, lengths = np.concatenate([boxes[:, 0], boxes[:, 1]]), np.concatenate([boxes[:, 2], boxes[:, 3]])
+    taps, weights = axis_taps(starts, lengths, np.concatenate([aug.row_perm, aug.col_perm]), size)
+    rows, cols, row_weight, col_weight = taps[:n], taps[n:], weights[:n], weights[n:]
+    flip = np.asarray(aug.flip, bool)
+    cols[flip] = cols[flip].reshape(-1, 2, size)[:, :, ::-1].reshape(-1, 2 * size)  # a flip reverses the outputs
+    col_weight[flip] = col_weight[flip][:, ::-1]
+    box = np.asarray(aug.mix_box, np.int64)  # [B, 4]: r1, c1, r2, c2
+    share = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / float(size * size)).astype(np.float32)
+    batch_of = np.arange(len(aug.order)) // aug.batch_size
+    mix_perm = np.asarray(aug.mix_perm, np.int64)
+    on = [np.asarray(aug.order, np.int64), rows, row_weight, cols, col_weight, mix_perm]
+    on += [batch_of * aug.batch_size + mix_perm, share[batch_of]]
+    return DeviceEpoch(aug.batch_size, *(host_to_device(a, device) for a in on), [tuple(map(int, r)) for r in box])
 
 
-def pasted_share(box: torch.Tensor, size: int) -> torch.Tensor:
-    """The share of the image CutMix's box (r1, c1, r2, c2) covers: a 0-d float tensor on the box's device."""
-    return ((box[2] - box[0]) * (box[3] - box[1])).to(torch.float32) / float(size * size)
+class Augmenter:
+    """Applies epochs of augmentation to one resident set, batch by batch, into buffers it keeps.
+
+    `images` [N, 3, S, S] uint8, contiguous, on the training device. A batch is: the row taps of its samples taken
+    straight from the set (one `index_select` of whole image rows), blended; transposed; the column taps taken and
+    blended the same way, written channels last; CutMix's partner pasted inside its box. Every
+    intermediate and output lives in a buffer made once per batch shape: on a CPU a fresh allocation per batch
+    costs more than the work (new pages to fault in). `batch(..., slot=i)` writes into output buffer `i`, valid
+    until the next call with the same slot (one slot per student whose batch must stay alive)."""
+
+    def __init__(self, images: torch.Tensor, factor: int):
+        self.images = images.contiguous()
+        self.k = aug_constants(int(images.shape[-1]), factor, images.device)
+        c, s = images.shape[1], self.k.size
+        self._planes = torch.arange(c, device=images.device).view(1, c, 1) * s  # each channel's first line in an image
+        self._own: dict[int, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+        key = (name, shape)
+        if key not in self._buffers:
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.images.device, memory_format=layout)
+        return self._buffers[key]
+
+    def prepare(self, aug: EpochAug) -> DeviceEpoch:
+        """The epoch's parameters on the device (`prepare_epoch`)."""
+        return prepare_epoch(aug, self.k)
+
+    def _blend(
+        self, rows: torch.Tensor, first: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor, name: str, out: torch.Tensor
+    ) -> torch.Tensor:
+        """`out` [n, C, S, S]: for each (sample, channel, output line) the blend of the two source lines `taps`
+        [n, 2S] picks from `rows` ([lines, S]: the lines of every image, `first` [n, C, 1] the first line of each
+        sample's channel), by `weight` [n, S]."""
+        n, c, s = len(taps), first.shape[1], self.k.size
+        index = torch.add(first, taps.view(n, 1, 2 * s), out=self._buffer(name + "-index", (n, c, 2 * s), torch.int64))
+        pair = torch.index_select(rows, 0, index.view(-1), out=self._buffer(name + "-pair", (n * c * 2 * s, s), rows.dtype))
+        pair = pair.view(n, c, 2 * s, s)
+        if pair.dtype != torch.float32:
+            pair = self._buffer(name + "-float", (n, c, 2 * s, s)).copy_(pair)
+        return torch.lerp(pair[:, :, :s], pair[:, :, s:], weight.view(n, 1, s, 1), out=out)
+
+    def batch(self, ep: DeviceEpoch, b: int, slot: int = 0) -> torch.Tensor:
+        """Batch `b` of the epoch: ShufflePatches -> RandomResizedCrop -> flip -> normalise -> CutMix, float32
+        [B, 3, S, S] channels last (the layout the models take), in output buffer `slot`."""
+        sl = ep.batch_slice(b)
+        images, k = self.images, self.k
+        n, c, s = len(ep.order[sl]), images.shape[1], k.size
+        first = ep.order[sl].view(n, 1, 1) * (c * s) + self._planes  # each sample's channels in the whole set
+        x = self._blend(images.view(-1, s), first, ep.rows[sl], ep.row_weight[sl], "rows", self._buffer("rows", (n, c, s, s)))
+        # normalised as it is turned (columns become lines): the blends are linear, their weights sum to 1
+        turned = torch.addcmul(-k.shift, x.transpose(2, 3), k.scale, out=self._buffer("turned", (n, c, s, s)))
+        if n not in self._own:  # each sample's channels in the batch
+            self._own[n] = torch.arange(n, device=images.device).view(n, 1, 1) * (c * s) + self._planes
+        x = self._blend(
+            turned.view(-1, s), self._own[n], ep.cols[sl], ep.col_weight[sl], "cols", self._buffer("cols", (n, c, s, s))
+        )
+        out = self._buffer(f"out{slot}", (n, c, s, s), channels_last=True)
+        out.copy_(x.transpose(2, 3))  # turned back, channels last
+        r1, c1, r2, c2 = ep.mix_boxes[b]  # numbers the host drew: slicing by them waits for nothing
+        box = out[:, :, r1:r2, c1:c2]
+        box.copy_(box.index_select(0, ep.mix_perm[sl]))  # CutMix: the partner's box pasted
+        return out
 
 
-def mix_targets(own: torch.Tensor, aug: EpochAug, b: int, size: int) -> torch.Tensor:
-    """Batch `b`'s targets [B, C] as CutMix mixes its images: each sample's own target, with the box's share of
-    the image given to its partner's."""
-    share = pasted_share(aug.mix_box[b], size)
-    return (1.0 - share) * own + share * own[aug.mix_perm[aug.batch_slice(b)]]
+def mix_targets(own: torch.Tensor, ep: DeviceEpoch) -> torch.Tensor:
+    """The epoch's targets [N, C] (training order) as CutMix mixes its images: each sample's own target `own`
+    [N, C], with the box's share of the image given to its partner's."""
+    return torch.lerp(own, own[ep.partner], ep.share[:, None])
 
 
-def mixed_targets(labels: torch.Tensor, aug: EpochAug, b: int, num_classes: int, size: int) -> torch.Tensor:
-    """Hard-label targets of batch `b` as `augment_batch` mixes it: one-hot labels, CutMix-mixed. [B, C] float,
-    rows sum to 1. `labels` and `aug` on the training device."""
-    onehot = torch.nn.functional.one_hot(labels[aug.order[aug.batch_slice(b)]], num_classes).float()
-    return mix_targets(onehot, aug, b, size)
+def mixed_targets(labels: torch.Tensor, ep: DeviceEpoch, num_classes: int) -> torch.Tensor:
+    """Hard-label targets of the epoch as `Augmenter.batch` mixes its images: one-hot labels, CutMix-mixed. [N, C]
+    float in training order, rows sum to 1. `labels` [N] on the training device."""
+    return mix_targets(torch.nn.functional.one_hot(labels[ep.order], num_classes).float(), ep)

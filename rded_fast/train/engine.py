@@ -24,7 +24,7 @@ from torch import nn
 
 from rded_fast.device import autocast
 from rded_fast.models import build
-from rded_fast.train.augment import AugConstants, augment_batch
+from rded_fast.train.augment import Augmenter
 from rded_fast.train.labels import LabelSource
 from rded_fast.train.recipe import Recipe, kd_loss, make_optimizer
 
@@ -152,29 +152,26 @@ def train_step(run: StudentRun, steps: Steps, x: torch.Tensor, target: torch.Ten
 
 
 def train_epoch(
-    runs: list[StudentRun],
-    source: LabelSource,
-    steps: Steps,
-    images: torch.Tensor,
-    epoch: int,
-    k: AugConstants,
-    bn_refresh: bool = True,
+    runs: list[StudentRun], source: LabelSource, steps: Steps, augmenter: Augmenter, epoch: int, bn_refresh: bool = True
 ) -> list[float]:
-    """One epoch of every student; returns each one's mean loss (the epoch's one read from the device)."""
+    """One epoch of every student on `augmenter`'s set; returns each one's mean loss (the epoch's one read from the
+    device)."""
     device = source.device
-    plans = (
-        [source.epoch(runs[0].seed, epoch)] * len(runs) if source.shared_views else [source.epoch(r.seed, epoch) for r in runs]
-    )
-    totals = torch.zeros(len(runs), device=device)
+    shared = source.shared_views
+    plans = [source.epoch(r.seed, epoch, augmenter) for r in (runs[:1] if shared else runs)]
+    plans = plans * len(runs) if shared else plans
+    totals = [torch.zeros((), device=device) for _ in runs]
     num_batches = plans[0].aug.num_batches
     for b in range(num_batches):
-        views = [augment_batch(images, plans[0].aug, b, k)] if source.shared_views else None
-        xs = views * len(runs) if views else [augment_batch(images, p.aug, b, k) for p in plans]
+        if shared:
+            xs = [augmenter.batch(plans[0].aug, b)] * len(runs)
+        else:
+            xs = [augmenter.batch(p.aug, b, slot=i) for i, p in enumerate(plans)]
         logits = [None] * len(runs)
         if source.kind == "online":
             logits = steps.teacher(torch.cat(xs) if len(xs) > 1 else xs[0]).split(len(xs[0]))
         for i, run in enumerate(runs):
             target = source.targets(plans[i], b, logits[i])
             with own_rng(run, device):
-                totals[i] += train_step(run, steps, xs[i], target, bn_refresh)
-    return (totals / num_batches).tolist()
+                totals[i].add_(train_step(run, steps, xs[i], target, bn_refresh))
+    return (torch.stack(totals) / num_batches).tolist()

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.score import normalize
 from rded_fast.stitch import cell_boxes
-from rded_fast.train.augment import EpochAug, mix_targets
+from rded_fast.train.augment import DeviceEpoch, EpochAug, mix_targets
 
 REGION_GRIDS = ("cells", "image")
 
@@ -77,10 +77,8 @@ def region_weights(aug: EpochAug, size: int, factor: int, grid: int) -> np.ndarr
     return area / area.sum(axis=1, keepdims=True)
 
 
-def region_targets(cell_probs: torch.Tensor, weights: torch.Tensor, aug: EpochAug, b: int, size: int) -> torch.Tensor:
+def region_targets(cell_probs: torch.Tensor, weights: torch.Tensor, ep: DeviceEpoch) -> torch.Tensor:
     """Batch `b`'s targets from per-cell probabilities [N, g^2, C] and the epoch's `region_weights` [N, g^2] (both
-    on the device, `aug` too): each crop's covered cells by area, then CutMix's pasted share given to the partner's
+    on the device, as `ep` is): each crop's covered cells by area, then CutMix's pasted share given to the partner's
     target (as the hard labels mix). [B, C], rows sum to 1."""
-    sl = aug.batch_slice(b)
-    own = torch.einsum("bg,bgc->bc", weights[sl], cell_probs[aug.order[sl]])
-    return mix_targets(own, aug, b, size)
+    return mix_targets(torch.einsum("ng,ngc->nc", weights, cell_probs[ep.order]), ep)

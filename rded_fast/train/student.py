@@ -34,7 +34,7 @@ from rded_fast.models import BuiltModel
 from rded_fast.outputs import LABEL_FOLDER, RESULT_JSON, check_separate, check_writable_file, claim_output
 from rded_fast.progress import progress
 from rded_fast.train import checkpoint, softlabels
-from rded_fast.train.augment import aug_constants, augment_batch, sample_epoch, to_device
+from rded_fast.train.augment import Augmenter, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
 from rded_fast.train.engine import StudentRun, make_run, make_steps, train_epoch, warm
 from rded_fast.train.labels import LabelSource
@@ -299,7 +299,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
     runs = [make_run(cfg.student, len(data.classes), size, seed, recipe, device) for seed in seeds]
     steps = make_steps(source, compiled)
     images = data.images.to(device)
-    k = aug_constants(size, data.factor, device)
+    augmenter = Augmenter(images, data.factor)
     clock.lap("students")
     clock.seconds["compile"] = warm(steps, runs, source, images, cfg.bn_refresh)
     clock.lap("other")
@@ -313,7 +313,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
         disable=not cfg.show_progress,
     ):
         t = time.perf_counter()
-        losses = train_epoch(runs, source, steps, images, epoch, k, cfg.bn_refresh)
+        losses = train_epoch(runs, source, steps, augmenter, epoch, cfg.bn_refresh)
         train_seconds += time.perf_counter() - t
         for run, loss in zip(runs, losses):
             run.epoch_loss.append(loss)
@@ -423,15 +423,15 @@ def _relabel(cfg: StudentConfig) -> dict:
         return {**result, "region": cfg.region, "cells": len(logits), "total_bytes": written, "seconds": time.perf_counter() - t0}
     per_epoch = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed, "cutmix_beta": recipe.cutmix_beta}
     softlabels.write_header(out, {**header, **per_epoch, "recipe": RECIPE_TEXT})
-    constants = aug_constants(size, data.factor, device)
+    augmenter = Augmenter(images, data.factor)
     forward = _teacher_forward(teacher, device, amp, resolve_compile(cfg.compile, device, "relabel", recipe.epochs * len(images)))
     sizes = []
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
-        daug = to_device(aug, device)
+        daug = augmenter.prepare(aug)
         logits = torch.empty((len(images), len(data.classes)), device=device)
         for b in range(aug.num_batches):  # each batch copied out at once: a CUDA graph reuses its output buffer
-            logits[daug.batch_slice(b)] = forward(augment_batch(images, daug, b, constants))
+            logits[daug.batch_slice(b)] = forward(augmenter.batch(daug, b))
         sizes.append(softlabels.write_epoch(out, epoch, aug, softlabels.encode_logits(logits, k, recipe.temperature)))
     return {
         **result,
