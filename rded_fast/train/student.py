@@ -36,7 +36,7 @@ from rded_fast.progress import progress
 from rded_fast.train import checkpoint, softlabels
 from rded_fast.train.augment import Augmenter, sample_epoch
 from rded_fast.train.distilled_set import DistilledSet, load_distilled
-from rded_fast.train.engine import StudentRun, make_run, make_steps, train_epoch, warm
+from rded_fast.train.engine import Steps, StudentRun, make_run, make_steps, train_epoch, warm
 from rded_fast.train.labels import LabelSource
 from rded_fast.train.metrics import topk_accuracy
 from rded_fast.train.recipe import RECIPE_VERSION, Recipe, evaluates_at, rded_batch_size, rded_lr
@@ -272,6 +272,29 @@ def _summary(runs: list[StudentRun]) -> dict:
     return {**head, "final_top1_std": statistics.stdev(s["final_top1"] for s in per_seed), "runs": per_seed}
 
 
+def _train(
+    cfg: StudentConfig, runs: list[StudentRun], source: LabelSource, steps: Steps, augmenter: Augmenter, first: int, val
+) -> float:
+    """The epochs from `first` on, each followed by the evaluations the recipe asks for and the checkpoint; returns
+    the seconds spent in the epoch loop proper (evaluations and checkpoints excluded)."""
+    epochs, train_seconds = source.recipe.epochs, 0.0
+    for epoch in progress(
+        range(first, epochs), total=epochs, initial=first, desc=f"train {cfg.student}", disable=not cfg.show_progress
+    ):
+        t = time.perf_counter()
+        losses = train_epoch(runs, source, steps, augmenter, epoch, cfg.bn_refresh)
+        train_seconds += time.perf_counter() - t
+        for run, loss in zip(runs, losses):
+            run.epoch_loss.append(loss)
+            run.sched.step()
+            if epoch == epochs - 1 or (evaluates_at(epoch, epochs) and not cfg.final_only):
+                top1, top5 = topk_accuracy(run.model, *val, source.device, amp=source.amp)
+                run.evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
+        if cfg.checkpoint:
+            _save(cfg, runs, epoch)
+    return train_seconds
+
+
 def _evaluate(cfg: StudentConfig) -> dict:
     t0 = time.perf_counter()
     clock = _Clock()
@@ -304,25 +327,7 @@ def _evaluate(cfg: StudentConfig) -> dict:
     clock.seconds["compile"] = warm(steps, runs, source, images, cfg.bn_refresh)
     clock.lap("other")
     first = _resume(cfg, runs)
-    train_seconds = 0.0
-    for epoch in progress(
-        range(first, recipe.epochs),
-        total=recipe.epochs,
-        initial=first,
-        desc=f"train {cfg.student}",
-        disable=not cfg.show_progress,
-    ):
-        t = time.perf_counter()
-        losses = train_epoch(runs, source, steps, augmenter, epoch, cfg.bn_refresh)
-        train_seconds += time.perf_counter() - t
-        for run, loss in zip(runs, losses):
-            run.epoch_loss.append(loss)
-            run.sched.step()
-            if epoch == recipe.epochs - 1 or (evaluates_at(epoch, recipe.epochs) and not cfg.final_only):
-                top1, top5 = topk_accuracy(run.model, val_x, val_y, device, amp=source.amp)
-                run.evaluations.append({"epoch": epoch, "top1": top1, "top5": top5})
-        if cfg.checkpoint:
-            _save(cfg, runs, epoch)
+    train_seconds = _train(cfg, runs, source, steps, augmenter, first, (val_x, val_y))
     trained = (recipe.epochs - first) * len(data.labels) * len(runs)
     result = {
         "parameters": _parameters(cfg, data, source, compiled),
