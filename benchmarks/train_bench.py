@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rded_fast import heap
 from rded_fast.compile_rule import resolve_compile
 from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, cpu_description, device_name, resolve_amp, resolve_device
 from rded_fast.fileio import atomic_write_text
@@ -143,8 +144,9 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
     new_runs = lambda: [make_run(cfg.student, len(data.classes), size, s, source.recipe, device) for s in range(cfg.seeds)]
     runs = new_runs()
     compile_seconds = warm(steps, runs, source, images, cfg.bn_refresh)
-    engine_s = engine_loop(runs, source, steps, images, cfg)
-    model_s = model_only_loop(new_runs(), source, steps, n, cfg)
+    with heap.frozen():  # as evaluate trains
+        engine_s = engine_loop(runs, source, steps, images, cfg)
+        model_s = model_only_loop(new_runs(), source, steps, n, cfg)
     return {
         "stage": "train",
         "device": device_name(device),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchvision
 
 import rded_fast
-from rded_fast import journal
+from rded_fast import heap, journal
 from rded_fast.arguments import check_config, paths_as_strings
 from rded_fast.chance import near_chance_threshold
 from rded_fast.compile_rule import CHOICES as COMPILE_CHOICES, resolve_compile
@@ -825,7 +825,8 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
     run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
-    collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
+    with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
+        collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
     seconds.update(watch.seconds)
     barrier(world)

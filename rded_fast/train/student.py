@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rded_fast import heap
 from rded_fast.compile_rule import resolve_compile
 from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, resolve_amp, resolve_device
 from rded_fast.errors import UserError
@@ -327,7 +328,8 @@ def _evaluate(cfg: StudentConfig) -> dict:
     clock.seconds["compile"] = warm(steps, runs, source, images, cfg.bn_refresh)
     clock.lap("other")
     first = _resume(cfg, runs)
-    train_seconds = _train(cfg, runs, source, steps, augmenter, first, (val_x, val_y))
+    with heap.frozen():  # no full collection over the setup's objects while the epochs run
+        train_seconds = _train(cfg, runs, source, steps, augmenter, first, (val_x, val_y))
     trained = (recipe.epochs - first) * len(data.labels) * len(runs)
     result = {
         "parameters": _parameters(cfg, data, source, compiled),
