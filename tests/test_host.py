@@ -211,10 +211,12 @@ def test_auto_defaults(monkeypatch, tmp_path):
         device_mod.resolve_amp("fp16", "cpu", device_mod.TRAIN_AMP_CHOICES)
     from rded_fast.compile_rule import MIN_WORK_CPU, resolve_compile
 
-    for work in ("distill", "train", "relabel"):
+    for work in ("distill", "relabel"):
         small, large = MIN_WORK_CPU[work] - 1, MIN_WORK_CPU[work]
         assert not resolve_compile("auto", "cpu", work, small) and resolve_compile("auto", "cpu", work, large)
         assert resolve_compile("auto", "cuda", work, 1) and not resolve_compile("off", "cuda", work, large)
+    assert not resolve_compile("auto", "cpu", "train", 10**12) and resolve_compile("auto", "cuda", "train", 1)
+    assert resolve_compile("on", "cpu", "train", 1)
     beton = tmp_path / "train.beton"
     beton.write_bytes(b"")
     assert resolve_loader("auto", str(beton), "cpu") == "ffcv"
