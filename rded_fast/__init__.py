@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 # The one place the version is written (setup.py reads it). Its minor number changes whenever the same inputs
 # give other output bytes: CHANGELOG.md.
-__version__ = "0.2.3"
+__version__ = "0.3.0"
 
 # The command (`cli.py`), the format writers (`converters/`) and the benchmarks (`benchmarks/`) sit beside this
 # package in the repository and are installed inside it (setup.py), so that they import as rded_fast.cli,

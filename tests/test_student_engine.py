@@ -127,3 +127,18 @@ def test_compiled_steps_match_eager_and_compile_once(factor2_distilled, fashion_
     graphs = counters["stats"]["unique_graphs"] - before
     assert 0 < graphs <= 2  # the step and the BN refresh, one batch shape, for both students
     np.testing.assert_allclose(compiled["runs"][0]["epoch_loss"], eager["epoch_loss"], rtol=1e-4)
+
+
+def test_bench_train_reports_the_engine_beside_its_model_only_loop(tmp_path):
+    from rded_fast.cli import main
+
+    out = tmp_path / "train.json"
+    argv = ["bench", "--stage", "train", "--observer", "conv3", "--student", TINY, "--input-size", "32", "--factor", "2"]
+    argv += ["--ipc", "4", "--classes", "3", "--epochs", "2", "--seeds", "2", "--device", "cpu", "--compile", "off"]
+    assert main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["labels"] == "online" and result["images"] == 12 and result["batch_size"] == 12
+    assert result["engine"]["samples"] == result["model_only"]["samples"] == 2 * 12 * 2
+    assert result["engine"]["img_per_s"] > 0 and result["model_only"]["img_per_s"] > 0
+    assert result["fraction_of_model_only"] == pytest.approx(result["model_only"]["seconds"] / result["engine"]["seconds"])
+    assert result["cpu"]["cores"] >= 1 and not result["compiled"]
