@@ -168,7 +168,7 @@ def test_evaluate_amp_final_only_and_one_decode_of_the_val_split(jpeg_tree, tmp_
     os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
     student_mod.evaluate(student_mod.StudentConfig(**base, labels="hard", epochs=1))
     assert len(decoded) == 2  # a changed file is decoded again
-    with pytest.raises(UserError, match="--amp fp16"):
+    with pytest.raises(UserError, match="--amp 'fp16'"):
         student_mod.evaluate(student_mod.StudentConfig(**base, labels="hard", amp="fp16"))
 
 

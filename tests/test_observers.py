@@ -15,7 +15,6 @@ import torch
 from rded_fast.errors import UserError
 from rded_fast.models import build, choose_head_rows, imagenet_wnids, list_models, model_families
 from rded_fast.score import Scorer, normalize_uint8
-from rded_fast.train.student import StudentConfig
 
 try:
     import timm
@@ -296,17 +295,11 @@ def test_distill_imagenet_subset_with_full_head_through_cli(tmp_path):
 def test_teacher_rows_and_normalisation(tmp_path):
     """A teacher with its own normalisation sees the recipe's ImageNet-normalised batches converted to it,
     and a teacher that is the distilled set's observer uses the rows the manifest recorded."""
-    from rded_fast.train.distilled_set import DistilledSet
-    from rded_fast.train.student import _teacher
+    from rded_fast.train.teacher import build_teacher
 
     path = _save_timm(tmp_path, "test_vit", "bare", size=32, classes=6)
     manifest = {"observer": {"name": "timm:test_vit", "head_rows": {"a": 4, "b": 1}}}
-    data = DistilledSet(
-        tmp_path, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"], ["a", "b"], 1, 1, manifest
-    )
-    teacher, built = _teacher(
-        StudentConfig(distilled="", teacher="timm:test_vit", teacher_weights=str(path)), data, torch.device("cpu")
-    )
+    teacher, built = build_teacher("timm:test_vit", str(path), ["a", "b"], 32, manifest, torch.device("cpu"))
     full = timm.create_model("test_vit", num_classes=6, img_size=32)
     full.load_state_dict(torch.load(path, weights_only=True))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)

@@ -90,7 +90,8 @@ def check_teacher(
 ) -> dict:
     """The teacher's top-1 on a sample of `images` [N, 3, S, S] uint8 with `labels` [N] (the run's class mapping,
     `num_classes` classes); a UserError naming `where` (the images it was measured on) and the usual cause when it
-    is near chance. `grid` > 1: each image's grid x grid cells are scored apart, each resized to the image size
+    is near chance (not when the sample is too small for any accuracy to clear the threshold). `grid` > 1: each
+    image's grid x grid cells are scored apart, each resized to the image size
     (a distilled set's stitched cells, as region labels see them: a stitched image of four small crops is a
     harder view than any one of them). Returns {"accuracy", "chance", "threshold", "images"}."""
     pick = torch.from_numpy(check_sample(labels.numpy(), seed, max(1, CHECK_IMAGES // (grid * grid))))
@@ -104,7 +105,7 @@ def check_teacher(
     accuracy = int(correct) / n if n else 0.0
     chance, threshold = 1.0 / num_classes, near_chance_threshold(num_classes, n)
     report = {"accuracy": accuracy, "chance": chance, "threshold": threshold, "images": n}
-    if not n or accuracy >= threshold:
+    if not n or accuracy >= threshold or threshold >= 1.0:  # too few images to tell a guess from a teacher
         return report
     head = f"teacher {name} gets {accuracy:.1%} top-1 on {n} images of {where}, near chance ({chance:.1%}; refusing below {threshold:.1%})"
     if not has_weights:
