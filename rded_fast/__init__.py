@@ -22,9 +22,7 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# The one place the version is written (setup.py reads it). Its minor number changes whenever the same inputs
-# give other output bytes: CHANGELOG.md.
-__version__ = "0.3.0"
+from rded_fast.version import __version__  # written once, in a leaf module (setup.py reads it there)
 
 # The command (`cli.py`), the format writers (`converters/`) and the benchmarks (`benchmarks/`) sit beside this
 # package in the repository and are installed inside it (setup.py), so that they import as rded_fast.cli,
