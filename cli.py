@@ -179,8 +179,9 @@ def run_distill(args) -> int:
         from rded_fast.distributed import launch
 
         return launch(args.nproc, without_option(list(args.argv), "--nproc"))
-    fields = _fields(args, "nproc")
-    result = distill(DistillConfig(**fields, show_progress=not args.quiet))
+    fields = _fields(args, "nproc", "hw_decoder_load")
+    options = {"hw_decoder_load": args.hw_decoder_load}
+    result = distill(DistillConfig(**fields, loader_options=options, show_progress=not args.quiet))
     if result.is_main:
         print_distill(result)
         if result.num_images == 0:  # every class was skipped: the notes above say why

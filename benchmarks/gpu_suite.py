@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from rded_fast.device import available_cores, cpu_description
+from rded_fast.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tree", "tree1k", "convert", "model", "ceilings", "decode", "tvjpeg", "e2e", "e2e1k", "host", "tests")
@@ -331,17 +332,17 @@ def distill_run(s: Settings, name: str, data: Path, num_classes: int, model_rate
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         return {"error": f"rc {proc.returncode}: {proc.stderr[-2000:]}", "wall_s": wall}
-    manifest = json.loads((out / "manifest.json").read_text())
-    seconds = manifest["run"]["seconds"]
-    crops = sum(min(c, s.mipc) for c in manifest["data"]["class_counts"]) * s.num_crop
+    manifest = read_manifest(out / "manifest.json")
+    seconds = manifest.seconds
+    crops = sum(min(c, s.mipc) for c in manifest.class_counts) * s.num_crop
     rate = crops / seconds["classes"]
     return {
         "classes": num_classes,
         "wall_s": wall,
         "outside_run_s": wall - seconds["total"],  # interpreter start-up, imports, claiming --out, the manifest
         "run_seconds": seconds,
-        "images_written": len(manifest["images"]),
-        "decode_failures": len(manifest["decode_failures"]),
+        "images_written": len(manifest.images),
+        "decode_failures": len(manifest.decode_failures),
         "crops": crops,
         "crops_per_s": rate,
         "model_only_crops_per_s": model_rate,

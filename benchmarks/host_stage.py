@@ -59,7 +59,8 @@ def bench_host(
     workers: int | None = None,
 ) -> dict:
     """Host critical path per class for output format `fmt` (png or jpg); see the module docstring."""
-    from rded_fast.distill import DistillConfig, commit_classes, prepare_class, to_host
+    from rded_fast.class_stage import commit_classes, prepare_class, to_host
+    from rded_fast.distill import DistillConfig
     from rded_fast.host import default_host_workers
 
     crop_size = input_size // factor

@@ -22,10 +22,11 @@ import torch
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
 from rded_fast.compile_rule import resolve_compile
-from rded_fast.device import autocast, cpu_description, device_name, resolve_amp, resolve_device
-from rded_fast.distill import DistillConfig, available_cores, check_memory, distill
+from rded_fast.device import autocast, available_cores, cpu_description, device_name, resolve_amp, resolve_device
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.loaders import make_loader, open_index, resolve_loader
+from rded_fast.memory_check import check_memory
 from rded_fast.models import build
 from rded_fast.plan import make_plan
 from rded_fast.score import Scorer, center_pad, normalize_uint8

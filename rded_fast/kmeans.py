@@ -18,13 +18,6 @@ import torch
 MAX_ITERATIONS = 30
 
 
-def cosine_similarity(features: np.ndarray) -> np.ndarray:
-    """[n, d] features -> [n, n] float64 cosine similarities (rows L2-normalised; a zero row stays zero)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x @ x.T
-
-
 def seed_centres(sim: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
     """k-means++: the first centre uniformly at random, each next one with probability proportional to the squared
     distance to the nearest centre so far (a uniform pick when every point sits on a centre). Returns point indices."""

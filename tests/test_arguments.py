@@ -120,9 +120,10 @@ def test_memory_estimate_is_a_lower_bound_that_passes_ordinary_runs(jpeg_tree, m
     import torch
 
     from rded_fast import device as dev
-    from rded_fast.distill import DistillConfig, check_memory
+    from rded_fast.distill import DistillConfig
     from rded_fast.errors import UserError
     from rded_fast.formats.folder import build_index
+    from rded_fast.memory_check import check_memory
     from rded_fast.plan import make_plan
 
     index = build_index(str(jpeg_tree), show_progress=False)

@@ -5,8 +5,7 @@ import json
 import numpy as np
 
 from rded_fast.index import UNLISTED_CLASS, DatasetIndex
-from rded_fast.manifest import SHOWN, build_manifest, read_manifest, summary_lines
-from rded_fast.write import _json_default, manifest_json, write_manifest
+from rded_fast.manifest import SHOWN, _json_default, build_manifest, manifest_json, read_manifest, summary_lines, write_manifest
 
 
 def _index(classes: int) -> DatasetIndex:

@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+from rded_fast.chance import near_chance_threshold
 from rded_fast.cli import NUMBER_RANGES, build_parser, main, os_error_message
-from rded_fast.distill import DistillConfig, distill, near_chance_threshold
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.formats.folder import build_index
 from rded_fast.index import UNLISTED_CLASS, read_class_map
 from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.lock import lock_record
-from rded_fast.outputs import acquire_lock, lock_path, release_lock
+from rded_fast.lock import acquire_lock, lock_path, lock_record, release_lock
 from tests.conftest import write_synthetic_jpegs
 
 

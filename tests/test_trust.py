@@ -90,7 +90,7 @@ def test_resume_from_another_working_directory_with_relative_paths(small, tmp_pa
         ("input_size", 32.0, "--input-size 32.0: must be an integer"),
         ("num_crop", None, "--num-crop None: a value is required"),
         ("seed", True, "--seed True: must be an integer"),
-        ("hw_decoder_load", math.nan, "--hw-decoder-load nan: must be a finite number"),
+        ("loader_options", {"hw_decoder_load": math.nan}, "--hw-decoder-load nan: must be a finite number"),
         ("crop_scale", (0.5, "1"), "--crop-scale (0.5, '1'): must be 2 finite numbers"),
         ("overwrite", "no", "--overwrite 'no': must be True or False"),
         ("device", 0, "--device 0: must be a string"),
