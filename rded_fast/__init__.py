@@ -40,7 +40,7 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DistillConfig": "rded_fast.distill",
+    "DistillConfig": "rded_fast.config",
     "DistillResult": "rded_fast.distill",
     "distill": "rded_fast.distill",
     "StudentConfig": "rded_fast.train.student",
@@ -57,7 +57,8 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily below
-    from rded_fast.distill import DistillConfig as DistillConfig, DistillResult as DistillResult, distill as distill
+    from rded_fast.config import DistillConfig as DistillConfig
+    from rded_fast.distill import DistillResult as DistillResult, distill as distill
     from rded_fast.errors import UserError as UserError
     from rded_fast.models import BuiltModel as BuiltModel, build as build, list_models as list_models, register as register
     from rded_fast.train.observer import ObserverConfig as ObserverConfig, train_observer as train_observer

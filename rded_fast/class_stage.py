@@ -13,13 +13,13 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rded_fast import journal
+from rded_fast.config import DistillConfig
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex
 from rded_fast.loaders import CropLoader, make_loader
@@ -31,9 +31,6 @@ from rded_fast.select import MORE_CROPS, ClassInputs, ClassSelection, selector
 from rded_fast.stitch import cell_boxes, rank_of_cell, stitch
 from rded_fast.timing import Stopwatch
 from rded_fast.write import encode_class_images, image_name, write_classes_files
-
-if TYPE_CHECKING:
-    from rded_fast.distill import DistillConfig
 
 
 def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], show_progress: bool = False) -> CropPlan:

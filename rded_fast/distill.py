@@ -3,7 +3,7 @@
 index -> plan -> checks (crops, memory) -> observer -> observer check -> (load -> score -> select -> stitch ->
 write -> journal) per class -> manifest.
 
-Each stage lives in a module of its own: the config's checks (rded_fast.config_checks), the memory check
+Each stage lives in a module of its own: the config and its checks (rded_fast.config), the memory check
 (memory_check), the observer and its scorer (observer_setup), the observer check (observer_check), the class stage
 (class_stage: classes stream through the loader, each scored, selected, stitched, written and journaled when it is
 complete) and the manifest's records (manifest). Rank 0 claims the output, runs the prologue and, after every
@@ -24,7 +24,7 @@ import torch
 from rded_fast import heap, journal
 from rded_fast.arguments import paths_as_strings
 from rded_fast.class_stage import plan_classes, run_classes
-from rded_fast.config_checks import PATH_FIELDS, check_crops_fit, check_index_path, note_ignored, resolve_auto, validate
+from rded_fast.config import PATH_FIELDS, DistillConfig, check_crops_fit, check_index_path, note_ignored, resolve_auto, validate
 from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
@@ -50,51 +50,11 @@ from rded_fast.observer_check import check_observer
 from rded_fast.observer_setup import build_observer, scoring_choices
 from rded_fast.outputs import DISTILLED_SET, claim_output, resolve
 from rded_fast.plan import CropPlan, short_classes
-from rded_fast.recipe import CONTACT_SHEET_CLASSES, CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
+from rded_fast.recipe import CONTACT_SHEET_CLASSES
 from rded_fast.score import Scorer
 from rded_fast.select import selector
 from rded_fast.timing import Stopwatch
 from rded_fast.write import prepare_out_dir, read_image, write_contact_sheet
-
-
-@dataclass
-class DistillConfig:
-    """Every knob of a distill run; defaults are the reference's ImageNet-1K settings."""
-
-    data: str
-    out: str
-    observer: str
-    weights: str | None = None
-    ipc: int = IPC
-    factor: int = FACTOR
-    mipc: int = MIPC
-    num_crop: int = NUM_CROP
-    # area fraction range of the random crops (RandomResizedCrop's scale; RDED's (0.08, 1)); (1, 1): whole images
-    crop_scale: tuple[float, float] = CROP_SCALE
-    input_size: int = INPUT_SIZE
-    seed: int = 0
-    batch_size: int = 64
-    workers: int | None = None  # None: the cores available to this process
-    device: str = "auto"
-    loader: str = "auto"
-    prefetch: int | None = None  # loader batches in flight; None: the loader's default for the device
-    # the loader's own options by name, e.g. {"hw_decoder_load": 1.0} (DALI on CUDA: share of each batch for the
-    # hardware JPEG decoder; pinned to 0 or 1 every image gets the same decoder wherever it sits in a batch, so output
-    # bytes do not depend on batch size or resume); a loader's default where not given
-    loader_options: dict = field(default_factory=dict)
-    format: str = "png"
-    jpeg_quality: int = 90
-    class_map: str | None = None
-    index: str | None = None
-    select: str = "rded"  # a rule of rded_fast.select.SELECTORS (or an alias)
-    amp: str = "auto"
-    compile: str = "auto"
-    score_mode: str = "faithful"
-    overwrite: bool = False
-    overwrite_any: bool = False  # replace an --out that rded-fast did not write (moved aside until success)
-    resume: bool = False
-    skip_observer_check: bool = False
-    show_progress: bool = True
 
 
 @dataclass

@@ -41,7 +41,6 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
-from rded_fast.index import UNLISTED_CLASS
 from rded_fast.recipe import CROP_RATIO, CROP_SCALE
 
 if TYPE_CHECKING:
@@ -294,6 +293,8 @@ def _names(items) -> str:
 
 def summary_lines(m: Manifest) -> list[str]:
     """One note per kind of thing left out or worked around, with its count and the first few names."""
+    from rded_fast.index import UNLISTED_CLASS  # here: rded_fast.outputs reads manifests without the index
+
     notes = []
     if m.short_classes:
         notes.append(

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from rded_fast.config import DistillConfig
 from rded_fast.device import check_fits
 from rded_fast.observer_check import CHECK_IMAGES
 from rded_fast.plan import CropPlan
 from rded_fast.score import score_chunk
 from rded_fast.select import selector
-
-if TYPE_CHECKING:
-    from rded_fast.distill import DistillConfig
 
 
 def check_memory(cfg: DistillConfig, plan: CropPlan, num_classes: int, device: torch.device) -> None:

@@ -8,22 +8,19 @@ size it will be given, so that a size it cannot take is one line, not a tracebac
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rded_fast.chance import near_chance_threshold
 from rded_fast.class_stage import loader_for
+from rded_fast.config import DistillConfig
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex
 from rded_fast.models import BuiltModel
 from rded_fast.plan import make_center_plan
 from rded_fast.progress import progress
 from rded_fast.score import Scorer, nonfinite_scores
-
-if TYPE_CHECKING:
-    from rded_fast.distill import DistillConfig
 
 CHECK_IMAGES = 300  # training images the check scores (about; at least one per class)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from rded_fast.compile_rule import resolve_compile
+from rded_fast.config import DistillConfig
 from rded_fast.device import amp_name, resolve_amp
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, read_class_map
@@ -16,9 +15,6 @@ from rded_fast.models.heads import HeadTooSmall, find_head, split_head
 from rded_fast.observer_check import check_observer_input
 from rded_fast.score import Scorer, score_chunk
 from rded_fast.select import selector
-
-if TYPE_CHECKING:
-    from rded_fast.distill import DistillConfig
 
 
 def build_observer(cfg: DistillConfig, index: DatasetIndex, device: torch.device) -> tuple[BuiltModel, Scorer]:

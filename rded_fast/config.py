@@ -1,16 +1,16 @@
-"""The checks of a distill config before any work, and its `auto` knobs made concrete.
+"""A distill run's config (`DistillConfig`), its checks before any work, and its `auto` knobs made concrete.
 
 `validate` refuses impossible arguments in one line each (the command line's type and range checks, then the
 combinations); `note_ignored` names arguments a selection does not use; `resolve_auto` fixes what `auto`, an alias
 or a selection leaves open; `check_index_path` and `check_crops_fit` refuse an --index cache or a --crop-scale that
-cannot work. The config itself is rded_fast.distill.DistillConfig.
+cannot work.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,13 +24,52 @@ from rded_fast.loaders import LOADER_CHOICES, resolve_loader
 from rded_fast.models import check_input_size
 from rded_fast.outputs import check_separate, check_writable_file, note, resolve
 from rded_fast.plan import CropPlan
-from rded_fast.recipe import CROP_SCALE, FACTOR, NUM_CROP
+from rded_fast.recipe import CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
 from rded_fast.select import SELECTIONS, selector
 
 if TYPE_CHECKING:
     import torch
 
-    from rded_fast.distill import DistillConfig
+
+@dataclass
+class DistillConfig:
+    """Every knob of a distill run; defaults are the reference's ImageNet-1K settings."""
+
+    data: str
+    out: str
+    observer: str
+    weights: str | None = None
+    ipc: int = IPC
+    factor: int = FACTOR
+    mipc: int = MIPC
+    num_crop: int = NUM_CROP
+    # area fraction range of the random crops (RandomResizedCrop's scale; RDED's (0.08, 1)); (1, 1): whole images
+    crop_scale: tuple[float, float] = CROP_SCALE
+    input_size: int = INPUT_SIZE
+    seed: int = 0
+    batch_size: int = 64
+    workers: int | None = None  # None: the cores available to this process
+    device: str = "auto"
+    loader: str = "auto"
+    prefetch: int | None = None  # loader batches in flight; None: the loader's default for the device
+    # the loader's own options by name, e.g. {"hw_decoder_load": 1.0} (DALI on CUDA: share of each batch for the
+    # hardware JPEG decoder; pinned to 0 or 1 every image gets the same decoder wherever it sits in a batch, so output
+    # bytes do not depend on batch size or resume); a loader's default where not given
+    loader_options: dict = field(default_factory=dict)
+    format: str = "png"
+    jpeg_quality: int = 90
+    class_map: str | None = None
+    index: str | None = None
+    select: str = "rded"  # a rule of rded_fast.select.SELECTORS (or an alias)
+    amp: str = "auto"
+    compile: str = "auto"
+    score_mode: str = "faithful"
+    overwrite: bool = False
+    overwrite_any: bool = False  # replace an --out that rded-fast did not write (moved aside until success)
+    resume: bool = False
+    skip_observer_check: bool = False
+    show_progress: bool = True
+
 
 # DistillConfig fields that name files or folders: a pathlib.Path is taken for them too (as a string)
 PATH_FIELDS = ("data", "out", "weights", "class_map", "index")
