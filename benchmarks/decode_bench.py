@@ -118,9 +118,42 @@ def crop_differences(
     return {"reference": f"{sources[0][0]}:{Path(sources[0][1]).name}", "rows": rows, **out}
 
 
-def main(argv: list[str] | None = None) -> int:
+def convert_all(tree: Path, work: Path, workers: int) -> dict:
+    """`tree` converted to a .beton of each write mode and to DALI shards under `work`: the rates of each."""
     from rded_fast.converters.dali_shards import convert_dali
     from rded_fast.converters.ffcv_writer import convert_ffcv
+
+    converts = {}
+    for mode in ("jpg", "raw"):
+        summary = convert_ffcv(str(tree), str(work / f"{mode}.beton"), workers=workers, write_mode=mode, show_progress=False)
+        converts[mode] = {
+            "img_per_s": summary["images_per_second"],
+            "seconds": summary["seconds"],
+            "bytes": summary["bytes"],
+            "images": summary["written"],
+        }
+    summary = convert_dali(str(tree), str(work / "shards"), workers=workers, show_progress=False)
+    converts["dali"] = {
+        "img_per_s": round(summary["written"] / summary["seconds"], 1),
+        "seconds": summary["seconds"],
+        "images": summary["written"],
+    }
+    return converts
+
+
+def print_rates(runs: list[dict], converts: dict, result: dict, num_crop: int, crop_size: int) -> None:
+    """The decode rates against torch's, the conversion rates and the crops' differences, one line each."""
+    for r in runs:
+        print(
+            f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
+            f"(decode + {num_crop} crops at {crop_size} px)"
+        )
+    for mode, c in converts.items():
+        print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
+    print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))
+
+
+def main(argv: list[str] | None = None) -> int:
     from rded_fast.formats.beton import keep_torch_threads
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,21 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     with keep_torch_threads():  # once per process; kept out of the conversion rates below
         import ffcv  # noqa: F401
     ffcv_import_s = round(time.perf_counter() - t0, 2)
-    converts = {}
-    for mode in ("jpg", "raw"):
-        summary = convert_ffcv(str(tree), str(work / f"{mode}.beton"), workers=args.workers, write_mode=mode, show_progress=False)
-        converts[mode] = {
-            "img_per_s": summary["images_per_second"],
-            "seconds": summary["seconds"],
-            "bytes": summary["bytes"],
-            "images": summary["written"],
-        }
-    summary = convert_dali(str(tree), str(work / "shards"), workers=args.workers, show_progress=False)
-    converts["dali"] = {
-        "img_per_s": round(summary["written"] / summary["seconds"], 1),
-        "seconds": summary["seconds"],
-        "images": summary["written"],
-    }
+    converts = convert_all(tree, work, args.workers)
     sources = [
         ("torch", str(tree)),
         ("ffcv", str(work / "jpg.beton")),
@@ -187,14 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"decode_{args.device_name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    for r in runs:
-        print(
-            f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
-            f"(decode + {args.num_crop} crops at {args.crop_size} px)"
-        )
-    for mode, c in converts.items():
-        print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
-    print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))
+    print_rates(runs, converts, result, args.num_crop, args.crop_size)
     print(f"wrote {out}")
     return 0
 

@@ -21,11 +21,12 @@ import torch
 
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
+from rded_fast.class_stage import loader_for
 from rded_fast.compile_rule import resolve_compile
 from rded_fast.device import autocast, available_cores, cpu_description, device_name, resolve_amp, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
-from rded_fast.loaders import make_loader, open_index, resolve_loader
+from rded_fast.loaders import open_index, resolve_loader
 from rded_fast.memory_check import check_memory
 from rded_fast.models import build
 from rded_fast.plan import make_plan
@@ -66,17 +67,7 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
 
 def bench_decode(job: DistillConfig, index, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
-    loader = make_loader(
-        job.loader,
-        index,
-        plan,
-        crop_size,
-        batch_size=job.batch_size,
-        workers=job.workers,
-        device=str(device),
-        prefetch=job.prefetch,
-        reuse_buffers=True,
-    )
+    loader = loader_for(job, index, plan, crop_size, device, reuse_buffers=True)
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t

@@ -213,7 +213,7 @@ def _json_default(obj):
 def manifest_json(manifest: dict) -> str:
     """manifest.json's text: indented as json.dumps(indent=1) writes it, except that each distilled image is one
     line. The images are most of the file and one line each keeps them greppable while json's C encoder writes them
-    (json's indented encoder is Python, 3.5x slower: benchmarks/README.md); the JSON is the same."""
+    (json's indented encoder is Python, slower: benchmarks/README.md, "Timings the code quotes"); the JSON is the same."""
     pretty = json.JSONEncoder(indent=1, default=_json_default, allow_nan=True)
     line = json.JSONEncoder(default=_json_default, allow_nan=True)
     parts = []

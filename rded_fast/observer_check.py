@@ -56,7 +56,7 @@ def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, devi
         labels = torch.from_numpy(plan.labels[keep])
         rows = torch.from_numpy(keep)
         # eager: compiling the observer a second time, for this crop size, costs more than these few hundred crops
-        # (a cold compile: benchmarks/README.md; the class stage's size is compiled already)
+        # (benchmarks/README.md, "Timings the code quotes"; the class stage's size is compiled already)
         scores, preds = scorer(crops[rows.to(crops.device)], labels.to(scorer.device), eager=True)
         correct = int((preds == labels.to(preds.device)).sum())
         bad = int((~torch.isfinite(scores)).sum())
