@@ -59,6 +59,8 @@ from rded_fast.write import prepare_out_dir, read_image, write_contact_sheet
 
 @dataclass
 class DistillResult:
+    """What a distill run made: its folder, manifest and contact sheet, with the counts and notes the command prints."""
+
     out: Path
     manifest: Path
     contact_sheet: Path | None  # None when no class got an image (no sheet is drawn) and on ranks other than 0
@@ -103,6 +105,46 @@ def distill(cfg: DistillConfig) -> DistillResult:
         ),
     ):
         return _distill(cfg)
+
+
+def _distill(cfg: DistillConfig) -> DistillResult:
+    """The stages in order on this rank: rank 0's prologue (the others read its index and plan the same), this
+    rank's classes (less those a --resume finds done), then rank 0's manifest."""
+    t0 = time.perf_counter()
+    world = init_world(resolve_device(cfg.device).type)
+    device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
+    cfg = resolve_auto(cfg, device)
+    preload(cfg.loader)  # its import overlaps the prologue
+    out = Path(cfg.out).resolve()
+    seconds: dict[str, float] = {}
+    index = plan = observer = scorer = check = None
+    if world.is_main:
+        index, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+    else:
+        collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
+        index = load_index(out / "index.npz")  # with every header rank 0's plan read: this plan reads none
+        plan = plan_classes(cfg, index, list(range(index.num_classes)))
+        observer, scorer = build_observer(cfg, index, device)
+    seconds["compile"] = scorer.compile_seconds
+    seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
+
+    t = time.perf_counter()
+    records = journal.read_classes(out) if cfg.resume else {}
+    done = journal.still_current(out, records, index) if cfg.resume else {}
+    counts = np.minimum(index.class_counts(), cfg.mipc)
+    todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
+    journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
+    watch = Stopwatch()
+    run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
+    with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
+        collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
+    seconds["classes"] = time.perf_counter() - t
+    seconds.update(watch.seconds)
+    barrier(world)
+    if not world.is_main:
+        return DistillResult(out, out / "manifest.json", None, 0, None, 0, seconds, is_main=False)
+    scoring = {**scoring_choices(scorer), "device": device_name(device), "cpu": cpu_description()}
+    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done), scoring=scoring)
 
 
 def _prologue(
@@ -150,44 +192,6 @@ def _run_record(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, s
     }
     scored_on = {"device": device.type, **scoring_choices(scorer)}
     return run_record(run_parameters(asdict(cfg)), paths, index.classes, weights, scored_on)
-
-
-def _distill(cfg: DistillConfig) -> DistillResult:
-    t0 = time.perf_counter()
-    world = init_world(resolve_device(cfg.device).type)
-    device = resolve_device(cfg.device, world.local_rank if world.size > 1 else None)
-    cfg = resolve_auto(cfg, device)
-    preload(cfg.loader)  # its import overlaps the prologue
-    out = Path(cfg.out).resolve()
-    seconds: dict[str, float] = {}
-    index = plan = observer = scorer = check = None
-    if world.is_main:
-        index, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
-    else:
-        collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
-        index = load_index(out / "index.npz")  # with every header rank 0's plan read: this plan reads none
-        plan = plan_classes(cfg, index, list(range(index.num_classes)))
-        observer, scorer = build_observer(cfg, index, device)
-    seconds["compile"] = scorer.compile_seconds
-    seconds["prologue"] = time.perf_counter() - t0 - scorer.compile_seconds
-
-    t = time.perf_counter()
-    records = journal.read_classes(out) if cfg.resume else {}
-    done = journal.still_current(out, records, index) if cfg.resume else {}
-    counts = np.minimum(index.class_counts(), cfg.mipc)
-    todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
-    journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
-    watch = Stopwatch()
-    run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
-    with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
-        collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
-    seconds["classes"] = time.perf_counter() - t
-    seconds.update(watch.seconds)
-    barrier(world)
-    if not world.is_main:
-        return DistillResult(out, out / "manifest.json", None, 0, None, 0, seconds, is_main=False)
-    scoring = {**scoring_choices(scorer), "device": device_name(device), "cpu": cpu_description()}
-    return _finish(cfg, index, observer, check, out, seconds, t0, world, resumed=sorted(done), scoring=scoring)
 
 
 def _finish(
