@@ -43,11 +43,11 @@ from rded_fast.device import (
 )
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
-from rded_fast.formats import reading
+from rded_fast.formats import Source, reading, reopen
 from rded_fast.formats.folder import keep_index_cache
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex, is_index_cache, load_index, read_class_map, save_index
-from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_index, preload, resolve_loader
+from rded_fast.loaders import LOADER_CHOICES, CropLoader, make_loader, open_source, preload, resolve_loader
 from rded_fast.manifest import as_manifest, build_manifest, summary_lines
 from rded_fast.models import BuiltModel, build, check_input_size
 from rded_fast.models.classes import restrict_class_map
@@ -297,23 +297,24 @@ def iter_classes(
         pos += n
 
 
-def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, device: torch.device) -> dict:
+def check_observer(source: Source, cfg: DistillConfig, scorer: Scorer, device: torch.device) -> dict:
     """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance.
 
     One batched pass: every decodable check image with its own label, in full scoring chunks (no per-class
     padding), counted on the device with one host sync at the end."""
+    index = source.index
     per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
     plan = make_center_plan(index, cfg.seed, per_class)
     loader = make_loader(
         cfg.loader,
-        index,
+        source,
         plan,
         cfg.input_size,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         device=str(device),
         prefetch=cfg.prefetch,
-        hw_decoder_load=cfg.hw_decoder_load,
+        options={"hw_decoder_load": cfg.hw_decoder_load},
     )
     crops, ok, pos = None, np.zeros(len(plan), bool), 0
     for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
@@ -608,7 +609,8 @@ def _prologue(
     t = time.perf_counter()
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
     class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
-    index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
+    source = open_source(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
+    index = source.index
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no image files found")
     stamps = None if index.stamps is None else index.stamps.copy()
@@ -620,7 +622,7 @@ def _prologue(
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = _observer(cfg, index, device)
-    check = check_observer(index, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
+    check = check_observer(source, cfg, scorer, device) if cfg.select in SCORED_SELECTIONS else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     run = _journal_run(cfg, index, observer, scorer, device)
@@ -631,7 +633,7 @@ def _prologue(
     save_index(replace(index, folders=None), out / "index.npz")  # ranks > 0 read it; folder times are no output
     if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
         keep_index_cache(index, cfg.index)
-    return index, plan, observer, scorer, check
+    return source, plan, observer, scorer, check
 
 
 def check_crops_fit(cfg: DistillConfig, index: DatasetIndex, plan: CropPlan) -> None:
@@ -749,7 +751,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
 def run_classes(
     cfg: DistillConfig,
-    index: DatasetIndex,
+    source: Source,
     plan: CropPlan,
     scorer: Scorer,
     todo: list[int],
@@ -759,10 +761,11 @@ def run_classes(
 ) -> None:
     """Decode, score, select, stitch, write and journal the classes `todo` (this rank's share; `plan` holds their
     rows); `watch` gets the time of each part."""
+    index = source.index
     planned = set(np.unique(plan.labels).tolist())
     loader = make_loader(
         cfg.loader,
-        index,
+        source,
         plan,
         cfg.input_size // cfg.factor,
         batch_size=cfg.batch_size,
@@ -770,7 +773,7 @@ def run_classes(
         device=str(device),
         prefetch=cfg.prefetch,
         reuse_buffers=True,
-        hw_decoder_load=cfg.hw_decoder_load,
+        options={"hw_decoder_load": cfg.hw_decoder_load},
     )
     prepare = watch.timed("select_stitch_encode", prepare_class)
     with HostStage(watch.timed("write", functools.partial(commit_classes, cfg, out)), default_host_workers(device)) as host:
@@ -806,12 +809,14 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     preload(cfg.loader)  # its import overlaps the prologue
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
-    index = plan = observer = scorer = check = None
+    source = plan = observer = scorer = check = None
     if world.is_main:
-        index, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        source, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        index = source.index
     else:
         collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
         index = load_index(out / "index.npz")  # with every header rank 0's plan read: this plan reads none
+        source = reopen(cfg.data, index)
         plan = plan_classes(cfg, index, list(range(index.num_classes)))
         observer, scorer = _observer(cfg, index, device)
     seconds["compile"] = scorer.compile_seconds
@@ -824,7 +829,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
-    run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
+    run = functools.partial(run_classes, cfg, source, plan.only(todo), scorer, todo, out, device, watch)
     with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
         collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
