@@ -10,10 +10,9 @@ straight into the [K, 3, p, p] uint8 buffer it declared through ffcv's allocatio
 
 The plan's boxes are in original pixels; ffcv may have stored a smaller image (`--max-resolution`), so
 each box is scaled by stored/original size per axis (fractional boxes are resampled exactly, not
-rounded). The box table and the sample->row table are handed to the compiled code by address, because
-numba freezes captured arrays into the machine code (slow to compile, and a new plan would mean a new
-compile of everything); `cut_batch` is compiled once per process, only a small per-loader wrapper per
-Loader. Samples left out at convert time, or that fail to decode, come back as failed rows.
+rounded). Samples left out at convert time, or that fail to decode, come back as failed rows. The compiled
+half (`PlannedCrops`, `cut_batch`) is rded_fast/loaders/ffcv_crops.py: this module imports neither ffcv nor
+numba until a loader is made (or preloaded: `warm_up`, the spec's hook).
 
 Sequential order is required (rows must come back in plan order); QUASI_RANDOM only pays off for
 random orders without an OS cache, and the process cache would load the whole file for a plan that
