@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rded_fast import journal
 from rded_fast.config import DistillConfig
+from rded_fast.formats import Source
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex
 from rded_fast.loaders import CropLoader, make_loader
@@ -43,12 +44,12 @@ def plan_classes(cfg: DistillConfig, index: DatasetIndex, classes: list[int], sh
 
 
 def loader_for(
-    cfg: DistillConfig, index: DatasetIndex, plan: CropPlan, crop_size: int, device: torch.device, reuse_buffers: bool = False
+    cfg: DistillConfig, source: Source, plan: CropPlan, crop_size: int, device: torch.device, reuse_buffers: bool = False
 ) -> CropLoader:
     """The run's loader over `plan` at `crop_size` (the one place a distill builds one)."""
     return make_loader(
         cfg.loader,
-        index,
+        source,
         plan,
         crop_size,
         batch_size=cfg.batch_size,
@@ -56,7 +57,7 @@ def loader_for(
         device=str(device),
         prefetch=cfg.prefetch,
         reuse_buffers=reuse_buffers,
-        hw_decoder_load=cfg.loader_options.get("hw_decoder_load"),
+        options=cfg.loader_options,
     )
 
 
@@ -252,7 +253,7 @@ def commit_classes(cfg: DistillConfig, out: Path, prepared: list[PreparedClass])
 
 def run_classes(
     cfg: DistillConfig,
-    index: DatasetIndex,
+    source: Source,
     plan: CropPlan,
     scorer: Scorer,
     todo: list[int],
@@ -262,8 +263,9 @@ def run_classes(
 ) -> None:
     """Decode, score, select, stitch, write and journal the classes `todo` (this rank's share; `plan` holds their
     rows); `watch` gets the time of each part. Classes with no planned image (empty folders) are journaled too."""
+    index = source.index
     planned = set(np.unique(plan.labels).tolist())
-    loader = loader_for(cfg, index, plan, cfg.input_size // cfg.factor, device, reuse_buffers=True)
+    loader = loader_for(cfg, source, plan, cfg.input_size // cfg.factor, device, reuse_buffers=True)
     prepare = watch.timed("select_stitch_encode", prepare_class)
     with HostStage(watch.timed("write", functools.partial(commit_classes, cfg, out)), default_host_workers(device)) as host:
         classes = watch.waiting("decode_wait", iter_classes(loader, plan, device))

@@ -8,8 +8,6 @@ cannot work.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -20,7 +18,7 @@ from rded_fast.compile_rule import CHOICES as COMPILE_CHOICES
 from rded_fast.device import AMP_CHOICES, available_cores, check_workers
 from rded_fast.errors import UserError
 from rded_fast.index import DatasetIndex, is_index_cache
-from rded_fast.loaders import LOADER_CHOICES, resolve_loader
+from rded_fast.loaders import LOADER_CHOICES, LOADER_OPTIONS, check_options, resolve_loader
 from rded_fast.models import check_input_size
 from rded_fast.outputs import check_separate, check_writable_file, note, resolve
 from rded_fast.plan import CropPlan
@@ -73,23 +71,6 @@ class DistillConfig:
 
 # DistillConfig fields that name files or folders: a pathlib.Path is taken for them too (as a string)
 PATH_FIELDS = ("data", "out", "weights", "class_map", "index")
-# The loaders' own options and their defaults, until each loader declares its options itself
-# (rded_fast.loaders.LOADER_OPTIONS and check_options): DALI on CUDA, the share of JPEGs for the hardware decoder.
-LOADER_OPTION_DEFAULTS = {"hw_decoder_load": 1.0}
-
-
-def check_loader_options(options: dict) -> None:
-    """Refuse an unknown loader option, or a value out of its range, in one line naming its flag."""
-    for key, value in options.items():
-        flag = "--" + str(key).replace("_", "-")
-        if key not in LOADER_OPTION_DEFAULTS:
-            raise UserError(f"loader option {key!r}: unknown; the loaders take {', '.join(LOADER_OPTION_DEFAULTS)}")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise UserError(f"{flag} {value!r}: must be a number")
-        if not math.isfinite(value):
-            raise UserError(f"{flag} {value}: must be a finite number")
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{flag} {value}: must be in 0..1")
 
 
 def _range_checks(cfg: DistillConfig) -> list[tuple[bool, str]]:
@@ -129,7 +110,7 @@ def validate(cfg: DistillConfig) -> None:
     """One-line errors for impossible arguments, before any work: the command line's checks (types included, for
     the Python API: rded_fast.arguments), then the ranges and combinations."""
     check_config(cfg, PATH_FIELDS)
-    check_loader_options(cfg.loader_options)
+    check_options(cfg.loader_options)
     checks = _range_checks(cfg)
     if cfg.select not in SELECTIONS or not selector(cfg.select).whole_images:
         checks.append(
@@ -182,7 +163,7 @@ def resolve_auto(cfg: DistillConfig, device: torch.device) -> DistillConfig:
         cfg,
         loader=resolve_loader(cfg.loader, cfg.data, device),
         workers=workers,
-        loader_options={**LOADER_OPTION_DEFAULTS, **cfg.loader_options},
+        loader_options={**{option.dest: option.default for option in LOADER_OPTIONS}, **cfg.loader_options},
         select=rule.name,
     )
     if rule.whole_images:  # one whole image per output image: no cells, no crops to choose from

@@ -28,10 +28,10 @@ from rded_fast.config import PATH_FIELDS, DistillConfig, check_crops_fit, check_
 from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distributed import World, assign_classes, barrier, collective, init_world
 from rded_fast.errors import UserError
-from rded_fast.formats import reading
+from rded_fast.formats import Source, reading, reopen
 from rded_fast.formats.folder import keep_index_cache
 from rded_fast.index import DatasetIndex, load_index, read_class_map, save_index
-from rded_fast.loaders import open_index, preload
+from rded_fast.loaders import open_source, preload
 from rded_fast.manifest import (
     as_manifest,
     build_manifest,
@@ -117,12 +117,14 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     preload(cfg.loader)  # its import overlaps the prologue
     out = Path(cfg.out).resolve()
     seconds: dict[str, float] = {}
-    index = plan = observer = scorer = check = None
+    source = plan = observer = scorer = check = None
     if world.is_main:
-        index, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        source, plan, observer, scorer, check = collective(world, lambda: _prologue(cfg, out, device, seconds), "")
+        index = source.index
     else:
         collective(world, lambda: None, "rank 0 stopped before distilling; see its message")
         index = load_index(out / "index.npz")  # with every header rank 0's plan read: this plan reads none
+        source = reopen(cfg.data, index)
         plan = plan_classes(cfg, index, list(range(index.num_classes)))
         observer, scorer = build_observer(cfg, index, device)
     seconds["compile"] = scorer.compile_seconds
@@ -135,7 +137,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     todo = [c for c in assign_classes(counts, world.size)[world.rank] if c not in done]
     journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
-    run = functools.partial(run_classes, cfg, index, plan.only(todo), scorer, todo, out, device, watch)
+    run = functools.partial(run_classes, cfg, source, plan.only(todo), scorer, todo, out, device, watch)
     with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
         collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
@@ -149,14 +151,15 @@ def _distill(cfg: DistillConfig) -> DistillResult:
 
 def _prologue(
     cfg: DistillConfig, out: Path, device: torch.device, seconds: dict[str, float]
-) -> tuple[DatasetIndex, CropPlan, BuiltModel, Scorer, dict | None]:
+) -> tuple[Source, CropPlan, BuiltModel, Scorer, dict | None]:
     """Rank 0's work before any class: index, the plan of every class (which reads the headers it needs from a
     lazy index), observer, its check, then the output folder, journal and index files (`seconds` gets each
     part's time). The folder is created only after the checks pass, so a refused run leaves nothing behind."""
     t = time.perf_counter()
     prepare_out_dir(out, cfg.overwrite, cfg.resume, create=False)
     class_map = restrict_class_map(read_class_map(cfg.class_map), cfg.data) if cfg.class_map else None
-    index = open_index(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
+    source = open_source(cfg.loader, cfg.data, class_map=class_map, cache=cfg.index, show_progress=cfg.show_progress)
+    index = source.index
     if len(index) == 0:
         raise UserError(f"--data {cfg.data}: no image files found")
     stamps = None if index.stamps is None else index.stamps.copy()
@@ -168,7 +171,7 @@ def _prologue(
     check_memory(cfg, plan, index.num_classes, device)
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     observer, scorer = build_observer(cfg, index, device)
-    check = check_observer(index, cfg, scorer, device) if selector(cfg.select).scores else None
+    check = check_observer(source, cfg, scorer, device) if selector(cfg.select).scores else None
     seconds["check"] = time.perf_counter() - t - scorer.compile_seconds
     prepare_out_dir(out, cfg.overwrite, cfg.resume)
     run = _run_record(cfg, index, observer, scorer, device)
@@ -179,7 +182,7 @@ def _prologue(
     save_index(replace(index, folders=None), out / "index.npz")  # ranks > 0 read it; folder times are no output
     if cfg.index and stamps is not None and not np.array_equal(stamps, index.stamps):  # keep the headers read
         keep_index_cache(index, cfg.index)
-    return index, plan, observer, scorer, check
+    return source, plan, observer, scorer, check
 
 
 def _run_record(cfg: DistillConfig, index: DatasetIndex, observer: BuiltModel, scorer: Scorer, device: torch.device) -> dict:

@@ -16,7 +16,7 @@ from rded_fast.chance import near_chance_threshold
 from rded_fast.class_stage import loader_for
 from rded_fast.config import DistillConfig
 from rded_fast.errors import UserError
-from rded_fast.index import DatasetIndex
+from rded_fast.formats import Source
 from rded_fast.models import BuiltModel
 from rded_fast.plan import make_center_plan
 from rded_fast.progress import progress
@@ -25,12 +25,12 @@ from rded_fast.score import Scorer, nonfinite_scores
 CHECK_IMAGES = 300  # training images the check scores (about; at least one per class)
 
 
-def _check_crops(cfg: DistillConfig, index: DatasetIndex, device: torch.device):
+def _check_crops(cfg: DistillConfig, source: Source, device: torch.device):
     """The check's plan (one centred crop per image, up to CHECK_IMAGES spread over the classes), its decoded crops
     [N, 3, S, S] (on `device` when CUDA) and which rows decoded [N] bool."""
-    per_class = max(1, math.ceil(CHECK_IMAGES / index.num_classes))
-    plan = make_center_plan(index, cfg.seed, per_class)
-    loader = loader_for(cfg, index, plan, cfg.input_size, device)
+    per_class = max(1, math.ceil(CHECK_IMAGES / source.index.num_classes))
+    plan = make_center_plan(source.index, cfg.seed, per_class)
+    loader = loader_for(cfg, source, plan, cfg.input_size, device)
     crops, ok, pos = None, np.zeros(len(plan), bool), 0
     for batch in progress(loader, total=len(loader), desc="observer check", disable=not cfg.show_progress):
         n = len(batch.rows)
@@ -43,12 +43,13 @@ def _check_crops(cfg: DistillConfig, index: DatasetIndex, device: torch.device):
     return plan, crops, ok
 
 
-def check_observer(index: DatasetIndex, cfg: DistillConfig, scorer: Scorer, device: torch.device) -> dict:
+def check_observer(source: Source, cfg: DistillConfig, scorer: Scorer, device: torch.device) -> dict:
     """Top-1 of the observer on centred crops of a sample of training images; refuse when near chance.
 
     One batched pass: every decodable check image with its own label, in full scoring chunks (no per-class
     padding), counted on the device with one host sync at the end."""
-    plan, crops, ok = _check_crops(cfg, index, device)
+    plan, crops, ok = _check_crops(cfg, source, device)
+    index = source.index
     keep = np.flatnonzero(ok)
     decoded = len(keep)
     correct = 0

@@ -157,10 +157,10 @@ def test_a_model_too_large_for_memory_is_one_line(monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_beton(tmp_path_factory, jpeg_tree):
-    from rded_fast.converters.ffcv_writer import convert_ffcv
+    from rded_fast.converters.beton import convert as convert_beton
 
     beton = tmp_path_factory.mktemp("beton") / "train.beton"
-    convert_ffcv(str(jpeg_tree), str(beton), workers=1, show_progress=False)
+    convert_beton(str(jpeg_tree), str(beton), workers=1, show_progress=False)
     return beton
 
 

@@ -134,6 +134,7 @@ def test_buffer_ring_rotates_buffers_made_once():
 
 def test_observer_check_is_one_batched_pass(jpeg_tree):
     from rded_fast.distill import DistillConfig
+    from rded_fast.formats import FOLDER, Source
     from rded_fast.formats.folder import build_index
     from rded_fast.observer_check import check_observer
 
@@ -157,7 +158,7 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
         loader="torch",
         show_progress=False,
     )
-    report = check_observer(index, cfg, Oracle(), torch.device("cpu"))
+    report = check_observer(Source(FOLDER, index), cfg, Oracle(), torch.device("cpu"))
     assert len(calls) == 1  # every class's check images in one call, each row with its own label
     shape, labels, eager = calls[0]
     assert eager  # not compiled for its crop size: the class stage's is the only compile

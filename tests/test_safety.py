@@ -268,7 +268,7 @@ def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
 
 
 def test_dali_converter_leaves_out_broken_jpegs(tmp_path):
-    from rded_fast.converters.dali_shards import _sanitize
+    from rded_fast.converters.shards import _sanitize
 
     path = tmp_path / "b.jpg"
     good = _jpeg()
