@@ -55,3 +55,27 @@ def test_listing_the_loaders_imports_no_backend_library():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_a_loader_made_while_its_preload_still_imports_waits_for_it(tmp_path, jpeg_tree):
+    """The preload thread imports ffcv (seconds) while the main thread makes the loader soon after (as a distill with
+    --skip-observer-check does): two threads importing one package whose modules import each other saw it
+    half-initialised ("cannot import name ... partially initialized module", on a 2-core CPU when the maker came
+    0.05-0.1 s after the preload); the maker now waits for the preload. Several delays, as the window moves."""
+    from rded_fast.converters.beton import convert
+
+    beton = tmp_path / "train.beton"
+    convert(str(jpeg_tree), str(beton), workers=1, show_progress=False)
+    for delay in (0.0, 0.05, 0.1, 0.2):
+        code = (
+            "import time; from rded_fast.loaders import make_loader, open_source, preload;"
+            "from rded_fast.plan import make_center_plan;"
+            f"preload('ffcv'); source = open_source('ffcv', {str(beton)!r}, show_progress=False);"
+            f"plan = make_center_plan(source.index, 0, 2); time.sleep({delay});"
+            "loader = make_loader('ffcv', source, plan, 16, workers=1);"
+            "print(sum(int(b.ok.sum()) for b in loader), len(plan))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"delay {delay}: {proc.stderr[-3000:]}"
+        decoded, planned = proc.stdout.split()
+        assert decoded == planned != "0"

@@ -52,12 +52,18 @@ def preload(name: str) -> None:
     the observer's compile instead of delaying the observer check, the loader's first user. A failing hook is left
     to the place the loader is made, which imports the library again and says what is wrong.
 
-    The thread is a daemon: nobody waits for it (the loader's maker imports what it needs itself), and an exit must
-    not wait for it either: a signal that interrupts the main thread inside an import can leave the import lock
+    `make_loader` waits for it: the library's import must not run in two threads at once (a package whose modules
+    import each other, as ffcv's do, is then seen half-initialised by one of them). The thread is a daemon, so an
+    exit does not wait for it: a signal that interrupts the main thread inside an import can leave the import lock
     held for ever (CPython does not release it), and this thread would then never end."""
     spec = SPECS.get(name)
-    if spec is not None and spec.preload is not None:
-        threading.Thread(target=_run_quietly, args=(spec.preload,), name=f"preload-{name}", daemon=True).start()
+    if spec is not None and spec.preload is not None and name not in _PRELOADS:
+        thread = threading.Thread(target=_run_quietly, args=(spec.preload,), name=f"preload-{name}", daemon=True)
+        _PRELOADS[name] = thread
+        thread.start()
+
+
+_PRELOADS: dict[str, threading.Thread] = {}  # each loader's preload thread, once per process
 
 
 def _run_quietly(hook) -> None:
@@ -139,6 +145,8 @@ def make_loader(
     copies queued before taking the next batch are safe). `options`: loader-only options (`LOADER_OPTIONS`; this
     loader's defaults fill in the rest, the others' are ignored)."""
     spec = _spec(name)
+    if name in _PRELOADS:
+        _PRELOADS[name].join()  # its library imported (or failed: then imported again below, and the error said)
     given = dict(options or {})
     check_options(given)
     own = {option.dest: given.get(option.dest, option.default) for option in spec.options}
