@@ -10,9 +10,9 @@ import json
 import sys
 
 from rded_fast import recipe, summaries
-from rded_fast.arguments import LibraryChoices, check_numbers, crop_scale, seed_list
+from rded_fast.arguments import LibraryChoices, add_choice, check_numbers, crop_scale, seed_list
 from rded_fast.errors import PeerFailed, UserError
-from rded_fast.process import exit_promptly, usable_inductor_cache
+from rded_fast.process import exit_promptly, interrupted_line, usable_inductor_cache
 from rded_fast.recovery import os_error_message
 
 AMP = LibraryChoices("rded_fast.device", "AMP_CHOICES")
@@ -35,12 +35,6 @@ def _fields(args, *drop: str) -> dict:
 def _print(lines: list[str], file=None) -> None:
     for line in lines:
         print(line, file=file)
-
-
-def add_choice(p, flag: str, names: LibraryChoices, **options) -> None:
-    """`flag` with the choices `names`, set once argparse has made the option (it reads a choice list given to
-    `add_argument` at once, to check the metavar; a library constant is read only when needed: LibraryChoices)."""
-    p.add_argument(flag, **options).choices = names
 
 
 def add_overwrite(p, earlier: str, anything: str) -> None:
@@ -273,21 +267,14 @@ def add_convert(sub) -> None:
 
 def run_convert(args) -> int:
     from rded_fast.converters import convert
+    from rded_fast.index import read_class_map
+    from rded_fast.models.classes import unlisted_folders
 
-    common = {"class_map": args.class_map, "workers": args.workers, "show_progress": not args.quiet}
-    common |= {"overwrite": args.overwrite, "overwrite_any": args.overwrite_any}
-    if args.format == "ffcv":
-        extra = {"max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode}
-    else:
-        extra = {"shard_size": args.shard_size}
-    summary = convert(args.format, args.data, args.out, **common, **extra)
+    others = ("shard_size",) if args.format == "ffcv" else ("max_resolution", "jpeg_quality", "write_mode")  # the other writer's
+    options = _fields(args, "format", *others)  # data, out, the common options and this writer's own
+    summary = convert(args.format, **options, show_progress=not args.quiet)
     print(json.dumps(summary, indent=1))
-    unlisted = []
-    if args.class_map:
-        from rded_fast.index import read_class_map
-        from rded_fast.models.classes import unlisted_folders
-
-        unlisted = unlisted_folders(read_class_map(args.class_map), args.data)
+    unlisted = unlisted_folders(read_class_map(args.class_map), args.data) if args.class_map else []
     _print(summaries.convert_notes(summary, unlisted, args.out), file=sys.stderr)  # stderr: stdout stays one JSON document
     return 0
 
@@ -583,11 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usable_inductor_cache()  # before anything imports torch: parsing may (a choice list read from the library)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         check_numbers(vars(args))
-        usable_inductor_cache()
         return args.run(args)
     except PeerFailed:  # another torchrun rank failed and prints its error; 0, so the launcher reports that rank's code
         return 0
@@ -598,10 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rded-fast {args.command}: error: {os_error_message(args.command, vars(args), exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP while an output is claimed (rded_fast.outputs)
-        signum = getattr(exc, "signum", 2)
-        back = f"; the earlier output {exc.put_back} was put back as it was" if getattr(exc, "put_back", None) else ""
-        print(f"interrupted{f' ({exc})' if signum != 2 else ''}{back}", file=sys.stderr)
-        return 128 + signum
+        print(interrupted_line(exc), file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
 
 
 def run() -> None:

@@ -152,6 +152,12 @@ class LibraryChoices(Sequence):
         return len(self._names())
 
 
+def add_choice(parser: argparse.ArgumentParser, flag: str, names: LibraryChoices, **options) -> None:
+    """`flag` with the choices `names`, set once argparse has made the option (it reads a choice list given to
+    `add_argument` at once, to check the metavar; a library constant is read only when needed: LibraryChoices)."""
+    parser.add_argument(flag, **options).choices = names
+
+
 def seed_list(text: str) -> tuple[int, ...]:
     """--seeds A,B,C as whole numbers (distinct and >= 0: the library's check, rded_fast.train.student)."""
     try:

@@ -1,4 +1,5 @@
-"""The command's process around its work: an inductor cache it can use at the start, a prompt exit at the end."""
+"""The command's process around its work: an inductor cache it can use at the start, what it says when a signal
+ends it, a prompt exit at the end."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def usable_inductor_cache() -> None:
         f"note: TORCHINDUCTOR_CACHE_DIR {path} is unusable ({why}); using {os.environ['TORCHINDUCTOR_CACHE_DIR']} for this run",
         file=sys.stderr,
     )
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What the command says when Ctrl-C, SIGTERM or SIGHUP ended it (`exc.signum`, when not SIGINT), and whether the
+    earlier output was put back (`exc.put_back`, rded_fast.outputs)."""
+    signum = getattr(exc, "signum", 2)
+    back = f"; the earlier output {exc.put_back} was put back as it was" if getattr(exc, "put_back", None) else ""
+    return f"interrupted{f' ({exc})' if signum != 2 else ''}{back}"
 
 
 def exit_promptly(code: int) -> None:
