@@ -106,7 +106,8 @@ def assign_classes(counts: np.ndarray, world_size: int) -> list[list[int]]:
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
-    """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings)."""
+    """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings): the command `launch` runs
+    in each process is the one given, without `--nproc`."""
     out, skip = [], False
     for arg in argv:
         if skip:
