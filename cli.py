@@ -18,9 +18,9 @@ from rded_fast.recovery import os_error_message
 AMP = LibraryChoices("rded_fast.device", "AMP_CHOICES")
 TRAIN_AMP = LibraryChoices("rded_fast.device", "TRAIN_AMP_CHOICES")  # fp16 would need a loss scaler
 COMPILE = LibraryChoices("rded_fast.compile_rule", "CHOICES")
-SELECTIONS = LibraryChoices("rded_fast.distill", "SELECT_CHOICES")
-CONVERT_FORMATS = LibraryChoices("rded_fast.converters", "FORMATS")
-WRITE_MODES = LibraryChoices("rded_fast.converters.ffcv_writer", "WRITE_MODES")
+SELECTIONS = LibraryChoices("rded_fast.select", "SELECTIONS")
+CONVERT_FORMATS = LibraryChoices("rded_fast.formats", "WRITABLE", "ALIASES")  # earlier spellings too
+WRITE_MODES = LibraryChoices("rded_fast.converters.beton", "WRITE_MODES")
 OPTIMIZERS = LibraryChoices("rded_fast.train.validate", "OPTIMIZERS")
 LABELS = LibraryChoices("rded_fast.train.validate", "LABELS")
 REGIONS = LibraryChoices("rded_fast.train.regions", "REGION_GRIDS")
@@ -176,7 +176,9 @@ def run_distill(args) -> int:
         from rded_fast.distributed import launch, without_option
 
         return launch(args.nproc, without_option(list(args.argv), "--nproc"))
-    result = distill(DistillConfig(**_fields(args, "nproc"), show_progress=not args.quiet))
+    fields = _fields(args, "nproc", "hw_decoder_load")
+    options = {"hw_decoder_load": args.hw_decoder_load}  # DALI's own option (rded_fast.loaders.LOADER_OPTIONS)
+    result = distill(DistillConfig(**fields, loader_options=options, show_progress=not args.quiet))
     if result.is_main:
         _print(summaries.distill_lines(result))
         if result.num_images == 0:  # every class was skipped: the notes above say why
@@ -267,10 +269,13 @@ def add_convert(sub) -> None:
 
 def run_convert(args) -> int:
     from rded_fast.converters import convert
+    from rded_fast.formats import ALIASES, BETON
     from rded_fast.index import read_class_map
     from rded_fast.models.classes import unlisted_folders
 
-    others = ("shard_size",) if args.format == "ffcv" else ("max_resolution", "jpeg_quality", "write_mode")  # the other writer's
+    others = (
+        ("shard_size",) if ALIASES.get(args.format, args.format) == BETON else ("max_resolution", "jpeg_quality", "write_mode")
+    )  # the other writer's
     options = _fields(args, "format", *others)  # data, out, the common options and this writer's own
     summary = convert(args.format, **options, show_progress=not args.quiet)
     print(json.dumps(summary, indent=1))

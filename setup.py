@@ -11,8 +11,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-# The one place the version is written is rded_fast/__init__.py (CHANGELOG.md says when it changes).
-VERSION = re.search(r'^__version__ = "([^"]+)"$', (Path(__file__).parent / "rded_fast" / "__init__.py").read_text(), re.M)[1]
+# The one place the version is written is rded_fast/version.py (CHANGELOG.md says when it changes).
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (Path(__file__).parent / "rded_fast" / "version.py").read_text(), re.M)[1]
 
 MAPPED = {"rded_fast.converters": "converters", "rded_fast.benchmarks": "benchmarks"}
 

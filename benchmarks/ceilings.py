@@ -71,16 +71,17 @@ def _pipe_rate(pipe, images_per_run: int, device: str, warm: int) -> dict:
     }
 
 
-def dali_graph(index, plan, crop_size: int, device: str, batch_size: int, threads: int, prefetch: int, **decoder) -> dict:
-    """The DALI loader's graph alone over `plan` (folder, or shards when `index.root` is a shard folder)."""
-    from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
+def dali_graph(source, plan, crop_size: int, device: str, batch_size: int, threads: int, prefetch: int, **decoder) -> dict:
+    """The DALI loader's graph alone over `plan` (folder, or shards when `source` is a shard folder)."""
+    from rded_fast.formats.shards import ShardBytes
     from rded_fast.loaders.dali_loader import crop_pipeline, decoder_options
 
     runs = len(plan) // batch_size
     rows = np.arange(runs * batch_size).reshape(runs, batch_size)
     boxes = np.ascontiguousarray(plan.boxes, dtype=np.int32)
     positions = np.arange(runs * batch_size, dtype=np.int32).reshape(runs, batch_size, 1)
-    reader = ShardBytes(load_shard_dataset(index.root)) if is_shard_dir(index.root) else None
+    index = source.index
+    reader = ShardBytes(source.table) if source.table is not None else None
     files = None if reader is not None else [index.paths[i] for i in plan.image_ids[: runs * batch_size].tolist()]
 
     def feed(info):
@@ -238,12 +239,15 @@ def ffcv_stock(beton: str, crop_size: int, batch_size: int, workers: int) -> dic
     }
 
 
-def loader_rate(name: str, index, plan, crop_size: int, device: str, batch_size: int, workers: int, **options) -> dict:
+def loader_rate(name: str, source, plan, crop_size: int, device: str, batch_size: int, workers: int, **options) -> dict:
     """One pass of loader `name` over `plan`: img/s from its first call to its last batch, time to the first
     batch, failed rows, and its timings() (the DALI loader's JPEG check)."""
     from rded_fast.loaders import make_loader
 
-    loader = make_loader(name, index, plan, crop_size, batch_size=batch_size, workers=workers, device=device, **options)
+    prefetch = options.pop("prefetch", None)
+    loader = make_loader(
+        name, source, plan, crop_size, batch_size=batch_size, workers=workers, device=device, prefetch=prefetch, options=options
+    )
     _sync(device)
     t, c0 = time.perf_counter(), time.process_time()
     first, images, failed = None, 0, 0
@@ -268,13 +272,13 @@ def loader_rate(name: str, index, plan, crop_size: int, device: str, batch_size:
     }
 
 
-def compare(index, plan, crop_size: int, device: str, batch_size: int, workers: int, prefetch: int, repeats: int = 1) -> dict:
+def compare(source, plan, crop_size: int, device: str, batch_size: int, workers: int, prefetch: int, repeats: int = 1) -> dict:
     """The DALI loader and its graph over the same plan, alternated `repeats` times; ratio of the medians."""
     graph, loader = [], []
     for _ in range(repeats):
-        graph.append(dali_graph(index, plan, crop_size, device, batch_size, workers, prefetch, hw_decoder_load=1.0))
+        graph.append(dali_graph(source, plan, crop_size, device, batch_size, workers, prefetch, hw_decoder_load=1.0))
         loader.append(
-            loader_rate("dali", index, plan, crop_size, device, batch_size, workers, prefetch=prefetch, hw_decoder_load=1.0)
+            loader_rate("dali", source, plan, crop_size, device, batch_size, workers, prefetch=prefetch, hw_decoder_load=1.0)
         )
     result = {"graph": graph, "loader": loader}
     for key in ("img_per_s", "whole_img_per_s", "cpu_ms_per_img"):
@@ -285,7 +289,7 @@ def compare(index, plan, crop_size: int, device: str, batch_size: int, workers: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rded_fast.loaders import open_index
+    from rded_fast.loaders import open_source
     from rded_fast.plan import make_plan
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -306,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     for source, data in (("folder", args.data), ("shards", args.shards)):
         if data is None:
             continue
-        index = open_index("dali", data, show_progress=False)
-        plan = make_plan(index, 0, args.mipc, args.num_crop)
+        opened = open_source("dali", data, show_progress=False)
+        plan = make_plan(opened.index, 0, args.mipc, args.num_crop)
         result[source] = {
             "images": len(plan),
-            **compare(index, plan, args.crop, args.device, args.batch_size, args.workers, prefetch, args.repeats),
+            **compare(opened, plan, args.crop, args.device, args.batch_size, args.workers, prefetch, args.repeats),
         }
         r = result[source]
         print(

@@ -19,10 +19,12 @@ import time
 
 import torch
 
+from rded_fast.class_stage import score_class, select_cells, to_host
 from rded_fast.device import cpu_description, device_name, resolve_device
-from rded_fast.distill import DistillConfig, make_scorer, score_class, select_cells, to_host
+from rded_fast.distill import DistillConfig
 from rded_fast.fileio import atomic_write_text
 from rded_fast.models import build
+from rded_fast.observer_setup import make_scorer
 from rded_fast.score import Scorer
 
 

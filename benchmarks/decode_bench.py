@@ -30,14 +30,16 @@ import torch
 
 from rded_fast.benchmarks.make_imagenet_like import make_tree
 from rded_fast.device import worker_count
-from rded_fast.loaders import make_loader, open_index
+from rded_fast.loaders import make_loader, open_source
 from rded_fast.plan import CropPlan, make_plan
 
 RESULTS = Path(__file__).parent / "results"
+DALI_OWN_SPLIT = {"hw_decoder_load": None}  # as these rates were measured: DALI's own decoder split
 
 
 def _plan(name: str, data: str, num_crop: int, seed: int, rows: int | None = None):
-    index = open_index(name, data, show_progress=False)
+    source = open_source(name, data, show_progress=False)
+    index = source.index
     plan = make_plan(index, seed=seed, mipc=max(int(index.class_counts().max()), 1), num_crop=num_crop)
     if rows is not None:
         plan = CropPlan(
@@ -50,7 +52,7 @@ def _plan(name: str, data: str, num_crop: int, seed: int, rows: int | None = Non
             plan.scale,
             plan.ratio,
         )
-    return index, plan
+    return source, plan
 
 
 def decode_rates(
@@ -67,14 +69,14 @@ def decode_rates(
     Raises ValueError when the sources do not plan the same images and boxes (not the same data)."""
     results, reference = [], None
     for name, data in sources:
-        index, plan = _plan(name, str(data), num_crop, seed)
-        planned = ([index.paths[i] for i in plan.image_ids], plan.boxes)
+        source, plan = _plan(name, str(data), num_crop, seed)
+        planned = ([source.index.paths[i] for i in plan.image_ids], plan.boxes)
         if reference is None:
             reference = planned
         elif planned[0] != reference[0] or not np.array_equal(planned[1], reference[1]):
             raise ValueError(f"{name} on {data} plans other images or boxes than {sources[0]}: not the same data")
         t0 = time.perf_counter()
-        loader = make_loader(name, index, plan, crop_size, batch_size=batch_size, workers=workers)
+        loader = make_loader(name, source, plan, crop_size, batch_size=batch_size, workers=workers, options=DALI_OWN_SPLIT)
         rates, first, failures = [], 0.0, 0
         for attempt in range(repeat + 1):
             t = time.perf_counter()
@@ -105,8 +107,10 @@ def crop_differences(
     """Per-pixel |crop - first source's crop| (grey levels) over the first `rows` plan rows, per other source."""
     crops = []
     for name, data in sources:
-        index, plan = _plan(name, str(data), num_crop, seed, rows)
-        crops.append(torch.cat([b.crops.cpu() for b in make_loader(name, index, plan, crop_size, workers=2)]))
+        source, plan = _plan(name, str(data), num_crop, seed, rows)
+        crops.append(
+            torch.cat([b.crops.cpu() for b in make_loader(name, source, plan, crop_size, workers=2, options=DALI_OWN_SPLIT)])
+        )
     out = {}
     for (name, data), c in zip(sources[1:], crops[1:]):
         d = (c.int() - crops[0].int()).abs().numpy()
@@ -118,9 +122,42 @@ def crop_differences(
     return {"reference": f"{sources[0][0]}:{Path(sources[0][1]).name}", "rows": rows, **out}
 
 
+def convert_all(tree: Path, work: Path, workers: int) -> dict:
+    """`tree` converted to a .beton of each write mode and to DALI shards under `work`: the rates of each."""
+    from rded_fast.converters.beton import convert as convert_beton
+    from rded_fast.converters.shards import convert as convert_shards
+
+    converts = {}
+    for mode in ("jpg", "raw"):
+        summary = convert_beton(str(tree), str(work / f"{mode}.beton"), workers=workers, write_mode=mode, show_progress=False)
+        converts[mode] = {
+            "img_per_s": summary["images_per_second"],
+            "seconds": summary["seconds"],
+            "bytes": summary["bytes"],
+            "images": summary["written"],
+        }
+    summary = convert_shards(str(tree), str(work / "shards"), workers=workers, show_progress=False)
+    converts["dali"] = {
+        "img_per_s": round(summary["written"] / summary["seconds"], 1),
+        "seconds": summary["seconds"],
+        "images": summary["written"],
+    }
+    return converts
+
+
+def print_rates(runs: list[dict], converts: dict, result: dict, num_crop: int, crop_size: int) -> None:
+    """The decode rates against torch's, the conversion rates and the crops' differences, one line each."""
+    for r in runs:
+        print(
+            f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
+            f"(decode + {num_crop} crops at {crop_size} px)"
+        )
+    for mode, c in converts.items():
+        print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
+    print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rded_fast.converters.dali_shards import convert_dali
-    from rded_fast.converters.ffcv_writer import convert_ffcv
     from rded_fast.formats.beton import keep_torch_threads
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,21 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     with keep_torch_threads():  # once per process; kept out of the conversion rates below
         import ffcv  # noqa: F401
     ffcv_import_s = round(time.perf_counter() - t0, 2)
-    converts = {}
-    for mode in ("jpg", "raw"):
-        summary = convert_ffcv(str(tree), str(work / f"{mode}.beton"), workers=args.workers, write_mode=mode, show_progress=False)
-        converts[mode] = {
-            "img_per_s": summary["images_per_second"],
-            "seconds": summary["seconds"],
-            "bytes": summary["bytes"],
-            "images": summary["written"],
-        }
-    summary = convert_dali(str(tree), str(work / "shards"), workers=args.workers, show_progress=False)
-    converts["dali"] = {
-        "img_per_s": round(summary["written"] / summary["seconds"], 1),
-        "seconds": summary["seconds"],
-        "images": summary["written"],
-    }
+    converts = convert_all(tree, work, args.workers)
     sources = [
         ("torch", str(tree)),
         ("ffcv", str(work / "jpg.beton")),
@@ -187,14 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"decode_{args.device_name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    for r in runs:
-        print(
-            f"{r['loader']:6s} {r['source']:10s} {r['img_per_s']:7.1f} img/s  x{r['vs_torch']:.2f} vs torch "
-            f"(decode + {args.num_crop} crops at {args.crop_size} px)"
-        )
-    for mode, c in converts.items():
-        print(f"convert {mode}: {c['img_per_s']:.1f} img/s ({c['images']} images)")
-    print("crop |loader - torch|:", json.dumps(result["crop_diff_vs_torch"]))
+    print_rates(runs, converts, result, args.num_crop, args.crop_size)
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rded_fast.device import cpu_description
+from rded_fast.manifest import read_manifest
 
 STAGES = ("index", "plan", "check", "compile", "prologue", "classes", "total")
 
@@ -71,7 +72,7 @@ def one_run(cli: str, data: str, work: Path, loader: str, compile_mode: str) -> 
         start = time.perf_counter()
         subprocess.run(distill_command(cli, data, out, loader, compile_mode), env=env, check=True, capture_output=True)
         wall = time.perf_counter() - start
-        seconds = json.loads((out / "manifest.json").read_text())["run"]["seconds"]
+        seconds = read_manifest(out / "manifest.json").seconds
         row = {"wall": wall, **{k: seconds[k] for k in STAGES if k in seconds}, "outside": wall - seconds["total"]}
         row["manifest_mib"] = (out / "manifest.json").stat().st_size / 2**20
     return row

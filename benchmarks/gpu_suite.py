@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from rded_fast.device import available_cores, cpu_description
+from rded_fast.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tree", "tree1k", "convert", "model", "ceilings", "decode", "tvjpeg", "e2e", "e2e1k", "host", "tests")
@@ -236,28 +237,29 @@ def model_only(s: Settings, batch: int = 500) -> dict:
 
 def _plan(s: Settings, source: str):
     """The suite's plan (mipc, num_crop) over `source` ("tree", "shards", "train.beton") as its loader indexes it."""
-    from rded_fast.loaders import open_index
+    from rded_fast.loaders import open_source
     from rded_fast.plan import make_plan
 
     name = {"tree": "torch", "shards": "dali", "train.beton": "ffcv"}[source]
-    index = open_index(name, str(s.work / source), show_progress=False)
-    return index, make_plan(index, 0, s.mipc, s.num_crop)
+    opened = open_source(name, str(s.work / source), show_progress=False)
+    return opened, make_plan(opened.index, 0, s.mipc, s.num_crop)
 
 
 def ceilings(rec: Recorder, s: Settings) -> None:
     """Each loader's ceiling over the suite's plan of the tree (benchmarks/ceilings.py), one part at a time."""
     from rded_fast.benchmarks import ceilings as c
 
-    index, plan = _plan(s, "tree")
+    tree, plan = _plan(s, "tree")
+    index = tree.index
     files = [os.path.join(index.root, index.paths[i]) for i in plan.image_ids.tolist()]
     prefetch = 4 if s.device == "cuda" else 2
     if _have("nvidia.dali"):
         for load in (1.0,) if s.device == "cuda" else (None,):
-            rec.part("ceilings", "dali_graph_folder", c.dali_graph, index, plan, s.crop, s.device, s.batch, s.workers, prefetch,
+            rec.part("ceilings", "dali_graph_folder", c.dali_graph, tree, plan, s.crop, s.device, s.batch, s.workers, prefetch,
                      hw_decoder_load=load)  # fmt: skip
         if (s.work / "shards").is_dir():
-            shard_index, shard_plan = _plan(s, "shards")
-            rec.part("ceilings", "dali_graph_shards", c.dali_graph, shard_index, shard_plan, s.crop, s.device, s.batch,
+            shards, shard_plan = _plan(s, "shards")
+            rec.part("ceilings", "dali_graph_shards", c.dali_graph, shards, shard_plan, s.crop, s.device, s.batch,
                      s.workers, prefetch, hw_decoder_load=1.0 if s.device == "cuda" else None)  # fmt: skip
         rec.part("ceilings", "dali_rrc", c.dali_rrc, files, s.crop, s.num_crop, s.device, s.batch, s.workers, prefetch)
     rec.part("ceilings", "tv_decode", c.tv_decode, files, s.device, s.batch)
@@ -286,7 +288,10 @@ def decode(rec: Recorder, s: Settings) -> None:
         load = {"hw_decoder_load": 1.0} if s.device == "cuda" else {}
         jobs = [("dali-folder", "tree", load), ("dali-shards", "shards", load), *jobs]
         if s.device == "cuda":
-            jobs += [("dali-folder-load0", "tree", {"hw_decoder_load": 0.0}), ("dali-folder-default", "tree", {})]
+            jobs += [
+                ("dali-folder-load0", "tree", {"hw_decoder_load": 0.0}),
+                ("dali-folder-default", "tree", {"hw_decoder_load": None}),
+            ]
     if _have("ffcv"):
         jobs.append(("ffcv-beton", "train.beton", {}))
     if s.device == "cuda":  # on a CPU tvjpeg is ~10x slower than PIL and never chosen (tests/test_tvjpeg.py)
@@ -295,10 +300,10 @@ def decode(rec: Recorder, s: Settings) -> None:
     for name, source, options in jobs:
         if not (s.work / source).exists():
             continue
-        index, plan = _plan(s, source)
+        opened, plan = _plan(s, source)
         if name.startswith("torch"):
             plan = plan.only(sorted(set(plan.labels[:PIL_IMAGES].tolist())))
-        value = rec.part("decode", name, c.loader_rate, name.split("-")[0], index, plan, s.crop, s.device, s.batch, s.workers,
+        value = rec.part("decode", name, c.loader_rate, name.split("-")[0], opened, plan, s.crop, s.device, s.batch, s.workers,
                          prefetch=prefetch, **options)  # fmt: skip
         ceiling = rec.result["steps"].get("ceilings", {}).get(LOADER_CEILING.get(name, ""), {})
         for key in ("img_per_s", "whole_img_per_s"):
@@ -331,17 +336,17 @@ def distill_run(s: Settings, name: str, data: Path, num_classes: int, model_rate
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         return {"error": f"rc {proc.returncode}: {proc.stderr[-2000:]}", "wall_s": wall}
-    manifest = json.loads((out / "manifest.json").read_text())
-    seconds = manifest["run"]["seconds"]
-    crops = sum(min(c, s.mipc) for c in manifest["data"]["class_counts"]) * s.num_crop
+    manifest = read_manifest(out / "manifest.json")
+    seconds = manifest.seconds
+    crops = sum(min(c, s.mipc) for c in manifest.class_counts) * s.num_crop
     rate = crops / seconds["classes"]
     return {
         "classes": num_classes,
         "wall_s": wall,
         "outside_run_s": wall - seconds["total"],  # interpreter start-up, imports, claiming --out, the manifest
         "run_seconds": seconds,
-        "images_written": len(manifest["images"]),
-        "decode_failures": len(manifest["decode_failures"]),
+        "images_written": len(manifest.images),
+        "decode_failures": len(manifest.decode_failures),
         "crops": crops,
         "crops_per_s": rate,
         "model_only_crops_per_s": model_rate,

@@ -46,6 +46,36 @@ def _synthetic(classes: int, mipc: int, num_crop: int, crop_size: int, seed: int
     return index, plan, crops
 
 
+def _serial_seconds(cfg, out: Path, prepare, classes: int) -> list[float]:
+    """Each class prepared and committed in turn on this thread: its seconds."""
+    from rded_fast.class_stage import commit_classes
+
+    (out / ".rded-journal").mkdir(parents=True)
+    seconds = []
+    for label in range(classes):
+        t = time.perf_counter()
+        commit_classes(cfg, out, [prepare(label)()])
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
+def _staged_handoffs(cfg, out: Path, prepare, classes: int, workers: int, score_ms: float) -> tuple[list[float], float]:
+    """The classes handed to the host stage while a simulated scorer is busy `score_ms` per class: each hand-off's
+    seconds, and the seconds of all of it."""
+    from rded_fast.class_stage import commit_classes
+
+    (out / ".rded-journal").mkdir(parents=True)
+    handoff = []
+    t_all = time.perf_counter()
+    with HostStage(lambda prepared: commit_classes(cfg, out, prepared), workers) as host:
+        for label in range(classes):
+            time.sleep(score_ms / 1000)  # the scorer busy with this class (GIL released, as on a GPU)
+            t = time.perf_counter()
+            host.submit(prepare(label))
+            handoff.append(time.perf_counter() - t)
+    return handoff, time.perf_counter() - t_all
+
+
 def bench_host(
     fmt: str,
     device: torch.device,
@@ -59,7 +89,8 @@ def bench_host(
     workers: int | None = None,
 ) -> dict:
     """Host critical path per class for output format `fmt` (png or jpg); see the module docstring."""
-    from rded_fast.distill import DistillConfig, commit_classes, prepare_class, to_host
+    from rded_fast.class_stage import prepare_class, to_host
+    from rded_fast.distill import DistillConfig
     from rded_fast.host import default_host_workers
 
     crop_size = input_size // factor
@@ -71,38 +102,14 @@ def bench_host(
     workers = workers or default_host_workers(torch.device("cuda"))  # scoring is simulated as on a GPU
     work = Path(tempfile.mkdtemp(prefix="rded-bench-host-"))
     try:
-        cfg = DistillConfig(
-            data="/synthetic",
-            out=str(work),
-            observer="none",
-            ipc=ipc,
-            factor=factor,
-            mipc=mipc,
-            num_crop=num_crop,
-            input_size=input_size,
-            format=fmt,
-        )
+        cfg = DistillConfig("/synthetic", str(work), "none", ipc=ipc, factor=factor, mipc=mipc, num_crop=num_crop,
+                            input_size=input_size, format=fmt)  # fmt: skip
 
         def prepare(label: int):
             return lambda: prepare_class(cfg, index, plan, label, crops, ok, to_host({"scores": all_scores[label]}), {})
 
-        (work / "serial" / ".rded-journal").mkdir(parents=True)
-        serial = []
-        for label in range(classes):
-            t = time.perf_counter()
-            commit_classes(cfg, work / "serial", [prepare(label)()])
-            serial.append(time.perf_counter() - t)
-
-        (work / "staged" / ".rded-journal").mkdir(parents=True)
-        handoff = []
-        t_all = time.perf_counter()
-        with HostStage(lambda prepared: commit_classes(cfg, work / "staged", prepared), workers) as host:
-            for label in range(classes):
-                time.sleep(score_ms / 1000)  # the scorer busy with this class (GIL released, as on a GPU)
-                t = time.perf_counter()
-                host.submit(prepare(label))
-                handoff.append(time.perf_counter() - t)
-        staged_s = time.perf_counter() - t_all
+        serial = _serial_seconds(cfg, work / "serial", prepare, classes)
+        handoff, staged_s = _staged_handoffs(cfg, work / "staged", prepare, classes, workers, score_ms)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     warm = slice(2, None)  # first classes pay one-off costs (allocations, folder creation)

@@ -36,15 +36,17 @@ from rded_fast.device import cpu_description, device_name, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_bytes, atomic_write_text
+from rded_fast.select import SELECTORS
 from rded_fast.train.observer import ObserverConfig, train_observer
 from rded_fast.train.student import StudentConfig, evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ("rded", "rded-cover", "rded-cover-whole", "random-images", "random-crops")
 # A row is a `--select` with these distill settings on top (default: the select of the row's name, RDED's crops).
 # rded-cover-whole scores one whole image where RDED scores 5 crops, so it looks at 5x mipc images for the same
 # number of observer passes.
 ROW_SETTINGS = {"rded-cover-whole": {"select": "rded-cover", "crop_scale": (1.0, 1.0), "num_crop": 1, "mipc_times": 5}}
+# Every selection rule (rded_fast.select.SELECTORS), each followed by the rows that vary it.
+ROWS = tuple(r for name in SELECTORS for r in (name, *(k for k, v in ROW_SETTINGS.items() if v["select"] == name)))
 LABELS = ("soft", "hard")
 DATASETS = {"fashion-mnist": fashion_mnist.prepare, "mnist5k": mnist5k.prepare}
 COLOURS = {

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from rded_fast.manifest import read_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -147,14 +149,14 @@ def distill_step(data: str, work: Path, nproc: int = 1) -> dict:
     extra = ["--overwrite"] + ([f"--nproc={nproc}"] if nproc > 1 else [])
     cmd = _distill_cmd(data, out, 300, work / "index.npz", extra)
     proc, wall = _timed(cmd)
-    manifest = json.loads((out / "manifest.json").read_text())
-    seconds = manifest["run"]["seconds"]
+    manifest = read_manifest(out / "manifest.json")
+    seconds = manifest.seconds
     overhead = seconds.get("prologue", 0.0) + seconds.get("compile", 0.0)
     return {
         "nproc": nproc,
         "wall_s": wall,
         "stage_seconds": seconds,
-        "images_written": len(manifest["images"]),
+        "images_written": len(manifest.images),
         "manifest_mib": (out / "manifest.json").stat().st_size / 2**20,
         "peak_rss_mib": _peak_rss_mib(proc),
         "prologue_and_manifest_fraction": (overhead + max(0.0, wall - seconds["total"])) / wall,

@@ -17,6 +17,7 @@ from pathlib import Path
 from rded_fast.device import device_name, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.fileio import atomic_write_text
+from rded_fast.manifest import read_manifest
 
 
 def compare(
@@ -51,8 +52,8 @@ def compare(
                     show_progress=False,
                 )
             )
-            manifest = json.loads(r.manifest.read_text())
-            cells[mode] = {(c["source"], tuple(c["box"])) for m in manifest["images"] for c in m["cells"]}
+            images = read_manifest(r.manifest).images
+            cells[mode] = {(c["source"], tuple(c["box"])) for m in images for c in m["cells"]}
             seconds[mode] = r.seconds["classes"]
     return {
         "device": device_name(resolve_device(device)),

@@ -21,11 +21,13 @@ import torch
 
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
+from rded_fast.class_stage import loader_for
 from rded_fast.compile_rule import resolve_compile
-from rded_fast.device import autocast, cpu_description, device_name, resolve_amp, resolve_device
-from rded_fast.distill import DistillConfig, available_cores, check_memory, distill
+from rded_fast.device import autocast, available_cores, cpu_description, device_name, resolve_amp, resolve_device
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
-from rded_fast.loaders import make_loader, open_index, resolve_loader
+from rded_fast.loaders import open_source, resolve_loader
+from rded_fast.memory_check import check_memory
 from rded_fast.models import build
 from rded_fast.plan import make_plan
 from rded_fast.score import Scorer, center_pad, normalize_uint8
@@ -63,19 +65,10 @@ def _timed(fn, device: torch.device, warmup: int = 1, repeat: int = 3) -> float:
     return best
 
 
-def bench_decode(job: DistillConfig, index, plan, crop_size: int, device: torch.device) -> dict:
+def bench_decode(job: DistillConfig, source, plan, crop_size: int, device: torch.device) -> dict:
     """Decode + cut every planned crop with the loader; img/s and crops/s over the whole plan."""
-    loader = make_loader(
-        job.loader,
-        index,
-        plan,
-        crop_size,
-        batch_size=job.batch_size,
-        workers=job.workers,
-        device=str(device),
-        prefetch=job.prefetch,
-        reuse_buffers=True,
-    )
+    as_measured = replace(job, loader_options={"hw_decoder_load": None})  # as these rates were measured: DALI's own split
+    loader = loader_for(as_measured, source, plan, crop_size, device, reuse_buffers=True)
     t = time.perf_counter()
     images = sum(len(batch.rows) for batch in loader)
     seconds = time.perf_counter() - t
@@ -166,7 +159,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         workers=available_cores() if cfg.job.workers is None else cfg.job.workers,
     )
     crop_size = job.input_size // job.factor
-    index = open_index(job.loader, job.data, show_progress=job.show_progress)
+    source = open_source(job.loader, job.data, show_progress=job.show_progress)
+    index = source.index
     plan = make_plan(index, job.seed, job.mipc, job.num_crop)
     check_memory(job, plan, index.num_classes, device)
     observer = build(job.observer, index.num_classes, job.weights, job.input_size)
@@ -180,7 +174,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "classes": index.num_classes,
     }
     if "decode" in stages:
-        result["decode"] = bench_decode(job, index, plan, crop_size, device)
+        result["decode"] = bench_decode(job, source, plan, crop_size, device)
     if "score" in stages or "model" in stages:
         result.update(bench_score_and_model(cfg, observer.model, crop_size, device, index.num_classes, result["planned_crops"]))
     if "host" in stages:

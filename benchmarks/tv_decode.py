@@ -85,14 +85,15 @@ def tv_decode(
     prefetch: int = 4,
 ) -> dict:
     """The rows described in the module docstring, as a dict (a row that cannot run says why instead)."""
-    from rded_fast.loaders import open_index
+    from rded_fast.loaders import open_source
     from rded_fast.loaders.tvjpeg_loader import TvJpegCropLoader
     from rded_fast.plan import make_plan
 
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
     work, target = Path(work), torch.device(device)
     workers = workers or available_cores()
-    index = open_index("tvjpeg", str(work / "tree"), show_progress=False)
+    tree = open_source("tvjpeg", str(work / "tree"), show_progress=False)
+    index = tree.index
     plan = make_plan(index, seed=0, mipc=int(index.class_counts().max()), num_crop=num_crop)
     result = {"images": len(plan), "crop_size": crop_size, "num_crop": num_crop, "batch_size": batch_size, "workers": workers}
     result.update(_ceilings(index, plan, crop_size, batch_size, target))
@@ -100,21 +101,22 @@ def tv_decode(
     if (work / "shards" / "dataset.json").is_file():
         runs.append(("tvjpeg_shards", str(work / "shards"), batch_size))
     for name, data, size in runs:  # batch 64: distill's default --batch-size
-        source_index = open_index("tvjpeg", data, show_progress=False)
+        opened = open_source("tvjpeg", data, show_progress=False)
+        source_index = opened.index
         source_plan = make_plan(source_index, seed=0, mipc=int(source_index.class_counts().max()), num_crop=num_crop)
         assert np.array_equal(source_plan.boxes, plan.boxes), "the shards plan other boxes than their tree"
         loader = TvJpegCropLoader(
-            source_index, source_plan, crop_size, batch_size=size, workers=workers, device=target, prefetch=prefetch
+            opened, source_plan, crop_size, batch_size=size, workers=workers, device=target, prefetch=prefetch
         )
         result[name] = {**_loader_pass(loader, target), "counts": dict(loader.counts), "thread_seconds": loader.watch.seconds}
-    result["dali_folder"] = _dali_pass(index, plan, crop_size, batch_size, workers, target)
+    result["dali_folder"] = _dali_pass(tree, plan, crop_size, batch_size, workers, target)
     for name in ("decode_crop", "tvjpeg_folder", "tvjpeg_folder_batch64", "tvjpeg_shards", "dali_folder"):
         if "img_per_s" in result.get(name, {}):
             result[name]["of_decode_only"] = result[name]["img_per_s"] / result["decode_only"]["img_per_s"]
     return result
 
 
-def _dali_pass(index, plan, crop_size: int, batch_size: int, workers: int, device: torch.device) -> dict:
+def _dali_pass(source, plan, crop_size: int, batch_size: int, workers: int, device: torch.device) -> dict:
     """The DALI loader over the same plan (GPU decoding on CUDA, pinned to the hardware decoder), if installed."""
     try:
         from rded_fast.loaders.dali_loader import DaliCropLoader
@@ -122,7 +124,7 @@ def _dali_pass(index, plan, crop_size: int, batch_size: int, workers: int, devic
         return {"unavailable": f"{type(exc).__name__}: {exc}"}
     cuda = device.type == "cuda"
     loader = DaliCropLoader(
-        index,
+        source,
         plan,
         crop_size,
         batch_size=batch_size,

@@ -22,9 +22,7 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# The one place the version is written (setup.py reads it). Its minor number changes whenever the same inputs
-# give other output bytes: CHANGELOG.md.
-__version__ = "0.3.0"
+from rded_fast.version import __version__  # written once, in a leaf module (setup.py reads it there)
 
 # The command (`cli.py`), the format writers (`converters/`) and the benchmarks (`benchmarks/`) sit beside this
 # package in the repository and are installed inside it (setup.py), so that they import as rded_fast.cli,
@@ -42,7 +40,7 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DistillConfig": "rded_fast.distill",
+    "DistillConfig": "rded_fast.config",
     "DistillResult": "rded_fast.distill",
     "distill": "rded_fast.distill",
     "StudentConfig": "rded_fast.train.student",
@@ -59,7 +57,8 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily below
-    from rded_fast.distill import DistillConfig as DistillConfig, DistillResult as DistillResult, distill as distill
+    from rded_fast.config import DistillConfig as DistillConfig
+    from rded_fast.distill import DistillResult as DistillResult, distill as distill
     from rded_fast.errors import UserError as UserError
     from rded_fast.models import BuiltModel as BuiltModel, build as build, list_models as list_models, register as register
     from rded_fast.train.observer import ObserverConfig as ObserverConfig, train_observer as train_observer

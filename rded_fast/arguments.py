@@ -135,15 +135,17 @@ def check_numbers(values: dict) -> None:
 
 
 class LibraryChoices(Sequence):
-    """An argparse choice list that is a library constant (`module.NAME`, between the command's own `before` and
-    `after` names), read when argparse first needs it (a value given for the option, its command's usage or help):
-    a command imports only the modules its own options name, and `rded-fast --help` none."""
+    """An argparse choice list that is made of library constants (`module.NAME`, and more NAMEs of the same module,
+    each a tuple or the keys of a dict; between the command's own `before` and `after` names), read when argparse
+    first needs it (a value given for the option, its command's usage or help): a command imports only the modules
+    its own options name, and `rded-fast --help` none."""
 
-    def __init__(self, module: str, name: str, before: tuple[str, ...] = (), after: tuple[str, ...] = ()):
-        self.module, self.name, self.before, self.after = module, name, before, after
+    def __init__(self, module: str, *names: str, before: tuple[str, ...] = (), after: tuple[str, ...] = ()):
+        self.module, self.names, self.before, self.after = module, names, before, after
 
     def _names(self) -> tuple[str, ...]:
-        return (*self.before, *getattr(importlib.import_module(self.module), self.name), *self.after)
+        found = importlib.import_module(self.module)
+        return (*self.before, *(value for name in self.names for value in getattr(found, name)), *self.after)
 
     def __getitem__(self, i):
         return self._names()[i]

@@ -42,7 +42,7 @@ class CropKernel:
 KERNELS = (
     # the rule itself, per box: torchvision's resized_crop
     CropKernel("torchvision", "rded_fast.loaders.torch_loader:cut_crops", ("torch",), ("cpu",), 0, 0.0, 0.0),
-    # numba, vertical pass first into float32 (the ffcv loader's decoder runs it inside its compiled pipeline)
+    # numba, vertical pass first into float32 (the ffcv loader's compiled decoder, rded_fast/loaders/ffcv_crops.py)
     CropKernel("numba", "rded_fast.loaders.resample:cut_boxes", ("ffcv",), ("cpu",), 1, 0.2),
     # exact integer weights (1/2048) as two matrix products per chunk of images: the same bytes on any device
     CropKernel("box-resize", "rded_fast.loaders.box_resize:resize_boxes", ("tvjpeg",), ("cpu", "cuda"), 1, 0.25),

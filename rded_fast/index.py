@@ -1,10 +1,12 @@
-"""Index an ImageFolder tree: what images exist, their class, and their stored size.
+"""The DatasetIndex: every image of a data source with its class and stored size, and how it is kept and completed.
 
-The index is the first stage of the pipeline: it fixes the class order (sorted folder names, or an
-explicit class map in observer output order) and records each image's size from its header, so the
-plan can draw crop boxes without decoding anything. It is saved compactly (.npz) and reused by later runs.
+An index is the first stage of the pipeline: it fixes the class order (sorted folder names, or an explicit class
+map in observer output order) and records each image's size from its header, so the plan can draw crop boxes
+without decoding anything. How a source is listed into one is its format's (rded_fast.formats: a tree's listing in
+formats/folder.py, a converted source's sidecar); here are the index itself, its compact cache (.npz, reused by
+later runs), the header reads that fill it in, and the class map.
 
-Headers are read eagerly (`build_index(..., headers=True)`: every size known, unusable files dropped) for
+Headers are read eagerly (`formats.folder.build_index(..., headers=True)`: every size known, unusable files dropped) for
 the commands that use every image (convert, training), or lazily for `distill`, whose plan uses `mipc` of
 each class's images: the listing holds every file with its size UNREAD, `read_headers` fills in the planned
 ones (marking a file whose header fails UNUSABLE), and the cache keeps what was read for the next run. Each
@@ -180,8 +182,8 @@ def read_sizes(
     root: str, paths: list[str], workers: int = 8, show_progress: bool = False, chunk: int = 4096, desc: str = "index"
 ) -> list[tuple[int, int] | str]:
     """Header sizes (or reasons) of `paths` under `root`, in order, in chunks of files over `workers` workers:
-    processes for large trees (header parsing holds the GIL: 8 threads read 1.28 M warm headers 2x slower
-    than one), threads for small ones; either way the reads overlap where the page cache is cold."""
+    processes for large trees (header parsing holds the GIL: threads are slower there than one), threads for small
+    ones; either way the reads overlap where the page cache is cold."""
     pool_type = ProcessPoolExecutor if len(paths) >= PROCESS_MIN_FILES else ThreadPoolExecutor
     results: list[tuple[int, int] | str] = []
     with pool_type(max(1, workers)) as pool, progress(None, total=len(paths), desc=desc, disable=not show_progress) as bar:
@@ -234,7 +236,7 @@ def _unblob(array: np.ndarray) -> list[str]:
 
 def save_index(index: DatasetIndex, path: str | os.PathLike) -> None:
     """Write the index compactly (numpy .npz: names as one NUL-separated UTF-8 blob, int32 labels and sizes):
-    ImageNet-1K's 1.28 M entries load in about a second, where a JSON of them took several."""
+    an ImageNet-sized index loads several times faster than a JSON of it (benchmarks/README.md)."""
     buf = io.BytesIO()
     stamps = {} if index.stamps is None else {"stamps": index.stamps.astype(np.int64)}
     if index.content is not None:

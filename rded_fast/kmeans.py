@@ -18,13 +18,6 @@ import torch
 MAX_ITERATIONS = 30
 
 
-def cosine_similarity(features: np.ndarray) -> np.ndarray:
-    """[n, d] features -> [n, n] float64 cosine similarities (rows L2-normalised; a zero row stays zero)."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x @ x.T
-
-
 def seed_centres(sim: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
     """k-means++: the first centre uniformly at random, each next one with probability proportional to the squared
     distance to the nearest centre so far (a uniform pick when every point sits on a centre). Returns point indices."""
@@ -52,9 +45,9 @@ def _fill_empty(assign: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
 def _to_means(sim: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
     """[n, k] squared distances from each point to the mean of each group of `assign` (every group non-empty).
     One [n, n] x [n, k] product gives each point's mean similarity to every group (O(n^2 k) multiply-adds), where
-    summing by group in numpy (a reordered copy of S, then reduceat) cost 2-8x more time per iteration. torch
-    computes it, on the threads that score: numpy's BLAS starts threads of its own that keep spinning after each
-    product and slowed the next scoring pass (timed A/B pairs scattered from 0.66 to 1.75 on a 2-core CPU)."""
+    summing by group in numpy (a reordered copy of S, then reduceat) cost more time per iteration. torch computes
+    it, on the threads that score: numpy's BLAS starts threads of its own that keep spinning after each product and
+    slowed the next scoring pass (both timed: benchmarks/README.md, "Timings the code quotes")."""
     n = len(sim)
     counts = np.bincount(assign, minlength=k).astype(np.float64)
     member = np.zeros((n, k))

@@ -38,11 +38,10 @@ from pathlib import Path
 
 from rded_fast.errors import Terminated, UserError
 from rded_fast.layout import TEMPORARY, Layout, read_json
-from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, lock_path, release_lock
+from rded_fast.lock import LOCK_SUFFIX, acquire_lock, check_not_held, release_lock
+from rded_fast.manifest import is_manifest
 from rded_fast.records import demo_records, distilled_records, label_records
 from rded_fast.sharing import using
-
-__all__ = ["LOCK_SUFFIX", "acquire_lock", "lock_path", "release_lock"]  # the lock lives in rded_fast.lock
 
 ASIDE_TAG = ".rded-old-"
 
@@ -93,8 +92,7 @@ def check_separate(out: str | os.PathLike, out_flag: str, inputs: dict[str, str 
 
 def is_distilled_set(path: Path) -> bool:
     """A folder written by `distill`: its journal, or a manifest that names rded-fast."""
-    manifest = read_json(path / "manifest.json")
-    return (path / ".rded-journal").is_dir() or (manifest is not None and manifest.get("tool") == "rded-fast")
+    return (path / ".rded-journal").is_dir() or is_manifest(read_json(path / "manifest.json"))
 
 
 def is_label_folder(path: Path) -> bool:

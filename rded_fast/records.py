@@ -68,10 +68,11 @@ def _unrecorded_names(folder: Path, journal_dir: str, recorded: set[int]) -> set
 def distilled_records(folder: Path) -> set[str]:
     """What the records of a distilled set in `folder` say a run of ours wrote there (module docstring)."""
     from rded_fast.journal import JOURNAL_DIR
+    from rded_fast.manifest import is_manifest
 
     names = {*DISTILLED_FILES, *(f"{JOURNAL_DIR}/{name}" for name in JOURNAL_FILES)}
     manifest = read_json(folder / "manifest.json")
-    if manifest is not None and manifest.get("tool") == "rded-fast":
+    if is_manifest(manifest):
         names |= _files(manifest.get("images"))
     records = _class_records(folder, JOURNAL_DIR)
     for rel, record in records.values():

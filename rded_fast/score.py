@@ -15,14 +15,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rded_fast.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Dynamo keeps one cache entry per (scorer, crop shape) on the shared code of the fused step; each compiled
 # scorer raises the recompile limit by this many entries so a long-lived process never falls back to eager.
 SHAPES_PER_SCORER = 4
+SCORE_CHUNK_MAX = 512  # crops per observer call at most (`score_chunk`)
 
 log = logging.getLogger(__name__)
 _compiled_scorers = 0
+
+
+def score_chunk(mipc: int, num_crop: int) -> int:
+    """Crops per observer call: a full class (mipc x num_crop crops) split into equal chunks of at most
+    SCORE_CHUNK_MAX. It depends on output-relevant parameters only, never on --batch-size: on a GPU the
+    kernels, and so the last bits of each score, depend on the batch shape, and the selection must not."""
+    crops = mipc * num_crop
+    return -(-crops // -(-crops // SCORE_CHUNK_MAX))
+
+
+def nonfinite_scores(observer: str, amp: str, bad: int, total: int, where: str) -> UserError:
+    """The error for `bad` of `total` observer scores that are NaN or infinite (NaN logits, or an fp16 overflow)."""
+    fix = (
+        "--amp fp16 overflows in this observer: use --amp bf16 or --amp none"
+        if amp == "fp16"
+        else "check the observer and its --weights"
+    )
+    return UserError(f"observer {observer} gives NaN or infinite scores for {bad} of {total} {where}; {fix}")
 
 
 def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,19 @@
-"""Select: best crop per source image, then the best n = ipc * factor^2 images per class (RDED.md 1.6).
+"""Select: which crops of a class become its n = ipc * factor^2 cells; the table of selection rules (`SELECTORS`).
 
-A source image gives at most one patch. Only when a class has fewer usable images than n are the
+RDED's rule (`select_class`, RDED.md 1.6): best crop per source image, then the best n images. A source image gives
+at most one patch. Only when a class has fewer usable images than n are the
 remaining ranks filled with the next-best crops of images already used (the reference would crash);
 `fallback` counts those ranks. A class with fewer usable crops than n gets no selection: the selectors
 return the reason (a string) instead, and the run skips that class and records why.
+
+Every rule is a `Selector` in `SELECTORS`: its name (`--select`), what it needs from the run (the observer's scores,
+its features, whole images instead of crops) and one function `ClassInputs -> ClassSelection | str`. distill, its
+checks and the command line read the table, so a new rule is one entry here (and its function).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +36,22 @@ class ClassSelection:
     fallback: int = 0
     groups: np.ndarray | None = None  # [n] int64 group of each cell (covering selection only)
     group_sizes: np.ndarray | None = None  # [n] int64 candidates in that group
+
+
+@dataclass(frozen=True)
+class ClassInputs:
+    """What a selection rule is given for one class: its m planned images (class-local rows) and, for the rules that
+    need them, the observer's scores and the similarity of the rows' features."""
+
+    label: int
+    name: str
+    ok: np.ndarray  # [m] bool: the row's image was decoded
+    num_crop: int  # K crops per row
+    n: int  # cells wanted (ipc * factor^2)
+    seed: int
+    scores: np.ndarray | None = None  # [m, K] float, inf where the row is unusable (rules with `scores`)
+    similarity: np.ndarray | None = None  # [m, m] cosine similarity of each row's best crop's features (`features`)
+    fix: str = ""  # how to get more usable crops, named in the reason a class gets no selection
 
 
 MORE_CROPS = "lower --ipc or --factor, or raise --num-crop"  # the fix when a class has too few usable crops
@@ -90,7 +112,7 @@ def select_covering(
     group gives its best-scored candidate. So the n cells are the most realistic crops of n different regions of
     the class instead of the n most realistic overall (which the selection diagnostic found to be near-duplicate
     prototypes). `similarity` [m, m]: the cosine similarity of the rows' best crops' features (argmin of each
-    row's scores; `rded_fast.kmeans.cosine_similarity`). Cells are in score order, best first. With at most n
+    row's scores; distill computes it on the scoring device). Cells are in score order, best first. With at most n
     usable images there is nothing to choose and the result is RDED's (`select_class`), each cell its own group."""
     scores = np.asarray(scores, dtype=np.float64)
     best_crop = np.argmin(scores, axis=1)
@@ -115,3 +137,54 @@ def select_covering(
         groups=groups[picked],
         group_sizes=np.bincount(groups, minlength=n)[groups[picked]],
     )
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One `--select` rule: `scores`: the observer scores the crops (and the observer check runs); `features`: the
+    scorer also gives each crop's features (the observer split at its head); `whole_images`: one whole image (its
+    centred square) per output image at the input size, instead of cells of crops; `select`: the rule itself."""
+
+    name: str
+    help: str
+    select: Callable[[ClassInputs], ClassSelection | str]
+    scores: bool = False
+    features: bool = False
+    whole_images: bool = False
+
+
+def _rded(c: ClassInputs) -> ClassSelection | str:
+    return select_class(c.scores, np.arange(len(c.scores)), c.label, c.n, c.name, c.fix)
+
+
+def _cover(c: ClassInputs) -> ClassSelection | str:
+    return select_covering(c.scores, c.similarity, np.arange(len(c.scores)), c.label, c.n, c.seed, c.name, c.fix)
+
+
+def _random(c: ClassInputs) -> ClassSelection | str:
+    return select_random(c.ok, c.label, c.num_crop, c.n, c.seed, c.name)
+
+
+SELECTORS = {
+    s.name: s
+    for s in (
+        Selector("rded", "RDED: the n best-scored crops, one per image", _rded, scores=True),
+        Selector(
+            "rded-cover",
+            "RDED's score, the best crop of each of ipc*factor^2 groups of a class's images, grouped by the observer's "
+            "features: covers the class instead of its prototypes",
+            _cover,
+            scores=True,
+            features=True,
+        ),
+        Selector("random-crops", "a baseline: random crops stitched like RDED's cells", _random),
+        Selector("random-images", "a baseline: random whole images, the literature's 'random'", _random, whole_images=True),
+    )
+}
+ALIASES = {"random": "random-crops"}  # other spellings `--select` accepts
+SELECTIONS = (*SELECTORS, *ALIASES)  # every `--select` value
+
+
+def selector(name: str) -> Selector:
+    """The rule `--select name` names (an alias resolved); a KeyError for an unknown name (validate refuses it first)."""
+    return SELECTORS[ALIASES.get(name, name)]

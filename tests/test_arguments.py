@@ -120,9 +120,10 @@ def test_memory_estimate_is_a_lower_bound_that_passes_ordinary_runs(jpeg_tree, m
     import torch
 
     from rded_fast import device as dev
-    from rded_fast.distill import DistillConfig, check_memory
+    from rded_fast.distill import DistillConfig
     from rded_fast.errors import UserError
     from rded_fast.formats.folder import build_index
+    from rded_fast.memory_check import check_memory
     from rded_fast.plan import make_plan
 
     index = build_index(str(jpeg_tree), show_progress=False)
@@ -156,10 +157,10 @@ def test_a_model_too_large_for_memory_is_one_line(monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_beton(tmp_path_factory, jpeg_tree):
-    from rded_fast.converters.ffcv_writer import convert_ffcv
+    from rded_fast.converters.beton import convert as convert_beton
 
     beton = tmp_path_factory.mktemp("beton") / "train.beton"
-    convert_ffcv(str(jpeg_tree), str(beton), workers=1, show_progress=False)
+    convert_beton(str(jpeg_tree), str(beton), workers=1, show_progress=False)
     return beton
 
 

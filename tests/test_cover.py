@@ -9,12 +9,20 @@ from torch import nn
 
 from rded_fast.distill import distill
 from rded_fast.errors import UserError
-from rded_fast.kmeans import cosine_similarity, kmeans
+from rded_fast.kmeans import kmeans
 from rded_fast.models import build
 from rded_fast.models.heads import split_head
 from rded_fast.score import Scorer
 from rded_fast.select import select_class, select_covering
 from tests.conftest import fashion_config
+
+
+def cosine_similarity(features: np.ndarray) -> np.ndarray:
+    """[n, d] features -> [n, n] float64 cosine similarities (rows L2-normalised; a zero row stays zero): what
+    distill computes on the scoring device (rded_fast.class_stage.score_class)."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x @ x.T
 
 
 def blobs(groups: int, per_group: int, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -58,7 +58,7 @@ def _box_resize(images, boxes, size, device):
 
 def _dali(images, boxes, size, device):
     """DALI's graph as the DALI loader builds it, fed lossless PNG bytes so that its decoded pixels are the image's."""
-    from rded_fast.loaders.dali_loader import HAS_DYNAMIC_EXECUTOR, decoder_options
+    from rded_fast.loaders.dali_loader import decoder_options, has_dynamic_executor
 
     encoded = []
     for image in images:
@@ -68,7 +68,7 @@ def _dali(images, boxes, size, device):
     positions = np.arange(len(images), dtype=np.int32)[:, None]
     feed = lambda info: (encoded, positions, np.ascontiguousarray(boxes, dtype=np.int32))
     decode = "mixed" if device == "cuda" else "cpu"
-    executor = {"exec_dynamic": True} if HAS_DYNAMIC_EXECUTOR else {}
+    executor = {"exec_dynamic": True} if has_dynamic_executor() else {}
     pipe = _function("dali")(
         feed,
         None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ import torch
 from PIL import Image
 
 from rded_fast.cli import main
-from rded_fast.converters.dali_shards import convert_dali, parse_size
+from rded_fast.converters.shards import convert as convert_shards, parse_size
 from rded_fast.errors import UserError
+from rded_fast.formats import SHARDS, open as open_format
 from rded_fast.formats.folder import build_index
-from rded_fast.formats.shards import load_shard_dataset
-from rded_fast.loaders import make_loader, open_index
+from rded_fast.loaders import make_loader, open_source
 from rded_fast.loaders.dali_loader import DaliCropLoader
 from rded_fast.plan import make_plan
 from tests.conftest import DALI_MAX_DIFF, DALI_MEAN_DIFF, DALI_P99_DIFF, _crop_diff, _run_loader, planned_sources, write_odd_tree
@@ -37,7 +38,7 @@ def odd_tree(tmp_path_factory, jpeg_tree) -> Path:
 @pytest.fixture(scope="module")
 def odd_shards(tmp_path_factory, odd_tree) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("odd_shards") / "shards"
-    summary = convert_dali(str(odd_tree), str(out), shard_size="24KB", workers=2, show_progress=False)
+    summary = convert_shards(str(odd_tree), str(out), shard_size="24KB", workers=2, show_progress=False)
     return out, summary
 
 
@@ -129,25 +130,25 @@ def test_index_files_match_dali_tool_and_stock_reader(odd_tree, odd_shards, tmp_
 
 def test_rerun_keeps_complete_shards_and_is_deterministic(jpeg_tree, tmp_path):
     out = tmp_path / "s"
-    first = convert_dali(str(jpeg_tree), str(out), shard_size="20KB", workers=2, show_progress=False)
+    first = convert_shards(str(jpeg_tree), str(out), shard_size="20KB", workers=2, show_progress=False)
     assert first["shards"] > 2 and first["reused_shards"] == 0
     tars = sorted(out.glob("shard-*.tar"))
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tars}
     (out / ".shard-00001.tar.k3j9x2ab.tmp").write_bytes(b"half")  # a crashed run's leftover is not a shard
     tars[1].unlink()
-    again = convert_dali(str(jpeg_tree), str(out), shard_size="20KB", workers=1, show_progress=False)
+    again = convert_shards(str(jpeg_tree), str(out), shard_size="20KB", workers=1, show_progress=False)
     assert again["reused_shards"] == first["shards"] - 1
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.glob("shard-*.tar"))}
     assert after.keys() == before.keys()
     assert all(after[n] == before[n] for n in before if n != tars[1].name)  # untouched
     assert after[tars[1].name][1] == before[tars[1].name][1]  # rewritten, byte-identical
     assert not list(out.glob(".*.tmp"))
-    fresh = convert_dali(str(jpeg_tree), str(tmp_path / "t"), shard_size="20KB", workers=2, show_progress=False)
+    fresh = convert_shards(str(jpeg_tree), str(tmp_path / "t"), shard_size="20KB", workers=2, show_progress=False)
     assert fresh["shards"] == first["shards"]
     for p in out.glob("shard-*"):
         assert p.read_bytes() == (tmp_path / "t" / p.name).read_bytes()
     # a different shard size re-plans the shards: nothing is reused, and the extra old shards go
-    assert convert_dali(str(jpeg_tree), str(out), shard_size="1GB", show_progress=False)["reused_shards"] == 0
+    assert convert_shards(str(jpeg_tree), str(out), shard_size="1GB", show_progress=False)["reused_shards"] == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "dataset.json",
         "shard-00000.idx",
@@ -162,13 +163,13 @@ def test_convert_user_errors(jpeg_tree, tmp_path):
     assert parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("300") == 300
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        convert_dali(str(jpeg_tree), str(tmp_path / "file"), show_progress=False)
+        convert_shards(str(jpeg_tree), str(tmp_path / "file"), show_progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="rded-fast did not write exists there"):
-        convert_dali(str(jpeg_tree), str(tmp_path / "busy"), show_progress=False)
+        convert_shards(str(jpeg_tree), str(tmp_path / "busy"), show_progress=False)
     with pytest.raises(UserError, match="dataset.json.*rded-fast convert --format dali"):
-        load_shard_dataset(tmp_path / "busy")
+        open_format(tmp_path / "busy", kind=SHARDS)
 
 
 def test_cli_convert_and_class_map(jpeg_tree, tmp_path, capsys):
@@ -195,25 +196,28 @@ def test_cli_convert_and_class_map(jpeg_tree, tmp_path, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["written"] == 24 and summary["shards"] >= 2
-    index = open_index("dali", str(tmp_path / "s"), class_map=["class_02", "class_00", "class_01"])
+    index = open_source("dali", str(tmp_path / "s"), class_map=["class_02", "class_00", "class_01"]).index
     assert index.classes == ["class_02", "class_00", "class_01"] and index.root == str((tmp_path / "s").resolve())
     with pytest.raises(UserError, match="class order"):
-        open_index("dali", str(tmp_path / "s"), class_map=["class_00", "class_01", "class_02"])
+        open_source("dali", str(tmp_path / "s"), class_map=["class_00", "class_01", "class_02"])
 
 
 @pytest.mark.parametrize("source", ["folder", "shards"])
 def test_dali_loader_cuts_the_torch_loaders_boxes(odd_tree, odd_shards, source):
     data = str(odd_tree) if source == "folder" else str(odd_shards[0])
-    torch_index = open_index("torch", str(odd_tree), show_progress=False)
-    dali_index = open_index("dali", data, show_progress=False)
+    torch_source, dali_source = (
+        open_source("torch", str(odd_tree), show_progress=False),
+        open_source("dali", data, show_progress=False),
+    )
+    torch_index, dali_index = torch_source.index, dali_source.index
     plan = make_plan(torch_index, seed=3, mipc=20, num_crop=3)  # the folder's lazy index lists the unreadable file
     dali_plan = make_plan(dali_index, seed=3, mipc=20, num_crop=3)
     assert planned_sources(torch_index, plan) == planned_sources(dali_index, dali_plan)  # the same images and boxes
 
-    ref_loader = make_loader("torch", torch_index, plan, 24, batch_size=7, workers=0)
+    ref_loader = make_loader("torch", torch_source, plan, 24, batch_size=7, workers=0)
     ref_reasons, reasons = {}, {}
     ref_rows, ref, ref_ok = _run_loader(ref_loader, len(plan), 7, ref_reasons)
-    loader = make_loader("dali", dali_index, dali_plan, 24, batch_size=7, workers=2)
+    loader = make_loader("dali", dali_source, dali_plan, 24, batch_size=7, workers=2)
     assert len(loader) == len(ref_loader)
     rows, got, ok = _run_loader(loader, len(plan), 7, reasons)
     assert rows == ref_rows == list(range(len(plan)))  # plan order, every row once
@@ -234,15 +238,16 @@ def test_dali_loader_cuts_the_torch_loaders_boxes(odd_tree, odd_shards, source):
 
 
 def test_dali_loader_shards_partition_the_plan(jpeg_tree):
-    index = open_index("dali", str(jpeg_tree), show_progress=False)
-    plan = make_plan(index, seed=0, mipc=8, num_crop=2)
+    source = open_source("dali", str(jpeg_tree), show_progress=False)
+    plan = make_plan(source.index, seed=0, mipc=8, num_crop=2)
     parts = []
-    whole = _run_loader(DaliCropLoader(index, plan, 16, batch_size=5, workers=1, device="cpu"), len(plan), 5)[1]
-    for shard_id in range(3):
-        loader = DaliCropLoader(index, plan, 16, batch_size=5, workers=1, device="cpu", shard_id=shard_id, num_shards=3)
-        for batch in loader:
-            parts += batch.rows.tolist()
-            assert torch.equal(batch.crops, whole[batch.rows])  # deterministic: same crops in any split
+    whole = _run_loader(DaliCropLoader(source, plan, 16, batch_size=5, workers=1, device="cpu"), len(plan), 5)[1]
+    for block in np.array_split(np.arange(len(plan)), 3):  # one contiguous block of plan rows per loader
+        part = replace(plan, image_ids=plan.image_ids[block], labels=plan.labels[block], boxes=plan.boxes[block])
+        for batch in make_loader("dali", source, part, 16, batch_size=5, workers=1):
+            rows = torch.from_numpy(block[batch.rows.numpy()])
+            parts += rows.tolist()
+            assert torch.equal(batch.crops, whole[rows])  # deterministic: same crops in any split
     assert parts == list(range(len(plan)))
 
 
@@ -281,7 +286,7 @@ def test_distill_dali_selects_the_torch_cells(fashion_tree, fashion_observer, tm
         "torch": distill(DistillConfig(out=str(tmp_path / "torch"), loader="torch", **base)).out,
         "folder": distill(DistillConfig(out=str(tmp_path / "dali"), loader="dali", **base)).out,
     }
-    convert_dali(str(fashion_tree), str(tmp_path / "shards"), workers=2, show_progress=False)
+    convert_shards(str(fashion_tree), str(tmp_path / "shards"), workers=2, show_progress=False)
     runs["shards"] = distill(
         DistillConfig(out=str(tmp_path / "dali_shards"), loader="dali", **{**base, "data": str(tmp_path / "shards")})
     ).out
@@ -320,9 +325,10 @@ def test_gpu_decoder_options_and_size_hint(jpeg_tree):
         "preallocate_height_hint": 375,
     }
     assert decoder_options("mixed", None, (0, 0)) == {"jpeg_fancy_upsampling": True}
-    index = open_index("dali", str(jpeg_tree), show_progress=False)
+    source = open_source("dali", str(jpeg_tree), show_progress=False)
+    index = source.index
     plan = make_plan(index, seed=0, mipc=8, num_crop=1)
-    hint = DaliCropLoader(index, plan, 16, device="cpu")._size_hint
+    hint = DaliCropLoader(source, plan, 16, device="cpu")._size_hint
     sizes = index.sizes[plan.image_ids]
     assert all(lo <= h <= hi for lo, h, hi in zip(sizes.min(axis=0), hint, sizes.max(axis=0))), (hint, sizes)
     assert hint != tuple(sizes.max(axis=0)) or len(set(map(tuple, sizes))) == 1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from rded_fast.formats import FOLDER, Source
 from rded_fast.formats.folder import build_index
-from rded_fast.loaders.base import failed_rows
 from rded_fast.loaders.dali_loader import DaliCropLoader, failing_sample
 from rded_fast.loaders.jpeg_gate import JpegGate
 from rded_fast.plan import make_plan
@@ -26,11 +26,11 @@ def test_bad_jpeg_is_named_without_probing_the_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(DaliCropLoader, "_failing", lambda self, rows, reader: probed.append(rows) or {})
     monkeypatch.setattr(JpegGate, "verdicts", lambda self, rows: {})  # the structure check misses it: DALI sees it
     monkeypatch.setattr(JpegGate, "known", lambda self: {})
-    loader = DaliCropLoader(index, plan, 16, batch_size=12, workers=2, device="cpu")
+    loader = DaliCropLoader(Source(FOLDER, index), plan, 16, batch_size=12, workers=2, device="cpu")
     batches = list(loader)
     ok = [bool(v) for b in batches for v in b.ok]
     assert len(ok) == len(plan) and ok.count(False) == 1
-    reasons = failed_rows(batches)
+    reasons = {row: why for batch in batches for row, why in batch.reasons.items()}
     assert [index.paths[int(plan.image_ids[r])] for r in reasons] == ["class_00/img_002.jpg"]
     assert probed == [], "the failing row should come from DALI's message"
     reason = next(iter(reasons.values()))

@@ -10,7 +10,7 @@ import torch
 from rded_fast.cli import main
 from rded_fast.converters import convert
 from rded_fast.errors import UserError
-from rded_fast.loaders import open_index
+from rded_fast.loaders import open_source
 from rded_fast.models import build
 from tests.conftest import kill_when, write_synthetic_jpegs
 
@@ -35,7 +35,7 @@ def test_truncated_shard_is_a_clear_error(jpeg_tree, tmp_path):
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=f"{tar.name}.*truncated or changed.*rerun the convert"):
-        open_index("dali", str(out))
+        open_source("dali", str(out))
 
 
 def test_kill_9_during_convert_then_rerun_gives_identical_shards(tmp_path):

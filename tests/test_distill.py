@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rded_fast.distill import DistillConfig, distill, near_chance_threshold
+from rded_fast.chance import near_chance_threshold
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.loaders.torch_loader import cut_crops, decode_rgb
 from tests.conftest import fashion_config, random_observer, write_synthetic_jpegs

@@ -15,13 +15,16 @@ from rded_fast.score import Scorer
 @pytest.fixture(scope="module")
 def real_crops(fashion_tree):
     """Real Fashion-MNIST crops (planned boxes, torch loader) and their labels."""
+    from rded_fast.formats import FOLDER, Source
     from rded_fast.formats.folder import build_index
     from rded_fast.loaders import make_loader
     from rded_fast.plan import make_plan
 
     index = build_index(fashion_tree, show_progress=False)
     plan = make_plan(index, 0, 20, 3)
-    crops = torch.cat([b.crops.reshape(-1, 3, 16, 16) for b in make_loader("torch", index, plan, 16, 64, 0)])
+    crops = torch.cat(
+        [b.crops.reshape(-1, 3, 16, 16) for b in make_loader("torch", Source(FOLDER, index), plan, 16, batch_size=64, workers=0)]
+    )
     return crops, torch.from_numpy(plan.labels).repeat_interleave(3)
 
 

@@ -23,12 +23,11 @@ import torch
 from PIL import Image
 
 from rded_fast.cli import main
-from rded_fast.converters.ffcv_writer import convert_ffcv, stored_size
+from rded_fast.converters.beton import convert as convert_beton, stored_size
 from rded_fast.errors import UserError
-from rded_fast.formats.beton import keep_torch_threads, load_beton_dataset, sidecar_path
+from rded_fast.formats.beton import keep_torch_threads, sidecar_path
 from rded_fast.formats.folder import build_index
-from rded_fast.loaders import make_loader, open_index
-from rded_fast.loaders.base import failed_rows
+from rded_fast.loaders import make_loader, open_source
 from rded_fast.plan import make_plan
 from tests.conftest import crash_after, planned_sources
 
@@ -62,7 +61,7 @@ def bad_tree(tmp_path_factory, jpeg_tree) -> Path:
 @pytest.fixture(scope="module")
 def raw_beton(tmp_path_factory, bad_tree) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ffcv_raw") / "train.beton"
-    return out, convert_ffcv(str(bad_tree), str(out), workers=2, write_mode="raw", show_progress=False)
+    return out, convert_beton(str(bad_tree), str(out), workers=2, write_mode="raw", show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +75,16 @@ def jpg_beton(tmp_path_factory, bad_tree) -> Path:
 def _crops(
     name: str, data: Path, batch_size: int = 8, workers: int = 2, mipc: int = 100, size: int = CROP, reasons: dict | None = None
 ):
-    index = open_index(name, str(data), show_progress=False)
+    source = open_source(name, str(data), show_progress=False)
+    index = source.index
     plan = make_plan(index, seed=3, mipc=mipc, num_crop=4)
-    loader = make_loader(name, index, plan, size, batch_size=batch_size, workers=workers)
+    loader = make_loader(name, source, plan, size, batch_size=batch_size, workers=workers)
     batches = list(loader)
     rows = torch.cat([b.rows for b in batches])
     assert rows.tolist() == list(range(len(plan)))  # every row once, in plan order
     assert all(len(b.rows) <= batch_size for b in batches) and len(batches) == len(loader)
     if reasons is not None:
-        reasons.update(failed_rows(batches))
+        reasons.update({row: why for batch in batches for row, why in batch.reasons.items()})
     return index, plan, loader, torch.cat([b.crops for b in batches]), torch.cat([b.ok for b in batches])
 
 
@@ -160,16 +160,17 @@ def test_downscaled_storage_scales_the_boxes(bad_tree, tmp_path):
     """max_resolution below the image sizes: stored sizes follow ffcv's rule, boxes are scaled per axis,
     and the crops still look like the torch loader's (from full resolution)."""
     out = tmp_path / "small.beton"
-    summary = convert_ffcv(str(bad_tree), str(out), workers=2, write_mode="raw", max_resolution=36, show_progress=False)
-    data = load_beton_dataset(out)
+    summary = convert_beton(str(bad_tree), str(out), workers=2, write_mode="raw", max_resolution=36, show_progress=False)
+    source = open_source("ffcv", str(out))
+    data = source.table
     kept = data.position >= 0
     assert summary["resized"] == int(kept.sum())
-    for (w, h), (sw, sh) in zip(data.index.sizes[kept], data.stored_sizes[kept]):
+    for (w, h), (sw, sh) in zip(source.index.sizes[kept], data.stored_sizes[kept]):
         assert (sw, sh) == stored_size(int(w), int(h), 36) and max(sw, sh) <= 36
     *_, t_crops, t_ok = _crops("torch", bad_tree, workers=0)
     _, plan, loader, f_crops, f_ok = _crops("ffcv", out)
     ids = plan.image_ids
-    scale = data.stored_sizes[ids] / data.index.sizes[ids]  # (sx, sy)
+    scale = data.stored_sizes[ids] / source.index.sizes[ids]  # (sx, sy)
     expect = plan.boxes * np.stack([scale[:, 1], scale[:, 0]] * 2, axis=1)[:, None, :]
     assert np.allclose(loader.boxes[f_ok.numpy()], expect[f_ok.numpy()])
     assert torch.equal(f_ok, t_ok)
@@ -183,7 +184,7 @@ def test_distill_ffcv_selects_the_torch_cells(fashion_tree, fashion_observer, tm
     from rded_fast.distill import DistillConfig, distill
 
     beton = tmp_path / "fashion.beton"
-    convert_ffcv(str(fashion_tree), str(beton), workers=2, show_progress=False)
+    convert_beton(str(fashion_tree), str(beton), workers=2, show_progress=False)
     base = dict(
         observer="conv3",
         weights=str(fashion_observer),
@@ -219,38 +220,38 @@ def test_beton_appears_only_complete(jpeg_tree, tmp_path, monkeypatch):
     import ffcv.writer
 
     out = tmp_path / "train.beton"
-    convert_ffcv(str(jpeg_tree), str(out), workers=1, show_progress=False)
+    convert_beton(str(jpeg_tree), str(out), workers=1, show_progress=False)
     before = out.read_bytes(), sidecar_path(out).read_bytes()
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", crash_after(ffcv.writer.DatasetWriter.finalize, 1))
     with pytest.raises(KeyboardInterrupt):
-        convert_ffcv(str(jpeg_tree), str(out), workers=1, show_progress=False, write_mode="raw", overwrite=True)
+        convert_beton(str(jpeg_tree), str(out), workers=1, show_progress=False, write_mode="raw", overwrite=True)
     assert (out.read_bytes(), sidecar_path(out).read_bytes()) == before  # the old pair, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.beton", "train.beton.json"]  # no temp left
     new = tmp_path / "new.beton"
     monkeypatch.setattr(ffcv.writer.DatasetWriter, "finalize", crash_after(ffcv.writer.DatasetWriter.finalize, 1))
     with pytest.raises(KeyboardInterrupt):
-        convert_ffcv(str(jpeg_tree), str(new), workers=1, show_progress=False)
+        convert_beton(str(jpeg_tree), str(new), workers=1, show_progress=False)
     assert not new.exists() and not sidecar_path(new).exists()
 
 
 def test_user_errors(jpeg_tree, raw_beton, tmp_path):
     beton, _ = raw_beton
     with pytest.raises(UserError, match="convert --format ffcv"):
-        open_index("ffcv", str(jpeg_tree))  # a folder, not a .beton
+        open_source("ffcv", str(jpeg_tree))  # a folder, not a .beton
     with pytest.raises(UserError, match="sidecar"):
         shutil.copy(beton, tmp_path / "lonely.beton")
-        open_index("ffcv", str(tmp_path / "lonely.beton"))
+        open_source("ffcv", str(tmp_path / "lonely.beton"))
     cut = tmp_path / "cut.beton"
     cut.write_bytes(beton.read_bytes()[:-100])
     shutil.copy(sidecar_path(beton), sidecar_path(cut))
     with pytest.raises(UserError, match="truncated"):
-        open_index("ffcv", str(cut))
+        open_source("ffcv", str(cut))
     with pytest.raises(UserError, match="class order"):
-        open_index("ffcv", str(beton), class_map=["class_02", "class_01", "class_00"])
+        open_source("ffcv", str(beton), class_map=["class_02", "class_01", "class_00"])
     with pytest.raises(UserError, match="--write-mode"):
-        convert_ffcv(str(jpeg_tree), str(tmp_path / "x.beton"), write_mode="smart")
+        convert_beton(str(jpeg_tree), str(tmp_path / "x.beton"), write_mode="smart")
     with pytest.raises(UserError, match="is a folder"):
-        convert_ffcv(str(jpeg_tree), str(tmp_path))
+        convert_beton(str(jpeg_tree), str(tmp_path))
     assert (
         main(["distill", "--data", str(jpeg_tree), "--loader", "ffcv", "--observer", "conv3", "--out", str(tmp_path / "o")]) == 2
     )
@@ -260,8 +261,8 @@ def test_class_map_order(jpeg_tree, tmp_path):
     order = tmp_path / "classes.txt"
     order.write_text("class_02\nclass_00\nclass_01\n")
     out = tmp_path / "mapped.beton"
-    convert_ffcv(str(jpeg_tree), str(out), class_map=str(order), workers=1, show_progress=False)
-    index = open_index("ffcv", str(out), class_map=["class_02", "class_00", "class_01"])
+    convert_beton(str(jpeg_tree), str(out), class_map=str(order), workers=1, show_progress=False)
+    index = open_source("ffcv", str(out), class_map=["class_02", "class_00", "class_01"]).index
     assert index.classes == ["class_02", "class_00", "class_01"]
     assert all(index.paths[i].startswith(index.classes[c]) for i, c in enumerate(index.labels))
 
@@ -271,7 +272,7 @@ def test_proportion_mode_is_reproducible(jpeg_tree, tmp_path):
     modes = []
     for workers in (1, 2):
         out = tmp_path / f"p{workers}.beton"
-        convert_ffcv(str(jpeg_tree), str(out), workers=workers, write_mode="proportion", show_progress=False)
+        convert_beton(str(jpeg_tree), str(out), workers=workers, write_mode="proportion", show_progress=False)
         with keep_torch_threads():
             from ffcv.reader import Reader
 
@@ -282,8 +283,8 @@ def test_proportion_mode_is_reproducible(jpeg_tree, tmp_path):
 def test_warm_up_compiles_what_the_loader_calls(jpg_beton):
     """preload's warm-up compiles the crop kernel for the loader's own argument types: after it and a real pass
     there is one compiled version (a second would mean the warm-up compiled for nothing)."""
-    from rded_fast.loaders import ffcv_loader
+    from rded_fast.loaders import ffcv_crops, ffcv_loader
 
     ffcv_loader.warm_up()
     _crops("ffcv", jpg_beton, mipc=2)
-    assert len(ffcv_loader.cut_batch.signatures) == 1
+    assert len(ffcv_crops.cut_batch.signatures) == 1

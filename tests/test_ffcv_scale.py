@@ -8,7 +8,7 @@ import torch
 from rded_fast.cli import main
 from rded_fast.converters import convert
 from rded_fast.errors import UserError
-from rded_fast.loaders import open_index
+from rded_fast.loaders import open_source
 from rded_fast.models import build
 
 
@@ -18,7 +18,7 @@ def test_truncated_beton_is_a_clear_error(jpeg_tree, tmp_path):
     data = beton.read_bytes()
     beton.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="train.beton.*truncated"):
-        open_index("ffcv", str(beton))
+        open_source("ffcv", str(beton))
 
 
 def test_ffcv_distill_is_deterministic(jpeg_tree, tmp_path):

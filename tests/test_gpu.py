@@ -57,6 +57,7 @@ def _crops(loader) -> torch.Tensor:
 
 
 def _dali_crops(tree: Path, decode: str, batch_size: int, hw_decoder_load: float | None = None) -> torch.Tensor:
+    from rded_fast.formats import FOLDER, Source
     from rded_fast.formats.folder import build_index
     from rded_fast.loaders.dali_loader import DaliCropLoader
     from rded_fast.plan import make_plan
@@ -64,7 +65,7 @@ def _dali_crops(tree: Path, decode: str, batch_size: int, hw_decoder_load: float
     index = build_index(tree, show_progress=False)
     plan = make_plan(index, 0, 8, 3)
     loader = DaliCropLoader(
-        index,
+        Source(FOLDER, index),
         plan,
         32,
         batch_size=batch_size,

@@ -108,7 +108,7 @@ class _OneBufferLoader:
 
 
 def test_iter_classes_regroups_by_slices_even_from_a_reused_buffer():
-    from rded_fast.distill import iter_classes
+    from rded_fast.class_stage import iter_classes
     from rded_fast.plan import CropPlan
 
     labels = np.array([4, 4, 4, 0, 0, 7, 7, 7, 7, 7, 2], np.int64)  # contiguous classes, any order
@@ -133,8 +133,10 @@ def test_buffer_ring_rotates_buffers_made_once():
 
 
 def test_observer_check_is_one_batched_pass(jpeg_tree):
-    from rded_fast.distill import DistillConfig, check_observer
+    from rded_fast.distill import DistillConfig
+    from rded_fast.formats import FOLDER, Source
     from rded_fast.formats.folder import build_index
+    from rded_fast.observer_check import check_observer
 
     index = build_index(jpeg_tree, show_progress=False)
     calls = []
@@ -156,7 +158,7 @@ def test_observer_check_is_one_batched_pass(jpeg_tree):
         loader="torch",
         show_progress=False,
     )
-    report = check_observer(index, cfg, Oracle(), torch.device("cpu"))
+    report = check_observer(Source(FOLDER, index), cfg, Oracle(), torch.device("cpu"))
     assert len(calls) == 1  # every class's check images in one call, each row with its own label
     shape, labels, eager = calls[0]
     assert eager  # not compiled for its crop size: the class stage's is the only compile
@@ -195,11 +197,8 @@ def test_many_compiled_scorers_in_one_process_never_hit_the_recompile_limit(monk
 def test_auto_defaults(monkeypatch, tmp_path):
     import importlib
 
-    from rded_fast.loaders import resolve_loader
-
-    distill_mod = importlib.import_module("rded_fast.distill")  # the package re-exports a function of this name
-
     from rded_fast import device as device_mod
+    from rded_fast.loaders import resolve_loader
 
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: False)
     assert device_mod.resolve_amp("auto", "cpu") is None  # emulated bf16 is slower than fp32
@@ -227,7 +226,7 @@ def test_auto_defaults(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "nvidia.dali" else real(name, *a))
     assert resolve_loader("auto", str(tmp_path), "cuda") == "dali"
-    assert distill_mod.available_cores() >= 1
+    assert device_mod.available_cores() >= 1
 
 
 def test_instruction_set_cap_turns_off_native_bf16(monkeypatch):

@@ -397,7 +397,7 @@ def test_convert_and_distill_processes_on_one_shard_folder(small, tmp_path, caps
 
 _FFCV_PARENT = """
 import multiprocessing, os, sys, time, types
-from rded_fast.converters.ffcv_writer import _Samples
+from rded_fast.converters.beton import _Samples
 
 samples = _Samples(types.SimpleNamespace(root="/nonexistent", paths=["a.jpg"], labels=[0]), False)
 

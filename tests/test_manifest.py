@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 
+from rded_fast.errors import UserError
 from rded_fast.index import UNLISTED_CLASS, DatasetIndex
-from rded_fast.manifest import SHOWN, build_manifest, read_manifest, summary_lines
-from rded_fast.write import _json_default, manifest_json, write_manifest
+from rded_fast.manifest import SHOWN, _json_default, build_manifest, manifest_json, read_manifest, summary_lines, write_manifest
 
 
 def _index(classes: int) -> DatasetIndex:
@@ -68,3 +69,17 @@ def test_manifest_text_is_the_same_json_with_one_line_per_image(tmp_path):
     path = tmp_path / "manifest.json"
     write_manifest(path, manifest)
     assert path.read_text() == text
+
+
+def test_one_class_record_for_every_class_and_loader_options_as_parameters(tmp_path):
+    from rded_fast.manifest import class_record, read_manifest as read, run_parameters
+
+    done = class_record(3, "c", 5, 4, [], [{"file": "c/x.png"}], 1, sources="abc")
+    assert list(done) == ["label", "class", "planned", "decoded", "failures", "sources", "images", "fallback"]
+    empty = class_record(4, "d", 0, 0, [], [], 0, "no usable images")
+    assert list(empty) == ["label", "class", "planned", "decoded", "failures", "images", "fallback", "skipped"]
+    config = {"data": "d", "out": "o", "loader": "dali", "prefetch": 2, "loader_options": {"hw_decoder_load": 0.0}, "seed": 1}
+    assert run_parameters(config) == {"data": "d", "loader": "dali", "hw_decoder_load": 0.0, "seed": 1}
+    (tmp_path / "manifest.json").write_text('{"tool": "rded-fast"}')
+    with pytest.raises(UserError, match="^--distilled .*: manifest.json is not a manifest of `rded-fast distill`"):
+        read(tmp_path / "manifest.json", "--distilled")

@@ -398,7 +398,7 @@ def test_public_api_names():
     from rded_fast import DistillConfig, StudentConfig, build as api_build, distill, evaluate, relabel
 
     assert callable(distill) and rded_fast.distill is distill and api_build is build
-    assert DistillConfig.__module__ == "rded_fast.distill" and StudentConfig.__module__ == "rded_fast.train.student"
+    assert DistillConfig.__module__ == "rded_fast.config" and StudentConfig.__module__ == "rded_fast.train.student"
     assert evaluate.__doc__ and relabel.__doc__
     with pytest.raises(AttributeError):
         _ = rded_fast.no_such_name

@@ -31,7 +31,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_claims_only_the_package_name(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"rded_fast", wheel.name.split("-py")[0] + ".dist-info"}
-    for module in ("rded_fast/cli.py", "rded_fast/converters/dali_shards.py", "rded_fast/benchmarks/stages.py"):
+    for module in ("rded_fast/cli.py", "rded_fast/converters/shards.py", "rded_fast/benchmarks/stages.py"):
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rded-fast = rded_fast.cli:run" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from rded_fast.arguments import NUMBER_RANGES
+from rded_fast.chance import near_chance_threshold
 from rded_fast.cli import build_parser, main
-from rded_fast.distill import DistillConfig, distill, near_chance_threshold
+from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.formats.folder import build_index
 from rded_fast.index import UNLISTED_CLASS, read_class_map
 from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.lock import lock_record
-from rded_fast.outputs import acquire_lock, lock_path, release_lock
+from rded_fast.lock import acquire_lock, lock_path, lock_record, release_lock
 from tests.conftest import _distill_argv, _one_line_error, tree_digest, write_synthetic_jpegs
 
 # ---- case 1: an output never overlaps an input ---------------------------------------------------------
@@ -225,7 +225,7 @@ def test_dali_run_on_a_shard_corrupted_in_the_middle_lists_the_files(tmp_path):
 
 
 def test_dali_converter_leaves_out_broken_jpegs(tmp_path):
-    from rded_fast.converters.dali_shards import _sanitize
+    from rded_fast.converters.shards import _sanitize
 
     path = tmp_path / "b.jpg"
     good = _jpeg()

@@ -89,7 +89,7 @@ def test_resume_from_another_working_directory_with_relative_paths(small, tmp_pa
         ("input_size", 32.0, "--input-size 32.0: must be an integer"),
         ("num_crop", None, "--num-crop None: a value is required"),
         ("seed", True, "--seed True: must be an integer"),
-        ("hw_decoder_load", math.nan, "--hw-decoder-load nan: must be a finite number"),
+        ("loader_options", {"hw_decoder_load": math.nan}, "--hw-decoder-load nan: must be a finite number"),
         ("crop_scale", (0.5, "1"), "--crop-scale (0.5, '1'): must be 2 finite numbers"),
         ("overwrite", "no", "--overwrite 'no': must be True or False"),
         ("device", 0, "--device 0: must be a string"),
@@ -262,7 +262,7 @@ def _one_image_shards(data: Path, out: Path) -> None:
 
 
 def test_two_same_size_shards_swapped_are_refused(small, tmp_path, capsys):
-    from rded_fast.formats import open_index
+    from rded_fast.formats import open as open_source
 
     data, weights = small
     shards = tmp_path / "shards"
@@ -273,7 +273,7 @@ def test_two_same_size_shards_swapped_are_refused(small, tmp_path, capsys):
     b.rename(a)
     (tmp_path / "a.tar").rename(b)
     with pytest.raises(UserError, match="shard-00000.tar: its first and last images are not those dataset.json records"):
-        open_index(shards)
+        open_source(shards)
     capsys.readouterr()
     assert main(_distill_argv(shards, weights, tmp_path / "o", "--loader", "tvjpeg")) == 2
     assert "shards swapped, replaced, or from another conversion" in _one_line_error(capsys)
@@ -307,13 +307,13 @@ def test_resume_redoes_the_classes_of_shards_converted_again_from_changed_images
 
 
 def test_a_users_dataset_json_or_stray_tar_does_not_make_an_image_folder_shards(tmp_path):
-    from rded_fast.formats import FOLDER, detect, open_index
+    from rded_fast.formats import FOLDER, detect, open as open_source
 
     data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=2)
     (data / "backup.tar").write_bytes(b"\0" * 1024)
-    assert open_index(data, show_progress=False).classes == ["class_00", "class_01"]
+    assert open_source(data, show_progress=False).index.classes == ["class_00", "class_01"]
     (data / "dataset.json").write_text('{"name": "my photos", "format": "jpeg"}')
-    assert detect(data) == FOLDER and len(open_index(data, show_progress=False)) == 4
+    assert detect(data) == FOLDER and len(open_source(data, show_progress=False).index) == 4
 
 
 def test_a_renamed_beton_is_recognised_by_its_content(tmp_path, capsys):

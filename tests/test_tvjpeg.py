@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from rded_fast.cli import main
-from rded_fast.converters.dali_shards import convert_dali
+from rded_fast.converters.shards import convert as convert_shards
 from rded_fast.jpeg_check import JpegFrame, frame_header
-from rded_fast.loaders import make_loader, open_index, resolve_loader
+from rded_fast.loaders import make_loader, open_source, resolve_loader
 from rded_fast.loaders.box_resize import WEIGHT_BITS, axis_weights
 from rded_fast.loaders.tvjpeg_loader import TvJpegCropLoader, on_device
 from rded_fast.models import build
@@ -131,16 +131,18 @@ def test_tvjpeg_cuts_the_torch_loaders_boxes_and_names_every_bad_file(hostile_tr
     data = str(hostile_tree)
     if source == "shards":
         data = str(tmp_path / "shards")
-        convert_dali(str(hostile_tree), data, shard_size="24KB", workers=2, show_progress=False)
-    torch_index = open_index("torch", str(hostile_tree), show_progress=False)
+        convert_shards(str(hostile_tree), data, shard_size="24KB", workers=2, show_progress=False)
+    torch_source = open_source("torch", str(hostile_tree), show_progress=False)
+    torch_index = torch_source.index
     torch_plan = make_plan(torch_index, seed=3, mipc=20, num_crop=3)
-    index = open_index("tvjpeg", data, show_progress=False)
+    opened = open_source("tvjpeg", data, show_progress=False)
+    index = opened.index
     plan = make_plan(index, seed=3, mipc=20, num_crop=3)
     assert planned_sources(index, plan) == planned_sources(torch_index, torch_plan)  # the same images and boxes
     files = _file_names(index, plan)
     names = {name: r for r, name in enumerate(files) if name.startswith("odd_")}
-    _, ref, ref_ok, ref_reasons = _gather(make_loader("torch", torch_index, torch_plan, 24, batch_size=7, workers=0), len(plan))
-    loader = make_loader("tvjpeg", index, plan, 24, batch_size=7, workers=3)
+    _, ref, ref_ok, ref_reasons = _gather(make_loader("torch", torch_source, torch_plan, 24, batch_size=7, workers=0), len(plan))
+    loader = make_loader("tvjpeg", opened, plan, 24, batch_size=7, workers=3)
     assert isinstance(loader, TvJpegCropLoader) and len(loader) == math.ceil(len(plan) / 7)
     rows, got, ok, reasons = _gather(loader, len(plan))
     assert rows == list(range(len(plan)))  # plan order, every row once
@@ -166,14 +168,14 @@ def test_tvjpeg_cuts_the_torch_loaders_boxes_and_names_every_bad_file(hostile_tr
 
 @pytest.fixture(scope="module")
 def plain(jpeg_tree):
-    index = open_index("tvjpeg", str(jpeg_tree), show_progress=False)
-    return index, make_plan(index, seed=1, mipc=8, num_crop=2)
+    source = open_source("tvjpeg", str(jpeg_tree), show_progress=False)
+    return source, make_plan(source.index, seed=1, mipc=8, num_crop=2)
 
 
 def test_same_bytes_across_batch_sizes_workers_and_read_ahead(plain):
-    index, plan = plain
+    source, plan = plain
     runs = [
-        _gather(TvJpegCropLoader(index, plan, 20, batch_size=b, workers=w, prefetch=f), len(plan))[1]
+        _gather(TvJpegCropLoader(source, plan, 20, batch_size=b, workers=w, prefetch=f), len(plan))[1]
         for b, w, f in [(5, 2, 2), (1, 1, 1), (64, 3, 4), (7, 2, 1)]
     ]
     assert all(torch.equal(r, runs[0]) for r in runs[1:])
@@ -182,8 +184,9 @@ def test_same_bytes_across_batch_sizes_workers_and_read_ahead(plain):
 def test_an_image_the_device_refuses_costs_that_image_alone(plain, monkeypatch):
     """A batch call that fails is retried image by image; the image refused alone is decoded by PIL (on a CPU the
     same pixels), and the batch's other images keep the device decoder."""
-    index, plan = plain
-    expected = _gather(TvJpegCropLoader(index, plan, 20, batch_size=6, workers=2), len(plan))[1]
+    source, plan = plain
+    index = source.index
+    expected = _gather(TvJpegCropLoader(source, plan, 20, batch_size=6, workers=2), len(plan))[1]
     victim = (Path(index.root) / index.paths[int(plan.image_ids[8])]).read_bytes()
     real, calls = TvJpegCropLoader._decode_call, []
 
@@ -194,7 +197,7 @@ def test_an_image_the_device_refuses_costs_that_image_alone(plain, monkeypatch):
         return real(self, encoded)
 
     monkeypatch.setattr(TvJpegCropLoader, "_decode_call", refusing)
-    loader = TvJpegCropLoader(index, plan, 20, batch_size=6, workers=2)
+    loader = TvJpegCropLoader(source, plan, 20, batch_size=6, workers=2)
     _, got, ok, _ = _gather(loader, len(plan))
     assert ok.all() and torch.equal(got, expected)
     assert loader.counts == {"device": len(plan) - 1, "pil": 1, "device_refused": 1, "failed": 0}
@@ -202,10 +205,10 @@ def test_an_image_the_device_refuses_costs_that_image_alone(plain, monkeypatch):
 
 
 def test_decoding_stays_a_bounded_distance_ahead_and_stops_with_the_consumer(plain, monkeypatch):
-    index, plan = plain
+    source, plan = plain
     cut, real = [], TvJpegCropLoader._cut
     monkeypatch.setattr(TvJpegCropLoader, "_cut", lambda self, *a: cut.append(1) or real(self, *a))
-    loader = TvJpegCropLoader(index, plan, 20, batch_size=2, workers=2, prefetch=2)
+    loader = TvJpegCropLoader(source, plan, 20, batch_size=2, workers=2, prefetch=2)
     assert len(loader) > 8
     taken = 0
     for _ in loader:
@@ -219,14 +222,14 @@ def test_decoding_stays_a_bounded_distance_ahead_and_stops_with_the_consumer(pla
 
 
 def test_an_error_in_the_decoding_thread_reaches_the_consumer(plain, monkeypatch):
-    index, plan = plain
+    source, plan = plain
 
     def broken(*args, **kwargs):
         raise MemoryError("out of device memory")
 
     monkeypatch.setattr("rded_fast.loaders.tvjpeg_loader.resize_boxes", broken)
     with pytest.raises(MemoryError, match="out of device memory"):
-        list(TvJpegCropLoader(index, plan, 20, batch_size=4, workers=2))
+        list(TvJpegCropLoader(source, plan, 20, batch_size=4, workers=2))
     assert not [t for t in threading.enumerate() if t.name.startswith("tvjpeg")]
 
 
@@ -281,12 +284,12 @@ def test_distill_with_tvjpeg_same_bytes_across_runs_batch_sizes_and_resume(tmp_p
 @pytest.fixture(scope="module")
 def gpu_case(tmp_path_factory):
     tree = write_synthetic_jpegs(tmp_path_factory.mktemp("gpu_tvjpeg"), classes=24, per_class=8, seed=5)
-    index = open_index("tvjpeg", str(tree), show_progress=False)
-    return index, make_plan(index, 0, 8, 3)
+    source = open_source("tvjpeg", str(tree), show_progress=False)
+    return source, make_plan(source.index, 0, 8, 3)
 
 
-def _cuda_crops(index, plan, **options) -> torch.Tensor:
-    loader = TvJpegCropLoader(index, plan, 32, device="cuda", **{"batch_size": 16, "workers": 4, **options})
+def _cuda_crops(source, plan, **options) -> torch.Tensor:
+    loader = TvJpegCropLoader(source, plan, 32, device="cuda", **{"batch_size": 16, "workers": 4, **options})
     crops = [b.crops.clone() for b in loader]
     assert all(c.is_cuda for c in crops) and loader.counts["device"] == len(plan)
     return torch.cat(crops).cpu()
@@ -294,19 +297,20 @@ def _cuda_crops(index, plan, **options) -> torch.Tensor:
 
 @needs_cuda
 def test_gpu_crops_match_the_cpu_crops_and_bad_files_fail_alike(gpu_case, hostile_tree):
-    index, plan = gpu_case
-    gpu = _cuda_crops(index, plan)
-    cpu = torch.cat([b.crops for b in make_loader("torch", index, plan, 32, batch_size=16, workers=2)])
+    source, plan = gpu_case
+    gpu = _cuda_crops(source, plan)
+    cpu = torch.cat([b.crops for b in make_loader("torch", source, plan, 32, batch_size=16, workers=2)])
     d = (gpu.int() - cpu.int()).abs().float()
     mean, p99 = float(d.mean()), float(d.flatten().quantile(0.99))
     print(f"\ntvjpeg cuda vs torch (PIL) cpu: mean {mean:.3f}, p99 {p99:.1f}, max {int(d.max())}")
     assert mean <= GPU_MEAN_DIFF and p99 <= GPU_P99_DIFF
-    hostile = open_index("tvjpeg", str(hostile_tree), show_progress=False)
+    hostile_source = open_source("tvjpeg", str(hostile_tree), show_progress=False)
+    hostile = hostile_source.index
     hplan = make_plan(hostile, seed=3, mipc=20, num_crop=3)
     files = _file_names(hostile, hplan)
     failed = {}
     for device in ("cpu", "cuda"):
-        loader = TvJpegCropLoader(hostile, hplan, 24, batch_size=7, workers=3, device=device)
+        loader = TvJpegCropLoader(hostile_source, hplan, 24, batch_size=7, workers=3, device=device)
         failed[device] = {files[r] for r in _gather(loader, len(hplan))[3]}
         print(f"{device}: failed {sorted(failed[device])}, counts {dict(loader.counts)}")
     # nvJPEG may decode the file whose table id libjpeg refuses; every other bad file fails alike
@@ -315,13 +319,13 @@ def test_gpu_crops_match_the_cpu_crops_and_bad_files_fail_alike(gpu_case, hostil
 
 @needs_cuda
 def test_gpu_same_bytes_across_runs_batch_sizes_and_a_busy_consumer(gpu_case):
-    index, plan = gpu_case
-    a = _cuda_crops(index, plan)
-    assert torch.equal(_cuda_crops(index, plan), a)
-    assert torch.equal(_cuda_crops(index, plan, batch_size=7, workers=2, prefetch=1), a)
+    source, plan = gpu_case
+    a = _cuda_crops(source, plan)
+    assert torch.equal(_cuda_crops(source, plan), a)
+    assert torch.equal(_cuda_crops(source, plan, batch_size=7, workers=2, prefetch=1), a)
     # the consumer queues long work on its stream and frees memory that work still reads, between batches:
     # the pattern in which nvJPEG's hardware engine overwrote live memory (pytorch/vision#9606)
-    loader = TvJpegCropLoader(index, plan, 32, batch_size=16, workers=4, device="cuda")
+    loader = TvJpegCropLoader(source, plan, 32, batch_size=16, workers=4, device="cuda")
     busy, x = [], torch.randn(2048, 2048, device="cuda")
     for batch in loader:
         for _ in range(8):
@@ -336,8 +340,8 @@ def test_gpu_same_bytes_across_runs_batch_sizes_and_a_busy_consumer(gpu_case):
 
 @needs_cuda
 def test_gpu_memory_stays_bounded_over_repeated_passes(gpu_case):
-    index, plan = gpu_case
-    loader = TvJpegCropLoader(index, plan, 32, batch_size=16, workers=4, device="cuda", prefetch=2)
+    source, plan = gpu_case
+    loader = TvJpegCropLoader(source, plan, 32, batch_size=16, workers=4, device="cuda", prefetch=2)
     torch.cuda.synchronize()
     base, peaks, free = torch.cuda.memory_allocated(), [], []
     for _ in range(4):
@@ -359,7 +363,7 @@ def test_tv_decode_benchmark_runs_every_row_on_the_cpu(jpeg_tree, tmp_path):
     from rded_fast.benchmarks.tv_decode import tv_decode
 
     shutil.copytree(jpeg_tree, tmp_path / "tree")
-    convert_dali(str(tmp_path / "tree"), str(tmp_path / "shards"), workers=2, show_progress=False)
+    convert_shards(str(tmp_path / "tree"), str(tmp_path / "shards"), workers=2, show_progress=False)
     result = tv_decode(tmp_path, device="cpu", crop_size=16, num_crop=2, batch_size=8, workers=2)
     assert result["images"] == 24
     for name in ("decode_only", "decode_crop", "tvjpeg_folder", "tvjpeg_folder_batch64", "tvjpeg_shards", "dali_folder"):

@@ -1,12 +1,13 @@
-"""The data formats rded-fast reads, one module each, and the one place that tells them apart.
+"""The data formats rded-fast reads and writes, one module each, and the one place that tells them apart.
 
 - `folder`: an ImageFolder tree (`root/<class>/**/<image>`) and its index cache;
-- `shards`: a DALI shard folder (`convert --format dali`: webdataset tars, DALI index files, dataset.json);
-- `beton`: an FFCV `.beton` with its sidecar (`convert --format ffcv`).
+- `shards`: webdataset tar shards with DALI index files and `dataset.json` (`convert --format shards`);
+- `beton`: an FFCV `.beton` with its sidecar (`convert --format beton`).
 
-Each module knows its layout: how to recognise it, how to read its index (class order, original paths and
-sizes) and which names it writes (its `Layout`, for rded_fast.outputs). Loaders only execute plans over an
-index opened here; opening the data is one call: `open_index(data)`.
+Each module knows its layout: how to recognise it, its read and write schema (the names and records its converter
+writes, rded_fast/converters), how to open it, and which names it writes (its `Layout`, for rded_fast.outputs).
+Opening the data is one call, `open(data)`: a Source holding the index and where each image's bytes are, so that
+a converted source's sidecar is read once per run and no loader reopens the container.
 """
 
 from __future__ import annotations
@@ -15,44 +16,52 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from rded_fast.formats.beton import looks_like_beton, open_beton_index
-from rded_fast.formats.folder import load_or_build_index
-from rded_fast.formats.shards import check_not_bare_shards, is_shard_dir, open_shard_index
+from rded_fast.formats import beton, folder, shards
+from rded_fast.formats.source import Source
 from rded_fast.index import DatasetIndex
 from rded_fast.lock import check_not_held
 from rded_fast.sharing import using
 
-FOLDER, SHARDS, BETON = "folder", "shards", "beton"
+FOLDER, SHARDS, BETON = folder.NAME, shards.NAME, beton.NAME
+WRITABLE = (SHARDS, BETON)  # what `convert --format` writes
+ALIASES = {"dali": SHARDS, "ffcv": BETON}  # earlier spellings of `convert --format`, still accepted
 
 
 def detect(data: str | os.PathLike) -> str:
     """Which format `data` is, from the data itself: a `.beton` file (by its name, or by its ffcv header under
     another name), a folder with our `dataset.json` (shards), or else an ImageFolder tree (whose listing says what
     is wrong when it is none)."""
-    if os.path.isfile(data) and (str(data).endswith(".beton") or looks_like_beton(data)):
+    if os.path.isfile(data) and (str(data).endswith(".beton") or beton.looks_like_beton(data)):
         return BETON
-    if is_shard_dir(data):
+    if shards.is_shard_dir(data):
         return SHARDS
     return FOLDER
 
 
-def open_index(
+def open(
     data: str | os.PathLike,
     class_map: list[str] | None = None,
     cache: str | os.PathLike | None = None,
     show_progress: bool = True,
     kind: str | None = None,
-) -> DatasetIndex:
-    """The index of `data` read as format `kind` (None: `detect(data)`). A converted source carries the index of
-    the tree it was converted from (original paths and sizes, its class order); a tree is listed, or its cache
-    `cache` reused."""
+) -> Source:
+    """`data` read as format `kind` (None: `detect(data)`). A converted source carries the index of the tree it was
+    converted from (original paths and sizes, its class order) and where each image is stored, read from its sidecar
+    once; a tree is listed, or its cache `cache` reused."""
     kind = kind or detect(data)
     if kind == BETON:
-        return open_beton_index(data, class_map)
+        return beton.open_beton(data, class_map)
     if kind == SHARDS:
-        return open_shard_index(data, class_map)
-    check_not_bare_shards(data)
-    return load_or_build_index(data, cache, class_map=class_map, show_progress=show_progress)
+        return shards.open_shards(data, class_map)
+    shards.check_not_bare_shards(data)
+    return folder.open_folder(data, class_map, cache, show_progress)
+
+
+def reopen(data: str | os.PathLike, index: DatasetIndex) -> Source:
+    """The Source of `data` around an `index` another process opened from it (a distill rank's copy of rank 0's, with
+    the headers it read): a tree's images are its files; a converted source's byte table is read from its sidecar."""
+    kind = detect(data)
+    return Source(kind, index, None if kind == FOLDER else open(data, kind=kind).table)
 
 
 def reading(data: str | os.PathLike, flag: str = "--data") -> AbstractContextManager:
@@ -64,3 +73,6 @@ def reading(data: str | os.PathLike, flag: str = "--data") -> AbstractContextMan
         return using(data, flag, exclusive=False)
     check_not_held(Path(os.path.realpath(os.path.expanduser(data))), flag)
     return nullcontext()
+
+
+__all__ = ["ALIASES", "BETON", "FOLDER", "SHARDS", "WRITABLE", "Source", "detect", "open", "reading", "reopen"]

@@ -1,4 +1,5 @@
-"""The layout of an FFCV .beton and its sidecar (written by `converters/ffcv_writer.py`), read without ffcv.
+"""The layout of an FFCV .beton and its sidecar (written by `converters/beton.py`): its read and write schema, read
+without ffcv.
 
 `rded-fast convert --format ffcv --out train.beton` writes `train.beton` (ffcv's own format: an RGB image
 field `image` and an int field `label`, readable by stock `ffcv.reader.Reader` and `ffcv.loader.Loader`)
@@ -25,13 +26,16 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.formats.sidecar import read_sidecar
+from rded_fast.formats.source import Source
 from rded_fast.index import DatasetIndex, require_class_order
 from rded_fast.layout import Layout, read_json
 
+NAME = "beton"  # the format's one name (rded_fast.formats, `convert --format`, converters/beton.py)
 FORMAT_NAME = "rded-fast/ffcv-beton"
 FORMAT_VERSION = 1
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
+FIELDS = {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"}  # the .beton's fields, by ffcv's class names
 # ffcv's file header (ffcv.types.HeaderType) at offset 0, and the only version its Reader accepts.
 FFCV_HEADER = np.dtype(
     [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")],
@@ -119,26 +123,24 @@ def check_intact(beton: Path, size: int, data: dict, side: Path) -> None:
 
 
 @dataclass
-class BetonDataset:
-    """A converted .beton: the source index and where each indexed image is stored.
+class BetonTable:
+    """Where each indexed image is stored in a .beton (its index is the Source's; `index.sizes` are original pixels).
 
-    `index.root` is the .beton path; `index.paths`/`index.sizes` are the source tree's (original pixels).
-    For index entry i: `position[i]` is its sample number in the .beton (-1 when it was left out at
-    convert time, see `missing[i]`), `stored_sizes[i]` its stored (width, height) ((0, 0) when left out).
+    For index entry i: `position[i]` is its sample number in the .beton (-1 when it was left out at convert time,
+    see `missing[i]`), `stored_sizes[i]` its stored (width, height) ((0, 0) when left out).
     """
 
     beton: str
-    index: DatasetIndex
     position: np.ndarray  # [N] int64
     stored_sizes: np.ndarray  # [N, 2] int64, (width, height)
     missing: dict[int, str]
     num_samples: int
-    source_root: str
-    write_mode: str
 
 
-def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
-    """Read `beton` + its sidecar; UserError naming the file and the fix when absent, foreign or stale."""
+def open_beton(beton: str | os.PathLike, class_map: list[str] | None = None) -> Source:
+    """Read the sidecar of `beton` once into its index and byte table, the .beton checked against it; a `class_map`
+    must equal the class order it was converted with. UserError naming the file and the fix when absent, foreign or
+    stale."""
     beton = Path(beton).resolve()
     side = sidecar_path(beton)
     how = "make it with `rded-fast convert --format ffcv --data DIR --out FILE.beton`"
@@ -167,21 +169,62 @@ def load_beton_dataset(beton: str | os.PathLike) -> BetonDataset:
         raise UserError(f"{side}: per-image tables do not match its index; convert the data again")
     if data.get("bookkeeping"):  # a token of the stored bytes, per image: a resume redoes classes after a new conversion
         index.content = np.where(position >= 0, int(data["bookkeeping"]["sha256"][:15], 16), 0).astype(np.int64)
-    return BetonDataset(
-        beton=str(beton),
-        index=index,
-        position=position,
-        stored_sizes=stored,
-        missing={int(k): v for k, v in data.get("missing", {}).items()},
-        num_samples=int(data["num_samples"]),
-        source_root=data["source_root"],
-        write_mode=data["write_mode"],
+    missing = {int(k): v for k, v in data.get("missing", {}).items()}
+    table = BetonTable(
+        beton=str(beton), position=position, stored_sizes=stored, missing=missing, num_samples=int(data["num_samples"])
     )
+    return Source(NAME, require_class_order(index, class_map, beton), table)
 
 
-def open_beton_index(beton: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
-    """The index stored beside a .beton; a `class_map` must equal the class order it was converted with."""
-    return require_class_order(load_beton_dataset(beton).index, class_map, beton)
+# ---- the write schema: what `convert --format beton` writes (converters/beton.py), the sidecar read above ----
+
+
+def bookkeeping_record(beton: str | os.PathLike, head_bytes: int, alloc_table_ptr: int) -> dict:
+    """The sidecar's `bookkeeping`: where ffcv's bookkeeping lies in `beton` and its digest (`bookkeeping_sha256`),
+    which `check_intact` compares and whose first 60 bits are each stored image's content token."""
+    return {
+        "head_bytes": head_bytes,
+        "alloc_table_ptr": alloc_table_ptr,
+        "sha256": bookkeeping_sha256(beton, head_bytes, alloc_table_ptr),
+    }
+
+
+def sidecar_record(
+    index: DatasetIndex, ids: np.ndarray, sizes: np.ndarray, missing: dict[int, str], beton_bytes: int, options: dict
+) -> dict:
+    """The sidecar JSON: the source index, per indexed image its .beton position and stored size, and
+    per sample (in .beton order) its original path, label, original and stored size; skips and counts."""
+    n = len(index)
+    position = np.full(n, -1, np.int64)
+    position[ids] = np.arange(len(ids))
+    stored = np.zeros((n, 2), np.int64)
+    stored[ids] = sizes
+    skipped = index.skipped + [{"path": index.paths[i], "reason": r} for i, r in sorted(missing.items())]
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "beton_bytes": beton_bytes,
+        "source_root": index.root,
+        "classes": index.classes,
+        "class_counts": np.bincount(index.labels[ids], minlength=index.num_classes).tolist(),
+        "num_samples": len(ids),
+        **options,
+        "fields": FIELDS,
+        "index": index.to_json(),
+        "position": position.tolist(),
+        "stored_sizes": stored.tolist(),
+        "samples": [
+            {
+                "path": index.paths[i],
+                "label": int(index.labels[i]),
+                "original_size": index.sizes[i].tolist(),
+                "stored_size": stored[i].tolist(),
+            }
+            for i in ids.tolist()
+        ],
+        "missing": {str(i): r for i, r in sorted(missing.items())},
+        "skipped": skipped,
+    }
 
 
 # ---- the output of `convert --format ffcv`: how an earlier one is recognised ----

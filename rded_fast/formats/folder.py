@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rded_fast.errors import UserError
+from rded_fast.formats.source import Source
 from rded_fast.index import (
     UNLISTED_CLASS,
     UNREAD,
@@ -29,6 +30,7 @@ from rded_fast.index import (
 )
 from rded_fast.outputs import check_separate, check_writable_file, note
 
+NAME = "folder"  # the format's one name (rded_fast.formats)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -255,6 +257,17 @@ def load_or_build_index(
     if cache_path is not None:
         keep_index_cache(index, cache_path, flag)
     return index
+
+
+def open_folder(
+    root: str | os.PathLike,
+    class_map: list[str] | None = None,
+    cache: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> Source:
+    """The tree `root` as a Source: its listing (or its index cache `cache`, `load_or_build_index`); its images are
+    the files under the index's root."""
+    return Source(NAME, load_or_build_index(root, cache, class_map=class_map, show_progress=show_progress))
 
 
 def keep_index_cache(index: DatasetIndex, cache_path: str | os.PathLike, flag: str = "--index") -> None:

@@ -1,4 +1,4 @@
-"""The layout of a DALI shard folder (written by `converters/dali_shards.py`), read without DALI.
+"""The layout of a shard folder (written by `converters/shards.py`): its read and write schema, read without DALI.
 
 A shard folder holds webdataset tar shards (`shard-00000.tar`, ...), one DALI index file per shard
 (`shard-00000.idx`), a per-shard record of what it holds (`shard-00000.meta.json`) and one
@@ -30,9 +30,11 @@ import numpy as np
 
 from rded_fast.errors import UserError
 from rded_fast.formats.sidecar import read_sidecar
-from rded_fast.index import DatasetIndex, require_class_order
+from rded_fast.formats.source import Source
+from rded_fast.index import DatasetIndex, files_fingerprint, require_class_order
 from rded_fast.layout import Layout, read_json
 
+NAME = "shards"  # the format's one name (rded_fast.formats, `convert --format`, converters/shards.py)
 DATASET_FILE = "dataset.json"
 FORMAT_NAME = "rded-fast/webdataset-shards"
 FORMAT_VERSION = 2  # 2: each shard's source print and its first and last images' digest (1 recorded only sizes)
@@ -87,21 +89,18 @@ def check_not_bare_shards(path: str | os.PathLike) -> None:
 
 
 @dataclass
-class ShardDataset:
-    """A converted shard folder: its index and where each indexed image's JPEG bytes are.
+class ShardTable:
+    """Where each indexed image's JPEG bytes are in a shard folder (its index is the Source's).
 
-    `index.root` is the shard folder; `index.paths` and `index.sizes` are the source tree's. For index
-    entry i: `shard[i]` (-1 when it was left out at convert time, see `missing[i]`), `offset[i]` (byte
+    For index entry i: `shard[i]` (-1 when it was left out at convert time, see `missing[i]`), `offset[i]` (byte
     offset of the JPEG data in that tar) and `nbytes[i]`. `tars` are absolute paths, by shard number.
     """
 
-    index: DatasetIndex
     tars: list[str]
     shard: np.ndarray  # [N] int64
     offset: np.ndarray  # [N] int64
     nbytes: np.ndarray  # [N] int64
     missing: dict[int, str]
-    source_root: str
 
 
 def ends_sha256(tar: str | os.PathLike, first: tuple[int, int], last: tuple[int, int]) -> str:
@@ -151,8 +150,9 @@ def content_tokens(shard: np.ndarray, shards: list[dict]) -> np.ndarray:
     return tokens[np.where(shard >= 0, shard, len(shards))]
 
 
-def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
-    """Read `folder/dataset.json`; UserError naming the file and the fix when it is absent or foreign."""
+def open_shards(folder: str | os.PathLike, class_map: list[str] | None = None) -> Source:
+    """Read `folder/dataset.json` once into the folder's index and byte table, its shards checked; a `class_map` must
+    equal the class order it was converted with. UserError naming the file and the fix when it is absent or foreign."""
     folder = Path(folder).resolve()
     path = folder / DATASET_FILE
     data = read_sidecar(
@@ -165,27 +165,16 @@ def load_shard_dataset(folder: str | os.PathLike) -> ShardDataset:
     _check_shards(folder, path, data["shards"])
     shard = np.asarray(samples["shard"], dtype=np.int64)
     index.content = content_tokens(shard, data["shards"])
-    return ShardDataset(
-        index=index,
-        tars=tars,
-        shard=shard,
-        offset=np.asarray(samples["offset"], dtype=np.int64),
-        nbytes=np.asarray(samples["nbytes"], dtype=np.int64),
-        missing=missing,
-        source_root=data["source_root"],
-    )
-
-
-def open_shard_index(folder: str | os.PathLike, class_map: list[str] | None = None) -> DatasetIndex:
-    """The index stored in a shard folder; a `class_map` must equal the class order it was converted with."""
-    return require_class_order(load_shard_dataset(folder).index, class_map, folder)
+    offset, nbytes = (np.asarray(samples[key], dtype=np.int64) for key in ("offset", "nbytes"))
+    table = ShardTable(tars=tars, shard=shard, offset=offset, nbytes=nbytes, missing=missing)
+    return Source(NAME, require_class_order(index, class_map, folder), table)
 
 
 class ShardBytes:
     """JPEG bytes of index entries, sliced from memory-mapped tars at the offsets of dataset.json; each tar
     is mapped once, on first use, and `get` may be called from several threads."""
 
-    def __init__(self, shards: ShardDataset):
+    def __init__(self, shards: ShardTable):
         self.shards = shards
         self._maps: dict[int, mmap.mmap] = {}
         self._lock = threading.Lock()
@@ -209,6 +198,97 @@ class ShardBytes:
             for m in self._maps.values():
                 m.close()
             self._maps.clear()
+
+
+# ---- the write schema: what `convert --format shards` writes (converters/shards.py), the records read above ----
+
+
+def sample_record(index: DatasetIndex, image_id: int, reencoded: bool) -> dict:
+    """The `<key>.json` member of index entry `image_id`'s sample: its original path, size and class, and whether its
+    JPEG was re-encoded."""
+    label = int(index.labels[image_id])
+    width, height = (int(v) for v in index.sizes[image_id])
+    return {
+        "path": index.paths[image_id],
+        "width": width,
+        "height": height,
+        "label": label,
+        "class": index.classes[label],
+        "reencoded": reencoded,
+    }
+
+
+def planned_record(number: int, ids: list[int], index: DatasetIndex) -> dict:
+    """What shard `number`'s record (`shard-NNNNN.meta.json`) holds before its files are written, and what a rerun
+    compares to keep it: the source folder, the index entries it holds (ids, paths, labels) and their files' print."""
+    paths = [index.paths[i] for i in ids]
+    return {
+        "shard": number,
+        "source_root": index.root,
+        "ids": ids,
+        "paths": paths,
+        "labels": [int(index.labels[i]) for i in ids],
+        "sources": files_fingerprint(index.root, paths),
+    }
+
+
+def tar_ends(tar: Path, samples: list[dict]) -> dict:
+    """What a reader checks of a shard's contents (rded_fast.formats.shards): where its first and last images are and
+    the digest of their tar headers and bytes."""
+    first = min(samples, key=lambda r: r["offset"])
+    last = max(samples, key=lambda r: r["offset"])
+    ends = [[first["offset"], first["nbytes"]], [last["offset"], last["nbytes"]]]
+    return {"first": ends[0], "last": ends[1], "sha256": ends_sha256(tar, *ends)}
+
+
+def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict:
+    """The dataset JSON: the source index, per-image shard/offset/length, shards, counts and skips."""
+    n = len(index)
+    shard, offset, nbytes = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    reencoded = np.zeros(n, bool)
+    missing, convert_skipped = {}, []
+    for rec in records:
+        for s in rec["samples"]:
+            shard[s["id"]], offset[s["id"]], nbytes[s["id"]], reencoded[s["id"]] = (
+                rec["shard"],
+                s["offset"],
+                s["nbytes"],
+                s["reencoded"],
+            )
+        for s in rec["skipped"]:
+            missing[str(s["id"])] = s["reason"]
+            convert_skipped.append({"path": s["path"], "reason": s["reason"]})
+    written = shard >= 0
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source_root": index.root,
+        "classes": index.classes,
+        "class_counts": np.bincount(index.labels[written], minlength=index.num_classes).tolist(),
+        "num_samples": int(written.sum()),
+        "num_reencoded": int(reencoded.sum()),
+        "shard_size": limit,
+        "shards": [
+            {
+                "tar": r["tar"],
+                "idx": r["idx"],
+                "samples": len(r["samples"]),
+                "bytes": r["tar_bytes"],
+                "sources": r["sources"],
+                **({"ends": r["ends"]} if r["tar"] else {}),
+            }
+            for r in records
+        ],
+        "index": index.to_json(),
+        "samples": {
+            "shard": shard.tolist(),
+            "offset": offset.tolist(),
+            "nbytes": nbytes.tolist(),
+            "reencoded": reencoded.tolist(),
+        },
+        "missing": missing,
+        "skipped": index.skipped + convert_skipped,
+    }
 
 
 # ---- the output of `convert --format dali`: how an earlier one is recognised, and what it holds ----

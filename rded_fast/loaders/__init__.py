@@ -1,30 +1,43 @@
-"""Loaders by name: each knows how to index its data source and how to cut a plan's boxes from it.
+"""The loaders, as one table: each `*_loader` module of this package declares its LoaderSpec (rded_fast.loaders.base),
+and everything here reads the table, so adding a loader is adding its module.
 
-`open_index(name, data)` gives the DatasetIndex of a source as loader `name` reads it (the formats
-themselves live in rded_fast.formats; this says which loader reads which), and `make_loader(name, ...)` the
-CropLoader that executes a CropPlan over it. `resolve_loader("auto", data, device)` picks the fast one. Nothing outside this package
-branches on the loader name.
+`open_source(name, data)` opens a source as loader `name` reads it (refusing a format it cannot read, naming the
+loaders that can), `make_loader(name, source, plan, ...)` builds the CropLoader that executes a CropPlan over it,
+`resolve_loader("auto", data, device)` picks the fast one, `check_options` checks the loader-only options
+(`LOADER_OPTIONS`, from which the command line makes its flags) and `preload(name)` imports a loader's library ahead
+of its first use. The specs' modules import no backend library (DALI, ffcv) until a loader is made or preloaded.
+Nothing outside this package branches on the loader name.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
+import pkgutil
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from rded_fast.errors import UserError
-from rded_fast.formats import BETON, FOLDER, SHARDS, detect, open_index as open_format_index
-from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import CropBatch, CropLoader
+from rded_fast.formats import BETON, Source, detect, open as open_format
+from rded_fast.loaders.base import CropBatch, CropLoader, LoaderOption, LoaderSpec
 from rded_fast.plan import CropPlan
 
-LOADER_NAMES = ("torch", "dali", "ffcv", "tvjpeg")
+
+def _discover() -> dict[str, LoaderSpec]:
+    """name -> LoaderSpec of every `*_loader` module here: the reference loader first, then by name."""
+    specs = [
+        importlib.import_module(f"{__name__}.{m.name}").SPEC for m in pkgutil.iter_modules(__path__) if m.name.endswith("_loader")
+    ]
+    return {s.name: s for s in sorted(specs, key=lambda s: (not s.reference, s.name))}
+
+
+SPECS = _discover()
+LOADER_NAMES = tuple(SPECS)
 LOADER_CHOICES = ("auto", *LOADER_NAMES)
-# The formats each loader reads (rded_fast.formats), its native one first.
-READS = {"torch": (FOLDER,), "dali": (FOLDER, SHARDS), "tvjpeg": (FOLDER, SHARDS), "ffcv": (BETON,)}
+LOADER_OPTIONS = tuple(option for spec in SPECS.values() for option in spec.options)
 
 
 def default_prefetch(device: str) -> int:
@@ -33,134 +46,107 @@ def default_prefetch(device: str) -> int:
     return 4 if str(device).startswith("cuda") else 2
 
 
-LOADER_MODULES = {
-    "torch": "rded_fast.loaders.torch_loader",
-    "dali": "rded_fast.loaders.dali_loader",
-    "ffcv": "rded_fast.loaders.ffcv_loader",
-    "tvjpeg": "rded_fast.loaders.tvjpeg_loader",
-}
-
-
 def preload(name: str) -> None:
-    """Start importing loader `name`'s module, and with it its library (DALI: 1-3 s, most of the observer check's
-    set-up at 100 classes; ffcv: 3.5-5 s, most of it numba compiling at import), then its `warm_up()` if it has
-    one (ffcv: our crop kernel's compile), in a background thread: the work overlaps the index, the plan and the
-    observer's compile instead of delaying the observer check, the loader's first user. A failing import is
-    left to the place the loader is made, which imports the module again and says what is wrong.
+    """Start loader `name`'s preload hook (its library's import, seconds for DALI or ffcv, then what it compiles of
+    its own) in a background thread: the work overlaps the index, the plan and
+    the observer's compile instead of delaying the observer check, the loader's first user. A failing hook is left
+    to the place the loader is made, which imports the library again and says what is wrong.
 
-    The thread is a daemon: nobody waits for it (the loader's maker imports the module itself), and an exit must
+    The thread is a daemon: nobody waits for it (the loader's maker imports what it needs itself), and an exit must
     not wait for it either: a signal that interrupts the main thread inside an import can leave the import lock
     held for ever (CPython does not release it), and this thread would then never end."""
-    module = LOADER_MODULES.get(name)
-    if module is not None and module not in sys.modules:
-        threading.Thread(target=_import_quietly, args=(module,), name=f"preload-{name}", daemon=True).start()
+    spec = SPECS.get(name)
+    if spec is not None and spec.preload is not None:
+        threading.Thread(target=_run_quietly, args=(spec.preload,), name=f"preload-{name}", daemon=True).start()
 
 
-def _import_quietly(module: str) -> None:
+def _run_quietly(hook) -> None:
     try:
-        warm_up = getattr(importlib.import_module(module), "warm_up", None)
-        if warm_up is not None:
-            warm_up()
+        hook()
     except BaseException:  # noqa: BLE001 - reported where the loader is made (a warm-up's failure: where it is used)
         pass
 
 
 def resolve_loader(name: str, data: str, device: torch.device | str) -> str:
-    """`auto`: ffcv for a .beton; on CUDA, DALI with GPU decoding when it is installed, else tvjpeg
-    (torchvision's nvJPEG decoding, which every install has); on a CPU torch (PIL), or for a shard folder,
-    which PIL's loader cannot read, DALI (else tvjpeg). On a CPU DALI's decoding was measured slower than PIL
-    (benchmarks/README.md decode table: 545-621 against 723 img/s on 2 cores), and tvjpeg's dense-matrix crops
-    far slower, so neither is the CPU choice for a tree."""
+    """`auto`: of the loaders that read `data`'s format, the first by their `auto_order` on this device type whose
+    library is installed (else the first regardless: making it says what is missing). So: ffcv for a .beton; on
+    CUDA DALI with GPU decoding when it is installed, else tvjpeg (torchvision's nvJPEG decoding, which every
+    install has); on a CPU torch (PIL), or for a shard folder, which PIL's loader cannot read, DALI (else tvjpeg).
+    Why a CPU does not pick DALI or tvjpeg for a tree: benchmarks/README.md ("Timings the code quotes")."""
     if name != "auto":
         return name
-    kind = detect(data)
-    if kind == BETON:
-        return "ffcv"
-    if torch.device(device).type == "cuda" or kind == SHARDS:
-        return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "tvjpeg"
-    return "torch"
+    kind, where = detect(data), torch.device(device).type
+    readers = sorted((s for s in SPECS.values() if kind in s.reads), key=lambda s: s.auto_order[where])
+    installed = (s for s in readers if s.library is None or importlib.util.find_spec(s.library) is not None)
+    return next(installed, readers[0]).name
 
 
-def _check_name(name: str) -> None:
-    if name not in LOADER_NAMES:  # "auto" is resolved before a loader is made (resolve_loader)
+def _spec(name: str) -> LoaderSpec:
+    if name not in SPECS:  # "auto" is resolved before a loader is made (resolve_loader)
         raise UserError(f"--loader {name}: unknown loader; choose one of {', '.join(LOADER_NAMES)}")
+    return SPECS[name]
 
 
-def open_index(
+def open_source(
     name: str, data: str, class_map: list[str] | None = None, cache: str | None = None, show_progress: bool = True
-) -> DatasetIndex:
-    """The index of `data` as loader `name` reads it (class order, relative paths, original sizes); a format the
-    loader cannot read is refused, naming the loaders that can."""
-    _check_name(name)
+) -> Source:
+    """`data` opened as loader `name` reads it (rded_fast.formats.open: the index, and where the images' bytes are);
+    a format the loader cannot read is refused, naming the loaders that can."""
+    spec = _spec(name)
     kind = detect(data)
-    if kind not in READS[name]:
-        if name == "ffcv":  # anything but a .beton: the .beton reader says what is missing
+    if kind not in spec.reads:
+        if spec.reads == (BETON,):  # anything but a .beton: the .beton reader says what is missing
             kind = BETON
         else:
-            readers = ", ".join(n for n, kinds in READS.items() if kind in kinds)
+            readers = ", ".join(n for n, s in SPECS.items() if kind in s.reads)
             raise UserError(
                 f"--data {data}: a {kind} source, which --loader {name} cannot read; use --loader {readers} (or auto)"
             )
-    return open_format_index(data, class_map, cache, show_progress, kind=kind)
+    return open_format(data, class_map, cache, show_progress, kind=kind)
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Refuse an unknown loader option, or a value its LoaderOption's check refuses, naming its flag."""
+    known = {option.dest: option for option in LOADER_OPTIONS}
+    for key, value in options.items():
+        if key not in known:
+            raise UserError(f"loader option {key!r}: unknown; choose one of {', '.join(known) or 'none'}")
+        why = known[key].check(value)
+        if why is not None:
+            raise UserError(f"{known[key].flag} {value}: {why}")
 
 
 def make_loader(
     name: str,
-    index: DatasetIndex,
+    source: Source,
     plan: CropPlan,
     crop_size: int,
+    *,
     batch_size: int = 64,
     workers: int = 4,
     device: str = "cpu",
     prefetch: int | None = None,
     reuse_buffers: bool = False,
-    hw_decoder_load: float | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> CropLoader:
-    """Build the loader `name` over `plan`; it cuts the planned boxes into [B, K, 3, crop_size, crop_size] uint8.
+    """Build the loader `name` over `plan` on `source` (`open_source`); it cuts the planned boxes into
+    [B, K, 3, crop_size, crop_size] uint8.
 
     `device` is where scoring runs: a loader that can decode there (DALI: "mixed" on CUDA; tvjpeg: always)
-    does so.
-    `prefetch`: batches kept in flight (None: `default_prefetch(device)`). With `reuse_buffers` the torch
-    and ffcv loaders hand out batches in output buffers made once and rotated (pinned when CUDA is
-    present): a batch stays valid until `prefetch + 1` more batches have been taken, so a consumer copies
-    what it keeps (device copies queued before taking the next batch are safe). `hw_decoder_load`: DALI's
-    share of each GPU batch for the hardware JPEG decoder (0 or 1 pin every image to one decoder)."""
-    _check_name(name)
+    does so. `prefetch`: batches kept in flight (None: `default_prefetch(device)`). With `reuse_buffers` the torch
+    and ffcv loaders hand out batches in output buffers made once and rotated (pinned when CUDA is present): a
+    batch stays valid until `prefetch + 1` more batches have been taken, so a consumer copies what it keeps (device
+    copies queued before taking the next batch are safe). `options`: loader-only options (`LOADER_OPTIONS`; this
+    loader's defaults fill in the rest, the others' are ignored)."""
+    spec = _spec(name)
+    given = dict(options or {})
+    check_options(given)
+    own = {option.dest: given.get(option.dest, option.default) for option in spec.options}
     prefetch = default_prefetch(device) if prefetch is None else int(prefetch)
-    if name == "dali":
-        import torch
-
-        from rded_fast.loaders.dali_loader import DaliCropLoader
-
-        target = torch.device(device)
-        decode = "mixed" if target.type == "cuda" else "cpu"
-        device_id = (target.index if target.index is not None else torch.cuda.current_device()) if decode == "mixed" else None
-        return DaliCropLoader(
-            index,
-            plan,
-            crop_size,
-            batch_size=batch_size,
-            workers=workers,
-            device=decode,
-            device_id=device_id,
-            prefetch=prefetch,
-            hw_decoder_load=hw_decoder_load,
-        )
-    if name == "tvjpeg":
-        from rded_fast.loaders.tvjpeg_loader import TvJpegCropLoader
-
-        return TvJpegCropLoader(index, plan, crop_size, batch_size=batch_size, workers=workers, device=device, prefetch=prefetch)
-    if name == "ffcv":
-        from rded_fast.loaders.ffcv_loader import FfcvCropLoader
-
-        return FfcvCropLoader(
-            index, plan, crop_size, batch_size=batch_size, workers=workers, batches_ahead=prefetch, reuse_buffers=reuse_buffers
-        )
-    from rded_fast.loaders.torch_loader import TorchCropLoader
-
-    return TorchCropLoader(
-        index, plan, crop_size, batch_size=batch_size, workers=workers, prefetch=prefetch, reuse_buffers=reuse_buffers
-    )
+    return spec.build(
+        source, plan, crop_size, batch_size=batch_size, workers=workers, device=device, prefetch=prefetch,
+        reuse_buffers=reuse_buffers, **own,
+    )  # fmt: skip
 
 
 __all__ = [
@@ -168,9 +154,14 @@ __all__ = [
     "CropLoader",
     "LOADER_CHOICES",
     "LOADER_NAMES",
+    "LOADER_OPTIONS",
+    "LoaderOption",
+    "LoaderSpec",
+    "SPECS",
+    "check_options",
     "default_prefetch",
     "make_loader",
+    "open_source",
     "preload",
-    "open_index",
     "resolve_loader",
 ]

@@ -1,22 +1,56 @@
-"""The loader interface: decode the planned images and cut the planned boxes into uint8 crops.
+"""What a loader is: the CropLoader interface it implements, the CropBatch it yields, and the LoaderSpec by which it
+declares itself to rded_fast.loaders (name, formats read, options, how it is built).
 
-Every loader (torch, FFCV, DALI) executes the same CropPlan and yields CropBatch objects; only the
-speed differs. Images that cannot be decoded are reported per row in their batch (`ok` False, and the
-reason in `reasons`), so the run goes on without them.
+Every loader (torch, tvjpeg, DALI, FFCV) executes the same CropPlan over a Source (rded_fast.formats.open) and yields
+CropBatch objects; only the speed differs. Images that cannot be decoded are reported per row in their batch (`ok`
+False, and the reason in `reasons`), so the run goes on without them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from rded_fast.index import DatasetIndex
+    from rded_fast.formats import Source
     from rded_fast.plan import CropPlan
+
+
+@dataclass(frozen=True)
+class LoaderOption:
+    """An option only one loader has (DALI's `--hw-decoder-load`): its command-line `flag`, its `dest` (the key in a
+    run's loader options and the keyword its loader is built with), `type`, `default` and `help`; `check(value)`
+    says why a value is refused (the words after "FLAG VALUE: "), or None."""
+
+    flag: str
+    dest: str
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None]
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """One loader, as rded_fast.loaders lists it. `reads`: the formats it reads (rded_fast.formats), its native one
+    first; `build(source, plan, crop_size, *, batch_size, workers, device, prefetch, reuse_buffers, **options)` makes
+    it; `options`: its own LoaderOptions; `auto_order`: by device type ("cpu", "cuda"), its place among the loaders
+    `--loader auto` may pick for a format (lower first); `library`: the module its backend needs installed (None:
+    torch's own); `preload()`: imports that library and warms what it compiles, in the background, before the
+    loader is first made (None: nothing worth it); `reference`: the loader every other one is measured against."""
+
+    name: str
+    reads: tuple[str, ...]
+    build: Callable[..., CropLoader]
+    auto_order: Mapping[str, int]
+    options: tuple[LoaderOption, ...] = ()
+    library: str | None = None
+    preload: Callable[[], None] | None = None
+    reference: bool = False
 
 
 @dataclass
@@ -38,12 +72,13 @@ class CropLoader:
     """Iterates over a plan's rows in order, in batches of CropBatch. Every hook a loader may provide is
     declared here with its default (as FFCV's `Operation` declares its own); a loader overrides what it has.
 
-    Every loader is made with the arguments declared here, in this order: the `index` and `plan` (which images,
-    which boxes), `crop_size` (the side crops are resized to), `batch_size` (plan rows per batch) and `workers`
-    (its decoding threads or processes); its own options follow as keywords."""
+    Every loader is made with the arguments declared here, in this order: the `source` and `plan` (which images,
+    where their bytes are, which boxes; `index` is the source's), `crop_size` (the side crops are resized to),
+    `batch_size` (plan rows per batch) and `workers` (its decoding threads or processes); its own options follow as
+    keywords."""
 
-    def __init__(self, index: DatasetIndex, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4):
-        self.index, self.plan, self.crop_size = index, plan, int(crop_size)
+    def __init__(self, source: Source, plan: CropPlan, crop_size: int, batch_size: int = 64, workers: int = 4):
+        self.source, self.index, self.plan, self.crop_size = source, source.index, plan, int(crop_size)
         self.batch_size, self.workers = int(batch_size), int(workers)
 
     def __iter__(self) -> Iterator[CropBatch]:
@@ -71,11 +106,6 @@ def left_out_rows(rows: np.ndarray, image_ids: np.ndarray, stored: np.ndarray, w
         for r, i, kept in zip(rows, image_ids, stored)
         if not kept
     }
-
-
-def failed_rows(batches: Iterable[CropBatch]) -> dict[int, str]:
-    """Plan row -> reason over a whole run of batches (for callers that drain a loader: tests, benchmarks)."""
-    return {row: why for batch in batches for row, why in batch.reasons.items()}
 
 
 class BufferRing:

@@ -9,12 +9,9 @@ batch, so DALI cuts exactly the plan's boxes: per image one decode (`device="mix
 hardware JPEG decoder on CUDA, `hw_decoder_load` settable; `device="cpu"`: libjpeg-turbo), then per crop
 an integer slice of the box and a bilinear antialiased resize to p x p, which is torchvision's
 `resized_crop` up to DALI's antialias filter (the two differ by a few grey levels on large downscales;
-tests/test_dali.py measures it). A fused `resize` with a region of interest was measured and left out: it
-reads pixels outside the box, 18 grey levels from torchvision's crop at worst on 500x375 -> 112 px
-(p99 3), outside the documented tolerance; the slice keeps the crop's edges the crop's own. Shard bytes go
-in as a list of memory-mapped views: measured on the CPU (256 x 106 KB JPEGs per batch) at 17-27 ms a batch,
-against 126-138 ms for one zero-padded array sliced in the graph and 70-89 ms for a parallel external source
-(2 worker processes); `no_copy` made no difference.
+tests/test_dali.py measures it). A fused `resize` with a region of interest was left out: it reads pixels
+outside the box, beyond the documented tolerance; the slice keeps the crop's edges the crop's own. Shard bytes go
+in as a list of memory-mapped views, the fastest feed measured (benchmarks/README.md, "Timings the code quotes").
 
 Every DALI batch is one batch of the loader (plan rows [i*B, (i+1)*B)), so crops reach torch as DALI made
 them (DALIGenericIterator, on the decoding device, uint8) with no regrouping and no Python per sample.
@@ -30,26 +27,25 @@ inside this module.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
-from nvidia.dali import Pipeline, fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
-from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
-from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
+from rded_fast.formats import FOLDER, SHARDS, Source
+from rded_fast.formats.shards import ShardBytes
+from rded_fast.loaders.base import CropBatch, CropLoader, LoaderOption, LoaderSpec, left_out_rows
 from rded_fast.loaders.jpeg_gate import JpegGate
 
 DECODE_DEVICES = ("auto", "cpu", "mixed")
-# `image.shape()` of a GPU ("mixed") decoder output is only available under DALI's dynamic executor.
-HAS_DYNAMIC_EXECUTOR = "exec_dynamic" in inspect.signature(Pipeline.__init__).parameters
 _SAMPLE_IN_ERROR = re.compile(r"sample #(\d+)")
 OUTPUTS = ["crops", "shape", "position", "reader_position"]
 UNOPENABLE_NAME = "file name is not valid UTF-8, which DALI cannot open; rename the file or use --loader torch"
@@ -61,11 +57,20 @@ def failing_sample(message: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def shard_rows(num_rows: int, shard_id: int, num_shards: int) -> np.ndarray:
-    """Plan rows of shard `shard_id` of `num_shards`: a contiguous block, DALI readers' split rule."""
-    if not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id {shard_id} is not in 0..{num_shards - 1}")
-    return np.arange(num_rows * shard_id // num_shards, num_rows * (shard_id + 1) // num_shards, dtype=np.int64)
+def import_dali() -> None:
+    """Import DALI and its torch plugin: what this module uses of them is imported where it is used, so that listing
+    the loaders (rded_fast.loaders) costs no DALI import, and a machine without DALI lists this loader all the same;
+    this is the spec's preload hook."""
+    import nvidia.dali  # noqa: F401
+    import nvidia.dali.plugin.pytorch  # noqa: F401
+
+
+@functools.cache
+def has_dynamic_executor() -> bool:
+    """Whether this DALI has the dynamic executor: `image.shape()` of a GPU ("mixed") decoder output needs it."""
+    from nvidia.dali import Pipeline
+
+    return "exec_dynamic" in inspect.signature(Pipeline.__init__).parameters
 
 
 def dali_can_open(name: str) -> bool:
@@ -78,8 +83,15 @@ def dali_can_open(name: str) -> bool:
     return True
 
 
-@pipeline_def(seed=0)
-def crop_pipeline(
+def crop_pipeline(*args, **kwargs):
+    """The DALI pipeline of `crop_graph` (DALI's `pipeline_def`, seed 0): the graph's arguments, then the pipeline's
+    (batch_size, num_threads, device_id, ...)."""
+    from nvidia.dali import pipeline_def
+
+    return pipeline_def(seed=0)(crop_graph)(*args, **kwargs)
+
+
+def crop_graph(
     feed: Callable, files: list[str] | None, root: str | None, num_crop: int, crop_size: int, decode_device: str, decoder: dict
 ):
     """One decode per image, then `num_crop` slice+resize crops. `feed(info)` gives per batch the sample positions
@@ -87,6 +99,8 @@ def crop_pipeline(
     `files` is None; else DALI's file reader reads `files` (relative to `root`). Outputs: crops [K, 3, p, p]
     uint8, the decoded shape [3] (H, W, C), the fed position and the position the file reader reports (the
     same node when bytes are fed; the loader checks that the two streams stay in step)."""
+    from nvidia.dali import fn, types
+
     if files is None:
         encoded, position, boxes = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True)
         reader_position = position
@@ -127,17 +141,16 @@ def _pil_reason(data: bytes | str) -> str | None:
 
 
 class DaliCropLoader(CropLoader):
-    """Executes `plan` over `index` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
+    """Executes `plan` over `source` with DALI; yields CropBatch of up to `batch_size` rows in plan order.
 
-    `index.root` is a shard folder (see rded_fast/formats/shards.py) or an ImageFolder root. `device`:
+    `source` is a shard folder (see rded_fast/formats/shards.py) or an ImageFolder. `device`:
     `mixed` (GPU decode on CUDA device `device_id`, default the current one, so that decoding happens on
     the GPU that scores), `cpu`, or `auto` (mixed when CUDA is available). `workers` is DALI's CPU
     thread count, `prefetch` its queue depth. `hw_decoder_load` is the fraction of each batch nvJPEG
     sends to the hardware JPEG decoder (the rest goes to its CUDA decoder); the two decoders' pixels
     can differ, and which one an image gets depends on its position in the batch unless the split is
     pinned to 0 or 1, so only a pinned split gives the same bytes across batch sizes and resumes.
-    `shard_id`/`num_shards` restrict the loader to one contiguous block of plan rows (for one process
-    per GPU). `check_processes`: force (True) or forbid (False) worker processes for the JPEG check
+    `check_processes`: force (True) or forbid (False) worker processes for the JPEG check
     (rded_fast.loaders.jpeg_gate; None: by plan size). After a pass, `timings()` has the check's seconds.
     """
 
@@ -146,8 +159,6 @@ class DaliCropLoader(CropLoader):
         *args,
         device: str = "auto",
         hw_decoder_load: float | None = None,
-        shard_id: int = 0,
-        num_shards: int = 1,
         device_id: int | None = None,
         prefetch: int = 2,
         check_processes: bool | None = None,
@@ -158,15 +169,15 @@ class DaliCropLoader(CropLoader):
             raise ValueError(f"device {device!r}: choose one of {DECODE_DEVICES}")
         if device == "auto":
             device = "mixed" if torch.cuda.is_available() else "cpu"
-        if device == "mixed" and not HAS_DYNAMIC_EXECUTOR:
+        if device == "mixed" and not has_dynamic_executor():
             raise RuntimeError("GPU decoding needs a DALI with the dynamic executor (exec_dynamic); upgrade DALI")
-        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load {hw_decoder_load}: must be in 0..1")
+        if (why := check_share(hw_decoder_load)) is not None:
+            raise ValueError(f"hw_decoder_load {hw_decoder_load}: {why}")
         self.workers, self.prefetch = max(1, self.workers), max(1, int(prefetch))
         self.decode_device, self.hw_decoder_load = device, hw_decoder_load
         self.device_id = None if device != "mixed" else (torch.cuda.current_device() if device_id is None else int(device_id))
-        self.rows = shard_rows(len(self.plan), shard_id, num_shards)
-        self.shards = load_shard_dataset(self.index.root) if is_shard_dir(self.index.root) else None
+        self.rows = np.arange(len(self.plan), dtype=np.int64)
+        self.shards = self.source.table if self.source.kind == SHARDS else None
         self.check_processes = check_processes
         sizes = self.index.sizes[self.plan.image_ids]  # [M, 2] (width, height) by plan row
         self._expected_hw = torch.from_numpy(np.ascontiguousarray(sizes[:, ::-1]))  # what DALI's shape reports
@@ -199,7 +210,7 @@ class DaliCropLoader(CropLoader):
         ids = self.plan.image_ids[self.rows]
         if self.shards is not None:
             return left_out_rows(self.rows, ids, self.shards.shard[ids] >= 0, self.shards.missing)
-        paths = self.index.paths  # an ASCII name always opens: only the others are encoded (0.45 s at 300k names)
+        paths = self.index.paths  # an ASCII name always opens: only the others are encoded (seconds at ImageNet scale)
         rows = zip(self.rows.tolist(), ids.tolist())
         return {r: UNOPENABLE_NAME for r, i in rows if not paths[i].isascii() and not dali_can_open(paths[i])}
 
@@ -293,7 +304,9 @@ class DaliCropLoader(CropLoader):
 
         if not batches:
             return
-        executor = {"exec_dynamic": True} if HAS_DYNAMIC_EXECUTOR else {}
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        executor = {"exec_dynamic": True} if has_dynamic_executor() else {}
         pipe = crop_pipeline(
             feed,
             files,
@@ -408,3 +421,47 @@ def _decode_error_line(message: str) -> str:
 
 class _OutOfStep(RuntimeError):
     """The file reader's and the box feed's sample positions differ: a bug, never an image problem."""
+
+
+def check_share(value) -> str | None:
+    """Why `value` is no share of the hardware decoder (None: DALI's own split, or a number in 0..1), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return "must be a number"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    return None if 0.0 <= value <= 1.0 else "must be in 0..1"
+
+
+HW_DECODER_LOAD = LoaderOption(
+    flag="--hw-decoder-load",
+    dest="hw_decoder_load",
+    type=float,
+    default=1.0,
+    help="DALI on CUDA: share of JPEGs for the hardware decoder (default 1; 0 or 1 keep output bytes independent of batch size)",
+    check=check_share,
+)
+
+
+def build(source: Source, plan, crop_size: int, *, batch_size, workers, device, prefetch, reuse_buffers, hw_decoder_load):
+    """The DALI loader as rded_fast.loaders.make_loader builds it: GPU decoding ("mixed") on the scoring device when
+    that is CUDA, else on the CPU."""
+    target = torch.device(device)
+    decode = "mixed" if target.type == "cuda" else "cpu"
+    device_id = (target.index if target.index is not None else torch.cuda.current_device()) if decode == "mixed" else None
+    return DaliCropLoader(
+        source, plan, crop_size, batch_size=batch_size, workers=workers, device=decode, device_id=device_id,
+        prefetch=prefetch, hw_decoder_load=hw_decoder_load,
+    )  # fmt: skip
+
+
+SPEC = LoaderSpec(
+    "dali",
+    reads=(FOLDER, SHARDS),
+    build=build,
+    auto_order={"cpu": 1, "cuda": 0},
+    options=(HW_DECODER_LOAD,),
+    library="nvidia.dali",
+    preload=import_dali,
+)

@@ -10,10 +10,9 @@ straight into the [K, 3, p, p] uint8 buffer it declared through ffcv's allocatio
 
 The plan's boxes are in original pixels; ffcv may have stored a smaller image (`--max-resolution`), so
 each box is scaled by stored/original size per axis (fractional boxes are resampled exactly, not
-rounded). The box table and the sample->row table are handed to the compiled code by address, because
-numba freezes captured arrays into the machine code (slow to compile, and a new plan would mean a new
-compile of everything); `cut_batch` is compiled once per process, only a small per-loader wrapper per
-Loader. Samples left out at convert time, or that fail to decode, come back as failed rows.
+rounded). Samples left out at convert time, or that fail to decode, come back as failed rows. The compiled
+half (`PlannedCrops`, `cut_batch`) is rded_fast/loaders/ffcv_crops.py: this module imports neither ffcv nor
+numba until a loader is made (or preloaded: `warm_up`, the spec's hook).
 
 Sequential order is required (rows must come back in plan order); QUASI_RANDOM only pays off for
 random orders without an OS cache, and the process cache would load the whole file for a plan that
@@ -26,140 +25,14 @@ import math
 import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from rded_fast.errors import UserError
-from rded_fast.formats.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads, load_beton_dataset
-from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, left_out_rows
-from rded_fast.loaders.resample import cut_boxes
-
-with keep_torch_threads():
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.libffcv import imdecode
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.pipeline_spec import PipelineSpec
-    from ffcv.pipeline.state import State
-
-JPG_MODE = int(IMAGE_MODES["jpg"])
-_imdecode = njit(nogil=True)(imdecode)
-
-
-@intrinsic
-def _pointer(typingctx, address):
-    """An integer address as a void pointer (for numba.carray over memory numba did not allocate)."""
-    if not isinstance(address, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(address), codegen
-
-
-@njit(nogil=True, parallel=True)
-def cut_batch(addresses, nbytes, modes, heights, widths, boxes, out, ok) -> None:
-    """Decode image i (bytes at addresses[i], nbytes[i] long; mode JPEG or raw; heights[i] x widths[i])
-    once and cut its boxes[i] [K, 4] (top, left, height, width, stored pixels) into out[i] [K, 3, p, p];
-    ok[i] = 1 on success, 0 (and zero crops) when the bytes do not decode."""
-    for i in prange(len(addresses)):
-        h, w = heights[i], widths[i]
-        data = numba.carray(_pointer(addresses[i]), (nbytes[i],), np.uint8)
-        good = True
-        if modes[i] == JPG_MODE:
-            pixels = np.empty((h, w, 3), np.uint8)
-            good = _imdecode(data, pixels, h, w, h, w, 0, 0, 1, 1, False, False) == 0
-        elif nbytes[i] >= h * w * 3:
-            pixels = data[: h * w * 3].reshape((h, w, 3))
-        else:
-            good = False
-            pixels = np.empty((1, 1, 3), np.uint8)
-        if good:
-            cut_boxes(pixels, boxes[i], out[i])
-            ok[i] = 1
-        else:
-            out[i] = 0
-            ok[i] = 0
-
-
-def warm_up() -> None:
-    """Compile `cut_batch` for the types `PlannedCrops` calls it with (1.5-1.8 s of numba on a 2-core EPYC, once
-    per process), so that `rded_fast.loaders.preload` does it in the background with ffcv's import instead of
-    the first batch of the observer check waiting for it. Compiled, not run: numba's default thread pool must
-    not be entered from two threads at once, and ffcv's loader thread may already be running."""
-    one_d = types.Array(types.int64, 1, "C")
-    signature = (one_d,) * 5 + (
-        types.Array(types.float64, 3, "C"),  # boxes
-        types.Array(types.uint8, 5, "C"),  # crops[:n]
-        types.Array(types.uint8, 1, "A"),  # ok[:n, 0], a column
-    )
-    cut_batch.compile(signature)
-
-
-class PlannedCrops(Operation):
-    """ffcv decoder for an RGBImageField: sample s -> its planned crops [K, 3, p, p] uint8 and an ok flag.
-
-    Parameters
-    ----------
-    boxes : [M, K, 4] float64, (top, left, height, width) in stored pixels, one row per plan row.
-    rows : [num_samples] int64, the row of `boxes` for each .beton sample (-1: not planned).
-    crop_size : p.
-    """
-
-    def __init__(self, boxes: np.ndarray, rows: np.ndarray, crop_size: int):
-        super().__init__()
-        self.boxes = np.ascontiguousarray(boxes, dtype=np.float64)
-        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
-        self.crop_size = int(crop_size)
-
-    def declare_state_and_memory(self, previous_state: State):
-        shape = (self.boxes.shape[1], 3, self.crop_size, self.crop_size)
-        u8 = np.dtype("u1")
-        return (
-            replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-            (AllocationQuery(shape, u8), AllocationQuery((1,), u8)),
-        )
-
-    def generate_code(self):
-        mem_read = self.memory_read
-        boxes_at, rows_at = self.boxes.ctypes.data, self.rows.ctypes.data  # kept alive by self
-        table_shape, num_samples = self.boxes.shape, len(self.rows)
-
-        def planned_crops(batch_indices, storage, metadata, storage_state):
-            crops, ok = storage
-            n = len(batch_indices)
-            table = numba.carray(_pointer(boxes_at), table_shape, np.float64)
-            row_of = numba.carray(_pointer(rows_at), (num_samples,), np.int64)
-            addresses = np.empty(n, np.int64)
-            nbytes = np.empty(n, np.int64)
-            modes = np.empty(n, np.int64)  # not uint8: ffcv's OS-cache reader marks numba's 1-d uint8 type read-only
-            heights = np.empty(n, np.int64)
-            widths = np.empty(n, np.int64)
-            boxes = np.empty((n, table_shape[1], 4), np.float64)
-            for i in range(n):
-                field = metadata[batch_indices[i]]
-                data = mem_read(field["data_ptr"], storage_state)
-                addresses[i] = data.ctypes.data
-                nbytes[i] = data.size
-                modes[i] = field["mode"]
-                heights[i] = field["height"]
-                widths[i] = field["width"]
-                row = row_of[batch_indices[i]]
-                for k in range(table_shape[1]):  # element by element: a row assignment makes numba compile its
-                    for c in range(4):  # broadcasting's error strings, 1.7 s of every process's first batch
-                        boxes[i, k, c] = table[row, k, c]
-            cut_batch(addresses, nbytes, modes, heights, widths, boxes, crops[:n], ok[:n, 0])
-            return crops[:n], ok[:n, 0]
-
-        return planned_crops
+from rded_fast.formats import BETON, Source
+from rded_fast.formats.beton import IMAGE_FIELD, LABEL_FIELD, keep_torch_threads
+from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, LoaderSpec, left_out_rows
 
 
 def stored_boxes(boxes: np.ndarray, original: np.ndarray, stored: np.ndarray) -> np.ndarray:
@@ -198,7 +71,7 @@ def _next_result(epoch):
 
 
 class FfcvCropLoader(CropLoader):
-    """Executes `plan` over the .beton at `index.root` with ffcv; yields CropBatch of `batch_size` plan rows
+    """Executes `plan` over the .beton `source` with ffcv; yields CropBatch of `batch_size` plan rows
     in plan order. `workers` is ffcv's (numba's) thread count, capped at the cores numba may use;
     `batches_ahead` ffcv's prefetch depth. With `reuse_buffers` the batches handed out live in
     `batches_ahead + 2` buffers made once and rotated (pinned when CUDA is present), as ffcv's own iterator
@@ -210,36 +83,41 @@ class FfcvCropLoader(CropLoader):
     def __init__(self, *args, batches_ahead: int = 3, reuse_buffers: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         index, plan = self.index, self.plan
-        self.dataset = load_beton_dataset(index.root)
-        if index.paths != self.dataset.index.paths:
-            raise UserError(
-                f"{index.root}: the index given is not the one stored beside this .beton; open it with open_index('ffcv', ...)"
-            )
+        self.dataset = self.source.table
         self.batches_ahead, self.reuse_buffers = int(batches_ahead), reuse_buffers
         ids = plan.image_ids
         position = self.dataset.position[ids]
         self.missing = left_out_rows(np.arange(len(ids)), ids, position >= 0, self.dataset.missing)
-        original, stored = self.dataset.index.sizes[ids], self.dataset.stored_sizes[ids]
+        original, stored = index.sizes[ids], self.dataset.stored_sizes[ids]
         self.boxes = stored_boxes(plan.boxes, original, np.where(position[:, None] >= 0, stored, original))
         self._samples = position[position >= 0].astype(np.uint64)
         rows = np.full(self.dataset.num_samples, -1, np.int64)
         rows[position[position >= 0]] = np.flatnonzero(position >= 0)
-        self._loader = None
-        if len(self._samples):
-            threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
-            decoder = PlannedCrops(self.boxes, rows, self.crop_size)
-            with keep_torch_threads(), damaged_beton(self.dataset.beton):
-                self._loader = Loader(
-                    self.dataset.beton,
-                    batch_size=self.batch_size,
-                    num_workers=threads,
-                    os_cache=True,
-                    order=OrderOption.SEQUENTIAL,
-                    indices=self._samples,
-                    pipelines={IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder), LABEL_FIELD: None},
-                    drop_last=False,
-                    batches_ahead=batches_ahead,
-                )
+        self._loader = self._ffcv_loader(rows) if len(self._samples) else None
+
+    def _ffcv_loader(self, rows: np.ndarray):
+        """ffcv's Loader over the planned samples, decoding with `PlannedCrops` (`rows`: each sample's plan row)."""
+        with keep_torch_threads():
+            import numba
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.pipeline.pipeline_spec import PipelineSpec
+
+            from rded_fast.loaders.ffcv_crops import PlannedCrops
+
+        threads = max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS))
+        decoder = PlannedCrops(self.boxes, rows, self.crop_size)
+        with keep_torch_threads(), damaged_beton(self.dataset.beton):
+            return Loader(
+                self.dataset.beton,
+                batch_size=self.batch_size,
+                num_workers=threads,
+                os_cache=True,
+                order=OrderOption.SEQUENTIAL,
+                indices=self._samples,
+                pipelines={IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=decoder), LABEL_FIELD: None},
+                drop_last=False,
+                batches_ahead=self.batches_ahead,
+            )
 
     def __len__(self) -> int:
         return math.ceil(len(self.plan) / self.batch_size)
@@ -302,3 +180,21 @@ class FfcvCropLoader(CropLoader):
                 )
         finally:
             stream.close()
+
+
+def warm_up() -> None:
+    """The spec's preload hook: import ffcv and numba with the compiled half of this loader, and compile its batch
+    kernel (rded_fast.loaders.ffcv_crops.warm_up)."""
+    from rded_fast.loaders.ffcv_crops import warm_up as compile_kernel
+
+    compile_kernel()
+
+
+def build(source: Source, plan, crop_size: int, *, batch_size, workers, device, prefetch, reuse_buffers) -> CropLoader:
+    """The ffcv loader as rded_fast.loaders.make_loader builds it (it decodes on the host whatever the device)."""
+    return FfcvCropLoader(
+        source, plan, crop_size, batch_size=batch_size, workers=workers, batches_ahead=prefetch, reuse_buffers=reuse_buffers
+    )
+
+
+SPEC = LoaderSpec("ffcv", reads=(BETON,), build=build, auto_order={"cpu": 0, "cuda": 2}, library="ffcv", preload=warm_up)

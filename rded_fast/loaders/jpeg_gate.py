@@ -2,8 +2,7 @@
 
 DALI must never see a structurally broken JPEG (rded_fast/jpeg_check.py: its parser stops the pipeline on
 them and has killed the process). Checking every planned file before the first batch put the check on the
-critical path: 4.1-4.4 s of the loader's 7.7 s on 15,000 files on an H200 (Python threads, GIL-bound), ~85 s
-at ImageNet-1K's 300,000 planned files. Here the files are checked in plan order, in chunks, by worker
+critical path, more than half of the loader's time on a GPU (benchmarks/README.md, "Timings the code quotes"). Here the files are checked in plan order, in chunks, by worker
 processes (threads for small plans: a process pool's start costs more than it saves there) while DALI
 decodes earlier batches; DALI's feed asks for the verdicts of the batch it is about to decode and waits
 only when the check is behind (`waited_s` says how long it waited in all).
@@ -32,9 +31,8 @@ PROCESS_MIN_FILES = 20_000  # below this, threads (as rded_fast.index.read_sizes
 
 
 def checker_processes(cores: int) -> int:
-    """Worker processes for the check beside DALI's own `cores` threads: one per four cores (2 to 8). At ~50 us
-    per 110 KB JPEG each process checks ~15k files/s, so four stay ahead of the 23k img/s GPU decoding measured
-    on an H200, at a quarter of its 16 cores."""
+    """Worker processes for the check beside DALI's own `cores` threads: one per four cores (2 to 8), enough to stay
+    ahead of GPU decoding (benchmarks/README.md, "Timings the code quotes")."""
     return max(2, min(8, cores // 4))
 
 
@@ -67,7 +65,6 @@ class JpegGate:
         self._started = time.perf_counter()
         self._finished: float | None = None
         self.waited_s = 0.0
-        self.pool_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="jpeg-gate", daemon=True)
         self._thread.start()
 
@@ -79,8 +76,7 @@ class JpegGate:
             if self._processes:
                 try:
                     done = self._run_pool()
-                except (BrokenProcessPool, OSError) as exc:  # a killed worker, no fork: go on in this thread
-                    self.pool_error = f"{type(exc).__name__}: {exc}"
+                except (BrokenProcessPool, OSError):  # a killed worker, no fork: go on in this thread
                     done = sum(f.done() for f in self._done)
             for i in range(done, len(self._chunks)):
                 if self._stop.is_set():

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from rded_fast.decode import decode_rgb_array
+from rded_fast.formats import FOLDER, Source
 from rded_fast.index import DatasetIndex
-from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader
+from rded_fast.loaders.base import BufferRing, CropBatch, CropLoader, LoaderSpec
 from rded_fast.plan import CropPlan
 
 
@@ -97,3 +98,13 @@ class TorchCropLoader(CropLoader):
             if self._ring is not None:
                 crops = self._ring.take(tuple(crops.shape)).copy_(crops)
             yield CropBatch(rows=rows, crops=crops, ok=ok, reasons=reasons)
+
+
+def build(source: Source, plan: CropPlan, crop_size: int, *, batch_size, workers, device, prefetch, reuse_buffers) -> CropLoader:
+    """The torch loader as rded_fast.loaders.make_loader builds it (it decodes on the host whatever the device)."""
+    return TorchCropLoader(
+        source, plan, crop_size, batch_size=batch_size, workers=workers, prefetch=prefetch, reuse_buffers=reuse_buffers
+    )
+
+
+SPEC = LoaderSpec("torch", reads=(FOLDER,), build=build, auto_order={"cpu": 0, "cuda": 3}, reference=True)

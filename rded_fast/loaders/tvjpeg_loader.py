@@ -46,9 +46,10 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from rded_fast.decode import decode_rgb_array
-from rded_fast.formats.shards import ShardBytes, is_shard_dir, load_shard_dataset
+from rded_fast.formats import FOLDER, SHARDS, Source
+from rded_fast.formats.shards import ShardBytes
 from rded_fast.jpeg_check import JpegFrame, frame_header, is_jpeg, jpeg_problem
-from rded_fast.loaders.base import CropBatch, CropLoader, left_out_rows
+from rded_fast.loaders.base import CropBatch, CropLoader, LoaderSpec, left_out_rows
 from rded_fast.loaders.box_resize import resize_boxes
 from rded_fast.timing import Stopwatch
 
@@ -125,7 +126,7 @@ def pil_decode(data: bytes | bytearray, name: str) -> tuple[str, torch.Tensor | 
 
 
 class TvJpegCropLoader(CropLoader):
-    """Executes `plan` over `index` (an ImageFolder or a shard folder) with torchvision's JPEG decoder on
+    """Executes `plan` over `source` (an ImageFolder or a shard folder) with torchvision's JPEG decoder on
     `device`; yields CropBatch of up to `batch_size` rows in plan order, crops on `device`.
 
     `workers`: reader threads (file reads, the JPEG check, PIL decodes); `prefetch`: batches decoded ahead.
@@ -140,7 +141,7 @@ class TvJpegCropLoader(CropLoader):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch = max(1, int(prefetch))
-        self.shards = load_shard_dataset(self.index.root) if is_shard_dir(self.index.root) else None
+        self.shards = self.source.table if self.source.kind == SHARDS else None
         self.counts: Counter = Counter()
         self.watch = Stopwatch()
 
@@ -337,3 +338,11 @@ def _put(results: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+def build(source: Source, plan, crop_size: int, *, batch_size, workers, device, prefetch, reuse_buffers) -> CropLoader:
+    """The tvjpeg loader as rded_fast.loaders.make_loader builds it: decoding on the scoring device."""
+    return TvJpegCropLoader(source, plan, crop_size, batch_size=batch_size, workers=workers, device=device, prefetch=prefetch)
+
+
+SPEC = LoaderSpec("tvjpeg", reads=(FOLDER, SHARDS), build=build, auto_order={"cpu": 2, "cuda": 1})

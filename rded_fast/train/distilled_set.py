@@ -7,7 +7,6 @@ deleted or stray file must not change the training set silently).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from rded_fast.errors import UserError
 from rded_fast.formats.folder import build_index
 from rded_fast.loaders.torch_loader import decode_rgb
+from rded_fast.manifest import read_manifest
 from rded_fast.train.memory_dataset import DECODE_ERRORS
 
 
@@ -36,17 +36,6 @@ class DistilledSet:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_manifest(path: Path) -> dict:
-    """A distilled set's manifest.json, with the fields a student needs; one line when it is not ours or damaged."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # also UnicodeDecodeError
-        raise UserError(f"--distilled {path.parent}: {path.name} is damaged ({exc}); distill again") from None
-    if not isinstance(manifest, dict) or not {"data", "images", "parameters"} <= manifest.keys():
-        raise UserError(f"--distilled {path.parent}: {path.name} is not a manifest of `rded-fast distill`; distill again")
-    return manifest
-
-
 def _listed(files: list[str], most: int = 3) -> str:
     return ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
 
@@ -61,11 +50,11 @@ def load_distilled(root: str | Path) -> DistilledSet:
             f"--distilled {root}: no manifest.json, which says which images the set holds and how they were stitched; "
             "give a folder written by `rded-fast distill` (with its manifest.json), or distill again"
         )
-    manifest = _read_manifest(manifest_path)
-    classes = manifest["data"]["classes"]
-    present = sorted({m["class"] for m in manifest["images"]}, key=classes.index)
+    manifest = read_manifest(manifest_path, "--distilled")
+    classes = manifest.classes
+    present = sorted({m["class"] for m in manifest.images}, key=classes.index)
     on_disk = set(build_index(root, class_map=present, show_progress=False, headers=False).paths) if present else set()
-    listed = [(m["file"], classes.index(m["class"])) for m in manifest["images"]]
+    listed = [(m["file"], classes.index(m["class"])) for m in manifest.images]
     images, labels, files, missing, broken = [], [], [], [], []
     for rel, label in listed:
         if rel not in on_disk:
@@ -93,5 +82,4 @@ def load_distilled(root: str | Path) -> DistilledSet:
         raise UserError(f"{root}: images must all be square and the same size, found {sorted(sizes)[:3]}")
     label_tensor = torch.tensor(labels, dtype=torch.int64)
     ipc = int(np.bincount(label_tensor.numpy()).max())
-    factor = int(manifest["parameters"]["factor"])
-    return DistilledSet(root, torch.stack(images), label_tensor, files, classes, factor, ipc, manifest, notes)
+    return DistilledSet(root, torch.stack(images), label_tensor, files, classes, manifest.factor, ipc, manifest.raw, notes)

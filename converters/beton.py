@@ -31,23 +31,22 @@ from pathlib import Path
 import numpy as np
 
 from rded_fast.converters.sanitize import BadImage, rgb_array
-from rded_fast.converters.source import index_source
+from rded_fast.converters.source import claiming, index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.formats.beton import (
     BETON,
     FFCV_HEADER,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     IMAGE_FIELD,
     LABEL_FIELD,
-    bookkeeping_sha256,
+    NAME,
+    bookkeeping_record,
     is_beton,
     keep_torch_threads,
     sidecar_path,
+    sidecar_record,
 )
 from rded_fast.index import DatasetIndex
-from rded_fast.outputs import claim_output
 from rded_fast.progress import progress
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -193,8 +192,7 @@ def _read_back(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     image, label = meta[f"f{names.index(IMAGE_FIELD)}"], meta[f"f{names.index(LABEL_FIELD)}"]
     sizes = np.stack([image["width"].astype(np.int64), image["height"].astype(np.int64)], axis=1)
     head = FFCV_HEADER.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
-    ptr = int(reader.header["alloc_table_ptr"])
-    book = {"head_bytes": int(head), "alloc_table_ptr": ptr, "sha256": bookkeeping_sha256(path, head, ptr)}
+    book = bookkeeping_record(path, int(head), int(reader.header["alloc_table_ptr"]))
     return np.asarray(label, dtype=np.int64).reshape(-1), sizes, book
 
 
@@ -209,45 +207,7 @@ def _check_args(out: Path, write_mode: str, max_resolution: int, jpeg_quality: i
         raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'train.beton'}")
 
 
-def sidecar_record(
-    index: DatasetIndex, ids: np.ndarray, sizes: np.ndarray, missing: dict[int, str], beton_bytes: int, options: dict
-) -> dict:
-    """The sidecar JSON: the source index, per indexed image its .beton position and stored size, and
-    per sample (in .beton order) its original path, label, original and stored size; skips and counts."""
-    n = len(index)
-    position = np.full(n, -1, np.int64)
-    position[ids] = np.arange(len(ids))
-    stored = np.zeros((n, 2), np.int64)
-    stored[ids] = sizes
-    skipped = index.skipped + [{"path": index.paths[i], "reason": r} for i, r in sorted(missing.items())]
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "beton_bytes": beton_bytes,
-        "source_root": index.root,
-        "classes": index.classes,
-        "class_counts": np.bincount(index.labels[ids], minlength=index.num_classes).tolist(),
-        "num_samples": len(ids),
-        **options,
-        "fields": {IMAGE_FIELD: "RGBImageField", LABEL_FIELD: "IntField"},
-        "index": index.to_json(),
-        "position": position.tolist(),
-        "stored_sizes": stored.tolist(),
-        "samples": [
-            {
-                "path": index.paths[i],
-                "label": int(index.labels[i]),
-                "original_size": index.sizes[i].tolist(),
-                "stored_size": stored[i].tolist(),
-            }
-            for i in ids.tolist()
-        ],
-        "missing": {str(i): r for i, r in sorted(missing.items())},
-        "skipped": skipped,
-    }
-
-
-def convert_ffcv(
+def convert(
     data: str,
     out: str,
     *,
@@ -276,18 +236,8 @@ def convert_ffcv(
             f"--out {out}: its sidecar {sidecar} exists and rded-fast did not write it; give a new path, "
             "or --overwrite-any to replace both"
         )
-    replaced = []
-    with claim_output(
-        out,
-        "--out",
-        {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-        BETON,
-        overwrite=overwrite,
-        overwrite_any=overwrite_any,
-        replace_hint="pass --overwrite to replace it",
-        on_replace=replaced.append,
-    ):
-        summary = _convert_ffcv(
+    with claiming(out, data, class_map, BETON, overwrite=overwrite, overwrite_any=overwrite_any) as replaced:
+        summary = _convert(
             data,
             out_path,
             class_map=class_map,
@@ -300,7 +250,7 @@ def convert_ffcv(
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
 
-def _convert_ffcv(
+def _convert(
     data: str,
     out_path: Path,
     *,
@@ -345,7 +295,7 @@ def _convert_ffcv(
     atomic_write_text(sidecar_path(out_path), json.dumps(record))
     seconds = time.perf_counter() - t0
     return {
-        "format": "ffcv",
+        "format": NAME,
         "out": str(out_path.resolve()),
         "sidecar": str(sidecar_path(out_path).resolve()),
         "images": len(index),

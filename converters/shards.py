@@ -28,30 +28,30 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from rded_fast.converters.sanitize import BadImage, jpeg_bytes
-from rded_fast.converters.source import index_source
+from rded_fast.converters.source import claiming, index_source
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write, atomic_write_text
 from rded_fast.formats.shards import (
     DATASET_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     IMAGE_EXT,
     LABEL_EXT,
     META_EXT,
+    NAME,
     SHARD_FOLDER,
-    ends_sha256,
+    dataset_record,
     is_shard_folder,
+    planned_record,
     recorded_shards,
     sample_key,
+    sample_record,
     shard_files,
     shard_stem,
+    tar_ends,
 )
-from rded_fast.index import DatasetIndex, files_fingerprint
+from rded_fast.index import DatasetIndex
 from rded_fast.jpeg_check import jpeg_problem
-from rded_fast.outputs import claim_output, resolve
+from rded_fast.outputs import resolve
 from rded_fast.progress import progress
 
 TAR_BLOCK = 512
@@ -131,18 +131,6 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
     return data_offset
 
 
-def _expected_record(number: int, ids: list[int], index: DatasetIndex) -> dict:
-    paths = [index.paths[i] for i in ids]
-    return {
-        "shard": number,
-        "source_root": index.root,
-        "ids": ids,
-        "paths": paths,
-        "labels": [int(index.labels[i]) for i in ids],
-        "sources": files_fingerprint(index.root, paths),
-    }
-
-
 def source_of(out: Path) -> str | None:
     """The source folder (resolved) the shards in `out` were converted from: dataset.json's, or else an earlier
     run's shard records'; None when no record names one."""
@@ -163,7 +151,7 @@ def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> di
         meta = json.loads((out / f"{stem}.meta.json").read_text())
     except (OSError, ValueError):
         return None
-    expected = _expected_record(number, ids, index)
+    expected = planned_record(number, ids, index)
     if any(meta.get(k) != v for k, v in expected.items()):
         return None
     if meta["tar"] is not None:
@@ -179,15 +167,7 @@ def _reusable(out: Path, number: int, ids: list[int], index: DatasetIndex) -> di
 def _add_sample(tar: tarfile.TarFile, index: DatasetIndex, image_id: int, data: bytes, reencoded: bool) -> tuple[str, int]:
     """Append one image's members (JPEG, label, metadata) to `tar`; returns its DALI index line and the JPEG's offset."""
     label = int(index.labels[image_id])
-    width, height = (int(v) for v in index.sizes[image_id])
-    info = {
-        "path": index.paths[image_id],
-        "width": width,
-        "height": height,
-        "label": label,
-        "class": index.classes[label],
-        "reencoded": reencoded,
-    }
+    info = sample_record(index, image_id, reencoded)
     key = sample_key(image_id)
     parts, offsets = [], {}
     for ext, payload in (
@@ -199,15 +179,6 @@ def _add_sample(tar: tarfile.TarFile, index: DatasetIndex, image_id: int, data: 
         offsets[ext] = _add_member(tar, name, payload)
         parts.append(f"{ext} {offsets[ext]} {len(payload)} {name}")
     return " ".join(parts), offsets[IMAGE_EXT]
-
-
-def tar_ends(tar: Path, samples: list[dict]) -> dict:
-    """What a reader checks of a shard's contents (rded_fast.formats.shards): where its first and last images are and
-    the digest of their tar headers and bytes."""
-    first = min(samples, key=lambda r: r["offset"])
-    last = max(samples, key=lambda r: r["offset"])
-    ends = [[first["offset"], first["nbytes"]], [last["offset"], last["nbytes"]]]
-    return {"first": ends[0], "last": ends[1], "sha256": ends_sha256(tar, *ends)}
 
 
 def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, workers: int = 4, bar=None) -> dict:
@@ -240,11 +211,11 @@ def write_shard(out: Path, number: int, ids: list[int], index: DatasetIndex, wor
     tar_name = f"{stem}.tar"
     # recorded before its files exist (replaced by the full record below), so that whatever an interrupted run leaves
     # is named by a record of ours: a later --overwrite deletes it, a rerun removes its temporary files
-    planned = {**_expected_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx", "tar_bytes": None}
+    planned = {**planned_record(number, ids, index), "tar": tar_name, "idx": f"{stem}.idx", "tar_bytes": None}
     atomic_write_text(out / f"{stem}.meta.json", json.dumps(planned))
     atomic_write(out / tar_name, write_tar)
     record = {
-        **_expected_record(number, ids, index),
+        **planned_record(number, ids, index),
         "tar": tar_name,
         "idx": f"{stem}.idx",
         "tar_bytes": (out / tar_name).stat().st_size,
@@ -280,57 +251,7 @@ def _check_out(out: Path) -> None:
             raise UserError(f"--out {out}: holds files that are not DALI shards; give an empty or new folder")
 
 
-def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict:
-    """The dataset JSON: the source index, per-image shard/offset/length, shards, counts and skips."""
-    n = len(index)
-    shard, offset, nbytes = np.full(n, -1, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    reencoded = np.zeros(n, bool)
-    missing, convert_skipped = {}, []
-    for rec in records:
-        for s in rec["samples"]:
-            shard[s["id"]], offset[s["id"]], nbytes[s["id"]], reencoded[s["id"]] = (
-                rec["shard"],
-                s["offset"],
-                s["nbytes"],
-                s["reencoded"],
-            )
-        for s in rec["skipped"]:
-            missing[str(s["id"])] = s["reason"]
-            convert_skipped.append({"path": s["path"], "reason": s["reason"]})
-    written = shard >= 0
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "source_root": index.root,
-        "classes": index.classes,
-        "class_counts": np.bincount(index.labels[written], minlength=index.num_classes).tolist(),
-        "num_samples": int(written.sum()),
-        "num_reencoded": int(reencoded.sum()),
-        "shard_size": limit,
-        "shards": [
-            {
-                "tar": r["tar"],
-                "idx": r["idx"],
-                "samples": len(r["samples"]),
-                "bytes": r["tar_bytes"],
-                "sources": r["sources"],
-                **({"ends": r["ends"]} if r["tar"] else {}),
-            }
-            for r in records
-        ],
-        "index": index.to_json(),
-        "samples": {
-            "shard": shard.tolist(),
-            "offset": offset.tolist(),
-            "nbytes": nbytes.tolist(),
-            "reencoded": reencoded.tolist(),
-        },
-        "missing": missing,
-        "skipped": index.skipped + convert_skipped,
-    }
-
-
-def convert_dali(
+def convert(
     data: str,
     out: str,
     *,
@@ -357,23 +278,12 @@ def convert_dali(
             "give another folder, or pass --overwrite to replace them"
         )
     reuse = earlier and not (overwrite or overwrite_any)
-    replaced = []
-    with claim_output(
-        out,
-        "--out",
-        {"--data": data, "--class-map": class_map if isinstance(class_map, (str, os.PathLike)) else None},
-        SHARD_FOLDER,
-        overwrite=overwrite,
-        overwrite_any=overwrite_any,
-        resume=reuse,
-        replace_hint="pass --overwrite to replace it",
-        on_replace=replaced.append,
-    ):
-        summary = _convert_dali(data, out_dir, class_map=class_map, workers=workers, show_progress=show_progress, limit=limit)
+    with claiming(out, data, class_map, SHARD_FOLDER, overwrite=overwrite, overwrite_any=overwrite_any, resume=reuse) as replaced:
+        summary = _convert(data, out_dir, class_map=class_map, workers=workers, show_progress=show_progress, limit=limit)
     return {**summary, "replaced": str(replaced[0]) if replaced else None}
 
 
-def _convert_dali(data: str, out_dir: Path, *, class_map, workers: int, show_progress: bool, limit: int) -> dict:
+def _convert(data: str, out_dir: Path, *, class_map, workers: int, show_progress: bool, limit: int) -> dict:
     t0 = time.perf_counter()
     _check_out(out_dir)
     index = index_source(data, class_map, workers, show_progress)
@@ -398,7 +308,7 @@ def _convert_dali(data: str, out_dir: Path, *, class_map, workers: int, show_pro
     _remove_stale(out_dir, len(records))
     skipped = dataset["skipped"]
     return {
-        "format": "dali",
+        "format": NAME,
         "out": str(out_dir.resolve()),
         "images": len(index),
         "written": dataset["num_samples"],

@@ -1,0 +1,57 @@
+"""The loaders' table: every `*_loader` module declares its LoaderSpec, and what rded_fast.loaders exports is derived
+from the specs, without importing any loader's backend library."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rded_fast.errors import UserError
+from rded_fast.loaders import LOADER_CHOICES, LOADER_NAMES, LOADER_OPTIONS, SPECS, check_options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_table_is_read_from_the_loaders_own_modules():
+    assert LOADER_NAMES == ("torch", "dali", "ffcv", "tvjpeg")  # the reference loader first, then by name
+    assert LOADER_CHOICES == ("auto", *LOADER_NAMES)
+    for name, spec in SPECS.items():
+        assert spec.build.__module__ == f"rded_fast.loaders.{name}_loader"  # one library file per loader
+    assert [(o.flag, o.dest, o.default) for o in LOADER_OPTIONS] == [("--hw-decoder-load", "hw_decoder_load", 1.0)]
+    assert SPECS["dali"].options == LOADER_OPTIONS
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"hw_decoder_load": math.nan}, "--hw-decoder-load nan: must be a finite number"),
+        ({"hw_decoder_load": 2.0}, "--hw-decoder-load 2.0: must be in 0..1"),
+        ({"hw_decoder_load": "1"}, "--hw-decoder-load 1: must be a number"),
+        ({"hw_decoder_loads": 1.0}, "loader option 'hw_decoder_loads': unknown; choose one of hw_decoder_load"),
+    ],
+)
+def test_a_bad_loader_option_is_refused_naming_its_flag(options, message):
+    with pytest.raises(UserError, match="^" + message.replace(".", r"\.").replace("(", r"\(") + "$"):
+        check_options(options)
+
+
+def test_good_loader_options_pass():
+    for value in (0.0, 0.5, 1, None):  # None: DALI's own split
+        check_options({"hw_decoder_load": value})
+    check_options({})
+
+
+def test_listing_the_loaders_imports_no_backend_library():
+    """DALI's import takes 1-3 s and ffcv's 3.5-5 s (and either may be missing): listing the loaders, checking their
+    options and resolving `auto` import neither; only a loader's preload or its making does."""
+    code = (
+        "import sys; from rded_fast.loaders import LOADER_OPTIONS, check_options, resolve_loader;"
+        "check_options({'hw_decoder_load': 1.0}); resolve_loader('auto', '.', 'cpu');"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'nvidia', 'ffcv', 'numba'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
