@@ -176,9 +176,8 @@ def run_distill(args) -> int:
         from rded_fast.distributed import launch, without_option
 
         return launch(args.nproc, without_option(list(args.argv), "--nproc"))
-    fields = _fields(args, "nproc", "hw_decoder_load")
     options = {"hw_decoder_load": args.hw_decoder_load}  # DALI's own option (rded_fast.loaders.LOADER_OPTIONS)
-    result = distill(DistillConfig(**fields, loader_options=options, show_progress=not args.quiet))
+    result = distill(DistillConfig(**_fields(args, "nproc", *options), loader_options=options, show_progress=not args.quiet))
     if result.is_main:
         _print(summaries.distill_lines(result))
         if result.num_images == 0:  # every class was skipped: the notes above say why
@@ -273,11 +272,9 @@ def run_convert(args) -> int:
     from rded_fast.index import read_class_map
     from rded_fast.models.classes import unlisted_folders
 
-    others = (
-        ("shard_size",) if ALIASES.get(args.format, args.format) == BETON else ("max_resolution", "jpeg_quality", "write_mode")
-    )  # the other writer's
-    options = _fields(args, "format", *others)  # data, out, the common options and this writer's own
-    summary = convert(args.format, **options, show_progress=not args.quiet)
+    beton = ALIASES.get(args.format, args.format) == BETON
+    others = ("shard_size",) if beton else ("max_resolution", "jpeg_quality", "write_mode")  # the other writer's options
+    summary = convert(args.format, **_fields(args, "format", *others), show_progress=not args.quiet)
     print(json.dumps(summary, indent=1))
     unlisted = unlisted_folders(read_class_map(args.class_map), args.data) if args.class_map else []
     _print(summaries.convert_notes(summary, unlisted, args.out), file=sys.stderr)  # stderr: stdout stays one JSON document
