@@ -5,16 +5,23 @@ argparse parses `--ipc 2.5` as an error and `--ipc 2` as an int; the API takes w
 the type its annotation names (an integer where an int belongs: not 2.5, not inf, not True; a number where a float
 belongs, finite; a string where a path or a name belongs; True/False for a switch), and every number in its range
 (`NUMBER_RANGES`, the table the command line checks too). Messages name the flag, as the command line's do.
+
+For the command line (cli.py) this module also holds what argparse needs from the library: `check_numbers` (the same
+ranges for every parsed number), `LibraryChoices` (a choice list that is a library constant) and the text forms of
+tuple arguments (`seed_list`, `crop_scale`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import math
 import numbers
 import os
 import types
 import typing
+from collections.abc import Sequence
 
 from rded_fast.errors import UserError
 
@@ -111,3 +118,62 @@ def check_config(cfg, paths: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         _check_value(f.name, getattr(cfg, f.name), hints[f.name], f.name in paths)
+
+
+def check_numbers(values: dict) -> None:
+    """The command line's check of every number it parsed (`values`: dest -> value), by NUMBER_RANGES, and of
+    --workers by its one rule (rded_fast.device); argparse only checks that they parse."""
+    for dest in NUMBER_RANGES:
+        value = values.get(dest)
+        if value is None or isinstance(value, (bool, tuple)):  # a tuple (evaluate --seeds): the library checks it
+            continue
+        check_number(dest, value, integer=isinstance(value, int))
+    if values.get("workers") is not None:  # every command that takes --workers
+        from rded_fast.device import check_workers
+
+        check_workers(values["workers"])
+
+
+class LibraryChoices(Sequence):
+    """An argparse choice list that is made of library constants (`module.NAME`, and more NAMEs of the same module,
+    each a tuple or the keys of a dict; between the command's own `before` and `after` names), read when argparse
+    first needs it (a value given for the option, its command's usage or help): a command imports only the modules
+    its own options name, and `rded-fast --help` none."""
+
+    def __init__(self, module: str, *names: str, before: tuple[str, ...] = (), after: tuple[str, ...] = ()):
+        self.module, self.names, self.before, self.after = module, names, before, after
+
+    def _names(self) -> tuple[str, ...]:
+        found = importlib.import_module(self.module)
+        return (*self.before, *(value for name in self.names for value in getattr(found, name)), *self.after)
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def add_choice(parser: argparse.ArgumentParser, flag: str, names: LibraryChoices, **options) -> None:
+    """`flag` with the choices `names`, set once argparse has made the option (it reads a choice list given to
+    `add_argument` at once, to check the metavar; a library constant is read only when needed: LibraryChoices)."""
+    parser.add_argument(flag, **options).choices = names
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """--seeds A,B,C as whole numbers (distinct and >= 0: the library's check, rded_fast.train.student)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 0,1,2,3,4") from None
+
+
+def crop_scale(text: str) -> tuple[float, float]:
+    """--crop-scale MIN[,MAX] (MAX defaults to 1) as a (min, max) area fraction; the range is distill's check."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN or MIN,MAX (e.g. 0.08,1 or 1)")
+    return values[0], values[1] if len(values) == 2 else 1.0

@@ -1,5 +1,10 @@
-"""How an output of ours is recognised and what a run of ours writes inside it: the `Layout` every writer
-declares for its output (rded_fast.outputs acts on layouts; the formats and writers own theirs)."""
+"""How an output of ours is recognised and what a run of ours writes inside it: the `Layout` type and the helpers
+around it (`read_json` for recognisers, `of_recorded` behind `Layout.written`, the temporary-name pattern).
+
+Every output that rded_fast.outputs claims is claimed by its Layout: the formats declare theirs beside their readers
+(`formats.beton.BETON`, `formats.shards.SHARD_FOLDER`); rded_fast.outputs declares the commands' other outputs (the
+distilled set, a labels folder, the demo folder, an observer checkpoint, an evaluate result).
+"""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def fashion_tree(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fashion_observer(tmp_path_factory) -> Path:
-    """A Conv3 observer trained on 200 Fashion-MNIST images per class for 2 epochs (about 15 s on 2 cores)."""
+    """A Conv3 observer trained on 200 Fashion-MNIST images per class for 2 epochs (once per session: it is slow)."""
     from rded_fast.data import fashion_mnist
     from rded_fast.train.observer import ObserverConfig, train_observer
 
@@ -177,3 +177,174 @@ def planned_sources(index, plan) -> tuple[list[str], list, list]:
     """What a plan asks a loader for, independent of the index's numbering: each row's path, size and boxes."""
     ids = plan.image_ids
     return [index.paths[i] for i in ids], index.sizes[ids].tolist(), plan.boxes.tolist()
+
+
+# ---- helpers shared by several test modules ---------------------------------------------------------------------
+
+# The DALI loader against the torch loader on the same planned boxes, grey levels (tests/test_dali.py's docstring):
+# largest, mean, 99th percentile.
+DALI_MAX_DIFF, DALI_MEAN_DIFF, DALI_P99_DIFF = 8, 0.5, 2
+
+
+def fashion_config(tree, observer, out, **kw):
+    """A DistillConfig of the Fashion-MNIST tree with the conv3 `observer` (IPC 10, factor 1, 32 px, CPU), `kw` over it."""
+    from rded_fast.distill import DistillConfig
+
+    base = dict(
+        data=str(tree),
+        out=str(out),
+        observer="conv3",
+        weights=str(observer),
+        ipc=10,
+        factor=1,
+        mipc=60,
+        num_crop=5,
+        input_size=32,
+        seed=0,
+        batch_size=64,
+        workers=0,
+        device="cpu",
+        show_progress=False,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def random_observer(tmp_path, classes, size=32):
+    """An untrained conv3 checkpoint: for pipeline mechanics only (observer check skipped)."""
+    import torch
+
+    from rded_fast.models import build
+
+    torch.manual_seed(0)
+    path = tmp_path / "random_conv3.pth"
+    torch.save({"model": build("conv3", classes, None, size).model.state_dict()}, path)
+    return path
+
+
+def _distill_argv(data, weights, out, *extra):
+    """The smallest distill command line (IPC 1, factor 1, 32 px, CPU, no observer check) with `extra` after it."""
+    return [
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "conv3",
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--factor",
+        "1",
+        "--ipc",
+        "1",
+        "--mipc",
+        "4",
+        "--num-crop",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--skip-observer-check",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _one_line_error(capsys) -> str:
+    """The captured stderr, checked to be one line and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file below `root` (links not followed) -> sha256 of its bytes: to prove nothing changed."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _relabel_argv(distilled: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    fixed = "--teacher conv3 --epochs 1 --device cpu --quiet --skip-teacher-check".split()  # the checkpoint is random
+    return ["relabel", "--distilled", str(distilled), "--teacher-weights", str(weights), "--out", str(out), *fixed, *extra]
+
+
+def distill_args(data, ckpt, out, *extra):
+    """A small distill command line (IPC 2, factor 2, 32 px, batches of 5, CPU, no observer check) with `extra`."""
+    return [
+        "distill",
+        "--data",
+        str(data),
+        "--observer",
+        "conv3",
+        "--weights",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--factor",
+        "2",
+        "--ipc",
+        "2",
+        "--mipc",
+        "8",
+        "--num-crop",
+        "3",
+        "--workers",
+        "0",
+        "--batch-size",
+        "5",
+        "--device",
+        "cpu",
+        "--skip-observer-check",
+        "--quiet",
+        *extra,
+    ]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every output byte, the manifest without its run section (timestamps, timings, world size)."""
+    import json
+
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(out))
+            if rel == "manifest.json":
+                m = json.loads(p.read_text())
+                m.pop("run")
+                files[rel] = json.dumps(m, sort_keys=True).encode()
+            else:
+                files[rel] = p.read_bytes()
+    return files
+
+
+def _run_loader(loader, n_rows: int, batch_size: int, reasons: dict | None = None):
+    """Every batch of `loader` gathered by plan row: (rows in yield order, crops [M, K, 3, p, p], ok [M]);
+    failed rows' reasons go into `reasons` when given."""
+    import torch
+
+    rows, crops, ok = [], None, None
+    for batch in loader:
+        assert set(batch.reasons) == set(batch.rows[~batch.ok].tolist())  # a reason for every failed row, no other
+        if reasons is not None:
+            reasons.update(batch.reasons)
+        assert batch.crops.dtype == torch.uint8 and len(batch.rows) <= batch_size
+        if crops is None:
+            crops = torch.zeros((n_rows, *batch.crops.shape[1:]), dtype=torch.uint8)
+            ok = torch.zeros(n_rows, dtype=torch.bool)
+        rows += batch.rows.tolist()
+        crops[batch.rows] = batch.crops.cpu()
+        ok[batch.rows] = batch.ok
+    return rows, crops, ok
+
+
+def _crop_diff(a, b) -> tuple[int, float, float]:
+    """Largest, mean and 99th-percentile |a - b| of two uint8 crop tensors, in grey levels."""
+    d = (a.int() - b.int()).abs().float()
+    return int(d.max()), float(d.mean()), float(d.flatten().quantile(0.99))

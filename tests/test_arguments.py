@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rded_fast.cli import main
-from tests.test_safety import _one_line_error as _error
+from tests.conftest import _one_line_error as _error
 
 
 def max_workers() -> int:

@@ -14,7 +14,7 @@ from PIL import Image
 from rded_fast.distill import distill
 from rded_fast.errors import UserError
 from rded_fast.loaders.torch_loader import cut_crops, decode_rgb
-from tests.test_distill import fashion_config, random_observer
+from tests.conftest import fashion_config, random_observer
 
 
 def test_random_images_are_whole_images_at_the_input_size(jpeg_tree, tmp_path):

@@ -19,7 +19,7 @@ def test_exit_keeps_status_output_and_exit_handlers(tmp_path):
     code = (
         "import atexit, sys\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
-        "from cli import exit_promptly\n"
+        "from rded_fast.process import exit_promptly\n"
         "print('x' * 100000)\n"  # more than a pipe's buffer: it must all arrive
         "print('to stderr', file=sys.stderr)\n"
         "exit_promptly(5)\n"
@@ -35,7 +35,7 @@ def test_exit_waits_for_a_thread_still_working(tmp_path):
     done = tmp_path / "thread_done"
     code = (
         "import threading, time\n"
-        "from cli import exit_promptly\n"
+        "from rded_fast.process import exit_promptly\n"
         f"worker = threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('done')))\n"
         "worker.start()\n"
         "exit_promptly(3)\n"

@@ -14,7 +14,7 @@ from rded_fast.models import build
 from rded_fast.models.heads import split_head
 from rded_fast.score import Scorer
 from rded_fast.select import select_class, select_covering
-from tests.test_distill import fashion_config
+from tests.conftest import fashion_config
 
 
 def cosine_similarity(features: np.ndarray) -> np.ndarray:

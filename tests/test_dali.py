@@ -27,9 +27,7 @@ from rded_fast.formats.folder import build_index
 from rded_fast.loaders import make_loader, open_source
 from rded_fast.loaders.dali_loader import DaliCropLoader
 from rded_fast.plan import make_plan
-from tests.conftest import planned_sources, write_odd_tree
-
-MAX_DIFF, MEAN_DIFF, P99_DIFF = 8, 0.5, 2
+from tests.conftest import DALI_MAX_DIFF, DALI_MEAN_DIFF, DALI_P99_DIFF, _crop_diff, _run_loader, planned_sources, write_odd_tree
 
 
 @pytest.fixture(scope="module")
@@ -204,29 +202,6 @@ def test_cli_convert_and_class_map(jpeg_tree, tmp_path, capsys):
         open_source("dali", str(tmp_path / "s"), class_map=["class_00", "class_01", "class_02"])
 
 
-def _run_loader(loader, n_rows: int, batch_size: int, reasons: dict | None = None):
-    """Every batch of `loader` gathered by plan row: (rows in yield order, crops [M, K, 3, p, p], ok [M]);
-    failed rows' reasons go into `reasons` when given."""
-    rows, crops, ok = [], None, None
-    for batch in loader:
-        assert set(batch.reasons) == set(batch.rows[~batch.ok].tolist())  # a reason for every failed row, no other
-        if reasons is not None:
-            reasons.update(batch.reasons)
-        assert batch.crops.dtype == torch.uint8 and len(batch.rows) <= batch_size
-        if crops is None:
-            crops = torch.zeros((n_rows, *batch.crops.shape[1:]), dtype=torch.uint8)
-            ok = torch.zeros(n_rows, dtype=torch.bool)
-        rows += batch.rows.tolist()
-        crops[batch.rows] = batch.crops.cpu()
-        ok[batch.rows] = batch.ok
-    return rows, crops, ok
-
-
-def _crop_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float, float]:
-    d = (a.int() - b.int()).abs().float()
-    return int(d.max()), float(d.mean()), float(d.flatten().quantile(0.99))
-
-
 @pytest.mark.parametrize("source", ["folder", "shards"])
 def test_dali_loader_cuts_the_torch_loaders_boxes(odd_tree, odd_shards, source):
     data = str(odd_tree) if source == "folder" else str(odd_shards[0])
@@ -259,7 +234,7 @@ def test_dali_loader_cuts_the_torch_loaders_boxes(odd_tree, odd_shards, source):
     )
     max_d, mean_d, p99 = _crop_diff(got[same], ref[same])
     print(f"\n{source}: {int(same.sum())} images x 3 crops, DALI vs torch: max {max_d}, mean {mean_d:.3f}, p99 {p99:.1f}")
-    assert max_d <= MAX_DIFF and mean_d <= MEAN_DIFF and p99 <= P99_DIFF
+    assert max_d <= DALI_MAX_DIFF and mean_d <= DALI_MEAN_DIFF and p99 <= DALI_P99_DIFF
 
 
 def test_dali_loader_shards_partition_the_plan(jpeg_tree):

@@ -27,9 +27,15 @@ from rded_fast.loaders import make_loader, open_source
 from rded_fast.loaders.dali_loader import DaliCropLoader
 from rded_fast.loaders.jpeg_gate import JpegGate
 from rded_fast.plan import make_plan
-from tests.conftest import write_synthetic_jpegs
-from tests.test_dali import MAX_DIFF, MEAN_DIFF, P99_DIFF, _crop_diff, _run_loader
-from tests.test_safety import _distill_argv
+from tests.conftest import (
+    DALI_MAX_DIFF,
+    DALI_MEAN_DIFF,
+    DALI_P99_DIFF,
+    _crop_diff,
+    _distill_argv,
+    _run_loader,
+    write_synthetic_jpegs,
+)
 
 NON_UTF8 = b"img_\xff\xfe.jpg"
 
@@ -104,7 +110,7 @@ def test_every_hostile_file_is_one_named_skip(hostile, monkeypatch, mode):
     same = ok & ref_ok  # every row both decode: the same crops up to the resize filters
     assert int(same.sum()) >= len(plan) - len(expected)
     max_d, mean_d, p99 = _crop_diff(got[same], ref[same])
-    assert max_d <= MAX_DIFF and mean_d <= MEAN_DIFF and p99 <= P99_DIFF
+    assert max_d <= DALI_MAX_DIFF and mean_d <= DALI_MEAN_DIFF and p99 <= DALI_P99_DIFF
 
 
 def test_corrupt_jpeg_in_the_middle_of_a_shard_is_a_named_skip(jpeg_tree, tmp_path, monkeypatch):

@@ -13,38 +13,7 @@ from rded_fast.chance import near_chance_threshold
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.loaders.torch_loader import cut_crops, decode_rgb
-from tests.conftest import write_synthetic_jpegs
-
-
-def fashion_config(tree, observer, out, **kw):
-    base = dict(
-        data=str(tree),
-        out=str(out),
-        observer="conv3",
-        weights=str(observer),
-        ipc=10,
-        factor=1,
-        mipc=60,
-        num_crop=5,
-        input_size=32,
-        seed=0,
-        batch_size=64,
-        workers=0,
-        device="cpu",
-        show_progress=False,
-    )
-    base.update(kw)
-    return DistillConfig(**base)
-
-
-def random_observer(tmp_path, classes, size=32):
-    """An untrained conv3 checkpoint: for pipeline mechanics only (observer check skipped)."""
-    from rded_fast.models import build
-
-    torch.manual_seed(0)
-    path = tmp_path / "random_conv3.pth"
-    torch.save({"model": build("conv3", classes, None, size).model.state_dict()}, path)
-    return path
+from tests.conftest import fashion_config, random_observer, write_synthetic_jpegs
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_all_ok_on_a_two_backend_group(votes):
 
 
 def test_nproc_is_dropped_in_both_spellings_before_torchrun():
-    from rded_fast.cli import without_option
+    from rded_fast.distributed import without_option
 
     for argv in (["distill", "--nproc=8", "--data", "d"], ["distill", "--nproc", "8", "--data", "d"]):
         assert without_option(argv, "--nproc") == ["distill", "--data", "d"]

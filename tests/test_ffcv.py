@@ -28,7 +28,7 @@ from rded_fast.errors import UserError
 from rded_fast.formats.beton import keep_torch_threads, sidecar_path
 from rded_fast.formats.folder import build_index
 from rded_fast.loaders import make_loader, open_source
-from rded_fast.plan import make_plan, sample_resized_crop_boxes
+from rded_fast.plan import make_plan
 from tests.conftest import crash_after, planned_sources
 
 CROP = 24
@@ -177,34 +177,6 @@ def test_downscaled_storage_scales_the_boxes(bad_tree, tmp_path):
     diff = (f_crops.int() - t_crops.int()).abs()[f_ok].float()
     print(f"\nstored at max 36 px vs torch at full resolution: mean {diff.mean():.3f} grey levels")
     assert diff.mean() < 8
-
-
-def test_resample_matches_torchvision():
-    from torchvision.transforms.v2 import functional as TF
-
-    from rded_fast.loaders.resample import cut_boxes
-
-    rng = np.random.default_rng(0)
-    diffs, worst = [], 0
-    for p in (7, 24, 64):
-        for _ in range(6):
-            h, w = (int(v) for v in rng.integers(20, 160, 2))
-            image = np.clip(
-                rng.normal(128, 60, (h, w, 3)).cumsum(1) / np.arange(1, w + 1)[None, :, None] + rng.normal(0, 30, (h, w, 3)),
-                0,
-                255,
-            ).astype(np.uint8)
-            boxes = sample_resized_crop_boxes(np.array([[w, h]]), 4, rng)[0]
-            out = np.zeros((4, 3, p, p), np.uint8)
-            cut_boxes(image, boxes.astype(np.float64), out)
-            chw = torch.from_numpy(image).permute(2, 0, 1)
-            for k, (top, left, bh, bw) in enumerate(boxes.tolist()):
-                ref = TF.resized_crop(chw, top, left, bh, bw, [p, p], antialias=True).numpy()
-                d = np.abs(ref.astype(int) - out[k].astype(int))
-                diffs.append(d.mean())
-                worst = max(worst, int(d.max()))
-    print(f"\nresize vs torchvision: mean {np.mean(diffs):.3f}, max {worst} grey levels")
-    assert np.mean(diffs) < 0.2 and worst <= 1
 
 
 def test_distill_ffcv_selects_the_torch_cells(fashion_tree, fashion_observer, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rded_fast.cli import main
-from tests.test_safety import _distill_argv, _one_line_error
+from tests.conftest import _distill_argv, _one_line_error
 
 ROOT = Path(__file__).parent.parent
 
@@ -130,13 +130,13 @@ def test_the_os_error_message_survives_a_second_failure_while_looking_for_kept_w
     import argparse
     import errno
 
-    from rded_fast.cli import os_error_message
+    from rded_fast.recovery import os_error_message
 
     out = str(tmp_path / ("x" * 300))
     exc = OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), out)
     for command in ("distill", "train-observer", "convert"):
         args = argparse.Namespace(command=command, out=out, format="dali", checkpoint=None)
-        assert os_error_message(args, exc).endswith(f"File name too long ({out}); fix it and rerun {command}")
+        assert os_error_message(args.command, vars(args), exc).endswith(f"File name too long ({out}); fix it and rerun {command}")
 
 
 # ---- bad 7: --overwrite deletes what our records say we wrote, never a name that merely looks like ours ------
@@ -222,7 +222,7 @@ def test_convert_dali_rerun_removes_only_its_own_stale_shards(tmp_path):
 
 
 def test_relabel_overwrite_keeps_an_epoch_file_it_did_not_announce(small, tmp_path, capsys):
-    from tests.test_output_safety import _relabel_argv
+    from tests.conftest import _relabel_argv
 
     data, weights = small
     assert main(_distill_argv(data, weights, tmp_path / "d")) == 0
@@ -324,8 +324,7 @@ def test_convert_refuses_to_rewrite_a_source_a_distill_is_reading(tmp_path, caps
     import json
 
     from rded_fast.formats import reading
-    from tests.conftest import write_synthetic_jpegs
-    from tests.test_safety import tree_digest
+    from tests.conftest import tree_digest, write_synthetic_jpegs
 
     data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=3)
     shards = tmp_path / "shards"

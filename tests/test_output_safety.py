@@ -21,8 +21,7 @@ from rded_fast.cli import main
 from rded_fast.formats.shards import SHARD_FOLDER
 from rded_fast.lock import lock_path, lock_record
 from rded_fast.outputs import DISTILLED_SET, LABEL_FOLDER, claim_output, foreign_entries
-from tests.conftest import write_synthetic_jpegs
-from tests.test_safety import _distill_argv, _one_line_error, tree_digest
+from tests.conftest import _distill_argv, _one_line_error, _relabel_argv, tree_digest, write_synthetic_jpegs
 
 ROOT = Path(__file__).parent.parent
 
@@ -43,11 +42,6 @@ def _still_there(folder: Path, files: dict[str, bytes]) -> None:
 
 def _no_leftovers(parent: Path) -> None:
     assert not [p.name for p in parent.iterdir() if ".rded-old-" in p.name or ".rded-lock" in p.name or p.name.endswith(".tmp")]
-
-
-def _relabel_argv(distilled: Path, weights: Path, out: Path, *extra: str) -> list[str]:
-    fixed = "--teacher conv3 --epochs 1 --device cpu --quiet --skip-teacher-check".split()  # the checkpoint is random
-    return ["relabel", "--distilled", str(distilled), "--teacher-weights", str(weights), "--out", str(out), *fixed, *extra]
 
 
 # ---- bad 1: every file gets the user's umask ------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,58 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
+from rded_fast.arguments import NUMBER_RANGES
 from rded_fast.chance import near_chance_threshold
-from rded_fast.cli import NUMBER_RANGES, build_parser, main, os_error_message
+from rded_fast.cli import build_parser, main
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.formats.folder import build_index
 from rded_fast.index import UNLISTED_CLASS, read_class_map
 from rded_fast.jpeg_check import jpeg_problem
 from rded_fast.lock import acquire_lock, lock_path, lock_record, release_lock
-from tests.conftest import write_synthetic_jpegs
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file below `root` (links not followed) -> sha256 of its bytes: to prove nothing changed."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _distill_argv(data, weights, out, *extra):
-    return [
-        "distill",
-        "--data",
-        str(data),
-        "--observer",
-        "conv3",
-        "--weights",
-        str(weights),
-        "--out",
-        str(out),
-        "--input-size",
-        "32",
-        "--factor",
-        "1",
-        "--ipc",
-        "1",
-        "--mipc",
-        "4",
-        "--num-crop",
-        "1",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--skip-observer-check",
-        "--quiet",
-        *extra,
-    ]
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
+from tests.conftest import _distill_argv, _one_line_error, tree_digest, write_synthetic_jpegs
 
 # ---- case 1: an output never overlaps an input ---------------------------------------------------------
 
@@ -384,17 +341,19 @@ def test_bad_numbers_are_one_line_errors(argv, message, capsys):
 
 
 def test_os_errors_name_the_argument_and_the_fix(tmp_path):
+    from rded_fast.recovery import os_error_message
+
     args = build_parser().parse_args(["distill", "--data", "d", "--observer", "conv3", "--out", str(tmp_path / "o")])
     exc = OSError(28, "No space left on device", str(tmp_path / "o" / "class_00" / ".x.png.abc.tmp"))
-    msg = os_error_message(args, exc)
+    msg = os_error_message(args.command, vars(args), exc)
     assert msg.startswith(f"--out {tmp_path / 'o'}: No space left on device") and "--resume" not in msg  # no class ran
     (tmp_path / "o" / ".rded-journal").mkdir(parents=True)
     (tmp_path / "o" / ".rded-journal" / "class_000000.json").write_text("{}")
-    assert "finished classes are kept; fix it and rerun with --resume" in os_error_message(args, exc)
+    assert "finished classes are kept; fix it and rerun with --resume" in os_error_message(args.command, vars(args), exc)
     args = build_parser().parse_args(
         ["evaluate", "--distilled", "d", "--val", "v", "--teacher", "t", "--student", "s", "--json", str(tmp_path / "e.json")]
     )
-    msg = os_error_message(args, OSError(13, "Permission denied", str(tmp_path / ".e.json.xyz.tmp")))
+    msg = os_error_message(args.command, vars(args), OSError(13, "Permission denied", str(tmp_path / ".e.json.xyz.tmp")))
     assert msg.startswith(f"--json {tmp_path / 'e.json'}") and "distill" not in msg
 
 

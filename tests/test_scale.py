@@ -12,7 +12,7 @@ import torch
 
 from rded_fast.distributed import assign_classes
 from rded_fast.models import build
-from tests.conftest import kill_when, write_synthetic_jpegs
+from tests.conftest import distill_args, kill_when, output_files, write_synthetic_jpegs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,54 +25,6 @@ def many_classes(tmp_path_factory):
     torch.manual_seed(0)
     torch.save({"model": build("conv3", 12, None, 32).model.state_dict()}, ckpt)
     return data, ckpt
-
-
-def distill_args(data, ckpt, out, *extra):
-    return [
-        "distill",
-        "--data",
-        str(data),
-        "--observer",
-        "conv3",
-        "--weights",
-        str(ckpt),
-        "--out",
-        str(out),
-        "--input-size",
-        "32",
-        "--factor",
-        "2",
-        "--ipc",
-        "2",
-        "--mipc",
-        "8",
-        "--num-crop",
-        "3",
-        "--workers",
-        "0",
-        "--batch-size",
-        "5",
-        "--device",
-        "cpu",
-        "--skip-observer-check",
-        "--quiet",
-        *extra,
-    ]
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    """Every output byte, the manifest without its run section (timestamps, timings, world size)."""
-    files = {}
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            rel = str(p.relative_to(out))
-            if rel == "manifest.json":
-                m = json.loads(p.read_text())
-                m.pop("run")
-                files[rel] = json.dumps(m, sort_keys=True).encode()
-            else:
-                files[rel] = p.read_bytes()
-    return files
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from rded_fast.cli import main
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
 from rded_fast.index import load_index
-from tests.conftest import age_folders, write_synthetic_jpegs
-from tests.test_safety import _distill_argv, _one_line_error, tree_digest
+from tests.conftest import _distill_argv, _one_line_error, age_folders, tree_digest, write_synthetic_jpegs
 
 # ---- resume: the journal is checked against the class order and the sources ------------------------------
 

@@ -27,8 +27,7 @@ from rded_fast.cli import main
 from rded_fast.converters.shards import convert as convert_shards
 from rded_fast.jpeg_check import JpegFrame, frame_header
 from rded_fast.loaders import make_loader, open_source, resolve_loader
-from rded_fast.loaders.box_resize import WEIGHT_BITS, axis_weights, resize_boxes
-from rded_fast.loaders.torch_loader import cut_crops
+from rded_fast.loaders.box_resize import WEIGHT_BITS, axis_weights
 from rded_fast.loaders.tvjpeg_loader import TvJpegCropLoader, on_device
 from rded_fast.models import build
 from rded_fast.plan import make_plan
@@ -45,20 +44,6 @@ def needs_cuda(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
-def _random_case(rng, shapes, k):
-    images, boxes = [], []
-    for h, w in shapes:
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = 128 + 60 * np.sin(xx[..., None] / 5 + yy[..., None] / 7 + rng.random(3) * 6) + rng.normal(0, 30, (h, w, 3))
-        images.append(torch.from_numpy(img.clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous())
-        bh = rng.integers(1, h + 1, k)
-        bw = rng.integers(1, w + 1, k)
-        boxes.append(np.stack([rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1), bh, bw], axis=1))
-    boxes = np.stack(boxes)
-    boxes[0, 0] = (0, 0, shapes[0][0], shapes[0][1])  # the whole image
-    return images, boxes
-
-
 def test_axis_weights_are_integers_summing_to_one_inside_the_box():
     start, length = torch.tensor([[3, 0, 10]]), torch.tensor([[40, 7, 1]])
     w = axis_weights(start, length, 64, 12)
@@ -68,20 +53,6 @@ def test_axis_weights_are_integers_summing_to_one_inside_the_box():
     assert not w[0, 0, :, :3].any() and not w[0, 0, :, 43:].any()  # nothing outside rows 3..42
     assert (w[0, 2, :, 10] == 2**WEIGHT_BITS).all()  # a 1-pixel box: that pixel everywhere
     assert torch.equal(axis_weights(start, length, 100, 12)[..., :64], w)  # padding changes nothing
-
-
-@pytest.mark.parametrize("size", [16, 24, 40])
-def test_resize_boxes_matches_torchvision_within_one_grey_level(size):
-    rng = np.random.default_rng(size)
-    images, boxes = _random_case(rng, [(40, 72), (64, 50), (33, 33), (80, 60), (9, 70), (72, 40)], 4)
-    ours = resize_boxes(images, boxes, size)
-    ref = torch.stack([cut_crops(im, b, size) for im, b in zip(images, boxes)])
-    d = (ours.int() - ref.int()).abs().float()
-    print(f"\n{size} px: max {int(d.max())}, mean {float(d.mean()):.3f}")
-    assert int(d.max()) <= MAX_DIFF and float(d.mean()) <= MEAN_DIFF
-    # exact arithmetic: the same bytes whatever shares the chunk, or when every image is a chunk alone
-    assert torch.equal(resize_boxes(images, boxes, size, budget=1), ours)
-    assert torch.equal(resize_boxes(images[2:5], boxes[2:5], size), ours[2:5])
 
 
 def _jpeg(pixels: np.ndarray, mode: str = "RGB", **options) -> bytes:
@@ -275,7 +246,7 @@ def test_auto_takes_tvjpeg_on_cuda_when_dali_is_absent(jpeg_tree, monkeypatch):
 
 
 def test_distill_with_tvjpeg_same_bytes_across_runs_batch_sizes_and_resume(tmp_path):
-    from tests.test_scale import distill_args, output_files
+    from tests.conftest import distill_args, output_files
 
     data = write_synthetic_jpegs(tmp_path / "data", classes=6, per_class=8, seed=4)
     ckpt = tmp_path / "conv3.pth"

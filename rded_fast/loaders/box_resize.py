@@ -13,7 +13,7 @@ pixels are integers 0..255, the vertical pass's result is rounded to 1/2**FRACTI
 and every partial sum is an integer below 2**24, which float32 holds exactly. Weights (<= 2048) and the
 intermediate (<= 2040) have at most 11 significant bits, so the products stay exact under TF32 matmuls too.
 The cost of exactness is the weights' resolution (1/2048): measured against torchvision's `resized_crop`
-on the same pixels, the crops differ by at most 1 grey level (tests/test_tvjpeg.py).
+on the same pixels, the crops differ by at most 1 grey level (tests/test_crop_rule.py).
 """
 
 from __future__ import annotations

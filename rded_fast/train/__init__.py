@@ -1,1 +1,3 @@
-"""Training: observers (train-observer) and, later, students under RDED's recipe."""
+"""The student side and observer training: `evaluate` and `relabel` (student.py orders them), `train-observer`
+(observer.py), and the modules they share (engine, augment, labels, teacher, val_cache, softlabels, regions,
+distilled_set)."""

@@ -54,6 +54,11 @@ class ObserverConfig:
     show_progress: bool = True
 
 
+def state_path(out: str) -> str:
+    """`OUT.state`: the per-epoch state kept beside the checkpoint `out` while training runs (for `--resume`)."""
+    return f"{out}.state"
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
     """Random crop with zero padding `pad` and horizontal flip, per sample; uint8 [B, 3, S, S] in and out."""
     b, _, s, _ = images.shape
@@ -71,16 +76,10 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch
 def train_observer(cfg: ObserverConfig) -> dict:
     """Train `cfg.arch` on `cfg.data`; returns a summary (accuracies, seconds, checkpoint path, what it replaced)."""
     cfg = validate_observer_config(cfg)  # types and ranges, as the command line checks them
-    if cfg.epochs < 1:
-        raise UserError(f"--epochs {cfg.epochs}: must be >= 1")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise UserError(f"--optimizer {cfg.optimizer}: choose sgd or adamw")
-    if cfg.batch_size < 1 or (cfg.per_class is not None and cfg.per_class < 1) or not 0 <= cfg.seed < 2**63:
-        raise UserError("--batch-size and --per-class must be >= 1, --seed in 0..2^63-1")
     check_input_size(cfg.arch, cfg.input_size)
     inputs = {"--data": cfg.data, "--val": cfg.val}
-    check_separate(f"{cfg.out}.state", "--out (its OUT.state)", inputs, "file")
-    if cfg.resume and not Path(f"{cfg.out}.state").is_file():
+    check_separate(state_path(cfg.out), "--out (its OUT.state)", inputs, "file")
+    if cfg.resume and not Path(state_path(cfg.out)).is_file():
         raise UserError(
             f"--resume: no {cfg.out}.state beside --out {cfg.out} (the per-epoch state of an interrupted run); "
             "run without --resume to train from the start"
@@ -179,7 +178,7 @@ def _save(cfg: ObserverConfig, model: torch.nn.Module, classes: list[str], val_a
         buf,
     )
     atomic_write_bytes(cfg.out, buf.getvalue())
-    Path(f"{cfg.out}.state").unlink(missing_ok=True)  # training is complete: nothing left to resume
+    Path(state_path(cfg.out)).unlink(missing_ok=True)  # training is complete: nothing left to resume
 
 
 def _train_observer(cfg: ObserverConfig) -> dict:
@@ -193,9 +192,9 @@ def _train_observer(cfg: ObserverConfig) -> dict:
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     opt, sched = _optimizer(cfg, model, cfg.epochs * steps_per_epoch)
     losses: list[float] = []
-    state_path = f"{cfg.out}.state"
+    state_file = state_path(cfg.out)
     first = 0
-    if cfg.resume and (state := checkpoint.load_state(state_path)) is not None:
+    if cfg.resume and (state := checkpoint.load_state(state_file)) is not None:
         first = checkpoint.restore(state, model, opt, sched, generator)
         losses = state["losses"]
     bar = iter(
@@ -211,7 +210,7 @@ def _train_observer(cfg: ObserverConfig) -> dict:
         losses.append(
             train_one_epoch(model, opt, sched, images, labels, cfg.batch_size, generator, device, lambda: next(bar, None), amp)
         )
-        checkpoint.save_state(state_path, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
+        checkpoint.save_state(state_file, checkpoint.capture(model, opt, sched, generator, epoch, losses=losses))
     train_acc = topk_accuracy(model, images, labels, device, amp=amp)[0]
     val_acc = topk_accuracy(model, *val, device, amp=amp)[0] if val is not None else None
     _save(cfg, model, index.classes, val_acc)

@@ -41,7 +41,7 @@ from rded_fast.train.engine import Steps, StudentRun, make_run, make_steps, trai
 from rded_fast.train.labels import LabelSource
 from rded_fast.train.metrics import topk_accuracy
 from rded_fast.train.recipe import RECIPE_VERSION, Recipe, evaluates_at, rded_batch_size, rded_lr
-from rded_fast.train.regions import REGION_GRIDS, cell_logits, grid_of
+from rded_fast.train.regions import cell_logits, grid_of
 from rded_fast.train.teacher import build_teacher, check_teacher, teacher_logits
 from rded_fast.train.val_cache import load_val
 from rded_fast.train.validate import validate_student_config
@@ -155,8 +155,6 @@ def evaluate(cfg: StudentConfig) -> dict:
 
 def _label_source(cfg: StudentConfig, data: DistilledSet, device: torch.device, recipe: Recipe) -> LabelSource:
     """The run's targets; builds the teacher for online labels."""
-    if cfg.labels not in ("soft", "hard"):
-        raise UserError(f"--labels {cfg.labels}: choose soft or hard")
     amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
     size = _input_size(data)
     base = dict(
@@ -406,8 +404,6 @@ def _relabel(cfg: StudentConfig) -> dict:
     size = _input_size(data)
     recipe = _recipe(cfg, data, cfg.student or cfg.teacher)
     k = _top_k(cfg, len(data.classes))
-    if cfg.region is not None and cfg.region not in REGION_GRIDS:
-        raise UserError(f"--region {cfg.region}: choose {' or '.join(REGION_GRIDS)}")
     amp = resolve_amp(cfg.amp, device, TRAIN_AMP_CHOICES)
     teacher, built = build_teacher(cfg.teacher, cfg.teacher_weights, data.classes, size, data.manifest, device)
     check = None

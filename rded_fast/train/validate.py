@@ -12,7 +12,10 @@ from __future__ import annotations
 from rded_fast.arguments import check_config, paths_as_strings
 from rded_fast.device import TRAIN_AMP_CHOICES
 from rded_fast.errors import UserError
+from rded_fast.train.regions import REGION_GRIDS
 
+OPTIMIZERS = ("sgd", "adamw")  # train-observer --optimizer
+LABELS = ("soft", "hard")  # evaluate --labels: the teacher's soft labels, or the images' own one-hot ones
 OBSERVER_PATHS = ("data", "out", "val")
 STUDENT_PATHS = ("distilled", "teacher_weights", "val", "soft_labels", "out", "json", "checkpoint")
 
@@ -26,7 +29,7 @@ def validate_observer_config(cfg):
     """`train_observer`'s arguments (an ObserverConfig), checked as the command line checks them; returns the config
     with its path fields as strings."""
     check_config(cfg, OBSERVER_PATHS)
-    _choose("--optimizer", cfg.optimizer, ("sgd", "adamw"))
+    _choose("--optimizer", cfg.optimizer, OPTIMIZERS)
     _choose("--amp", cfg.amp, TRAIN_AMP_CHOICES)
     return paths_as_strings(cfg, OBSERVER_PATHS)
 
@@ -35,7 +38,7 @@ def validate_student_config(cfg):
     """`evaluate`'s and `relabel`'s arguments (a StudentConfig), checked as the command line checks them; returns the
     config with its path fields as strings."""
     check_config(cfg, STUDENT_PATHS)
-    _choose("--labels", cfg.labels, ("soft", "hard"))
+    _choose("--labels", cfg.labels, LABELS)
     _choose("--amp", cfg.amp, TRAIN_AMP_CHOICES)
-    _choose("--region", cfg.region, (None, "cells", "image"))
+    _choose("--region", cfg.region, (None, *REGION_GRIDS))
     return paths_as_strings(cfg, STUDENT_PATHS)
