@@ -79,3 +79,17 @@ def test_a_loader_made_while_its_preload_still_imports_waits_for_it(tmp_path, jp
         assert proc.returncode == 0, f"delay {delay}: {proc.stderr[-3000:]}"
         decoded, planned = proc.stdout.split()
         assert decoded == planned != "0"
+
+
+def test_a_fork_while_a_preload_runs_waits_for_it(tmp_path, jpeg_tree):
+    """A distill refused early leaves its loader's preload running (ffcv: numba compiling); a convert in the same
+    Python session then forks its workers, which copied the compile lock held by that thread and hung for ever. A
+    fork now waits for the preloads (os.register_at_fork)."""
+    code = (
+        "from rded_fast.loaders import preload; preload('ffcv');"
+        "from rded_fast.converters.beton import convert;"
+        f"print(convert({str(jpeg_tree)!r}, {str(tmp_path / 'x.beton')!r}, workers=2, show_progress=False)['written'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pkgutil
 import threading
 from collections.abc import Mapping
@@ -64,6 +65,18 @@ def preload(name: str) -> None:
 
 
 _PRELOADS: dict[str, threading.Thread] = {}  # each loader's preload thread, once per process
+
+
+def _join_preloads() -> None:
+    """Before any fork of this process: a child gets a copy of every lock a preload thread holds (numba's compile
+    lock, an import lock) but not the thread that would release it, and hangs on the first one it needs (a
+    converter's worker after a refused distill in one Python session did). So a fork waits for the preloads."""
+    for thread in list(_PRELOADS.values()):
+        if thread is not threading.current_thread():
+            thread.join()
+
+
+os.register_at_fork(before=_join_preloads)
 
 
 def _run_quietly(hook) -> None:
