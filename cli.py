@@ -245,10 +245,10 @@ def add_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert an ImageFolder to an FFCV .beton or DALI shards",
-        description="Write an ImageFolder as an FFCV .beton (--format ffcv) or as webdataset tar "
-        "shards with DALI index files (--format dali).",
+        description="Write an ImageFolder as an FFCV .beton (--format beton) or as webdataset tar "
+        "shards with DALI index files (--format shards).",
     )
-    add_choice(p, "--format", CONVERT_FORMATS, required=True)
+    add_choice(p, "--format", CONVERT_FORMATS, required=True, help="shards or beton (dali, ffcv: their earlier names)")
     p.add_argument("--data", required=True, help="ImageFolder root")
     p.add_argument("--out", required=True, help="train.beton (ffcv) or a shard folder (dali)")
     p.add_argument("--class-map", help="one class folder name per line, in the observer's output order")

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="ImageFolder of JPEGs")
-    p.add_argument("--shards", help="the same tree converted with `rded-fast convert --format dali`")
+    p.add_argument("--shards", help="the same tree converted with `rded-fast convert --format shards`")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mipc", type=int, default=300)
     p.add_argument("--num-crop", type=int, default=5)

@@ -10,7 +10,7 @@ Steps, each a separate process so its peak memory is its own:
 - `index_all`: `rded-fast index` (every header read once, page cache dropped first), then plans of two new seeds
   from that cache (they read nothing);
 - `nproc`: the same distill as `distill` in 2 processes (`--nproc 2`), its time and peak memory;
-- `convert`: `convert --format dali` and `--format ffcv` of the whole tree: time, disk, peak memory;
+- `convert`: `convert --format shards` and `--format beton` of the whole tree: time, disk, peak memory;
 - `resume`: with mipc 40 (the fewest random selection accepts at IPC 10, factor 2), a run killed (-9) once ~half the classes are journaled, then `--resume`d, against
   an uninterrupted run: every image file must be the same bytes.
 The observer is an untrained conv3 (random selection never runs it). Results as JSON with the CPU named.

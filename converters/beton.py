@@ -1,4 +1,4 @@
-"""ImageFolder -> FFCV .beton + sidecar JSON (`rded-fast convert --format ffcv`).
+"""ImageFolder -> FFCV .beton + sidecar JSON (`rded-fast convert --format beton`).
 
 The .beton is written by ffcv's own `DatasetWriter` with an `RGBImageField` (`image`) and an `IntField`
 (`label`), so stock `ffcv.reader.Reader` and `ffcv.loader.Loader` read it. Every image goes through the

@@ -1,4 +1,4 @@
-"""ImageFolder -> webdataset tar shards with DALI index files (`rded-fast convert --format dali`).
+"""ImageFolder -> webdataset tar shards with DALI index files (`rded-fast convert --format shards`).
 
 Per indexed image one sample `<key>.jpg` (the original bytes when the file is a plain RGB or gray
 JPEG, baseline or progressive; an RGB re-encoding when it is not, e.g. CMYK, PNG named .JPEG, other

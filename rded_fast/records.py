@@ -10,7 +10,7 @@ else). Each folder output has its records (paths relative to the folder):
   run's index.npz, `class{label}_id{j}` for j below run.json's `ipc`, in run.json's format;
 - a labels folder (`relabel`): header.json and what it announces: regions.npz, or one epoch file per epoch;
 - a demo folder: its observer checkpoint and state, index cache and result, and its distilled set's records;
-- a shard folder (`convert --format dali`): rded_fast.formats.shards.shard_records.
+- a shard folder (`convert --format shards`): rded_fast.formats.shards.shard_records.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DALI path on the CPU: shards (`convert --format dali`), the DALI loader, and parity with the torch loader.
+"""DALI path on the CPU: shards (`convert --format shards`), the DALI loader, and parity with the torch loader.
 
 Measured tolerances (synthetic JPEG tree, 40-72 px images, 24 px crops, DALI 2.4 CPU vs torchvision 0.29):
 the decoded pixels are identical (both use libjpeg-turbo with the same settings) and the boxes are
@@ -168,7 +168,7 @@ def test_convert_user_errors(jpeg_tree, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="rded-fast did not write exists there"):
         convert_shards(str(jpeg_tree), str(tmp_path / "busy"), show_progress=False)
-    with pytest.raises(UserError, match="dataset.json.*rded-fast convert --format dali"):
+    with pytest.raises(UserError, match="dataset.json.*rded-fast convert --format shards"):
         open_format(tmp_path / "busy", kind=SHARDS)
 
 

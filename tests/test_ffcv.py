@@ -1,4 +1,4 @@
-"""FFCV path on the CPU: `convert --format ffcv`, the ffcv loader, and parity with the torch loader.
+"""FFCV path on the CPU: `convert --format beton`, the ffcv loader, and parity with the torch loader.
 
 Measured (synthetic JPEG tree, 40-72 px images, 4 crops of 24 px, ffcv 1.0.2 vs torchvision 0.29):
 - raw mode, full resolution: the stored pixels are the torch loader's pixels and the boxes are the plan's,
@@ -236,7 +236,7 @@ def test_beton_appears_only_complete(jpeg_tree, tmp_path, monkeypatch):
 
 def test_user_errors(jpeg_tree, raw_beton, tmp_path):
     beton, _ = raw_beton
-    with pytest.raises(UserError, match="convert --format ffcv"):
+    with pytest.raises(UserError, match="convert --format beton"):
         open_source("ffcv", str(jpeg_tree))  # a folder, not a .beton
     with pytest.raises(UserError, match="sidecar"):
         shutil.copy(beton, tmp_path / "lonely.beton")

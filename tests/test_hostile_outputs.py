@@ -449,7 +449,7 @@ def test_a_rerun_removes_only_our_own_stale_temporaries(small, tmp_path):
     from rded_fast.outputs import claim_output
 
     beton = tmp_path / "train.beton"
-    stale = [".train.beton.k3j9x2ab.tmp", ".train.beton.json.x8a0c1qq.tmp"]  # what a killed convert --format ffcv left
+    stale = [".train.beton.k3j9x2ab.tmp", ".train.beton.json.x8a0c1qq.tmp"]  # what a killed convert --format beton left
     kept = [".train.beton.mine.tmp", ".other.beton.k3j9x2ab.tmp", "train.beton.k3j9x2ab.tmp", ".train.beton.k3j9x2ab.tmp.bak"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x" * 2048)

@@ -1,7 +1,7 @@
 """The layout of an FFCV .beton and its sidecar (written by `converters/beton.py`): its read and write schema, read
 without ffcv.
 
-`rded-fast convert --format ffcv --out train.beton` writes `train.beton` (ffcv's own format: an RGB image
+`rded-fast convert --format beton --out train.beton` writes `train.beton` (ffcv's own format: an RGB image
 field `image` and an int field `label`, readable by stock `ffcv.reader.Reader` and `ffcv.loader.Loader`)
 and `train.beton.json`, the sidecar. The sidecar carries the ImageFolder index of the source tree as it
 was converted (class order, original relative paths, original sizes: so a plan made from it is the plan
@@ -118,7 +118,7 @@ def check_intact(beton: Path, size: int, data: dict, side: Path) -> None:
     if damaged:
         raise UserError(
             f"--data {beton}: damaged (its ffcv header or sample tables differ from what {side.name} recorded); "
-            "convert the data again with `rded-fast convert --format ffcv`"
+            "convert the data again with `rded-fast convert --format beton`"
         )
 
 
@@ -143,7 +143,7 @@ def open_beton(beton: str | os.PathLike, class_map: list[str] | None = None) -> 
     stale."""
     beton = Path(beton).resolve()
     side = sidecar_path(beton)
-    how = "make it with `rded-fast convert --format ffcv --data DIR --out FILE.beton`"
+    how = "make it with `rded-fast convert --format beton --data DIR --out FILE.beton`"
     if beton.is_dir():
         raise UserError(f"--data {beton}: --loader ffcv reads a .beton file, not a folder; {how}")
     if not beton.is_file():
@@ -227,11 +227,11 @@ def sidecar_record(
     }
 
 
-# ---- the output of `convert --format ffcv`: how an earlier one is recognised ----
+# ---- the output of `convert --format beton`: how an earlier one is recognised ----
 
 
 def is_beton(path: Path) -> bool:
-    """A .beton written by `convert --format ffcv`: its sidecar names our format."""
+    """A .beton written by `convert --format beton`: its sidecar names our format."""
     record = read_json(sidecar_path(path))
     return record is not None and record.get("format") == FORMAT_NAME
 

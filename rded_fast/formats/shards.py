@@ -84,7 +84,7 @@ def check_not_bare_shards(path: str | os.PathLike) -> None:
     if shards:
         raise UserError(
             f"--data {path}: holds tar shards ({shards[0]}{', ...' if len(shards) > 1 else ''}) but no {DATASET_FILE}, "
-            "which rded-fast reads them by; convert the ImageFolder again with `rded-fast convert --format dali`"
+            "which rded-fast reads them by; convert the ImageFolder again with `rded-fast convert --format shards`"
         )
 
 
@@ -156,7 +156,7 @@ def open_shards(folder: str | os.PathLike, class_map: list[str] | None = None) -
     folder = Path(folder).resolve()
     path = folder / DATASET_FILE
     data = read_sidecar(
-        path, FORMAT_NAME, FORMAT_VERSION, "make the folder with `rded-fast convert --format dali --data DIR --out FOLDER`"
+        path, FORMAT_NAME, FORMAT_VERSION, "make the folder with `rded-fast convert --format shards --data DIR --out FOLDER`"
     )
     index = DatasetIndex.from_json({**data["index"], "root": str(folder)})
     samples = data["samples"]
@@ -291,11 +291,11 @@ def dataset_record(index: DatasetIndex, records: list[dict], limit: int) -> dict
     }
 
 
-# ---- the output of `convert --format dali`: how an earlier one is recognised, and what it holds ----
+# ---- the output of `convert --format shards`: how an earlier one is recognised, and what it holds ----
 
 
 def is_shard_folder(path: Path) -> bool:
-    """A folder written by `convert --format dali`, finished or not (our dataset.json, or shards named as ours
+    """A folder written by `convert --format shards`, finished or not (our dataset.json, or shards named as ours
     write them): what `convert --overwrite` may replace. A folder to read is `is_shard_dir`."""
     record = read_json(path / DATASET_FILE)
     return (record is not None and record.get("format") == FORMAT_NAME) or any(path.glob("shard-[0-9][0-9][0-9][0-9][0-9].*"))

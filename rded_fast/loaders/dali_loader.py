@@ -1,6 +1,6 @@
 """The DALI loader: decode each planned image once with DALI and cut its planned boxes.
 
-Sources: a shard folder from `rded-fast convert --format dali` (the planned samples' JPEG bytes are read
+Sources: a shard folder from `rded-fast convert --format shards` (the planned samples' JPEG bytes are read
 from the tars at the offsets in `dataset.json` and fed in through an external source, since DALI's
 webdataset reader can only stream every sample in stored order, and a plan wants a subset, in plan
 order), or a plain ImageFolder (DALI's file reader over the planned files, in plan order). Either way the

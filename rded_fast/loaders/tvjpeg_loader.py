@@ -3,7 +3,7 @@ CPU), and the plan's boxes cut and resized there by exact matrix products (rded_
 It needs nothing beyond torch and torchvision, so a GPU decodes JPEGs even where DALI is not installed.
 
 Sources: an ImageFolder (each planned file read whole by a reader thread) or a shard folder written by
-`convert --format dali` (bytes sliced from the memory-mapped tars, rded_fast/formats/shards.py). A reader
+`convert --format shards` (bytes sliced from the memory-mapped tars, rded_fast/formats/shards.py). A reader
 thread sorts each planned row by its bytes:
 - a JPEG whose marker structure is broken (rded_fast/jpeg_check.py) is a failed row, named with the reason; it
   never reaches nvJPEG;
