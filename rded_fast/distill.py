@@ -103,6 +103,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
             resume=cfg.resume,
             replace_hint="pass --overwrite to replace it or --resume to continue it",
         ),
+        heap.frozen(),  # the imports' objects: no full collection over them in the prologue (heap.py)
     ):
         return _distill(cfg)
 
@@ -138,7 +139,7 @@ def _distill(cfg: DistillConfig) -> DistillResult:
     journal.forget_classes(out, [records[c] for c in todo if c in records])  # each rank its own classes' old files
     watch = Stopwatch()
     run = functools.partial(run_classes, cfg, source, plan.only(todo), scorer, todo, out, device, watch)
-    with heap.frozen():  # no full collection over the setup's objects, here or in forked loader workers
+    with heap.frozen():  # and the setup's: no full collection over them, here or in forked loader workers
         collective(world, run, "another rank failed; finished classes are journaled: rerun with --resume")
     seconds["classes"] = time.perf_counter() - t
     seconds.update(watch.seconds)

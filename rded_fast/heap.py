@@ -16,13 +16,20 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+_depth = 0  # frozen() blocks open in this process
+
 
 @contextmanager
 def frozen() -> Iterator[None]:
     """The block runs with every object made before it out of the collector's reach (they are collected again,
-    as usual, once it ends)."""
+    as usual, once it ends). A block inside another freezes what was made since the outer one began (a run's
+    setup, before its long stage); all is unfrozen when the outermost block ends."""
+    global _depth
     gc.freeze()
+    _depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _depth -= 1
+        if _depth == 0:
+            gc.unfreeze()
