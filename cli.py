@@ -1,7 +1,5 @@
-"""The `rded-fast` command: parse arguments, call the library, print what it returns. Nothing else lives here.
-
-Choices are library constants (`LibraryChoices`), ranges the library's checks, summaries rded_fast.summaries' lines.
-"""
+"""The `rded-fast` command: parse arguments, call the library, print what it returns. Nothing else lives here:
+choices are library constants (`LibraryChoices`), ranges the library's checks, summaries rded_fast.summaries' lines."""
 
 from __future__ import annotations
 
@@ -19,6 +17,8 @@ AMP = LibraryChoices("rded_fast.device", "AMP_CHOICES")
 TRAIN_AMP = LibraryChoices("rded_fast.device", "TRAIN_AMP_CHOICES")  # fp16 would need a loss scaler
 COMPILE = LibraryChoices("rded_fast.compile_rule", "CHOICES")
 SELECTIONS = LibraryChoices("rded_fast.select", "SELECTIONS")
+IMAGE_FORMATS = LibraryChoices("rded_fast.write", "IMAGE_FORMATS")
+SCORE_MODES = LibraryChoices("rded_fast.score", "SCORE_MODES")
 CONVERT_FORMATS = LibraryChoices("rded_fast.formats", "WRITABLE", "ALIASES")  # earlier spellings too
 WRITE_MODES = LibraryChoices("rded_fast.converters.beton", "WRITE_MODES")
 OPTIMIZERS = LibraryChoices("rded_fast.train.validate", "OPTIMIZERS")
@@ -134,7 +134,7 @@ def add_distill(sub) -> None:
 def add_distill_output(p) -> None:
     """distill's arguments about what it writes and how it runs: format, class map, index, selection, scoring,
     replacing and resuming, processes."""
-    p.add_argument("--format", default="png", choices=["png", "jpg"], help="output image format (default png)")
+    add_choice(p, "--format", IMAGE_FORMATS, default="png", help="output image format (default png)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument(
         "--class-map",
@@ -147,15 +147,15 @@ def add_distill_output(p) -> None:
         "--select",
         SELECTIONS,
         default="rded",
-        help="rded; rded-cover (RDED's score, the best crop of each of ipc*factor^2 groups of a class's images, "
-        "grouped by the observer's features: covers the class instead of its prototypes); or a baseline: "
-        "random-crops (random crops stitched like RDED's cells), random-images (random whole images, the "
-        "literature's 'random'); random = random-crops",
+        help="rded; rded-cover (RDED's score, the best crop of each of ipc*factor^2 groups of a class's images, grouped by the "
+        "observer's features: covers the class instead of its prototypes); or a baseline: random-crops (random crops stitched "
+        "like RDED's cells), random-images (random whole images, the literature's 'random'); random = random-crops",
     )
-    p.add_argument(
+    add_choice(
+        p,
         "--score-mode",
+        SCORE_MODES,
         default="faithful",
-        choices=["faithful", "native"],
         help="faithful: pad crops to --input-size as RDED does; native: score p x p crops unpadded (not RDED)",
     )
     add_overwrite(

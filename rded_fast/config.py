@@ -23,7 +23,9 @@ from rded_fast.models import check_input_size
 from rded_fast.outputs import check_separate, check_writable_file, note, resolve
 from rded_fast.plan import CropPlan
 from rded_fast.recipe import CROP_SCALE, FACTOR, INPUT_SIZE, IPC, MIPC, NUM_CROP
+from rded_fast.score import SCORE_MODES
 from rded_fast.select import SELECTIONS, selector
+from rded_fast.write import IMAGE_FORMATS
 
 if TYPE_CHECKING:
     import torch
@@ -90,12 +92,12 @@ def _range_checks(cfg: DistillConfig) -> list[tuple[bool, str]]:
         (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
         (cfg.prefetch is None or cfg.prefetch >= 1, f"--prefetch {cfg.prefetch}: must be >= 1"),
         (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
-        (cfg.format in ("png", "jpg"), f"--format {cfg.format}: choose png or jpg"),
+        (cfg.format in IMAGE_FORMATS, f"--format {cfg.format}: choose {' or '.join(IMAGE_FORMATS)}"),
         (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
         (cfg.select in SELECTIONS, f"--select {cfg.select}: choose one of {', '.join(SELECTIONS)}"),
         (cfg.amp in AMP_CHOICES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_CHOICES)}"),
         (cfg.compile in COMPILE_CHOICES, f"--compile {cfg.compile}: choose {', '.join(COMPILE_CHOICES)}"),
-        (cfg.score_mode in ("faithful", "native"), f"--score-mode {cfg.score_mode}: choose faithful or native"),
+        (cfg.score_mode in SCORE_MODES, f"--score-mode {cfg.score_mode}: choose {' or '.join(SCORE_MODES)}"),
         (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), f"--device {cfg.device}: choose auto, cpu or cuda"),
         (
             not (cfg.resume and (cfg.overwrite or cfg.overwrite_any)),

@@ -17,6 +17,9 @@ from torch import nn
 
 from rded_fast.errors import UserError
 
+# distill --score-mode: faithful pads each crop to the input size as RDED does; native scores it at its own size
+SCORE_MODES = ("faithful", "native")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Dynamo keeps one cache entry per (scorer, crop shape) on the shared code of the fused step; each compiled

@@ -4,4 +4,4 @@ Its minor number changes whenever the same inputs give other output bytes (CHANG
 manifest and journal run record.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"

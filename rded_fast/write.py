@@ -19,6 +19,8 @@ from rded_fast.fileio import atomic_write_bytes, atomic_write_many
 from rded_fast.png import encode_png
 from rded_fast.recipe import CONTACT_SHEET_CLASSES
 
+IMAGE_FORMATS = ("png", "jpg")  # distill --format: how the distilled images are written (encode_image)
+
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool, resume: bool, create: bool = True) -> None:
     """Check, then (with `create`) make `out`. Nothing is ever deleted here: replacing an earlier output
@@ -46,7 +48,7 @@ def encode_image(image: torch.Tensor, fmt: str, jpeg_quality: int = 90) -> bytes
     if fmt == "png":
         return encode_png(arr)
     if fmt != "jpg":
-        raise UserError(f"--format {fmt}: choose png or jpg")
+        raise UserError(f"--format {fmt}: choose {' or '.join(IMAGE_FORMATS)}")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=int(jpeg_quality))
     return buf.getvalue()
