@@ -16,6 +16,7 @@ from rded_fast.recovery import os_error_message
 AMP = LibraryChoices("rded_fast.device", "AMP_CHOICES")
 TRAIN_AMP = LibraryChoices("rded_fast.device", "TRAIN_AMP_CHOICES")  # fp16 would need a loss scaler
 COMPILE = LibraryChoices("rded_fast.compile_rule", "CHOICES")
+LOADERS = LibraryChoices("rded_fast.loaders", "LOADER_CHOICES")
 SELECTIONS = LibraryChoices("rded_fast.select", "SELECTIONS")
 IMAGE_FORMATS = LibraryChoices("rded_fast.write", "IMAGE_FORMATS")
 SCORE_MODES = LibraryChoices("rded_fast.score", "SCORE_MODES")
@@ -78,10 +79,9 @@ def add_job(p, observer: dict) -> None:
     p.add_argument(
         "--loader",
         default="auto",
-        help="auto (default: ffcv for a .beton; on CUDA dali when installed, else tvjpeg; else torch), torch (PIL, "
-        "reference), ffcv (--data a .beton), dali (--data shards/ or an ImageFolder), tvjpeg (torchvision's JPEG "
-        "decoder on --device: nvJPEG on CUDA; --data shards/ or an ImageFolder)",
-    )
+        help="auto (default: ffcv for a .beton; on CUDA dali when installed, else tvjpeg; else torch), torch (PIL, the "
+        "reference), ffcv (a .beton), dali or tvjpeg (shards or an ImageFolder; tvjpeg: nvJPEG on --device when CUDA)",
+    ).choices = LOADERS
     add_choice(
         p,
         "--amp",
