@@ -173,9 +173,9 @@ def run_distill(args) -> int:
     from rded_fast import DistillConfig, distill
 
     if args.nproc > 1:
-        from rded_fast.distributed import launch, without_option
+        from rded_fast.distributed import launch
 
-        return launch(args.nproc, without_option(list(args.argv), "--nproc"))
+        return launch(args.nproc, [*args.argv, "--nproc", "1"])  # the last wins, however the user spelt it
     options = {"hw_decoder_load": args.hw_decoder_load}  # DALI's own option (rded_fast.loaders.LOADER_OPTIONS)
     result = distill(DistillConfig(**_fields(args, "nproc", *options), loader_options=options, show_progress=not args.quiet))
     if result.is_main:

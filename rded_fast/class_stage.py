@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rded_fast import journal
-from rded_fast.config import DistillConfig
+from rded_fast.config import DistillConfig, crops_are_whole
 from rded_fast.formats import Source
 from rded_fast.host import HostStage, default_host_workers
 from rded_fast.index import DatasetIndex
@@ -158,16 +158,13 @@ def select_cells(
             raise nonfinite_scores(cfg.observer, cfg.amp, bad, scores[usable].size, f"crops of class {name}")
         # at --crop-scale 1 every crop of an image is the same: more of them would only repeat it
         fix = (
-            "lower --ipc or --factor (at --crop-scale 1 every crop of an image is the same)" if whole_images(cfg) else MORE_CROPS
+            "lower --ipc or --factor (at --crop-scale 1 every crop of an image is the same)"
+            if crops_are_whole(cfg)
+            else MORE_CROPS
         )
         scores = np.where(usable[:, None], scores, np.inf)
         inputs = replace(inputs, scores=scores, similarity=scored.get("similarity"), fix=fix)
     return selector(cfg.select).select(inputs)
-
-
-def whole_images(cfg: DistillConfig) -> bool:
-    """--crop-scale 1: every crop is its image's whole (centred, ratio-clamped) square, the same each time."""
-    return float(cfg.crop_scale[0]) >= 1.0
 
 
 @dataclass

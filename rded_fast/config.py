@@ -76,24 +76,16 @@ PATH_FIELDS = ("data", "out", "weights", "class_map", "index")
 
 
 def _range_checks(cfg: DistillConfig) -> list[tuple[bool, str]]:
-    """(ok, message) of every range and choice check of `cfg`, in the order they are reported."""
+    """(ok, message) of the checks of `cfg` that the numbers' table (rded_fast.arguments.NUMBER_RANGES, checked first by
+    `validate`) cannot make: the crop scale, the factor against the input size, the choices and combinations."""
     return [
-        (cfg.ipc >= 1, f"--ipc {cfg.ipc}: must be >= 1"),
-        (cfg.factor >= 1, f"--factor {cfg.factor}: must be >= 1"),
-        (cfg.mipc >= 1, f"--mipc {cfg.mipc}: must be >= 1"),
-        (cfg.num_crop >= 1, f"--num-crop {cfg.num_crop}: must be >= 1"),
         (
             len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
             f"--crop-scale {','.join(map(str, cfg.crop_scale))}: must be MIN,MAX with 0 < MIN <= MAX <= 1",
         ),
-        (cfg.input_size >= 1, f"--input-size {cfg.input_size}: must be >= 1"),
         (cfg.input_size // max(cfg.factor, 1) >= 1, f"--factor {cfg.factor}: larger than --input-size {cfg.input_size}"),
-        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
-        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0"),
-        (cfg.prefetch is None or cfg.prefetch >= 1, f"--prefetch {cfg.prefetch}: must be >= 1"),
         (cfg.loader in LOADER_CHOICES, f"--loader {cfg.loader}: choose one of {', '.join(LOADER_CHOICES)}"),
         (cfg.format in IMAGE_FORMATS, f"--format {cfg.format}: choose {' or '.join(IMAGE_FORMATS)}"),
-        (1 <= cfg.jpeg_quality <= 100, f"--jpeg-quality {cfg.jpeg_quality}: must be in 1..100"),
         (cfg.select in SELECTIONS, f"--select {cfg.select}: choose one of {', '.join(SELECTIONS)}"),
         (cfg.amp in AMP_CHOICES, f"--amp {cfg.amp}: choose one of {', '.join(AMP_CHOICES)}"),
         (cfg.compile in COMPILE_CHOICES, f"--compile {cfg.compile}: choose {', '.join(COMPILE_CHOICES)}"),
@@ -104,8 +96,12 @@ def _range_checks(cfg: DistillConfig) -> list[tuple[bool, str]]:
             f"--resume and {'--overwrite-any' if cfg.overwrite_any else '--overwrite'} exclude each other: --resume "
             "continues the run in --out, the other replaces it; give one",
         ),
-        (0 <= cfg.seed < 2**63, f"--seed {cfg.seed}: must be in 0..2^63-1"),
     ]
+
+
+def crops_are_whole(cfg: DistillConfig) -> bool:
+    """--crop-scale 1: every crop is its image's whole (centred, ratio-clamped) square, the same each time."""
+    return float(cfg.crop_scale[0]) >= 1.0
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -117,7 +113,7 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.select not in SELECTIONS or not selector(cfg.select).whole_images:
         checks.append(
             (
-                not (float(cfg.crop_scale[0]) >= 1 and cfg.num_crop > 1),
+                not (crops_are_whole(cfg) and cfg.num_crop > 1),
                 f"--crop-scale 1 with --num-crop {cfg.num_crop}: every crop is the whole image (its centred square), so "
                 f"the {cfg.num_crop} crops of an image would be the same; pass --num-crop 1 (a larger --mipc gives more "
                 "candidates)",

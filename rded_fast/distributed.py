@@ -105,20 +105,6 @@ def assign_classes(counts: np.ndarray, world_size: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def without_option(argv: list[str], name: str) -> list[str]:
-    """`argv` less every `name VALUE` and `name=VALUE` (argparse accepts both spellings): the command `launch` runs
-    in each process is the one given, without `--nproc`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `rded-fast <argv>` in `nproc` processes on this node (torchrun's standalone launcher); returns its exit code.
 

@@ -146,7 +146,6 @@ class Selector:
     centred square) per output image at the input size, instead of cells of crops; `select`: the rule itself."""
 
     name: str
-    help: str
     select: Callable[[ClassInputs], ClassSelection | str]
     scores: bool = False
     features: bool = False
@@ -168,19 +167,12 @@ def _random(c: ClassInputs) -> ClassSelection | str:
 SELECTORS = {
     s.name: s
     for s in (
-        Selector("rded", "RDED: the n best-scored crops, one per image", _rded, scores=True),
-        Selector(
-            "rded-cover",
-            "RDED's score, the best crop of each of ipc*factor^2 groups of a class's images, grouped by the observer's "
-            "features: covers the class instead of its prototypes",
-            _cover,
-            scores=True,
-            features=True,
-        ),
-        Selector("random-crops", "a baseline: random crops stitched like RDED's cells", _random),
-        Selector("random-images", "a baseline: random whole images, the literature's 'random'", _random, whole_images=True),
+        Selector("rded", _rded, scores=True),
+        Selector("rded-cover", _cover, scores=True, features=True),
+        Selector("random-crops", _random),
+        Selector("random-images", _random, whole_images=True),
     )
-}
+}  # what each rule does, for users: the --select help (cli.py) and docs/GUIDE.md
 ALIASES = {"random": "random-crops"}  # other spellings `--select` accepts
 SELECTIONS = (*SELECTORS, *ALIASES)  # every `--select` value
 

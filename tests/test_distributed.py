@@ -40,11 +40,18 @@ def test_all_ok_on_a_two_backend_group(votes):
     assert dict(results) == {r: (True, all(votes)) for r in range(2)}
 
 
-def test_nproc_is_dropped_in_both_spellings_before_torchrun():
-    from rded_fast.distributed import without_option
+def test_each_rank_runs_the_command_with_nproc_1_however_it_was_spelt(monkeypatch):
+    """argparse takes `--nproc=8` and a shortened `--npro 8` too: every rank must parse `--nproc 1`, or it launches
+    again."""
+    import cli
+    from rded_fast import distributed
 
-    for argv in (["distill", "--nproc=8", "--data", "d"], ["distill", "--nproc", "8", "--data", "d"]):
-        assert without_option(argv, "--nproc") == ["distill", "--data", "d"]
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv: launched.append((nproc, argv)) or 0)
+    for spelling in (["--nproc=8"], ["--nproc", "8"], ["--npro", "8"]):
+        assert cli.main(["distill", "--data", "d", "--observer", "conv3", "--out", "o", *spelling]) == 0
+        nproc, argv = launched.pop()
+        assert nproc == 8 and cli.build_parser().parse_args(argv).nproc == 1
 
 
 def test_a_failing_rank_ends_nproc_with_its_error_and_no_traceback(tmp_path):

@@ -45,7 +45,7 @@ def test_a_rule_added_to_the_table_runs_in_distill(tmp_path, monkeypatch):
         sel = select_class(-np.where(np.isfinite(c.scores), c.scores, -np.inf), np.arange(len(c.scores)), c.label, c.n, c.name)
         return replace(sel, scores=-sel.scores)
 
-    rule = Selector("rded-worst", "the worst-scored crops", worst, scores=True)
+    rule = Selector("rded-worst", worst, scores=True)
     monkeypatch.setitem(SELECTORS, rule.name, rule)
     monkeypatch.setattr(config, "SELECTIONS", (*select.SELECTIONS, rule.name))
     data = write_synthetic_jpegs(tmp_path / "data", classes=2, per_class=6)
