@@ -166,3 +166,23 @@ def test_student_training_resumes_to_identical_result(fashion_tree, fashion_obse
     resumed = evaluate(StudentConfig(**base, checkpoint=str(tmp_path / "s.state"), resume=True))
     assert resumed["epoch_loss"] == full["epoch_loss"]
     assert resumed["final_top1"] == full["final_top1"]
+
+
+def test_a_models_weights_given_as_checkpoint_are_refused_and_kept(factor2_distilled, fashion_observer, fashion_tree, tmp_path):
+    """Each epoch replaces --checkpoint; a file that is no training state of ours (here: an observer's weights, a
+    torch.save zip like ours) is refused before any training, and left as it was."""
+    import shutil
+
+    from rded_fast.errors import UserError
+    from rded_fast.train.student import StudentConfig, evaluate
+
+    weights = tmp_path / "observer.pth"
+    shutil.copy(fashion_observer, weights)
+    before = weights.read_bytes()
+    cfg = StudentConfig(
+        distilled=str(factor2_distilled), teacher="conv3", teacher_weights=str(fashion_observer), val=str(fashion_tree),
+        student="conv3", epochs=1, device="cpu", show_progress=False, checkpoint=str(weights),
+    )  # fmt: skip
+    with pytest.raises(UserError, match="not a training state of rded-fast"):
+        evaluate(cfg)
+    assert weights.read_bytes() == before

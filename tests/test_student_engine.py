@@ -142,3 +142,14 @@ def test_bench_train_reports_the_engine_beside_its_model_only_loop(tmp_path):
     assert result["engine"]["img_per_s"] > 0 and result["model_only"]["img_per_s"] > 0
     assert result["fraction_of_model_only"] == pytest.approx(result["model_only"]["seconds"] / result["engine"]["seconds"])
     assert result["cpu"]["cores"] >= 1 and not result["compiled"]
+
+
+def test_the_teacher_check_samples_every_part_of_a_large_class_list():
+    """More classes than the check's images: the sample is spread over all of them, not the first ones only."""
+    import numpy as np
+
+    from rded_fast.train.teacher import check_sample
+
+    labels = np.repeat(np.arange(1000), 50)
+    picked = labels[check_sample(labels, seed=0, limit=500)]
+    assert len(picked) == 500 and picked.max() >= 900 and picked.min() < 100

@@ -96,8 +96,17 @@ def resolve_loader(name: str, data: str, device: torch.device | str) -> str:
         return name
     kind, where = detect(data), torch.device(device).type
     readers = sorted((s for s in SPECS.values() if kind in s.reads), key=lambda s: s.auto_order[where])
-    installed = (s for s in readers if s.library is None or importlib.util.find_spec(s.library) is not None)
+    installed = (s for s in readers if s.library is None or _installed(s.library))
     return next(installed, readers[0]).name
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (a missing parent package, such as `nvidia` on a CPU-only
+    install, makes find_spec raise rather than answer)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _spec(name: str) -> LoaderSpec:

@@ -51,6 +51,7 @@ from rded_fast.formats.shards import ShardBytes
 from rded_fast.jpeg_check import JpegFrame, frame_header, is_jpeg, jpeg_problem
 from rded_fast.loaders.base import CropBatch, CropLoader, LoaderSpec, left_out_rows
 from rded_fast.loaders.box_resize import resize_boxes
+from rded_fast.outputs import note
 from rded_fast.timing import Stopwatch
 
 DEVICE_FRAMES = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded: nvJPEG's hardware path
@@ -222,7 +223,7 @@ class TvJpegCropLoader(CropLoader):
                 self.counts["libjpeg_warnings"] += 1
                 if name not in _NOTED and len(_NOTED) < NOTED:  # once per file (the observer check reads some again)
                     _NOTED.add(name)
-                    _note(f"{name}: libjpeg: {'; '.join(said)} (decoded all the same, as PIL decodes it)")
+                    note(f"{name}: libjpeg: {'; '.join(said)} (decoded all the same, as PIL decodes it)")
 
     def _cut(self, chunk: list[int], items: list[tuple], images: dict[int, torch.Tensor], stream) -> CropBatch:
         """The batch of `chunk`: device-decoded `images` and the PIL items moved to the device, each size checked
@@ -320,13 +321,9 @@ class TvJpegCropLoader(CropLoader):
             stop.set()
             thread.join()
             if self.counts["libjpeg_warnings"] > NOTED:
-                _note(
-                    f"libjpeg warned about {self.counts['libjpeg_warnings']} image(s) in all (the first {NOTED} are named above)"
+                note(
+                    f"libjpeg warned about {self.counts['libjpeg_warnings']} image(s) in all (at most {NOTED} files are named, once per process)"
                 )
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _put(results: queue.Queue, item, stop: threading.Event) -> bool:

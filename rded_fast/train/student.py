@@ -141,7 +141,7 @@ def evaluate(cfg: StudentConfig) -> dict:
     if cfg.checkpoint:
         check_separate(cfg.checkpoint, "--checkpoint", inputs, "file")
         check_writable_file(cfg.checkpoint, "--checkpoint")
-        if os.path.isfile(cfg.checkpoint) and not zipfile.is_zipfile(cfg.checkpoint):
+        if os.path.isfile(cfg.checkpoint) and not _is_training_state(cfg.checkpoint):
             raise UserError(
                 f"--checkpoint {cfg.checkpoint}: an existing file that is not a training state of rded-fast; give a new path"
             )
@@ -292,6 +292,18 @@ def _train(
         if cfg.checkpoint:
             _save(cfg, runs, epoch)
     return train_seconds
+
+
+def _is_training_state(path: str) -> bool:
+    """Whether `path` holds a training state of ours (one per student, or an older single student's with its optimiser
+    and schedule), which each epoch replaces: any other file, a model's weights above all, is the user's to keep."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        state = checkpoint.load_state(path)
+    except UserError:
+        return False
+    return isinstance(state, dict) and ("students" in state or {"model", "opt", "sched"} <= state.keys())
 
 
 def _evaluate(cfg: StudentConfig) -> dict:

@@ -72,7 +72,8 @@ def check_sample(labels: np.ndarray, seed: int, limit: int = CHECK_IMAGES) -> np
     classes = np.unique(labels)
     per_class = max(1, limit // max(len(classes), 1))
     picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
-    return np.sort(np.concatenate(picks))[:limit] if picks else np.zeros(0, dtype=np.int64)
+    # more classes than `limit`: a seeded choice among all classes' picks, not the first classes' (sorted, a prefix)
+    return np.sort(rng.permutation(np.concatenate(picks))[:limit]) if picks else np.zeros(0, dtype=np.int64)
 
 
 def check_teacher(

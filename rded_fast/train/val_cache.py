@@ -14,6 +14,7 @@ A changed, added or removed file changes the key, so the split is decoded again;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,7 +81,8 @@ def _read(entry: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     if record.get("images") != len(images) or len(labels) != len(images):
         return None
-    os.utime(entry / RECORD)  # most recently used
+    with contextlib.suppress(OSError):  # most recently used; a cache this user may read but not write still serves
+        os.utime(entry / RECORD)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -112,6 +114,9 @@ def _store(folder: Path, key: str, images: torch.Tensor, labels: torch.Tensor) -
     except OSError:  # another process stored the same split first, or the disk is full: the split is in memory
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    except BaseException:  # interrupted mid-write: no half entry left behind, which no trim would ever count
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     total = sum(size for _, size, _ in _entries(folder))
     for _, size, entry in _entries(folder):
         if total <= limit or entry.name == key:

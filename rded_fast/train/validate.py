@@ -10,6 +10,7 @@ with those fields), so this module imports neither trainer.
 from __future__ import annotations
 
 from rded_fast.arguments import check_config, paths_as_strings
+from rded_fast.compile_rule import CHOICES as COMPILE_CHOICES
 from rded_fast.device import TRAIN_AMP_CHOICES
 from rded_fast.errors import UserError
 from rded_fast.train.regions import REGION_GRIDS
@@ -41,4 +42,5 @@ def validate_student_config(cfg):
     _choose("--labels", cfg.labels, LABELS)
     _choose("--amp", cfg.amp, TRAIN_AMP_CHOICES)
     _choose("--region", cfg.region, (None, *REGION_GRIDS))
+    _choose("--compile", cfg.compile, COMPILE_CHOICES)
     return paths_as_strings(cfg, STUDENT_PATHS)
