@@ -93,3 +93,13 @@ def test_a_fork_while_a_preload_runs_waits_for_it(tmp_path, jpeg_tree):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 0
+
+
+def test_auto_answers_where_the_nvidia_package_is_absent(monkeypatch, jpeg_tree):
+    """A CPU-only or conda torch has no `nvidia` package at all, and asking for `nvidia.dali` then raises instead of
+    answering: `--loader auto` must pick a loader that is installed."""
+    from rded_fast.loaders import resolve_loader
+
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # what an import of the absent package finds
+    assert resolve_loader("auto", str(jpeg_tree), "cuda") == "tvjpeg"
+    assert resolve_loader("auto", str(jpeg_tree), "cpu") == "torch"
