@@ -100,6 +100,8 @@ def test_auto_answers_where_the_nvidia_package_is_absent(monkeypatch, jpeg_tree)
     answering: `--loader auto` must pick a loader that is installed."""
     from rded_fast.loaders import resolve_loader
 
+    for name in [m for m in sys.modules if m.startswith("nvidia.")]:  # DALI imported by an earlier test
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "nvidia", None)  # what an import of the absent package finds
     assert resolve_loader("auto", str(jpeg_tree), "cuda") == "tvjpeg"
     assert resolve_loader("auto", str(jpeg_tree), "cpu") == "torch"
