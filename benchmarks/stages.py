@@ -22,7 +22,7 @@ import torch
 from rded_fast.benchmarks.host_stage import bench_host
 from rded_fast.benchmarks.reference import reference_distill
 from rded_fast.class_stage import loader_for
-from rded_fast.compile_rule import resolve_compile
+from rded_fast.compile_rule import compile_step, resolve_compile
 from rded_fast.device import autocast, available_cores, cpu_description, device_name, resolve_amp, resolve_device
 from rded_fast.distill import DistillConfig, distill
 from rded_fast.errors import UserError
@@ -93,7 +93,7 @@ def bench_score_and_model(
 
     x = center_pad(normalize_uint8(crops), job.input_size).contiguous(memory_format=torch.channels_last)
     net = model.to(device, memory_format=torch.channels_last).eval()
-    forward = torch.compile(net, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None) if compile_on else net
+    forward = compile_step(net, device) if compile_on else net
 
     def run_model():
         with torch.inference_mode(), autocast(device, amp):

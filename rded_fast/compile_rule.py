@@ -32,3 +32,9 @@ def resolve_compile(name: str, device: torch.device | str, work: str, amount: in
         return name == "on"
     least = MIN_WORK_CPU[work]
     return torch.device(device).type == "cuda" or (least is not None and amount >= least)
+
+
+def compile_step(fn, device: torch.device | str):
+    """`fn` through torch.compile as every compiled step of rded-fast is: shapes fixed (every call pads to its batch),
+    CUDA graphs on CUDA."""
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if torch.device(device).type == "cuda" else None)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rded_fast.compile_rule import compile_step
 from rded_fast.errors import UserError
 
 # distill --score-mode: faithful pads each crop to the input size as RDED does; native scores it at its own size
@@ -171,8 +172,7 @@ class Scorer:
         # (benchmarks/gpu_suite.py measures what autotuning would gain.)
         if compile:
             _raise_recompile_limit()
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(fused, dynamic=False, mode=mode)
+            self._step = compile_step(fused, self.device)
 
     def warm(self, crop_size: int) -> float:
         """Compile (and on CUDA record the graphs for) the step at `crop_size` now, not inside a timed class.

@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rded_fast.compile_rule import compile_step
 from rded_fast.device import autocast
 from rded_fast.models import build
 from rded_fast.train.augment import Augmenter
 from rded_fast.train.labels import LabelSource
 from rded_fast.train.recipe import Recipe, kd_loss, make_optimizer
+from rded_fast.train.teacher import teacher_logits
 
 
 @dataclass
@@ -101,14 +103,10 @@ def make_steps(source: LabelSource, compiled: bool) -> Steps:
             return model(x)
 
     def teacher(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast(device, amp):
-            return teacher_model(x.contiguous(memory_format=torch.channels_last)).float()
+        return teacher_logits(teacher_model, x, device, amp)
 
     if compiled:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        loss = torch.compile(loss, dynamic=False, mode=mode)
-        refresh = torch.compile(refresh, dynamic=False, mode=mode)
-        teacher = torch.compile(teacher, dynamic=False, mode=mode)
+        loss, refresh, teacher = (compile_step(f, device) for f in (loss, refresh, teacher))
     return Steps(loss, refresh, teacher if teacher_model is not None else None, compiled)
 
 

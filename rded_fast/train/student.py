@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rded_fast import heap
-from rded_fast.compile_rule import resolve_compile
+from rded_fast.compile_rule import compile_step, resolve_compile
 from rded_fast.device import TRAIN_AMP_CHOICES, amp_name, resolve_amp, resolve_device
 from rded_fast.errors import UserError
 from rded_fast.fileio import atomic_write_text
@@ -439,7 +439,12 @@ def _relabel(cfg: StudentConfig) -> dict:
     per_epoch = {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seed": cfg.seed, "cutmix_beta": recipe.cutmix_beta}
     softlabels.write_header(out, {**header, **per_epoch, "recipe": RECIPE_TEXT})
     augmenter = Augmenter(images, data.factor)
-    forward = _teacher_forward(teacher, device, amp, resolve_compile(cfg.compile, device, "relabel", recipe.epochs * len(images)))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return teacher_logits(teacher, x, device, amp)
+
+    if resolve_compile(cfg.compile, device, "relabel", recipe.epochs * len(images)):
+        forward = compile_step(forward, device)
     sizes = []
     for epoch in progress(range(recipe.epochs), desc="relabel", disable=not cfg.show_progress):
         aug = sample_epoch(cfg.seed, epoch, len(images), recipe.batch_size, data.factor, size, recipe.cutmix_beta)
@@ -455,14 +460,3 @@ def _relabel(cfg: StudentConfig) -> dict:
         "total_bytes": int(np.sum(sizes)),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def _teacher_forward(teacher, device: torch.device, amp, compiled: bool):
-    """The teacher's logits of a batch, compiled when `compiled` (CUDA graphs on CUDA)."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return teacher_logits(teacher, x, device, amp)
-
-    if not compiled:
-        return forward
-    return torch.compile(forward, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
